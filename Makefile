@@ -1,0 +1,38 @@
+# Two commands matter: `make demo` and `make test`. Both build the virtual environment first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONSTRAINTS := requirements/constraints.txt
+STAMP := $(VENV)/.installed
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export TOKENIZERS_PARALLELISM := false
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+.PHONY: venv test test-slow demo bench clean lint
+
+venv: $(STAMP)
+
+# Re-installs only when pyproject.toml or the constraints change; a no-op otherwise.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e '.[all]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow
+
+demo: $(STAMP)
+	$(BIN)/raugment demo
+
+bench: $(STAMP)
+	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

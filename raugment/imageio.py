@@ -1,0 +1,87 @@
+"""Encoding, decoding and resizing images, and stable item ids — shared by every stage.
+
+Decoding is where untrusted bytes meet the process (downloads, user datasets), so it enforces a
+pixel cap before the full decode (decompression bombs) and verifies the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from typing import Iterable
+
+from PIL import Image
+
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that are not a usable image. ``reason`` is a short tag for failure statistics."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes -> RGB PIL image, refusing empty, truncated, non-image and over-sized data.
+
+    Raises:
+        ImageDecodeError: with ``reason`` in {"empty", "not_an_image", "too_many_pixels",
+            "corrupt"}.
+    """
+    if not data:
+        raise ImageDecodeError("empty")
+    try:
+        probe = Image.open(io.BytesIO(data))
+    except Exception as exc:  # PIL raises several types for junk
+        raise ImageDecodeError("not_an_image", type(exc).__name__) from None
+    w, h = probe.size
+    if w <= 0 or h <= 0 or w * h > max_pixels:
+        raise ImageDecodeError("too_many_pixels", f"{w}x{h} > {max_pixels}")
+    try:
+        probe.verify()  # catches truncation and checksum errors without a full decode
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as exc:
+        raise ImageDecodeError("corrupt", f"{type(exc).__name__}: {exc}") from None
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def resize_max_side(img: Image.Image, max_side: int | None) -> Image.Image:
+    """Downscale so the longer side is at most ``max_side`` (never upscale)."""
+    if not max_side or max(img.size) <= max_side:
+        return img
+    scale = max_side / max(img.size)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(size, Image.BICUBIC)
+
+
+def encode_image(img: Image.Image, fmt: str = "JPEG", quality: int = 90) -> bytes:
+    """PIL image -> encoded bytes."""
+    buf = io.BytesIO()
+    if fmt.upper() == "JPEG":
+        img.convert("RGB").save(buf, format="JPEG", quality=quality)
+    else:
+        img.save(buf, format=fmt.upper(), **({"quality": quality} if fmt.upper() == "WEBP" else {}))
+    return buf.getvalue()
+
+
+def stable_id(*parts: object, length: int = 16) -> str:
+    """A short id that depends only on ``parts`` (class, method, index, seed; or a URL)."""
+    text = "\x1f".join(str(p) for p in parts)
+    return hashlib.sha1(text.encode()).hexdigest()[:length]
+
+
+def item_id(prefix: str, *parts: object) -> str:
+    """A readable stable id: ``prefix`` + hash, e.g. ``gen-simple-3fa2...``."""
+    return f"{prefix}-{stable_id(*parts)}"
+
+
+def sizes(images: Iterable[Image.Image]) -> tuple[list[int], list[int]]:
+    """Widths and heights of ``images``."""
+    ws, hs = [], []
+    for im in images:
+        ws.append(im.width)
+        hs.append(im.height)
+    return ws, hs

@@ -1,0 +1,39 @@
+"""Shared fixtures: offline environment, one session Ray cluster, tiny models, demo data.
+
+Tests that need Ray take ``ray_session``; it starts one local cluster with this machine's real CPU
+count (2 here), so a resource default that would hang on 2 CPUs hangs here too (and the
+pytest-timeout turns that into a failure).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray for the whole session, sized like the machine."""
+    import ray
+
+    from raugment.cluster import init_ray
+    from raugment.config import ClusterConfig
+
+    # AF_UNIX socket paths must stay short: keep the temp dir near /tmp.
+    temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    init_ray(ClusterConfig(num_cpus=os.cpu_count() or 2, temp_dir=temp_dir), progress=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("session")
