@@ -17,11 +17,12 @@ from raugment.config import ActorPoolConfig, ClusterConfig, WorkersConfig
 log = logging.getLogger(__name__)
 
 
-def init_ray(cfg: ClusterConfig, progress: bool = True) -> None:
+def init_ray(cfg: ClusterConfig, progress: bool = True, runtime_env: dict | None = None) -> None:
     """Start or join Ray once per process.
 
     ``cfg.address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets) joins an existing cluster;
-    otherwise a local one is started with the configured CPUs/GPUs.
+    otherwise a local one is started with the configured CPUs/GPUs. ``runtime_env`` is passed
+    through (tests use it to make their own modules importable in workers).
     """
     import ray
 
@@ -31,9 +32,10 @@ def init_ray(cfg: ClusterConfig, progress: bool = True) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:
-        kwargs: dict[str, Any] = {"include_dashboard": cfg.include_dashboard, "log_to_driver": True}
+        kwargs: dict[str, Any] = {"include_dashboard": cfg.include_dashboard, "log_to_driver": True,
+                                  "runtime_env": runtime_env}
         if cfg.num_cpus is not None:
             kwargs["num_cpus"] = cfg.num_cpus
         if cfg.num_gpus is not None:

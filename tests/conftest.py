@@ -29,7 +29,12 @@ def ray_session():
 
     # AF_UNIX socket paths must stay short: keep the temp dir near /tmp.
     temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
-    init_ray(ClusterConfig(num_cpus=os.cpu_count() or 2, temp_dir=temp_dir), progress=False)
+    # Functions and classes defined in test modules are pickled by reference: put the tests
+    # directory on the workers' path so they can import them.
+    tests_dir = str(Path(__file__).resolve().parent)
+    path = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH", "")) if p)
+    init_ray(ClusterConfig(num_cpus=os.cpu_count() or 2, temp_dir=temp_dir), progress=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield ray
     ray.shutdown()
 
