@@ -44,6 +44,18 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="directory for report.html / report.md (default: under run.root)")
 
 
+def _filter_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--added", action="append", default=[], metavar="DIR",
+                   help="an added-image artifact (generate/retrieve output; repeatable; "
+                        "default: the latest of each under run.root)")
+
+
+def _audit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", metavar="DIR", help="dataset artifact (default: the latest under run.root)")
+    p.add_argument("--added", action="append", default=[], metavar="DIR",
+                   help="added-image artifact to audit (repeatable; default: the latest dedup output)")
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="run root of the demo (default: runs/demo)")
 
@@ -54,8 +66,8 @@ COMMANDS: dict[str, tuple[str, str, ArgAdder]] = {
     "finetune": ("raugment.finetune", "personalise the diffusion model (methods 5-9)", _no_args),
     "index": ("raugment.index", "build a local CLIP kNN index", _index_args),
     "retrieve": ("raugment.retrieve", "retrieve and download CLIP nearest neighbours", _no_args),
-    "filter": ("raugment.filter", "filter and de-duplicate added images", _no_args),
-    "audit": ("raugment.audit", "audit added images for test-set leakage", _no_args),
+    "filter": ("raugment.filter", "filter and de-duplicate added images", _filter_args),
+    "audit": ("raugment.audit", "audit added images for test-set leakage", _audit_args),
     "assemble": ("raugment.assemble", "assemble an augmented training set", _no_args),
     "train": ("raugment.train", "train and evaluate a classifier with Ray Train", _no_args),
     "tune": ("raugment.tune", "sweep config keys with Ray Tune", _no_args),

@@ -97,7 +97,10 @@ class ClusterConfig:
 
 @dataclass
 class SyntheticConfig:
-    """The embedded demo dataset: procedurally drawn shapes a small CNN can learn."""
+    """The embedded demo dataset (``raugment.synthetic``): coloured shapes a small CNN can learn.
+
+    Classes are the first ``num_classes`` of ``synthetic.SYNTHETIC_CLASSES`` ("red circle", ...).
+    """
 
     num_classes: int = 4
     train_per_class: int = 60
@@ -105,14 +108,28 @@ class SyntheticConfig:
     size: int = 32
     imbalance: float = 0.0  # 0 = balanced; 0.5 = last class has half the images of the first
 
+    def validate(self, key: str) -> None:
+        _positive(self.num_classes, f"{key}.num_classes")
+        _positive(self.train_per_class, f"{key}.train_per_class")
+        if self.test_per_class < 0:
+            raise ConfigError(f"{key}.test_per_class must be >= 0, got {self.test_per_class}")
+        if self.size < 8:
+            raise ConfigError(f"{key}.size must be >= 8 pixels, got {self.size}")
+        if not 0 <= self.imbalance < 1:
+            raise ConfigError(f"{key}.imbalance must be in [0, 1), got {self.imbalance}")
+
 
 @dataclass
 class DatasetConfig:
     """The target dataset and its splits (paper section 3, "Dataset")."""
 
-    source: Literal["synthetic", "imagefolder", "parquet"] = "synthetic"
+    # A name in registry.DATASETS: "imagefolder", "parquet" or "synthetic".
+    source: str = "synthetic"
     path: Optional[str] = None
+    # The test split when it is not under ``path`` (ImageFolder: ``path/test`` or ``path/val``).
     test_path: Optional[str] = None
+    # subsample: train = fraction of each class, val = as many again, rest "unused";
+    # full: all but that same val; split_80_10_10: Caltech256-style, for data without a test split.
     protocol: Literal["subsample", "split_80_10_10", "full"] = "subsample"
     fraction: float = 0.1
     class_names: Literal["auto", "wordnet", "folder"] = "auto"
@@ -121,6 +138,13 @@ class DatasetConfig:
     image_format: Literal["JPEG", "PNG", "WEBP"] = "JPEG"
     quality: int = 90
     seed: int = 0
+    # Parquet sources: the image column (bytes, or a struct with a "bytes" field as Hugging Face
+    # writes), the class column (None: the first of label, class_id, class_name) and a split column.
+    image_column: str = "image"
+    label_column: Optional[str] = None
+    split_column: Optional[str] = "split"
+    shard_size: int = 1000
+    read_threads: int = 4
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def validate(self, key: str) -> None:
@@ -128,15 +152,37 @@ class DatasetConfig:
             raise ConfigError(f"{key}.fraction must be in (0, 1], got {self.fraction}")
         if self.source != "synthetic" and not self.path:
             raise ConfigError(f"{key}.path is required when {key}.source={self.source!r}")
+        if self.protocol == "split_80_10_10" and self.test_path:
+            raise ConfigError(f"{key}.test_path is set but {key}.protocol=split_80_10_10 makes its own "
+                              "test split; drop one of them")
+        if self.max_side is not None and self.max_side < 8:
+            raise ConfigError(f"{key}.max_side must be >= 8 pixels or null, got {self.max_side}")
+        if not 1 <= self.quality <= 100:
+            raise ConfigError(f"{key}.quality must be in [1, 100], got {self.quality}")
+        _positive(self.shard_size, f"{key}.shard_size")
+        _positive(self.read_threads, f"{key}.read_threads")
 
 
 @dataclass
 class GenerateConfig:
-    """Diffusion generation (paper 3.1, prompt conditioning and Boomerang)."""
+    """Diffusion generation (paper 3.1, prompt conditioning and Boomerang; ``raugment.generate``).
+
+    ``method`` names a class in ``registry.GENERATORS`` (simple, simple_nows, clip_templates,
+    sariyildiz, boomerang, and the personalised methods). ``model`` is a hub id or a local bundle
+    (``raugment models tiny DIR`` writes ``DIR/sd``). ``seed`` fixes every prompt and per-image
+    seed. ``pool`` is the actor pool: ``batch_size`` is the diffusion batch per pipeline call,
+    ``num_gpus``/``num_cpus``/``concurrency`` only say where it runs (they are not part of the
+    output's key, so a resumed run may use other resources). ``dtype``, ``sdpa``,
+    ``channels_last``, ``compile`` and ``vae_slicing`` are the GPU options. A sample flagged by the
+    safety checker is replaced by a new seed, at most ``max_attempts_per_image`` tries per image.
+    ``conditioning``: which checkpoint of a fine-tuning artifact personalised methods use (None:
+    the artifact's selected one).
+    """
 
     method: str = "simple"
     model: str = "CompVis/stable-diffusion-v1-4"
     revision: Optional[str] = None
+    seed: int = 0
     images_per_class: int = 390
     num_sets: int = 5
     height: int = 512
@@ -159,67 +205,117 @@ class GenerateConfig:
     pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(num_gpus=1.0, batch_size=8))
 
     def validate(self, key: str) -> None:
+        from raugment.models.diffusion import SCHEDULERS  # a plain table; no torch
+
         _positive(self.images_per_class, f"{key}.images_per_class")
         _positive(self.steps, f"{key}.steps")
         _positive(self.num_sets, f"{key}.num_sets")
+        _positive(self.max_attempts_per_image, f"{key}.max_attempts_per_image")
         for dim in ("height", "width"):
             v = getattr(self, dim)
             if v <= 0 or v % 8:
                 raise ConfigError(f"{key}.{dim} must be a positive multiple of 8, got {v}")
         if not 0 < self.boomerang_strength <= 1:
             raise ConfigError(f"{key}.boomerang_strength must be in (0, 1]")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"{key}.guidance_scale must be >= 0 (1 = no guidance), got {self.guidance_scale}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"{key}.scheduler {self.scheduler!r} is not one of {sorted(SCHEDULERS)}")
+        if not 1 <= self.quality <= 100:
+            raise ConfigError(f"{key}.quality must be in [1, 100], got {self.quality}")
 
 
 @dataclass
 class IndexConfig:
-    """Building a local CLIP kNN index over a captioned pool."""
+    """Building a local CLIP kNN index over a captioned pool (``raugment index build``).
+
+    ``source="images"``: ``path`` is a Parquet file/directory of captioned images (url, caption,
+    image bytes; optional aesthetic_score, nsfw_score, pool_label) or a folder of images with
+    ``<name>.txt`` captions; CLIP image embeddings are computed on a Ray Data actor pool.
+    ``source="embeddings"``: ``path`` holds LAION's published layout, ``img_emb/*.npy`` +
+    ``metadata/*.parquet`` (row i of the concatenated shards = embedding i); ``clip_model`` then
+    only records which model made them (the text side must use the same one).
+    """
 
     source: Literal["images", "embeddings"] = "images"
     path: Optional[str] = None
     clip_model: str = "ViT-L-14"
     clip_pretrained: Optional[str] = "openai"
-    index_type: str = "Flat"
+    device: str = "auto"
+    index_type: str = "Flat"   # any faiss index_factory string, e.g. "IVF256,Flat", "HNSW32"
     pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(batch_size=64))
+
+    def validate(self, key: str) -> None:
+        if not self.index_type.strip():
+            raise ConfigError(f"{key}.index_type must be a faiss index_factory string such as 'Flat'")
 
 
 @dataclass
 class DownloadConfig:
-    """Untrusted downloads (DESIGN section 8)."""
+    """Untrusted downloads (DESIGN section 8): Ray Data CPU actors, many requests in flight each.
 
-    actors: int = 2
-    num_cpus: float = 0.25
+    Link-local (169.254.x, fe80::), multicast, unspecified and reserved addresses are always
+    refused; loopback and private ranges only when allowed (tests and the local demo allow
+    loopback). Every redirect hop is checked again.
+    """
+
+    pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(concurrency=2, num_cpus=0.25,
+                                                                          batch_size=64))
     concurrency_per_actor: int = 32
-    batch_size: int = 64
     timeout_s: float = 10.0
     retries: int = 2
     backoff_s: float = 0.5
     max_bytes: int = 20_000_000
     max_pixels: int = 40_000_000
     max_redirects: int = 5
+    allow_loopback: bool = False
     allow_private: bool = False
     resize_max_side: Optional[int] = None
     image_format: Literal["JPEG", "PNG", "WEBP"] = "JPEG"
     quality: int = 90
     user_agent: str = "raugment/0.1 (+research data augmentation)"
 
+    def validate(self, key: str) -> None:
+        _positive(self.concurrency_per_actor, f"{key}.concurrency_per_actor")
+        _positive(self.timeout_s, f"{key}.timeout_s")
+        _positive(self.max_bytes, f"{key}.max_bytes")
+        _positive(self.max_pixels, f"{key}.max_pixels")
+        if self.retries < 0 or self.max_redirects < 0 or self.backoff_s < 0:
+            raise ConfigError(f"{key}: retries, max_redirects and backoff_s must be >= 0")
+
 
 @dataclass
 class RetrieveConfig:
-    """CLIP kNN retrieval with quota-driven growth of k (paper 3.1, "Laion nearest neighbor")."""
+    """CLIP kNN retrieval with quota-driven growth of k (paper 3.1, "Laion nearest neighbor").
+
+    Per class, k starts at ``k_start_factor * n`` and grows by ``k_step_factor * n`` up to
+    ``k_max_factor * n`` (paper: 1.4 n ... 10 x 1.4 n) until n images survive downloads and the
+    filters; the n most similar survivors are kept. n = ``images_per_class``, or
+    ``ratio`` percent of the class's training images when ``ratio`` is set.
+    """
 
     backend: str = "local"
-    index: Optional[str] = None
-    service_url: Optional[str] = None
+    index: Optional[str] = None          # local index directory (default: the index stage's output)
+    url_base: Optional[str] = None       # joined with relative URLs of the index (local demo pool)
+    service_url: Optional[str] = None    # knn_service: e.g. http://127.0.0.1:1234/knn-service
     indice_name: str = "laion5B-L-14"
-    clip_model: str = "ViT-L-14"
-    clip_pretrained: Optional[str] = "openai"
+    result_ids_factor: float = 3.0       # knn_service: num_result_ids = factor * num_images
+    service_aesthetic_score: Optional[int] = None   # knn_service query steering only, not a filter
+    service_aesthetic_weight: Optional[float] = None
+    clip_model: Optional[str] = None     # None: the model the index was built with
+    clip_pretrained: Optional[str] = None
+    device: str = "auto"
     prompt: str = "simple_nows"
     images_per_class: int = 130
+    ratio: Optional[float] = None
     k_start_factor: float = 1.4
+    k_step_factor: float = 1.4
     k_max_factor: float = 14.0
-    k_growth: float = 2.0
     aesthetic_threshold: Optional[float] = 5.0
+    aesthetic_model: Optional[str] = None   # LAION predictor weights; None = random (demo/tests only)
+    nsfw_threshold: float = 0.5             # index tag / safety score at or above this is dropped
     drop_nsfw: bool = True
+    safety_model: Optional[str] = None      # SD safety checker on downloaded images (None: tag only)
     deduplicate: bool = True
     timeout_s: float = 30.0
     retries: int = 3
@@ -227,80 +323,191 @@ class RetrieveConfig:
 
     def validate(self, key: str) -> None:
         _positive(self.images_per_class, f"{key}.images_per_class")
-        if self.k_start_factor < 1 or self.k_max_factor < self.k_start_factor:
-            raise ConfigError(f"{key}: need 1 <= k_start_factor <= k_max_factor")
+        if self.k_start_factor < 1 or self.k_max_factor < self.k_start_factor or self.k_step_factor <= 0:
+            raise ConfigError(f"{key}: need 1 <= k_start_factor <= k_max_factor and k_step_factor > 0")
+        if self.ratio is not None and not 0 < self.ratio <= 2500:
+            raise ConfigError(f"{key}.ratio is a percentage in (0, 2500], got {self.ratio}")
+        if self.result_ids_factor < 1:
+            raise ConfigError(f"{key}.result_ids_factor must be >= 1 (ask for more ids than images)")
+        if self.backend == "knn_service" and not self.service_url:
+            raise ConfigError(f"{key}.service_url is required when {key}.backend='knn_service'")
 
 
 @dataclass
 class FilterConfig:
-    """Filters applied to added images; each dropped row keeps its reason."""
+    """Filters applied to added images (``raugment.filter``); each dropped row keeps its reason.
+
+    Filters run in the order listed; a row is dropped for the first filter it fails (all scores
+    are still filled). Model-backed filters load their model once per actor of ``pool``.
+    """
 
     filters: list[str] = field(default_factory=lambda: ["nsfw", "aesthetic", "min_size"])
-    aesthetic_threshold: float = 5.0
-    clip_threshold: Optional[float] = None
     min_side: int = 32
+    # NSFW: the Stable Diffusion safety checker of this hub id or local SD directory (None: generate.model).
     safety_model: Optional[str] = None
-    clip_model: Optional[str] = None
+    # Aesthetic: the LAION aesthetic predictor head (a local path) on CLIP image embeddings.
+    aesthetic_threshold: float = 5.0
+    aesthetic_model: Optional[str] = None
+    # CLIP image-text similarity to ``clip_prompt`` (``{name}`` = class name); no threshold = score only.
+    clip_model: str = "ViT-L-14"
+    clip_pretrained: Optional[str] = "openai"
+    clip_threshold: Optional[float] = None
+    clip_prompt: str = "a photo of {name}."
+    device: str = "auto"
     pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
+
+    def validate(self, key: str) -> None:
+        _positive(self.min_side, f"{key}.min_side")
+        if len(set(self.filters)) != len(self.filters):
+            raise ConfigError(f"{key}.filters lists a filter twice: {self.filters}")
+        if self.clip_threshold is not None and not -1 <= self.clip_threshold <= 1:
+            raise ConfigError(f"{key}.clip_threshold is a cosine in [-1, 1], got {self.clip_threshold}")
+        if "{name}" not in self.clip_prompt:
+            raise ConfigError(f"{key}.clip_prompt must contain {{name}}, got {self.clip_prompt!r}")
 
 
 @dataclass
 class DedupConfig:
-    """Near-duplicate removal among added images (64-bit pHash, Hamming <= max_distance)."""
+    """Near-duplicate removal among added images (``raugment.dedup``) and the shared pHash settings.
 
-    max_distance: int = 4
+    ``hash_side`` and ``pool`` also drive the hashing of the leakage audit, so that both compare
+    hashes made the same way.
+    """
+
+    # <= 8 of 64 bits catches resized, re-encoded and slightly cropped copies (crops move pHash
+    # most); unrelated images differ in ~32 bits. The audit's radius (< 10) is one step wider.
+    max_distance: int = 8
     hash_side: int = 64
+    # Optional second test: a pHash pair is a duplicate only if CLIP cosine >= clip_cosine too.
     clip_cosine: Optional[float] = None
+    clip_model: str = "ViT-L-14"
+    clip_pretrained: Optional[str] = "openai"
+    device: str = "auto"
+    pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(batch_size=256))
+    # Inputs up to this many rows are hashed in the driver: Ray Data's start-up costs more.
+    local_rows: int = 2000
+
+    def validate(self, key: str) -> None:
+        if not 0 <= self.max_distance < 64:
+            raise ConfigError(f"{key}.max_distance is a Hamming distance in [0, 63], got {self.max_distance}")
+        if self.hash_side < 32:
+            raise ConfigError(f"{key}.hash_side must be >= 32 (pHash works on 32x32), got {self.hash_side}")
+        if self.clip_cosine is not None and not -1 <= self.clip_cosine <= 1:
+            raise ConfigError(f"{key}.clip_cosine is a cosine in [-1, 1], got {self.clip_cosine}")
 
 
 @dataclass
 class AuditConfig:
-    """Test-leakage audit (paper 4.5): Hamming distance < radius to val/test/unused images."""
+    """Test-leakage audit (paper 4.5, ``raugment.audit``): Hamming distance < radius to val/test/unused."""
 
     radius: int = 10
     splits: list[str] = field(default_factory=lambda: ["val", "test", "unused"])
-    remove_candidates: bool = False
     gallery_limit: int = 500
+    thumb_side: int = 128
+
+    def validate(self, key: str) -> None:
+        if not 1 <= self.radius <= 64:
+            raise ConfigError(f"{key}.radius is a strict Hamming bound in [1, 64], got {self.radius}")
+        bad = [s for s in self.splits if s not in ("train", "val", "test", "unused")]
+        if bad or not self.splits:
+            raise ConfigError(f"{key}.splits must be a non-empty subset of train/val/test/unused, got {self.splits}")
+        if self.gallery_limit < 0:
+            raise ConfigError(f"{key}.gallery_limit must be >= 0")
+        _positive(self.thumb_side, f"{key}.thumb_side")
 
 
 @dataclass
 class FinetuneConfig:
-    """Personalisation of the diffusion model (paper 3.1, methods 5-9)."""
+    """Personalisation of the diffusion model (paper 3.1, methods 5-9), one Ray Train job.
+
+    ``method`` is a name in ``FINETUNERS`` (ft_conditioning, ft_cluster_conditioning, imagic,
+    textual_inversion, pseudoword_dm). ``batch_size`` is per worker; the learning rates ``lr``
+    (conditioning / pseudo-word) and ``unet_lr`` are tuned at ``base_batch_size`` and scaled by
+    ``sqrt(batch_size * workers / base_batch_size)``. Training stops when the validation loss (on
+    ``val_fraction`` of each class's images) has not improved by ``min_delta`` for ``patience``
+    epochs, or at ``max_epochs`` (paper: 40; 3 on full ImageNet). Checkpoints: best train loss,
+    best validation loss, the epochs in ``keep_epochs``, and Imagic's first ``imagic_epochs``.
+    ``clusters`` is k of FT cluster conditioning (k-means on Inception-v3 features with
+    ``feature_weights``: a torchvision weights name, a ``.safetensors`` file, or null = random).
+    """
 
     method: str = "ft_conditioning"
     model: str = "CompVis/stable-diffusion-v1-4"
     revision: Optional[str] = None
     resolution: int = 512
     lr: float = 5e-3
+    unet_lr: float = 1e-6
+    weight_decay: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
     base_batch_size: int = 8
     batch_size: int = 8
     max_epochs: int = 40
     patience: int = 3
+    min_delta: float = 0.0
     val_fraction: float = 0.1
     clusters: int = 1
     keep_epochs: list[int] = field(default_factory=lambda: [1, 2, 3])
+    imagic_epochs: int = 8
     cache_latents: bool = True
+    encode_batch_size: int = 16
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    seed: int = 0
+    feature_weights: Optional[str] = "IMAGENET1K_V1"
+    feature_size: int = 299
+    feature_pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(batch_size=32))
+    keep_train_state: bool = False
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+
+    def validate(self, key: str) -> None:
+        for name in ("batch_size", "base_batch_size", "max_epochs", "patience", "clusters",
+                     "imagic_epochs", "encode_batch_size"):
+            _positive(getattr(self, name), f"{key}.{name}")
+        if self.lr <= 0 or self.unet_lr <= 0:
+            raise ConfigError(f"{key}.lr and {key}.unet_lr must be > 0")
+        if self.resolution <= 0 or self.resolution % 8:
+            raise ConfigError(f"{key}.resolution must be a positive multiple of 8, got {self.resolution}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"{key}.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if any(e < 1 for e in self.keep_epochs):
+            raise ConfigError(f"{key}.keep_epochs are 1-based epochs, got {self.keep_epochs}")
+        if self.feature_size < 75:
+            raise ConfigError(f"{key}.feature_size must be >= 75 (Inception-v3's minimum input)")
 
 
 @dataclass
 class AssembleConfig:
-    """Original training split + added images at an augmentation ratio (percent)."""
+    """Original training split + added images at an augmentation ratio (percent).
+
+    ``sources`` names the added methods to mix (empty = every added artifact given); each class's
+    quota ``round(n_train * ratio / 100)`` is split evenly between them. Generated pools are
+    resampled into ``num_sets`` sets (``set_index`` picks one); retrieved pools give their top
+    ranks. ``leakage: remove`` drops the audit's candidate ids first.
+    """
 
     sources: list[str] = field(default_factory=list)
     ratio: float = 100.0
     set_index: int = 0
+    num_sets: int = 5
     leakage: Literal["keep", "remove"] = "keep"
 
     def validate(self, key: str) -> None:
         if not 0 <= self.ratio <= 2500:
             raise ConfigError(f"{key}.ratio is a percentage in [0, 2500], got {self.ratio}")
+        _positive(self.num_sets, f"{key}.num_sets")
+        if not 0 <= self.set_index < self.num_sets:
+            raise ConfigError(f"{key}.set_index must be in [0, {key}.num_sets={self.num_sets}), "
+                              f"got {self.set_index}")
 
 
 @dataclass
 class TrainConfig:
-    """Classifier training (paper 3, "Data augmentation and classifier training")."""
+    """Classifier training (paper 3, "Data augmentation and classifier training").
+
+    Defaults are the paper's ImageNet recipe (batch 256, LR 0.1, LR / 10 after 10 epochs without a
+    validation gain, stop after 20, at most 270 epochs); Caltech256 uses batch 1024, LR 0.003.
+    ``batch_size`` is the global batch, split over the workers. ``repeat_sets`` and ``seeds`` make
+    ``raugment train`` run the resampled sets x seeds and write mean +- standard error.
+    """
 
     model: str = "resnet50"
     batch_size: int = 256
@@ -312,49 +519,162 @@ class TrainConfig:
     lr_factor: float = 0.1
     stop_patience: int = 20
     image_size: int = 224
+    crop_scale_min: float = 0.08
+    eval_crop: float = 0.875
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
     gpu_decode: bool = False
+    loader_workers: int = 4
+    shuffle_buffer: int = 4096
+    checkpoints_to_keep: int = 2
+    keep_ray_checkpoints: bool = False
+    seed: int = 0
     seeds: list[int] = field(default_factory=lambda: [0])
+    repeat_sets: int = 1
     workers: WorkersConfig = field(default_factory=WorkersConfig)
 
     def validate(self, key: str) -> None:
         _positive(self.batch_size, f"{key}.batch_size")
         _positive(self.max_epochs, f"{key}.max_epochs")
+        _positive(self.image_size, f"{key}.image_size")
+        _positive(self.repeat_sets, f"{key}.repeat_sets")
+        _positive(self.checkpoints_to_keep, f"{key}.checkpoints_to_keep")
         if self.lr <= 0:
             raise ConfigError(f"{key}.lr must be > 0, got {self.lr}")
+        if not 0 < self.lr_factor < 1:
+            raise ConfigError(f"{key}.lr_factor must be in (0, 1), got {self.lr_factor}")
+        if self.lr_patience < 1 or self.stop_patience < 1:
+            raise ConfigError(f"{key}.lr_patience and {key}.stop_patience must be >= 1")
+        if not 0 < self.crop_scale_min <= 1 or not 0 < self.eval_crop <= 1:
+            raise ConfigError(f"{key}.crop_scale_min and {key}.eval_crop must be in (0, 1]")
+        if self.loader_workers < 0:
+            raise ConfigError(f"{key}.loader_workers must be >= 0 (0 = decode in the train worker)")
+        if not self.seeds:
+            raise ConfigError(f"{key}.seeds must list at least one seed, e.g. [0]")
 
 
 @dataclass
 class TuneConfig:
-    """Ray Tune sweep over dotted config keys, e.g. ``{"train.lr": [0.1, 0.03]}``."""
+    """Ray Tune sweep over dotted config keys, e.g. ``{"train.lr": [0.1, 0.03]}`` (a grid).
+
+    ``scheduler: asha`` stops weak trials early on ``metric`` per epoch (``grace_period`` epochs
+    at least, ``reduction_factor`` as in ASHA); ``fifo`` runs every trial to its end.
+    """
 
     space: dict[str, list[Any]] = field(default_factory=dict)
     num_samples: int = 1
     scheduler: Literal["fifo", "asha"] = "fifo"
-    metric: str = "val_acc"
+    metric: str = "val_top1"
     mode: Literal["max", "min"] = "max"
     max_concurrent: int = 1
+    grace_period: int = 5
+    reduction_factor: int = 3
+    trial_cpus: float = 0.01
+
+    def validate(self, key: str) -> None:
+        _positive(self.num_samples, f"{key}.num_samples")
+        _positive(self.max_concurrent, f"{key}.max_concurrent")
+        _positive(self.grace_period, f"{key}.grace_period")
+        if self.reduction_factor < 2:
+            raise ConfigError(f"{key}.reduction_factor must be >= 2, got {self.reduction_factor}")
+        if self.trial_cpus <= 0:
+            raise ConfigError(f"{key}.trial_cpus must be > 0 (Ray refuses 0); try 0.01")
+        for name, values in self.space.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{key}.space.{name} must be a non-empty list of values")
 
 
 @dataclass
 class ReportConfig:
-    """The study report (HTML + Markdown)."""
+    """The study report (HTML + Markdown + ``report.json``), one self-contained folder."""
 
     title: str = "raugment study"
     samples_per_cell: int = 4
-    upper_bound: Optional[dict[str, float]] = None
+    grid_classes: int = 8
+    thumb_size: int = 64
+    histogram_bins: int = 20
+    upper_bound: Optional[dict[str, float]] = None  # row label -> top-1 %, e.g. {"20% ImageNet": 70.2}
+
+    def validate(self, key: str) -> None:
+        _positive(self.samples_per_cell, f"{key}.samples_per_cell")
+        _positive(self.grid_classes, f"{key}.grid_classes")
+        _positive(self.thumb_size, f"{key}.thumb_size")
+        _positive(self.histogram_bins, f"{key}.histogram_bins")
 
 
 @dataclass
 class StudyConfig:
-    """Methods x ratios x resampled sets of one study (issue: the study)."""
+    """Datasets x methods x augmentation ratios x resampled sets (x seeds) of one study.
+
+    The planner turns this into the set of stage runs, sharing every common artifact: one
+    generation pool of ``pool_factor x largest ratio`` images per class serves all ratios and sets
+    (it overrides ``generate.images_per_class``), one retrieval at the largest ratio's quota serves
+    the smaller ones (it overrides ``retrieve.images_per_class``).
+
+    Attributes:
+        methods: method names (``retrieval``, ``simple``, ``clip_templates``, ``ft_conditioning``,
+            ...) or names of ``variants``.
+        ratios: augmentation ratios in percent of each class's training images.
+        sets: resampled sets per method and ratio (paper: 5); each is one classifier.
+        seeds: classifier seeds; each (method, ratio, set) is trained once per seed. Empty: the
+            seed of set ``s`` is ``train.seeds[0] + s``.
+        baseline: also train on the original data alone (one run per set).
+        datasets: name -> dotted overrides for that dataset (``{"dataset.fraction": 0.1}``); empty
+            means the one dataset of the ``dataset`` section, named ``default``.
+        variants: name -> ``{"method": base method, "pipeline": optional, dotted overrides...}``,
+            e.g. ``ft_cluster_k5: {method: ft_cluster_conditioning, finetune.clusters: 5}``.
+        pool_factor: generated images per class per added image needed by the largest ratio
+            (paper: 390 per class for at most 130 training images = 3x).
+        filter/dedup/audit: run these stages on added images.
+        costs: per-image cost overrides for the planner (see ``raugment.planner.DEFAULT_COSTS``).
+        expected: planning hints used before the dataset stage has run: ``classes``,
+            ``train_images``, ``max_per_class``.
+        node_gpus/node_cpus: the node that the plan's wall-time estimate is for.
+        parallel: stage runs of ``parallel_stages`` kept in flight at once (each still takes
+            the resources its own section asks for); other stages run one at a time, so Ray
+            Data actor pools never wait on each other for CPUs.
+    """
 
     methods: list[str] = field(default_factory=lambda: ["retrieval", "simple"])
     ratios: list[float] = field(default_factory=lambda: [100.0])
     sets: int = 5
+    seeds: list[int] = field(default_factory=list)
     baseline: bool = True
+    datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pool_factor: float = 3.0
+    filter: bool = True
+    dedup: bool = True
+    audit: bool = True
     costs: dict[str, float] = field(default_factory=dict)
+    expected: dict[str, float] = field(default_factory=dict)
+    node_gpus: int = 8
+    node_cpus: int = 64
+    parallel: int = 1
+    parallel_stages: list[str] = field(default_factory=lambda: ["train"])
+
+    def validate(self, key: str) -> None:
+        _positive(self.sets, f"{key}.sets")
+        _positive(self.parallel, f"{key}.parallel")
+        _positive(self.pool_factor, f"{key}.pool_factor")
+        _positive(self.node_gpus, f"{key}.node_gpus")
+        _positive(self.node_cpus, f"{key}.node_cpus")
+        if not self.ratios:
+            raise ConfigError(f"{key}.ratios is empty; give at least one ratio, e.g. [100]")
+        for i, r in enumerate(self.ratios):
+            if not 0 < r <= 2500:
+                raise ConfigError(f"{key}.ratios[{i}] is a percentage in (0, 2500], got {r}")
+        if not self.methods and not self.baseline:
+            raise ConfigError(f"{key}: no methods and baseline=false leaves nothing to run")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"{key}.methods has duplicates: {self.methods}")
+        for name, variant in self.variants.items():
+            if not isinstance(variant, dict):
+                raise ConfigError(f"{key}.variants.{name} must be a mapping of dotted overrides")
+        for name, hint in self.expected.items():
+            if name not in ("classes", "train_images", "max_per_class"):
+                raise ConfigError(f"{key}.expected.{name}: unknown hint; known: classes, "
+                                  "train_images, max_per_class")
 
 
 @dataclass

@@ -62,7 +62,8 @@ class Registry(Generic[T]):
 
 # The registries of the project. Modules listed here register into them on import.
 PROMPT_BUILDERS: Registry = Registry("prompt builder", ("raugment.prompts",))
-GENERATORS: Registry = Registry("generation method", ("raugment.generate",))
+# personalised methods (5-9) register their generation side from their own package
+GENERATORS: Registry = Registry("generation method", ("raugment.generate", "raugment.personalise.generation"))
 RETRIEVERS: Registry = Registry("retrieval backend", ("raugment.retrieve",))
 FILTERS: Registry = Registry("filter", ("raugment.filter",))
 MODELS: Registry = Registry("classifier model", ("raugment.models.classifier",))

@@ -42,3 +42,11 @@ def ray_session():
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("session")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(session_dir) -> Path:
+    """The tiny random-weight Stable Diffusion bundle (written once per session)."""
+    from raugment.models.tiny import write_tiny_bundles
+
+    return write_tiny_bundles(session_dir / "models", parts=["sd"])["sd"]

@@ -1,0 +1,90 @@
+"""Dataset stage vs. a plain loop over the same ImageFolder (ratios in one run, one line of figures).
+
+Workload: N ImageNet-sized JPEGs (500x375) in class folders. Two settings:
+
+* ``resize``: ``max_side=256`` (decode, verify, resize, re-encode every image);
+* ``keep``: no resize, JPEG in and out (raugment keeps the verified original bytes).
+
+The plain loop is what one would write by hand: for each file, read, decode with PIL, resize,
+encode, collect rows, write one Parquet file. raugment does the same work through the stage
+(planning, sharded writes, thread pool of ``read_threads``, stats, resume bookkeeping).
+
+Usage: ``python benchmarks/bench_dataset.py [--images 400] [--threads 4]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from raugment import dataset
+from raugment.config import load_config
+
+
+def make_tree(root: Path, n: int, classes: int = 4) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        low = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
+        img = np.asarray(Image.fromarray(low).resize((500, 375), Image.BICUBIC), float)
+        img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+        split = "test" if i % 10 == 0 else "train"
+        folder = root / split / f"c{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def plain_loop(root: Path, out: Path, max_side: int | None) -> int:
+    rows = []
+    for path in sorted(root.rglob("*.jpg")):
+        img = Image.open(io.BytesIO(path.read_bytes())).convert("RGB")
+        if max_side and max(img.size) > max_side:
+            s = max_side / max(img.size)
+            img = img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        rows.append({"path": str(path), "image": buf.getvalue(), "width": img.width, "height": img.height})
+    pq.write_table(pa.Table.from_pylist(rows), out)
+    return len(rows)
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--threads", type=int, default=4)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-dataset-") as tmp:
+        root = Path(tmp) / "tree"
+        make_tree(root, args.images)
+        figures = []
+        for label, max_side in (("resize", 256), ("keep", None)):
+            plain_s = timed(lambda: plain_loop(root, Path(tmp) / f"plain-{label}.parquet", max_side))
+            cfg = load_config(None, [f"run.root={tmp}/runs-{label}", "run.progress=false",
+                                     "dataset.source=imagefolder", f"dataset.path={root}",
+                                     "dataset.protocol=full", f"dataset.read_threads={args.threads}",
+                                     f"dataset.max_side={max_side if max_side else 'null'}"])
+            stage_s = timed(lambda: dataset.run(cfg))
+            figures.append(f"{label}: plain {args.images / plain_s:.0f} img/s, raugment "
+                           f"{args.images / stage_s:.0f} img/s, ratio {plain_s / stage_s:.2f}x")
+    print(f"bench_dataset: {args.images} JPEG 500x375, {args.threads} threads, {os.cpu_count()} CPUs; "
+          + "; ".join(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Stage ``finetune``: personalise Stable Diffusion to the training images (paper 3.1, methods 5-9).
+
+``run(cfg, dataset) -> Artifact`` trains every class in **one** Ray Train ``TorchTrainer`` job
+(DDP; gloo on CPU, NCCL on GPU) on a table of learned rows indexed by class (and k-means cluster):
+
+* ``ft_conditioning`` ⑤ / ``ft_cluster_conditioning`` ⑥ / ``imagic`` ⑦ learn ``[rows, 77, d]``
+  conditionings initialised from the text encoding of the no-whitespace simple prompt;
+* ``textual_inversion`` ⑧ / ``pseudoword_dm`` ⑨ learn one pseudo-word embedding per class;
+* ``imagic`` and ``pseudoword_dm`` also fine-tune the UNet.
+
+The generator reads the artifact by config (``generate.method=<same name>``,
+``generate.conditioning=<this artifact or one of its checkpoint directories>``); see
+:mod:`raugment.personalise.generation`. :func:`select_checkpoint` is the hook that picks the
+checkpoint whose generated images train the best classifier; :func:`generation_scorer` builds
+its scorer from the generation and training stages.
+
+The parts live in :mod:`raugment.personalise` (policy, methods, Ray Train loop, outputs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from raugment import schema
+from raugment.config import Config, ConfigError
+from raugment.personalise import methods  # registers the FINETUNERS entries
+from raugment.personalise.methods import CondRow, pseudo_token
+from raugment.personalise.outputs import (CHECKPOINTS, CONDITIONINGS, ITEMS, CheckpointRef, checkpoints_table,
+                                          list_checkpoints, write_selected)
+from raugment.personalise.policy import BEST_VAL, split_train_val
+from raugment.registry import FINETUNERS
+from raugment.storage import Artifact, StageRun, run_stage
+
+if TYPE_CHECKING:  # pragma: no cover
+    import argparse
+
+log = logging.getLogger(__name__)
+
+STAGE = "finetune"
+TRAIN_DIR = "ray_train"
+
+__all__ = ["run", "cli", "plan_rows", "select_checkpoint", "generation_scorer", "list_checkpoints",
+           "CheckpointRef", "methods"]
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: which image trains which row (pure)
+# --------------------------------------------------------------------------------------------
+
+
+def plan_rows(labels: Sequence[int], class_names: dict[int, str], clusters: Sequence[int],
+              pseudowords: bool) -> tuple[list[CondRow], np.ndarray]:
+    """The learned table's rows (one per class x cluster present) and each image's row.
+
+    Args:
+        labels: class of each training image.
+        class_names: label -> class name.
+        clusters: cluster of each image within its class (all 0 without clustering).
+        pseudowords: name each row's pseudo-word (textual inversion methods).
+
+    Returns:
+        (rows ordered by label then cluster, ``[n]`` row index of each image).
+    """
+    keys = sorted(set(zip((int(x) for x in labels), (int(c) for c in clusters))))
+    index = {k: i for i, k in enumerate(keys)}
+    per_image = np.array([index[(int(lab), int(c))] for lab, c in zip(labels, clusters)], dtype=np.int64)
+    sizes = np.bincount(per_image, minlength=len(keys))
+    rows = [CondRow(row=i, label=lab, class_name=class_names[lab], cluster=c, n_images=int(sizes[i]),
+                    token=pseudo_token(lab) if pseudowords else "") for i, (lab, c) in enumerate(keys)]
+    return rows, per_image
+
+
+def _check(cfg: Config) -> Any:
+    """Config checks that need the registry or the file system, before any work."""
+    fcfg = cfg.finetune
+    try:
+        method = FINETUNERS.get(fcfg.method)()
+    except ValueError as exc:
+        raise ConfigError(f"finetune.method: {exc}") from None
+    local = Path(fcfg.model)
+    looks_local = local.exists() or local.is_absolute() or fcfg.model.startswith(".") or fcfg.model.count("/") > 1
+    if looks_local and not (local / "model_index.json").exists():
+        raise ConfigError(f"finetune.model: {fcfg.model!r} is not a diffusers model directory "
+                          "(no model_index.json); write tiny models with `raugment models tiny DIR`")
+    if method.uses_clusters and fcfg.clusters > 1 and fcfg.feature_weights is None:
+        log.warning("finetune.feature_weights is null: clustering on random Inception-v3 features")
+    return method
+
+
+def _cluster(cfg: Config, method: Any, train: pa.Table) -> np.ndarray:
+    labels = np.asarray(train.column(schema.LABEL).to_pylist())
+    if not method.uses_clusters or cfg.finetune.clusters == 1:
+        return np.zeros(len(labels), dtype=np.int64)
+    from raugment.cluster import init_ray
+    from raugment.cluster_features import cluster_within_classes, features_dataset
+
+    init_ray(cfg.cluster, progress=cfg.run.progress)
+    _, _, feats = features_dataset(train, cfg.finetune.feature_weights, cfg.finetune.feature_size,
+                                   cfg.finetune.feature_pool)
+    return cluster_within_classes(labels, feats, cfg.finetune.clusters, seed=cfg.finetune.seed)
+
+
+def _write_plan(run: StageRun, cfg: Config, method: Any, dataset: Artifact) -> int:
+    from raugment.dataset import read_classes, read_split
+
+    train = read_split(dataset, "train", columns=[schema.ID, schema.LABEL, schema.IMAGE])
+    if train.num_rows == 0:
+        raise ValueError(f"dataset {dataset.path} has no training images to fine-tune on")
+    classes = read_classes(dataset)
+    names = dict(zip(classes.column(schema.LABEL).to_pylist(), classes.column(schema.CLASS_NAME).to_pylist()))
+    labels = train.column(schema.LABEL).to_pylist()
+    clusters = _cluster(cfg, method, train)
+    rows, per_image = plan_rows(labels, names, clusters, method.pseudowords)
+    # stratify the held-out part by class (clusters of one image would otherwise lose it)
+    split = split_train_val(labels, cfg.finetune.val_fraction, cfg.finetune.seed)
+    is_val = np.zeros(len(labels), dtype=bool)
+    is_val[split.val] = True
+    items = schema.to_table([{schema.ID: i, schema.LABEL: lab, schema.CLUSTER: int(c), schema.COND_ROW: int(r),
+                              schema.SPLIT: "val" if v else "train"}
+                             for i, lab, c, r, v in zip(train.column(schema.ID).to_pylist(), labels, clusters,
+                                                        per_image, is_val)], schema.FINETUNE_ITEMS)
+    run.write_single(items, ITEMS)
+    run.write_single(schema.to_table([{schema.COND_ROW: r.row, schema.LABEL: r.label, schema.CLASS_NAME: r.class_name,
+                                       schema.CLUSTER: r.cluster, schema.N_IMAGES: r.n_images, schema.TOKEN: r.token}
+                                      for r in rows], schema.CONDITIONINGS), CONDITIONINGS)
+    run.stats.add("train_images", len(split.train))
+    run.stats.add("val_images", len(split.val))
+    run.stats.add("rows", len(rows))
+    run.stats.add("classes", len(set(labels)))
+    return len(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def build_trainer(cfg: Config, run: StageRun, dataset: Artifact, extra: Optional[dict[str, Any]] = None):
+    """The ``TorchTrainer`` of one fine-tuning run.
+
+    Its name and storage path are fixed by the stage key, so re-running a killed stage resumes
+    the same Ray Train run from its last checkpoint (Train V2 resumes by name + storage path),
+    and a failed worker group restarts from it up to ``workers.max_failures`` times.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from raugment.cluster import scaling_config
+    from raugment.config import to_dict
+    from raugment.personalise.loop import train_loop_per_worker
+
+    loop_config = {"finetune": to_dict(cfg.finetune), "out": str(run.path.resolve()),
+                   "images": [str(f.resolve()) for f in dataset.files("images")], **(extra or {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=scaling_config(cfg.finetune.workers),
+        run_config=RunConfig(name=f"finetune-{run.key}", storage_path=str((run.path / TRAIN_DIR).resolve()),
+                             failure_config=FailureConfig(max_failures=cfg.finetune.workers.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)))
+
+
+def _finish(run: StageRun, cfg: Config, result: Any) -> None:
+    refs = list_checkpoints(run.path)
+    if not refs:
+        raise RuntimeError(f"fine-tuning wrote no checkpoint under {run.path}")
+    run.write_single(checkpoints_table(refs, run.path), CHECKPOINTS)
+    write_selected(run.path, BEST_VAL)
+    events = [json.loads(line) for line in (run.path / "events.jsonl").read_text().splitlines()]
+    epochs = [e for e in events if e["event"] == "epoch"]
+    run.stats.add("epochs", len(epochs))
+    run.stats.add("steps", sum(e["steps"] for e in epochs))
+    run.stats.add("restarts", sum(e["event"] == "start" for e in events) - 1)
+    run.stats.extra.update({
+        "method": cfg.finetune.method, "lr": epochs[-1]["lr"], "unet_lr": epochs[-1]["unet_lr"],
+        "step_s_mean": float(np.mean([e["step_s"] for e in epochs])),
+        "history": [{k: e[k] for k in ("epoch", "train_loss", "val_loss")} for e in epochs],
+        "checkpoints": {r.name: r.epoch for r in refs}, "latents_cached": cfg.finetune.cache_latents,
+    })
+    if not cfg.finetune.keep_train_state:  # the full optimizer state is only needed to resume
+        shutil.rmtree(run.path / TRAIN_DIR, ignore_errors=True)
+
+
+def run(cfg: Config, dataset: Artifact, *, _fault: Optional[dict[str, Any]] = None) -> Artifact:
+    """Fine-tune ``cfg.finetune.method`` on the training split of ``dataset``.
+
+    Args:
+        cfg: the whole config; this stage reads ``finetune`` (and ``cluster`` to reach Ray).
+        dataset: a ``dataset`` stage artifact.
+        _fault: test hook, ``{"fail_after_epoch": n, "fail_marker": path}`` makes a worker raise
+            once after epoch ``n`` to exercise the resume path.
+
+    Returns:
+        The ``finetune`` artifact (layout in :mod:`raugment.personalise.outputs`).
+
+    Raises:
+        ConfigError: unknown method or a local model directory that is not a diffusers bundle.
+    """
+    method = _check(cfg)
+
+    def body(run: StageRun) -> None:
+        from raugment.cluster import init_ray
+
+        if not (run.path / f"{ITEMS}.parquet").exists():  # a resumed run keeps its plan
+            _write_plan(run, cfg, method, dataset)
+        init_ray(cfg.cluster, progress=cfg.run.progress)
+        result = build_trainer(cfg, run, dataset, _fault).fit()
+        _finish(run, cfg, result)
+
+    return run_stage(cfg.run.root, STAGE, cfg.finetune, {"dataset": dataset}, body, resumable=True)
+
+
+def cli(cfg: Config, args: "argparse.Namespace") -> int:
+    """``raugment finetune``: the dataset stage (cached) then this one; logs the checkpoints."""
+    from raugment import dataset as dataset_stage
+
+    art = run(cfg, dataset_stage.run(cfg))
+    log.info("finetune (%s): %s", cfg.finetune.method, art.path)
+    for ref in list_checkpoints(art.path):
+        log.info("  %-11s epoch %3d  train %.4f  val %.4f", ref.name, ref.epoch, ref.train_loss, ref.val_loss)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint selection (paper: by the downstream classifier's validation accuracy)
+# --------------------------------------------------------------------------------------------
+
+
+def select_checkpoint(checkpoints: Sequence[CheckpointRef], score_fn: Callable[[CheckpointRef], float],
+                      artifact: Optional[Artifact] = None) -> CheckpointRef:
+    """The checkpoint with the highest ``score_fn``; snapshots shared by names are scored once.
+
+    Args:
+        checkpoints: from :func:`list_checkpoints` (``best_train``, ``best_val``, ``epoch_001``...).
+        score_fn: checkpoint -> downstream validation accuracy (higher is better), e.g. from
+            :func:`generation_scorer`. Ties keep the earlier epoch.
+        artifact: when given, the choice and all scores are written to its ``selected.json``, and
+            the generator then uses this checkpoint by default.
+    """
+    if not checkpoints:
+        raise ValueError("no checkpoints to select from")
+    by_epoch: dict[int, float] = {}
+    scores: dict[str, float] = {}
+    for ref in checkpoints:
+        if ref.epoch not in by_epoch:
+            by_epoch[ref.epoch] = float(score_fn(ref))
+            log.info("checkpoint %s (epoch %d): score %.4f", ref.name, ref.epoch, by_epoch[ref.epoch])
+        scores[ref.name] = by_epoch[ref.epoch]
+    best = max(checkpoints, key=lambda r: (scores[r.name], -r.epoch))
+    if artifact is not None:
+        write_selected(artifact.path, best.name, scores)
+    return best
+
+
+def generation_scorer(cfg: Config, dataset: Artifact, evaluate: Callable[[Config, Artifact], float],
+                      images_per_class: int = 8) -> Callable[[CheckpointRef], float]:
+    """A ``score_fn`` for :func:`select_checkpoint`: generate a small set from the checkpoint,
+    then ``evaluate(cfg, generated) -> validation accuracy``.
+
+    ``evaluate`` is the seam to the classifier stages (assemble the original images plus the
+    generated set, train, return the validation top-1); the study passes it.
+    """
+    from raugment import generate
+    from raugment.config import with_overrides
+
+    def score(ref: CheckpointRef) -> float:
+        small = with_overrides(cfg, {"generate.method": cfg.finetune.method,
+                                     "generate.conditioning": str(ref.path),
+                                     "generate.images_per_class": images_per_class})
+        return evaluate(small, generate.run(small, dataset))
+
+    return score

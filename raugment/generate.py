@@ -1,0 +1,580 @@
+"""The generation stage: prompts (or original images) -> Stable Diffusion images (paper 3.1).
+
+Dataflow of ``run(cfg, dataset, finetune=None)`` (stage ``generate``)::
+
+    classes table ──method.plan()──> prompts.parquet  (one row per image slot: class, index,
+                                                       prompt, seed; deterministic)
+    missing slots, one work row per class ──Ray Data map_batches(ClassGenerator, actor pool)──>
+        images/part-c<label>-*.parquet   (schema.IMAGES, source "generated", split "added")
+        failures/part-c<label>-*.parquet (flagged samples "nsfw", exhausted slots "nsfw_unfillable")
+
+* **Sharded by class.** Each work row holds one class's missing slots, so one actor owns a class's
+  quota: N GPUs work on N classes at once and NSFW replacement is decided in one place.
+* **Deterministic.** A slot is (class, method, index) with seed ``slot_seed(cfg.seed, method,
+  class_id, index)``; its id is ``item_id("gen-<method>", class_id, index, seed)``. A sample the
+  safety checker flags is dropped and the slot is retried with the next attempt's seed (attempt
+  ``k`` -> ``slot_seed(..., k)``) up to ``max_attempts_per_image`` times; a slot still unfilled is
+  recorded ("nsfw_unfillable") and its class reported in ``stats.json`` (``unfilled_classes``).
+* **Resumable.** Actors write each finished batch as a shard themselves (names start with the
+  class label), so a killed run keeps every batch it finished; a re-run (or a Ray task retry)
+  reads the class's shards, skips slots already done and continues flagged slots at their next
+  attempt. Failure rows have ids ``<slot id>#<attempt>``, so none is recorded twice.
+* **Provenance.** Every image row has method, prompt, seed, model id/revision, NSFW score and
+  ``params`` (scheduler, steps, guidance, size, dtype, attempt, base seed, conditioning, and the
+  method's own fields).
+
+Generation methods are classes registered in ``registry.GENERATORS``; see
+:class:`GenerationMethod` for the interface that personalised methods implement.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections import Counter, defaultdict, deque
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raugment import schema
+from raugment.config import Config, ConfigError, GenerateConfig, to_dict
+from raugment.imageio import decode_image, encode_image, item_id, stable_id
+from raugment.prompts import build_prompts
+from raugment.registry import GENERATORS
+from raugment.storage import Artifact, StageRun, run_stage, write_parquet_atomic
+
+log = logging.getLogger(__name__)
+
+STAGE = "generate"
+SOURCE = "generated"
+SPLIT = "added"
+IMAGES = "images"
+FAILURES = "failures"
+PROMPTS = "prompts"
+NSFW = "nsfw"
+NSFW_UNFILLABLE = "nsfw_unfillable"
+INIT_IMAGE = "init_image"   # plan-row key (not a column): bytes of the img2img input
+ROWS = "rows"               # work-table column: JSON list of one class's missing slots
+INIT_IMAGES = "init_images"  # work-table column: their img2img inputs (empty for text2img)
+
+Row = dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds and ids
+# --------------------------------------------------------------------------------------------
+
+
+def slot_seed(seed: int, method: str, class_id: str, index: int, attempt: int = 0) -> int:
+    """The seed of a slot's ``attempt`` (0 = the planned sample), stable across runs and machines."""
+    return int(stable_id(seed, method, class_id, index, attempt), 16) % (2**31 - 1)
+
+
+def slot_id(method: str, class_id: str, index: int, seed: int) -> str:
+    """Stable image id of a slot: (class, method, index, planned seed)."""
+    return item_id(f"gen-{method}", class_id, index, seed)
+
+
+def attempt_id(slot: str, attempt: int) -> str:
+    """Id of one flagged sample of a slot (failures table)."""
+    return f"{slot}#{attempt}"
+
+
+# --------------------------------------------------------------------------------------------
+# Generation methods
+# --------------------------------------------------------------------------------------------
+
+
+class GenerationMethod:
+    """A way of producing images for a class; subclasses are registered in ``GENERATORS``.
+
+    Lifecycle (the generation stage calls these; a method never calls the stage):
+
+    1. On the driver, ``plan(classes, cfg, dataset=..., finetune=...)`` returns one row per image
+       to make, ``cfg.images_per_class`` per class. Each row has ``label``, ``class_id``,
+       ``class_name``, ``index`` (0..n-1 within the class), ``prompt`` (str; "" if unused) and
+       ``params`` (dict of method-specific provenance, JSON-able); ``img2img`` methods add
+       ``init_image`` (encoded bytes). Use :meth:`slot_rows` to add ``method``, ``seed`` and ``id``.
+       Must be deterministic in (classes, cfg, inputs).
+    2. On each actor, once: ``setup(pipe, cfg, finetune_path)`` after the pipeline of kind
+       ``self.kind`` ("text2img" | "img2img") is loaded through ``models.diffusion.load_pipeline``:
+       load learned conditionings, textual-inversion embeddings or UNet weights into ``pipe``
+       (``finetune_path`` is the fine-tuning artifact's directory, or None).
+    3. Per batch: ``call_kwargs(rows, cfg)`` returns the pipeline arguments that depend on the
+       rows: ``prompt=[...]`` or ``prompt_embeds=tensor``, ``guidance_scale``, ``height``/``width``
+       or ``image``/``strength``. The stage adds ``num_inference_steps``, ``generator`` (one seeded
+       ``torch.Generator`` per row) and ``output_type``; rows may repeat a class's conditioning.
+    4. Per image: ``postprocess(image, row)`` may change the PIL image (Boomerang restores the
+       input's size); default: unchanged.
+    """
+
+    kind: str = "text2img"
+    name: str = ""
+
+    def plan(self, classes: Sequence[Row], cfg: GenerateConfig, *, dataset: Artifact,
+             finetune: Optional[Artifact]) -> list[Row]:
+        raise NotImplementedError
+
+    def setup(self, pipe: Any, cfg: GenerateConfig, finetune_path: Optional[str]) -> None:
+        return None
+
+    def call_kwargs(self, rows: Sequence[Row], cfg: GenerateConfig) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def postprocess(self, image: Any, row: Row) -> Any:
+        return image
+
+    def slot_rows(self, rows: list[Row], cfg: GenerateConfig) -> list[Row]:
+        """Add ``method``, the planned ``seed`` and the stable ``id`` to planned rows (in place)."""
+        for row in rows:
+            row[schema.METHOD] = self.name
+            row[schema.SEED] = slot_seed(cfg.seed, self.name, row[schema.CLASS_ID], row[schema.INDEX])
+            row[schema.ID] = slot_id(self.name, row[schema.CLASS_ID], row[schema.INDEX], row[schema.SEED])
+        return rows
+
+
+def class_rng(cfg: GenerateConfig, method: str, label: int) -> np.random.Generator:
+    """The random stream of one class's plan (independent of the other classes)."""
+    return np.random.default_rng([cfg.seed, int(stable_id(method), 16) % 2**32, label])
+
+
+class PromptMethod(GenerationMethod):
+    """Text-to-image from a registered prompt builder (methods 1-4), classifier-free guidance."""
+
+    builder: str = ""
+
+    def plan(self, classes: Sequence[Row], cfg: GenerateConfig, *, dataset: Artifact,
+             finetune: Optional[Artifact]) -> list[Row]:
+        rows: list[Row] = []
+        for record in classes:
+            label = int(record[schema.LABEL])
+            texts = build_prompts(self.builder, record, cfg.images_per_class, class_rng(cfg, self.name, label))
+            rows.extend({schema.LABEL: label, schema.CLASS_ID: record[schema.CLASS_ID],
+                         schema.CLASS_NAME: record[schema.CLASS_NAME], schema.INDEX: i,
+                         schema.PROMPT: text, schema.PARAMS: {"prompt_builder": self.builder}}
+                        for i, text in enumerate(texts))
+        return self.slot_rows(rows, cfg)
+
+    def call_kwargs(self, rows: Sequence[Row], cfg: GenerateConfig) -> dict[str, Any]:
+        return {"prompt": [r[schema.PROMPT] for r in rows], "guidance_scale": cfg.guidance_scale,
+                "height": cfg.height, "width": cfg.width}
+
+
+@GENERATORS.register("simple")
+class SimplePrompt(PromptMethod):
+    """① "A photo of {name}."."""
+    name = builder = "simple"
+
+
+@GENERATORS.register("simple_nows")
+class SimplePromptNoWhitespace(PromptMethod):
+    """② "A photo of {w(name)}."."""
+    name = builder = "simple_nows"
+
+
+@GENERATORS.register("clip_templates")
+class ClipTemplates(PromptMethod):
+    """③ CLIP's 80 ImageNet templates with w(name), sampled with replacement."""
+    name = builder = "clip_templates"
+
+
+@GENERATORS.register("sariyildiz")
+class Sariyildiz(PromptMethod):
+    """④ Sariyildiz et al. 2022 prompt families, equal shares."""
+    name = builder = "sariyildiz"
+
+
+@GENERATORS.register("boomerang")
+class Boomerang(GenerationMethod):
+    """⑩a Boomerang (Luzi et al. 2022): noise an original training image to strength ``t`` and
+    denoise it without prompt guidance (empty prompt, guidance scale 1).
+
+    Slot ``i`` of a class uses the class's ``i mod n``-th training image (ordered by id), so the
+    originals are used evenly. Inputs are resized to ``height`` x ``width`` for batching and the
+    output is resized back to the input's size.
+    """
+
+    kind = "img2img"
+    name = "boomerang"
+
+    def plan(self, classes: Sequence[Row], cfg: GenerateConfig, *, dataset: Artifact,
+             finetune: Optional[Artifact]) -> list[Row]:
+        originals = read_train_images(dataset)
+        empty = [str(c[schema.CLASS_ID]) for c in classes if not originals.get(int(c[schema.LABEL]))]
+        if empty:
+            raise ValueError(f"boomerang needs training images, but classes {empty[:10]} have none in "
+                             f"{dataset.path}; exclude them (dataset.exclude_classes) or use a prompt method")
+        rows: list[Row] = []
+        for record in classes:
+            label = int(record[schema.LABEL])
+            source = sorted(originals[label])
+            for i in range(cfg.images_per_class):
+                src_id, data = source[i % len(source)]
+                rows.append({schema.LABEL: label, schema.CLASS_ID: record[schema.CLASS_ID],
+                             schema.CLASS_NAME: record[schema.CLASS_NAME], schema.INDEX: i,
+                             schema.PROMPT: "", INIT_IMAGE: data,
+                             schema.PARAMS: {"source_id": src_id, "strength": cfg.boomerang_strength}})
+        return self.slot_rows(rows, cfg)
+
+    def call_kwargs(self, rows: Sequence[Row], cfg: GenerateConfig) -> dict[str, Any]:
+        from PIL import Image
+
+        images = [decode_image(r[INIT_IMAGE]).resize((cfg.width, cfg.height), Image.BICUBIC) for r in rows]
+        return {"prompt": [""] * len(rows), "image": images, "strength": cfg.boomerang_strength,
+                "guidance_scale": 1.0}
+
+    def postprocess(self, image: Any, row: Row) -> Any:
+        from PIL import Image
+
+        original = decode_image(row[INIT_IMAGE])
+        return image if image.size == original.size else image.resize(original.size, Image.BICUBIC)
+
+
+def read_train_images(dataset: Artifact) -> dict[int, list[tuple[str, bytes]]]:
+    """label -> [(id, image bytes)] of the dataset's train split."""
+    table = dataset.read(IMAGES, columns=[schema.ID, schema.LABEL, schema.SPLIT, schema.IMAGE])
+    out: dict[int, list[tuple[str, bytes]]] = defaultdict(list)
+    for image_id, label, split, data in zip(*(table.column(c).to_pylist() for c in
+                                              (schema.ID, schema.LABEL, schema.SPLIT, schema.IMAGE))):
+        if split == "train":
+            out[int(label)].append((image_id, data))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Core: one class's missing slots -> image rows and failure rows
+# --------------------------------------------------------------------------------------------
+
+
+def image_params(cfg: GenerateConfig, row: Row, attempt: int, conditioning: Optional[str]) -> dict[str, Any]:
+    """Provenance of one generated image (stored as the ``params`` JSON)."""
+    params = {"scheduler": cfg.scheduler, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
+              "height": cfg.height, "width": cfg.width, "dtype": cfg.dtype, "attempt": attempt,
+              "base_seed": row[schema.SEED], "conditioning": conditioning}
+    params.update(row.get(schema.PARAMS) or {})
+    return params
+
+
+def generate_batch(pipe: Any, method: GenerationMethod, items: Sequence[tuple[Row, int]],
+                   cfg: GenerateConfig, device: str, scores: Any = None) -> list[tuple[Any, bool, Optional[float]]]:
+    """One pipeline call for ``items`` = [(slot row, attempt)] -> [(PIL image, flagged, nsfw score)]."""
+    import torch
+
+    rows = [row for row, _ in items]
+    seeds = [slot_seed(cfg.seed, method.name, row[schema.CLASS_ID], row[schema.INDEX], attempt)
+             for row, attempt in items]
+    # CPU generators: the same seed gives the same noise on any device (diffusers draws on the
+    # generator's device and moves the latents).
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    kwargs = method.call_kwargs(rows, cfg)
+    with torch.inference_mode():
+        out = pipe(**kwargs, num_inference_steps=cfg.steps, generator=generators, output_type="pil")
+    flags = out.nsfw_content_detected or [False] * len(rows)
+    nsfw = scores.pop(len(rows)) if scores is not None else [None] * len(rows)
+    return [(method.postprocess(img, row), bool(flag), score)
+            for img, row, flag, score in zip(out.images, rows, flags, nsfw)]
+
+
+def generate_class(pipe: Any, method: GenerationMethod, rows: Sequence[Row], cfg: GenerateConfig, *,
+                   device: str = "cpu", scores: Any = None, model_id: Optional[str] = None,
+                   conditioning: Optional[str] = None,
+                   start_attempts: Optional[dict[str, int]] = None) -> Iterator[tuple[list[Row], list[Row]]]:
+    """Fill a class's slots, replacing flagged samples; yields (image rows, failure rows) per batch.
+
+    A flagged sample's slot goes back to the queue with its next attempt, so later batches stay
+    full; a slot flagged ``cfg.max_attempts_per_image`` times yields a ``nsfw_unfillable`` row.
+
+    Args:
+        pipe: a loaded pipeline of ``method.kind`` (``method.setup`` already called).
+        rows: the slots still missing (planned rows, see :class:`GenerationMethod`).
+        start_attempts: slot id -> first attempt to make (resume after flagged attempts).
+    """
+    queue = deque((row, (start_attempts or {}).get(row[schema.ID], 0)) for row in rows)
+    while queue:
+        items = [queue.popleft() for _ in range(min(cfg.pool.batch_size, len(queue)))]
+        images: list[Row] = []
+        failures: list[Row] = []
+        for (row, attempt), (img, flagged, score) in zip(
+                items, generate_batch(pipe, method, items, cfg, device, scores)):
+            seed = slot_seed(cfg.seed, method.name, row[schema.CLASS_ID], row[schema.INDEX], attempt)
+            if flagged:
+                failures.append({schema.ID: attempt_id(row[schema.ID], attempt), schema.LABEL: row[schema.LABEL],
+                                 schema.REASON: NSFW,
+                                 schema.DETAIL: json.dumps({"seed": seed, "nsfw_score": score})})
+                if attempt + 1 < cfg.max_attempts_per_image:
+                    queue.append((row, attempt + 1))
+                else:
+                    failures.append({schema.ID: row[schema.ID], schema.LABEL: row[schema.LABEL],
+                                     schema.REASON: NSFW_UNFILLABLE,
+                                     schema.DETAIL: f"flagged {attempt + 1} times"})
+                continue
+            images.append({
+                schema.ID: row[schema.ID], schema.LABEL: row[schema.LABEL],
+                schema.CLASS_ID: row[schema.CLASS_ID], schema.CLASS_NAME: row[schema.CLASS_NAME],
+                schema.SPLIT: SPLIT, schema.SOURCE: SOURCE, schema.METHOD: method.name,
+                schema.PROMPT: row[schema.PROMPT], schema.SEED: seed, schema.MODEL_ID: model_id or cfg.model,
+                schema.MODEL_REVISION: cfg.revision, schema.RANK: row[schema.INDEX],
+                schema.NSFW_SCORE: score, schema.IMAGE: encode_image(img, cfg.image_format, cfg.quality),
+                schema.WIDTH: img.width, schema.HEIGHT: img.height,
+                schema.PARAMS: image_params(cfg, row, attempt, conditioning)})
+        yield images, failures
+
+
+# --------------------------------------------------------------------------------------------
+# Progress on disk (shards are named by class, so an actor can read just its own)
+# --------------------------------------------------------------------------------------------
+
+
+def shard_prefix(label: int) -> str:
+    return f"part-c{int(label):06d}-"
+
+
+def class_progress(stage_dir: str | Path, label: int) -> tuple[set[str], dict[str, int]]:
+    """(ids of finished slots, slot id -> next attempt after flagged ones) for one class."""
+    stage_dir = Path(stage_dir)
+    done: set[str] = set()
+    for f in sorted((stage_dir / IMAGES).glob(shard_prefix(label) + "*.parquet")):
+        done.update(pq.read_table(f, columns=[schema.ID]).column(schema.ID).to_pylist())
+    next_attempt: dict[str, int] = {}
+    for f in sorted((stage_dir / FAILURES).glob(shard_prefix(label) + "*.parquet")):
+        t = pq.read_table(f, columns=[schema.ID, schema.REASON])
+        for fid, reason in zip(t.column(schema.ID).to_pylist(), t.column(schema.REASON).to_pylist()):
+            if reason == NSFW:
+                slot, _, attempt = fid.rpartition("#")
+                next_attempt[slot] = max(next_attempt.get(slot, 0), int(attempt) + 1)
+    return done, next_attempt
+
+
+def failure_ids(stage_dir: str | Path, label: int) -> set[str]:
+    ids: set[str] = set()
+    for f in sorted((Path(stage_dir) / FAILURES).glob(shard_prefix(label) + "*.parquet")):
+        ids.update(pq.read_table(f, columns=[schema.ID]).column(schema.ID).to_pylist())
+    return ids
+
+
+def write_class_shard(stage_dir: str | Path, table_name: str, label: int, rows: list[Row],
+                      table_schema: pa.Schema) -> None:
+    if rows:
+        name = f"{shard_prefix(label)}{uuid.uuid4().hex[:12]}.parquet"
+        write_parquet_atomic(schema.to_table(rows, table_schema), Path(stage_dir) / table_name / name)
+
+
+# --------------------------------------------------------------------------------------------
+# Ray wrapper
+# --------------------------------------------------------------------------------------------
+
+
+class ClassGenerator:
+    """Ray Data callable class: one diffusers pipeline per actor; a batch = whole classes.
+
+    ``__call__`` takes work rows (one per class: its missing slots), generates them with
+    :func:`generate_class`, writes each finished batch as shards into the stage directory and
+    returns one summary row per class.
+    """
+
+    def __init__(self, cfg: GenerateConfig, method: GenerationMethod, stage_dir: str,
+                 finetune_path: Optional[str] = None):
+        from raugment.cluster import pick_device
+        from raugment.models.diffusion import SafetyScores, load_pipeline
+
+        self.cfg, self.method, self.stage_dir = cfg, method, stage_dir
+        self.device = pick_device(cfg.device)
+        self.pipe = load_pipeline(cfg.model, revision=cfg.revision, kind=method.kind, dtype=cfg.dtype,
+                                  device=self.device, scheduler=cfg.scheduler,
+                                  safety_checker=cfg.safety_checker, sdpa=cfg.sdpa,
+                                  channels_last=cfg.channels_last, compile=cfg.compile,
+                                  vae_slicing=cfg.vae_slicing)
+        method.setup(self.pipe, cfg, finetune_path)
+        self.scores = SafetyScores(self.pipe.safety_checker) if self.pipe.safety_checker is not None else None
+        self.conditioning = finetune_path or cfg.conditioning
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        summary: dict[str, list] = {schema.LABEL: [], "images": [], NSFW: [], NSFW_UNFILLABLE: [], "seconds": []}
+        for work in batch.to_pylist():
+            label = int(work[schema.LABEL])
+            rows = json.loads(work[ROWS])
+            for row, data in zip(rows, work[INIT_IMAGES] or [None] * len(rows)):
+                if data is not None:
+                    row[INIT_IMAGE] = data
+            # a retried task (actor restart) or a re-run must not redo finished slots
+            done, next_attempt = class_progress(self.stage_dir, label)
+            known_failures = failure_ids(self.stage_dir, label)
+            rows = [r for r in rows if r[schema.ID] not in done]
+            counts = Counter()
+            t0 = time.perf_counter()
+            for images, failures in generate_class(
+                    self.pipe, self.method, rows, self.cfg, device=self.device, scores=self.scores,
+                    conditioning=self.conditioning, start_attempts=next_attempt):
+                failures = [f for f in failures if f[schema.ID] not in known_failures]
+                write_class_shard(self.stage_dir, FAILURES, label, failures, schema.FAILURES)
+                write_class_shard(self.stage_dir, IMAGES, label, images, schema.IMAGES)
+                counts["images"] += len(images)
+                counts.update(f[schema.REASON] for f in failures)
+            for key in ("images", NSFW, NSFW_UNFILLABLE):
+                summary[key].append(counts[key])
+            summary[schema.LABEL].append(label)
+            summary["seconds"].append(time.perf_counter() - t0)
+            log.info("generate: class %d done (%d images, %d flagged)", label, counts["images"], counts[NSFW])
+        return pa.table(summary)
+
+
+def work_tables(rows: Sequence[Row]) -> list[pa.Table]:
+    """One single-row table per class (its own block, so classes spread over the actors)."""
+    by_class: dict[int, list[Row]] = defaultdict(list)
+    for row in rows:
+        by_class[int(row[schema.LABEL])].append(row)
+    tables = []
+    for label in sorted(by_class):
+        slots = by_class[label]
+        plain = [{k: v for k, v in r.items() if k != INIT_IMAGE} for r in slots]
+        inits = [r.get(INIT_IMAGE) for r in slots]
+        tables.append(pa.table({schema.LABEL: pa.array([label], pa.int32()),
+                                ROWS: [json.dumps(plain)],
+                                INIT_IMAGES: pa.array([inits if any(x is not None for x in inits) else []],
+                                                      pa.list_(pa.binary()))}))
+    return tables
+
+
+def generate_on_ray(cfg: GenerateConfig, method: GenerationMethod, rows: Sequence[Row], stage_dir: str,
+                    finetune_path: Optional[str]) -> pa.Table:
+    """Run :class:`ClassGenerator` over the missing slots on a Ray Data actor pool."""
+    import ray.data
+
+    from raugment.cluster import actor_pool_args
+
+    args = actor_pool_args(cfg.pool)
+    args["batch_size"] = 1  # one class per call; cfg.pool.batch_size is the diffusion batch
+    ds = ray.data.from_arrow(work_tables(rows))
+    out = ds.map_batches(ClassGenerator, batch_format="pyarrow",
+                         fn_constructor_kwargs={"cfg": cfg, "method": method, "stage_dir": stage_dir,
+                                                "finetune_path": finetune_path},
+                         **args)
+    return pa.concat_tables([pa.Table.from_pydict(b) if isinstance(b, dict) else b
+                             for b in out.iter_batches(batch_size=None, batch_format="pyarrow")])
+
+
+# --------------------------------------------------------------------------------------------
+# Stage
+# --------------------------------------------------------------------------------------------
+
+
+def key_section(cfg: GenerateConfig) -> dict[str, Any]:
+    """What keys the stage output: everything but where it runs (actor count, CPUs, GPUs, device).
+
+    A resumed run on a bigger cluster continues in the same directory; the diffusion batch size
+    stays in the key because it changes floating-point results.
+    """
+    data = to_dict(cfg)
+    data["pool"] = {"batch_size": cfg.pool.batch_size}
+    data.pop("device")
+    return data
+
+
+def check_config(cfg: Config) -> GenerationMethod:
+    """The method instance; an unknown method is a ConfigError naming the known ones.
+
+    Everything else in ``cfg.generate`` is validated when the config is loaded.
+    """
+    try:
+        return GENERATORS.get(cfg.generate.method)()
+    except ValueError as exc:
+        raise ConfigError(f"generate.method: {exc}") from None
+
+
+def check_resources(cfg: Config) -> None:
+    """A pool asking for GPUs on a local cluster without any would wait forever: say so instead."""
+    import ray
+
+    need = cfg.generate.pool.num_gpus
+    have = ray.cluster_resources().get("GPU", 0)
+    if need > 0 and have < need and not cfg.cluster.address:
+        raise ConfigError(f"generate.pool.num_gpus={need} but this Ray cluster has {have} GPUs; "
+                          "set generate.pool.num_gpus=0 (and a fractional num_cpus) to run on CPU")
+
+
+def read_classes(dataset: Artifact) -> list[Row]:
+    return dataset.read("classes", schema=schema.CLASSES).to_pylist()
+
+
+def summarize(run: StageRun, planned: Sequence[Row], max_attempts: int) -> None:
+    """Stats from what is on disk (covers earlier attempts of a resumed run)."""
+    images = run.artifact.read(IMAGES, columns=[schema.ID, schema.LABEL], schema=schema.IMAGES)
+    failures = run.artifact.read(FAILURES, columns=[schema.ID, schema.REASON], schema=schema.FAILURES)
+    reasons = dict(zip(failures.column(schema.ID).to_pylist(), failures.column(schema.REASON).to_pylist()))
+    for reason in reasons.values():
+        run.stats.fail(reason)
+    have = Counter(images.column(schema.LABEL).to_pylist())
+    quota = Counter(int(r[schema.LABEL]) for r in planned)
+    names = {int(r[schema.LABEL]): r[schema.CLASS_ID] for r in planned}
+    run.stats.add("images", images.num_rows)
+    run.stats.add("planned", len(planned))
+    run.stats.add("classes", len(quota))
+    unfilled = {names[label]: need - have.get(label, 0) for label, need in quota.items()
+                if have.get(label, 0) < need}
+    run.stats.extra["unfilled_classes"] = unfilled
+    if unfilled:
+        log.warning("generate: %d classes are short of their quota after %d attempts per image: %s",
+                    len(unfilled), max_attempts, dict(list(unfilled.items())[:10]))
+
+
+def run(cfg: Config, dataset: Artifact, finetune: Optional[Artifact] = None) -> Artifact:
+    """The ``generate`` stage: ``cfg.generate.images_per_class`` images per class of ``dataset``.
+
+    Args:
+        cfg: the whole config; reads ``generate`` (and ``run.root``, ``cluster``).
+        dataset: the dataset stage's artifact (classes table; train images for Boomerang).
+        finetune: a fine-tuning artifact for personalised methods, or None.
+
+    Returns:
+        The artifact with tables ``images``, ``failures`` and ``prompts.parquet``.
+    """
+    from raugment.cluster import init_ray
+
+    g = cfg.generate
+    method = check_config(cfg)
+    classes = read_classes(dataset)
+    if not classes:
+        raise ValueError(f"dataset {dataset.path} has no classes")
+    inputs: dict[str, Artifact] = {"dataset": dataset}
+    if finetune is not None:
+        inputs["finetune"] = finetune
+
+    def body(stage: StageRun) -> None:
+        planned = method.plan(classes, g, dataset=dataset, finetune=finetune)
+        prompts = [{k: r[k] for k in schema.PROMPTS.names if k in r} for r in planned]
+        stage.write_single(schema.to_table(prompts, schema.PROMPTS), PROMPTS)
+        done = stage.done_ids(IMAGES)
+        missing = [r for r in planned if r[schema.ID] not in done]
+        log.info("generate: %s, %d classes x %d images; %d already done, %d to make",
+                 method.name, len(classes), g.images_per_class, len(done), len(missing))
+        if missing:
+            init_ray(cfg.cluster, progress=cfg.run.progress)
+            check_resources(cfg)
+            summary = generate_on_ray(g, method, missing, str(stage.path),
+                                      str(finetune.path) if finetune is not None else None)
+            seconds = float(sum(summary.column("seconds").to_pylist()))
+            if g.pool.num_gpus > 0:
+                stage.stats.gpu_s += seconds * g.pool.num_gpus
+            stage.stats.extra["actor_s"] = round(seconds, 3)
+        summarize(stage, planned, g.max_attempts_per_image)
+
+    return run_stage(cfg.run.root, STAGE, key_section(g), inputs, body, resumable=True)
+
+
+def cli(cfg: Config, args: Any) -> int:
+    """``raugment generate``: run the dataset stage (or reuse it) and generate."""
+    from raugment import dataset as dataset_stage
+
+    ds = dataset_stage.run(cfg)
+    art = run(cfg, ds)
+    stats = art.stats
+    log.info("generate: %s images in %s (failures: %s)", stats.get("counts", {}).get("images"), art.path,
+             stats.get("failures"))
+    if stats.get("unfilled_classes"):
+        log.warning("generate: unfilled classes: %s", stats["unfilled_classes"])
+    return 0

@@ -1,0 +1,336 @@
+"""Stage "index": a local CLIP kNN index (faiss) + Parquet metadata over a captioned image pool.
+
+Built from (a) captioned images — a Parquet file/directory with url, caption and image bytes, or a
+folder of images with ``<name>.txt`` captions — whose CLIP image embeddings are computed on a Ray
+Data actor pool, or (b) embeddings already computed in LAION's published layout (``img_emb/*.npy``
++ ``metadata/*.parquet``). The output directory holds::
+
+    index.faiss        faiss index over L2-normalised embeddings, inner product = cosine
+    embeddings.npy     the embeddings themselves (float16), row i = faiss id i
+    metadata.parquet   schema.INDEX_METADATA, row i = faiss id i
+    index_info.json    CLIP model that made the embeddings, dim, size, index type
+
+Why faiss directly and not clip-retrieval/autofaiss: neither installs beside Ray 2.60 (they pin
+numpy<2 and pyarrow<16, STACK-NOTES); faiss-cpu does, and faiss-gpu takes the same calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raugment import schema
+from raugment.config import Config, ConfigError, IndexConfig
+from raugment.extras import require
+from raugment.storage import Artifact, StageRun, run_stage
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+EMBEDDINGS_FILE = "embeddings.npy"
+METADATA = "metadata"
+INFO_FILE = "index_info.json"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+ROW = "row"
+EMBEDDING = "embedding"
+
+# LAION / img2dataset column spellings -> ours
+_ALIASES = {
+    schema.URL: ("url", "URL"),
+    schema.CAPTION: ("caption", "TEXT", "text"),
+    schema.AESTHETIC_SCORE: ("aesthetic_score", "aesthetic", "AESTHETIC_SCORE"),
+    schema.NSFW_SCORE: ("nsfw_score", "punsafe", "NSFW"),
+    schema.POOL_LABEL: ("pool_label",),
+}
+_NSFW_TAGS = {"UNLIKELY": 0.0, "UNSURE": 0.5, "NSFW": 1.0}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading sources
+# --------------------------------------------------------------------------------------------
+
+
+def _parquet_files(path: Path) -> list[Path]:
+    return [path] if path.is_file() else sorted(path.glob("*.parquet"))
+
+
+def normalise_metadata(table: pa.Table) -> pa.Table:
+    """Map LAION/img2dataset/pool column names onto ``schema.INDEX_METADATA``."""
+    n = table.num_rows
+    cols: dict[str, Any] = {}
+    for ours, names in _ALIASES.items():
+        found = next((c for c in names if c in table.column_names), None)
+        if found is None:
+            cols[ours] = pa.nulls(n, schema.INDEX_METADATA.field(ours).type)
+            continue
+        col = table.column(found)
+        if ours == schema.NSFW_SCORE and pa.types.is_string(col.type):
+            col = pa.array([_NSFW_TAGS.get(v) if v is not None else None for v in col.to_pylist()],
+                           pa.float32())
+        cols[ours] = col.cast(schema.INDEX_METADATA.field(ours).type)
+    if cols[schema.URL].null_count == n:
+        raise ValueError("the index source has no url column (expected 'url' or 'URL')")
+    return pa.table(cols, schema=schema.INDEX_METADATA)
+
+
+def read_captioned_images(path: str | Path) -> pa.Table:
+    """A Parquet file/directory of captioned images, or a folder of images + ``.txt`` captions.
+
+    Returns a table with the ``schema.INDEX_METADATA`` columns plus ``image`` bytes. Folder images
+    get their path relative to the folder as url.
+    """
+    p = Path(path)
+    files = _parquet_files(p) if (p.is_file() or any(p.glob("*.parquet"))) else []
+    if files:
+        table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+        if schema.IMAGE not in table.column_names:
+            raise ValueError(f"{path}: no '{schema.IMAGE}' column of image bytes; for precomputed "
+                             "embeddings use index.source=embeddings")
+        return normalise_metadata(table).append_column(schema.IMAGE, table.column(schema.IMAGE))
+    images = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ValueError(f"{path} holds neither Parquet files nor images")
+    rows = []
+    for f in images:
+        txt = f.with_suffix(".txt")
+        rows.append({schema.URL: str(f.relative_to(p)),
+                     schema.CAPTION: txt.read_text().strip() if txt.exists() else None})
+    meta = normalise_metadata(pa.Table.from_pylist(rows))
+    return meta.append_column(schema.IMAGE, pa.array([f.read_bytes() for f in images], pa.binary()))
+
+
+def read_laion_embeddings(path: str | Path) -> tuple[np.ndarray, pa.Table]:
+    """LAION layout: ``img_emb/*.npy`` + ``metadata/*.parquet``, shards matched by sorted order."""
+    p = Path(path)
+    embs = sorted((p / "img_emb").glob("*.npy"))
+    metas = sorted((p / "metadata").glob("*.parquet"))
+    if not embs or len(embs) != len(metas):
+        raise ValueError(f"{path}: expected img_emb/*.npy and as many metadata/*.parquet shards, found "
+                         f"{len(embs)} and {len(metas)}")
+    arrays, tables = [], []
+    for e, m in zip(embs, metas):
+        arr, tab = np.load(e, mmap_mode="r"), pq.read_table(m)
+        if len(arr) != tab.num_rows:
+            raise ValueError(f"{e.name} has {len(arr)} embeddings but {m.name} has {tab.num_rows} rows")
+        arrays.append(np.asarray(arr, dtype=np.float32))
+        tables.append(normalise_metadata(tab))
+    return np.concatenate(arrays), pa.concat_tables(tables)
+
+
+def source_key(path: str | Path) -> str:
+    """A key of the source files (names, sizes, mtimes) so a changed pool gives a new index."""
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(p) if f != p else f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding (Ray Data actor pool) and building
+# --------------------------------------------------------------------------------------------
+
+
+class EmbedImagesBatch:
+    """Ray Data callable class: ``row`` + ``image`` bytes -> ``row`` + ``embedding`` (NaN if undecodable)."""
+
+    def __init__(self, model: str, pretrained: str | None, device: str):
+        from raugment.models.clip import load_clip
+
+        self.encoder = load_clip(model, pretrained, device)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from raugment.imageio import ImageDecodeError, decode_image
+
+        images, ok = [], []
+        for data in batch.column(schema.IMAGE).to_pylist():
+            try:
+                images.append(decode_image(data))
+                ok.append(True)
+            except ImageDecodeError:
+                ok.append(False)
+        emb = np.full((batch.num_rows, self.encoder.dim), np.nan, dtype=np.float32)
+        if images:
+            emb[np.asarray(ok)] = self.encoder.embed_images(images)
+        flat = pa.array(emb.reshape(-1), pa.float32())
+        return pa.table({ROW: batch.column(ROW),
+                         EMBEDDING: pa.FixedSizeListArray.from_arrays(flat, self.encoder.dim)})
+
+
+def embed_images_ray(images: pa.Array, cfg: IndexConfig) -> np.ndarray:
+    """CLIP image embeddings of encoded ``images`` on a Ray Data actor pool (row order kept)."""
+    import ray.data
+
+    from raugment.cluster import actor_pool_args
+
+    table = pa.table({ROW: pa.array(np.arange(len(images)), pa.int64()), schema.IMAGE: images})
+    ds = ray.data.from_arrow(table)
+    out = ds.map_batches(EmbedImagesBatch, batch_format="pyarrow",
+                         fn_constructor_kwargs={"model": cfg.clip_model, "pretrained": cfg.clip_pretrained,
+                                                "device": cfg.device},
+                         **actor_pool_args(cfg.pool)).to_arrow_refs()
+    parts = [ray.get(ref) for ref in out]
+    result = pa.concat_tables(parts).sort_by(ROW)
+    return np.asarray(result.column(EMBEDDING).combine_chunks().flatten(), np.float32).reshape(len(images), -1)
+
+
+def build_faiss_index(embeddings: np.ndarray, index_type: str = "Flat") -> Any:
+    """An inner-product faiss index over ``embeddings`` (trained first when the type needs it)."""
+    faiss = require("faiss")
+    emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+    index = faiss.index_factory(emb.shape[1], index_type, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        index.train(emb)
+    index.add(emb)
+    return index
+
+
+def write_index(out: Path, embeddings: np.ndarray, metadata: pa.Table, cfg: IndexConfig) -> dict[str, Any]:
+    """Write the four index files into ``out``; returns the info dict."""
+    faiss = require("faiss")
+    from raugment.storage import write_parquet_atomic
+
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    embeddings = (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(build_faiss_index(embeddings, cfg.index_type), str(out / INDEX_FILE))
+    np.save(out / EMBEDDINGS_FILE, embeddings.astype(np.float16))
+    write_parquet_atomic(schema.conform(metadata, schema.INDEX_METADATA), out / f"{METADATA}.parquet")
+    info = {"clip_model": cfg.clip_model, "clip_pretrained": cfg.clip_pretrained, "dim": int(embeddings.shape[1]),
+            "ntotal": int(len(embeddings)), "index_type": cfg.index_type, "metric": "inner_product",
+            "source": cfg.source}
+    (out / INFO_FILE).write_text(json.dumps(info, indent=2))
+    return info
+
+
+def build_index(cfg: IndexConfig, out: str | Path, stats: Any = None) -> dict[str, Any]:
+    """Build the index of ``cfg.path`` into ``out`` (the pure part of the stage; Ray for images)."""
+    out = Path(out)
+    if cfg.source == "embeddings":
+        embeddings, metadata = read_laion_embeddings(cfg.path)
+    else:
+        table = read_captioned_images(cfg.path)
+        embeddings = embed_images_ray(table.column(schema.IMAGE).combine_chunks(), cfg)
+        ok = ~np.isnan(embeddings).any(axis=1)
+        if stats is not None and (~ok).sum():
+            stats.fail("undecodable_image", int((~ok).sum()))
+        metadata = table.drop_columns([schema.IMAGE]).filter(pa.array(ok))
+        embeddings = embeddings[ok]
+    if len(embeddings) == 0:
+        raise ValueError(f"{cfg.path}: nothing to index")
+    info = write_index(out, embeddings, metadata, cfg)
+    if stats is not None:
+        stats.add("indexed", info["ntotal"])
+        stats.extra["index"] = info
+    log.info("indexed %d items (dim %d, %s) into %s", info["ntotal"], info["dim"], cfg.index_type, out)
+    return info
+
+
+def check_config(cfg: IndexConfig) -> None:
+    """Errors naming the key, before any work."""
+    if not cfg.path:
+        raise ConfigError("index.path is required: a Parquet file/directory or image folder "
+                          "(index.source=images) or a LAION embeddings directory (index.source=embeddings)")
+    if not Path(cfg.path).exists():
+        raise ConfigError(f"index.path {cfg.path!r} does not exist")
+
+
+def run(cfg: Config) -> Artifact:
+    """Stage "index": build (or reuse) the local CLIP kNN index of ``cfg.index.path``."""
+    from raugment.cluster import init_ray
+
+    check_config(cfg.index)
+    if cfg.index.source == "images":
+        init_ray(cfg.cluster, cfg.run.progress)
+
+    def body(run_: StageRun) -> None:
+        build_index(cfg.index, run_.path, run_.stats)
+
+    return run_stage(cfg.run.root, "index", cfg.index, {"source": source_key(cfg.index.path)}, body)
+
+
+# --------------------------------------------------------------------------------------------
+# Searching
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LocalIndex:
+    """An opened index: faiss search + metadata and embedding lookup by faiss id."""
+
+    index: Any
+    metadata: pa.Table
+    embeddings: np.ndarray
+    info: dict[str, Any]
+
+    @property
+    def dim(self) -> int:
+        return int(self.info["dim"])
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(q, dim) queries -> (scores, ids), each (q, min(k, ntotal)), most similar first."""
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if q.shape[1] != self.dim:
+            raise ValueError(f"queries have dim {q.shape[1]}, the index has {self.dim} "
+                             f"(built with {self.info.get('clip_model')})")
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        scores, ids = self.index.search(q, max(1, min(int(k), self.ntotal)))
+        return scores, ids
+
+    def rows(self, ids: np.ndarray | list[int]) -> list[dict[str, Any]]:
+        """Metadata rows (dicts of ``schema.INDEX_METADATA``) of faiss ids (-1 gives None)."""
+        ids = [int(i) for i in ids]
+        valid = [i for i in ids if i >= 0]
+        taken = iter(self.metadata.take(pa.array(valid, pa.int64())).to_pylist())
+        return [next(taken) if i >= 0 else None for i in ids]
+
+    def vectors(self, ids: np.ndarray | list[int]) -> np.ndarray:
+        """Stored embeddings of faiss ids (float32)."""
+        return np.asarray(self.embeddings[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
+
+
+def open_index(path: str | Path, device: str = "cpu") -> LocalIndex:
+    """Open an index directory (a stage output or ``raugment index build --out``).
+
+    ``device="cuda"`` moves the index to all GPUs when faiss-gpu is installed (same calls).
+    """
+    faiss = require("faiss")
+    p = Path(path)
+    if not (p / INDEX_FILE).is_file():
+        raise ValueError(f"{p} is not a raugment index (no {INDEX_FILE}); build one with `raugment index build`")
+    index = faiss.read_index(str(p / INDEX_FILE))
+    if device.startswith("cuda") and hasattr(faiss, "index_cpu_to_all_gpus"):
+        index = faiss.index_cpu_to_all_gpus(index)
+    return LocalIndex(index=index, metadata=pq.read_table(p / f"{METADATA}.parquet"),
+                      embeddings=np.load(p / EMBEDDINGS_FILE, mmap_mode="r"),
+                      info=json.loads((p / INFO_FILE).read_text()))
+
+
+def cli(cfg: Config, args: Any) -> int:
+    """``raugment index build [--out DIR]``."""
+    if getattr(args, "out", None):
+        from raugment.cluster import init_ray
+
+        check_config(cfg.index)
+        if cfg.index.source == "images":
+            init_ray(cfg.cluster, cfg.run.progress)
+        build_index(cfg.index, args.out)
+        log.info("index written to %s", args.out)
+        return 0
+    artifact = run(cfg)
+    log.info("index: %s", artifact.path)
+    return 0

@@ -1,0 +1,244 @@
+"""``raugment run study.yaml``: execute a study's plan, resumably, and write its report.
+
+The planner (:mod:`raugment.planner`) turns the config into stage runs (nodes); this module runs
+them in order, each through its stage module's ``run(cfg, *inputs)``, so every stage keeps its own
+skip-if-complete contract: re-running a study (after a kill, or with more methods or ratios)
+only runs what is missing. Sizes that depend on the data (quotas from the largest class) are taken
+from the finished dataset stage, so the plan is the same on every re-run.
+
+The study's own output is a small stage artifact ``study/<key>`` with the table ``runs`` (one row
+per classifier: dataset, method, ratio, set, seed and the stage directories behind it) and
+``plan.json``; :mod:`raugment.report` renders it.
+
+Progress: Ray Data's progress bars inside the stages, and one summary line per stage in the log.
+``<root>/_study/nodes.json`` records which node produced which directory, so ``--dry-run`` shows
+what is done and uses measured costs for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Mapping
+
+from raugment import schema as S
+from raugment.config import Config, dump_yaml
+from raugment.planner import (DatasetSize, InputRef, Node, Plan, apply_measured, build_plan,
+                              dataset_configs, dataset_nodes, format_plan, node_id, plan_to_dict,
+                              topological)
+from raugment.storage import SUCCESS, Artifact, StageRun, run_stage, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = "_study"
+STATE_FILE = "nodes.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Study state: node id -> artifact directory (relative to the run root)
+# ----------------------------------------------------------------------------------------------
+
+
+def read_state(root: str | Path) -> dict[str, str]:
+    """Node ids this run root has finished, with their directories (empty if none)."""
+    p = Path(root) / STATE_DIR / STATE_FILE
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _record(root: Path, state: dict[str, str], node: Node, artifact: Artifact) -> None:
+    state[node.id] = str(artifact.path.relative_to(root))
+    write_text_atomic(json.dumps(state, indent=1, sort_keys=True), root / STATE_DIR / STATE_FILE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes from finished dataset stages
+# ----------------------------------------------------------------------------------------------
+
+
+def measured_size(dataset_artifact: Artifact) -> DatasetSize:
+    """Training-split size of a finished dataset stage."""
+    from raugment import dataset
+
+    return DatasetSize.from_counts(dataset.class_counts(dataset_artifact, "train"))
+
+
+def known_sizes(cfg: Config, state: Mapping[str, str]) -> dict[str, DatasetSize]:
+    """Sizes of the study's datasets whose stage is finished in this root (no work, no Ray)."""
+    root = Path(cfg.run.root)
+    out = {}
+    for name, ds_cfg in dataset_configs(cfg).items():
+        rel = state.get(node_id("dataset", ds_cfg, {}))
+        if rel and (root / rel / SUCCESS).exists():
+            out[name] = measured_size(Artifact.open(root / rel))
+    return out
+
+
+def plan_study(cfg: Config) -> Plan:
+    """The plan as it stands: measured sizes and costs where this root has them, else estimates."""
+    state = read_state(cfg.run.root)
+    plan = build_plan(cfg, known_sizes(cfg, state))
+    apply_measured(plan, state, cfg.run.root)
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------
+# Running nodes
+# ----------------------------------------------------------------------------------------------
+
+
+def _resolve(ref: InputRef, done: Mapping[str, Artifact]) -> Any:
+    if ref is None:
+        return None
+    if isinstance(ref, str):
+        return done[ref]
+    if isinstance(ref, list):
+        return [done[r] for r in ref]
+    return {k: done[v] for k, v in ref.items()}
+
+
+def run_node(node: Node, done: Mapping[str, Artifact]) -> Artifact:
+    """Run one node through ``raugment.<stage>.run(cfg, *inputs)`` (inputs in the planned order)."""
+    module = importlib.import_module(f"raugment.{node.stage}")
+    args = [_resolve(ref, done) for ref in node.inputs.values()]
+    return module.run(node.cfg, *args)
+
+
+def _describe(node: Node) -> str:
+    lab = node.labels
+    parts = [node.stage]
+    if lab.get("method"):
+        parts.append(str(lab["method"]))
+    if "ratio" in lab and lab.get("method") != "baseline":
+        parts.append(f"{lab['ratio']:g}%")
+    if "set_index" in lab:
+        parts.append(f"set {lab['set_index']}")
+    if "seed" in lab and lab.get("seed") != lab.get("set_index"):
+        parts.append(f"seed {lab['seed']}")
+    if lab.get("dataset") not in (None, "default"):
+        parts.insert(0, f"[{lab['dataset']}]")
+    return " ".join(parts)
+
+
+def _summary(artifact: Artifact) -> str:
+    stats = artifact.stats
+    counts = ", ".join(f"{k}={v}" for k, v in sorted(stats.get("counts", {}).items())) or "-"
+    failures = stats.get("failures", {})
+    failed = sum(failures.values())
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(failures.items(), key=lambda kv: -kv[1])[:4])
+    return (f"{counts}; {failed} failed{' (' + reasons + ')' if failed else ''}; "
+            f"wall {stats.get('wall_s', 0):.1f} s, cpu {stats.get('cpu_s', 0):.1f} s, "
+            f"gpu {stats.get('gpu_s', 0):.1f} s")
+
+
+def execute(nodes: list[Node], root: Path, state: dict[str, str], done: dict[str, Artifact],
+            parallel: int = 1, parallel_stages: tuple[str, ...] | list[str] = ("train",)) -> None:
+    """Run ``nodes`` in order (skipping those in ``done``), logging one summary line per stage.
+
+    Up to ``parallel`` runs of ``parallel_stages`` are in flight at once (threads; each stage
+    takes its own Ray resources); any other node first waits for the inputs still running.
+    """
+    todo = [n for n in topological(nodes) if n.id not in done]
+    lock = threading.Lock()
+    counter = iter(range(1, len(todo) + 1))
+
+    def one(node: Node) -> None:
+        t0 = time.time()
+        artifact = run_node(node, done)
+        skipped = (artifact.path / SUCCESS).stat().st_mtime < t0
+        what = "skipped, already complete" if skipped else f"done in {time.time() - t0:.1f} s"
+        with lock:
+            done[node.id] = artifact
+            _record(root, state, node, artifact)
+            log.info("study [%d/%d] %s: %s -- %s [%s]", next(counter), len(todo), _describe(node),
+                     what, _summary(artifact), artifact.path)
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="study") as pool:
+        running: dict[str, Future] = {}
+        for node in todo:
+            for dep in node.input_ids():
+                if dep in running:
+                    running.pop(dep).result()
+            if parallel > 1 and node.stage in parallel_stages:
+                running[node.id] = pool.submit(one, node)
+            else:
+                one(node)
+        for future in running.values():
+            future.result()
+
+
+def write_index(cfg: Config, plan: Plan, done: Mapping[str, Artifact]) -> Artifact:
+    """The study artifact: table ``runs`` (one row per classifier) and ``plan.json``."""
+    root = Path(cfg.run.root)
+
+    def rel(nid: str) -> str:
+        return str(done[nid].path.relative_to(root))
+
+    rows = []
+    for r in plan.runs:
+        artifacts = {"dataset": rel(str(plan.nodes[r.train].inputs["dataset"])), "assemble": rel(r.assemble), "train": rel(r.train),
+                     **{role: rel(nid) for role, nid in r.artifacts.items()}}
+        rows.append({S.DATASET: r.dataset, S.METHOD: r.method, S.RATIO: float(r.ratio),
+                     S.SET_INDEX: r.set_index, S.SEED: r.seed,
+                     S.ARTIFACTS: json.dumps(artifacts, sort_keys=True)})
+    for nid, art in done.items():
+        if nid in plan.nodes:
+            plan.nodes[nid].path = str(art.path.relative_to(root))
+    plan_data = plan_to_dict(plan)
+    section = {"study": cfg.study, "report_title": cfg.report.title,
+               "runs": [[r[S.DATASET], r[S.METHOD], r[S.RATIO], r[S.SET_INDEX], r[S.SEED], r[S.ARTIFACTS]]
+                        for r in rows]}
+
+    def body(run: StageRun) -> None:
+        run.write(S.to_table(rows, S.STUDY_RUNS), "runs", shard="0")
+        write_text_atomic(json.dumps(plan_data, indent=1, default=str), run.path / "plan.json")
+        run.stats.add("classifiers", len(rows))
+        run.stats.add("stage_runs", len(plan.nodes))
+
+    return run_stage(root, "study", section, {}, body)
+
+
+def run(cfg: Config, report: bool = True) -> tuple[Artifact, Artifact | None]:
+    """Run the whole study (resuming whatever is finished) and, by default, its report.
+
+    Returns:
+        (study artifact, report artifact or None).
+    """
+    from raugment.cluster import init_ray
+
+    root = Path(cfg.run.root)
+    root.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(dump_yaml(cfg), root / STATE_DIR / "config.yaml")
+    init_ray(cfg.cluster, progress=cfg.run.progress)
+    state = read_state(root)
+    done: dict[str, Artifact] = {}
+    # The dataset stages first: quotas depend on their class counts.
+    datasets = dataset_nodes(cfg)
+    execute(datasets, root, state, done)
+    sizes = {n.labels["dataset"]: measured_size(done[n.id]) for n in datasets}
+    plan = build_plan(cfg, sizes)
+    log.info("study plan: %d stage runs, %d classifiers", len(plan.nodes), len(plan.runs))
+    execute(list(plan.nodes.values()), root, state, done, cfg.study.parallel, cfg.study.parallel_stages)
+    study = write_index(cfg, plan, done)
+    log.info("study index: %s", study.path)
+    rep = None
+    if report:
+        from raugment import report as report_mod
+
+        rep = report_mod.run(cfg, study)
+    return study, rep
+
+
+def cli(cfg: Config, args) -> int:
+    """``raugment run [study.yaml] [--dry-run]``."""
+    if getattr(args, "dry_run", False):
+        print(format_plan(plan_study(cfg)))
+        return 0
+    _, rep = run(cfg)
+    if rep is not None:
+        print(f"report: {rep.path / 'report.html'}")
+    return 0

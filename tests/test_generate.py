@@ -1,0 +1,245 @@
+"""Generation stage: plans, NSFW replacement, exact quotas, Boomerang, provenance, resume after kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from raugment import generate, schema
+from raugment.config import ConfigError, load_config
+from raugment.imageio import decode_image, encode_image
+from raugment.models.diffusion import load_pipeline, script_safety_checker
+from raugment.storage import Artifact, StageRun, run_stage
+
+CLASSES = [("n01491361", "tiger shark, Galeocerdo cuvieri", "requiem shark", "large dangerous shark"),
+           ("n03180011", "desktop computer", "personal computer", "a computer for a desk")]
+ORIGINAL_SIZE = (48, 40)  # w, h: not the generation size, so Boomerang must restore it
+
+
+def _overrides(root: Path, model: Path, **extra) -> list[str]:
+    base = {"run.root": str(root), "generate.model": str(model), "generate.height": 64, "generate.width": 64,
+            "generate.steps": 2, "generate.images_per_class": 4, "generate.pool.num_gpus": 0,
+            "generate.pool.num_cpus": 0.5, "generate.pool.batch_size": 3, "run.progress": False}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Artifact:
+    """A dataset artifact as the dataset stage writes it: classes table + train images."""
+    root = tmp_path_factory.mktemp("gen-data")
+
+    def body(run):
+        run.write_single(schema.to_table(
+            [{"label": i, "class_id": cid, "class_name": name, "hypernym": hyp, "definition": d, "n_train": 2}
+             for i, (cid, name, hyp, d) in enumerate(CLASSES)], schema.CLASSES), "classes")
+        rng = np.random.default_rng(0)
+        rows = [{"id": f"orig-{i}-{j}", "label": i, "split": split, "source": "original",
+                 "image": encode_image(Image.fromarray(
+                     rng.integers(0, 255, (ORIGINAL_SIZE[1], ORIGINAL_SIZE[0], 3), dtype=np.uint8)), "PNG")}
+                for i in range(len(CLASSES)) for j, split in enumerate(["train", "train", "test"])]
+        run.write(schema.to_table(rows, schema.IMAGES), "images")
+
+    return run_stage(root, "dataset", {"test": "generate"}, {}, body)
+
+
+def _bundle(tiny_sd: Path, tmp_path_factory, flag_every: int) -> Path:
+    out = tmp_path_factory.mktemp(f"sd-flag{flag_every}") / "sd"
+    shutil.copytree(tiny_sd, out)
+    script_safety_checker(out, flag_every)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sd_flag3(tiny_sd, tmp_path_factory) -> Path:
+    return _bundle(tiny_sd, tmp_path_factory, 3)
+
+
+@pytest.fixture(scope="module")
+def sd_flag_all(tiny_sd, tmp_path_factory) -> Path:
+    return _bundle(tiny_sd, tmp_path_factory, 1)
+
+
+# ---- plans (no model) ------------------------------------------------------------------------
+
+
+def test_plan_is_deterministic_and_ids_unique(dataset, tmp_path, tiny_sd):
+    cfg = load_config(None, _overrides(tmp_path, tiny_sd, **{"generate.method": "clip_templates",
+                                                             "generate.images_per_class": 50}))
+    classes = generate.read_classes(dataset)
+    method = generate.check_config(cfg)
+    a = method.plan(classes, cfg.generate, dataset=dataset, finetune=None)
+    b = method.plan(classes, cfg.generate, dataset=dataset, finetune=None)
+    assert a == b and len(a) == 100
+    assert len({r["id"] for r in a}) == 100 and len({r["seed"] for r in a}) == 100
+    assert Counter(r["label"] for r in a) == {0: 50, 1: 50}
+    assert all(r["prompt"].endswith(("desktopcomputer.", "tigershark,Galeocerdocuvieri."))
+               or "desktopcomputer" in r["prompt"] or "tigershark" in r["prompt"] for r in a)
+    other = load_config(None, _overrides(tmp_path, tiny_sd, **{"generate.method": "clip_templates",
+                                                               "generate.images_per_class": 50,
+                                                               "generate.seed": 1}))
+    c = method.plan(classes, other.generate, dataset=dataset, finetune=None)
+    assert [r["seed"] for r in c] != [r["seed"] for r in a]
+
+
+def test_unknown_method_is_a_config_error(tmp_path, tiny_sd):
+    cfg = load_config(None, _overrides(tmp_path, tiny_sd, **{"generate.method": "nope"}))
+    with pytest.raises(ConfigError, match="generate.method.*known: .*boomerang.*simple"):
+        generate.check_config(cfg)
+
+
+def test_boomerang_needs_training_images(tmp_path, tiny_sd, dataset):
+    cfg = load_config(None, _overrides(tmp_path, tiny_sd, **{"generate.method": "boomerang"}))
+    classes = generate.read_classes(dataset) + [{"label": 9, "class_id": "empty", "class_name": "x"}]
+    with pytest.raises(ValueError, match="boomerang needs training images.*empty"):
+        generate.check_config(cfg).plan(classes, cfg.generate, dataset=dataset, finetune=None)
+
+
+# ---- the core loop in-process (pipeline's own safety-checker path) ----------------------------
+
+
+def test_nsfw_samples_are_replaced_until_the_quota_is_met(dataset, tmp_path, sd_flag3):
+    cfg = load_config(None, _overrides(tmp_path, sd_flag3, **{"generate.images_per_class": 5}))
+    method = generate.check_config(cfg)
+    rows = [r for r in method.plan(generate.read_classes(dataset), cfg.generate, dataset=dataset, finetune=None)
+            if r["label"] == 0]
+    pipe = load_pipeline(str(sd_flag3))
+    from raugment.models.diffusion import SafetyScores
+
+    images, failures = [], []
+    for imgs, fails in generate.generate_class(pipe, method, rows, cfg.generate, scores=SafetyScores(pipe.safety_checker)):
+        images += imgs
+        failures += fails
+    # every 3rd sample is flagged. Batches of 3: [s0 s1 s2*] [s3 s4 s2'*] [s2''] -> slot 2 is
+    # flagged at attempts 0 and 1 and filled at attempt 2, in a later batch (batches stay full).
+    assert sorted(r["id"] for r in images) == sorted(r["id"] for r in rows)
+    slot2 = rows[2]["id"]
+    assert [(f["id"], f["reason"]) for f in failures] == [(f"{slot2}#0", "nsfw"), (f"{slot2}#1", "nsfw")]
+    for img in images:
+        params = img["params"]
+        assert params["attempt"] == (2 if img["id"] == slot2 else 0)
+        assert (img["seed"] != params["base_seed"]) == (img["id"] == slot2)
+        assert img["nsfw_score"] is not None
+        assert np.asarray(decode_image(img["image"])).max() > 0, "a blacked-out (flagged) image was kept"
+
+
+def test_boomerang_keeps_size_and_changes_the_image(dataset, tmp_path, tiny_sd):
+    cfg = load_config(None, _overrides(tmp_path, tiny_sd, **{"generate.method": "boomerang",
+                                                             "generate.images_per_class": 2,
+                                                             "generate.boomerang_strength": 0.5,
+                                                             "generate.steps": 4}))
+    method = generate.check_config(cfg)
+    assert method.kind == "img2img"
+    rows = method.plan(generate.read_classes(dataset), cfg.generate, dataset=dataset, finetune=None)
+    assert {r["params"]["source_id"] for r in rows if r["label"] == 0} == {"orig-0-0", "orig-0-1"}
+    pipe = load_pipeline(str(tiny_sd), kind="img2img")
+    (images, failures), = list(generate.generate_class(pipe, method, rows[:2], cfg.generate))
+    assert not failures and len(images) == 2
+    for img, row in zip(images, rows[:2]):
+        assert (img["width"], img["height"]) == ORIGINAL_SIZE
+        out = np.asarray(decode_image(img["image"]), dtype=int)
+        src = np.asarray(decode_image(row[generate.INIT_IMAGE]), dtype=int)
+        assert out.shape == src.shape and np.abs(out - src).mean() > 5
+        assert img["prompt"] == "" and img["params"]["strength"] == 0.5
+
+
+# ---- the stage on Ray --------------------------------------------------------------------------
+
+
+def test_stage_exact_quota_provenance_and_skip(ray_session, dataset, tmp_path, sd_flag3):
+    cfg = load_config(None, _overrides(tmp_path, sd_flag3, **{"generate.method": "sariyildiz"}))
+    art = generate.run(cfg, dataset)
+    images = art.read("images")
+    assert Counter(images.column("label").to_pylist()) == {0: 4, 1: 4}
+    assert len(set(images.column("id").to_pylist())) == 8
+    stats = art.stats
+    assert stats["failures"]["nsfw"] >= 2 and stats["unfilled_classes"] == {}
+    assert stats["counts"]["images"] == 8
+    prompts = pq.read_table(art.path / "prompts.parquet")
+    assert prompts.schema == schema.PROMPTS and prompts.num_rows == 8
+    assert set(images.column("id").to_pylist()) == set(prompts.column("id").to_pylist())
+    row = images.to_pylist()[0]
+    assert row["source"] == "generated" and row["split"] == "added" and row["method"] == "sariyildiz"
+    assert row["model_id"] == str(sd_flag3) and row["nsfw_score"] is not None and row["prompt"]
+    params = json.loads(row["params"])
+    assert {"scheduler", "steps", "guidance_scale", "height", "width", "attempt", "base_seed"} <= set(params)
+    assert params["steps"] == 2 and params["scheduler"] == "pndm"
+    assert decode_image(row["image"]).size == (64, 64)
+    # same config -> skipped; other resources -> same key (resources are not part of it)
+    again = load_config(None, _overrides(tmp_path, sd_flag3, **{"generate.method": "sariyildiz",
+                                                                "generate.pool.concurrency": 2}))
+    assert generate.run(again, dataset).path == art.path
+
+
+def test_unfillable_class_is_reported_not_silent(dataset, tmp_path, sd_flag_all):
+    cfg = load_config(None, _overrides(tmp_path, sd_flag_all, **{"generate.max_attempts_per_image": 2,
+                                                                 "generate.images_per_class": 2}))
+    method = generate.check_config(cfg)
+    planned = method.plan(generate.read_classes(dataset), cfg.generate, dataset=dataset, finetune=None)
+    pipe = load_pipeline(str(sd_flag_all))
+    stage = StageRun(tmp_path, "generate", generate.key_section(cfg.generate), {"dataset": dataset})
+    stage.prepare(resumable=True)
+    for label in (0, 1):
+        rows = [r for r in planned if r["label"] == label]
+        for images, failures in generate.generate_class(pipe, method, rows, cfg.generate):
+            assert not images
+            generate.write_class_shard(stage.path, "failures", label, failures, schema.FAILURES)
+    generate.summarize(stage, planned, cfg.generate.max_attempts_per_image)
+    assert dict(stage.stats.failures) == {"nsfw": 8, "nsfw_unfillable": 4}
+    assert stage.stats.extra["unfilled_classes"] == {"n01491361": 2, "n03180011": 2}
+    # a re-run continues flagged slots at their next attempt: nothing left to try here
+    done, next_attempt = generate.class_progress(stage.path, 0)
+    assert not done and set(next_attempt.values()) == {2}
+
+
+_KILLED_RUN = """
+import os, sys
+from raugment import generate
+from raugment.config import load_config
+from raugment.storage import Artifact
+cfg = load_config(None, sys.argv[2:])
+generate.run(cfg, Artifact.open(sys.argv[1]))
+"""
+
+
+def test_killed_run_resumes_without_duplicates(ray_session, dataset, tmp_path, tiny_sd):
+    overrides = _overrides(tmp_path, tiny_sd, **{"generate.images_per_class": 8, "generate.pool.batch_size": 1})
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(dataset.path), *overrides],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gen_root = tmp_path / "generate"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and not list(gen_root.glob("*/images/part-*.parquet")):
+            assert proc.poll() is None, "the generation run ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    (stage_dir,) = gen_root.iterdir()
+    assert not (stage_dir / "_SUCCESS").exists()
+    time.sleep(1.0)  # the driver's actor is torn down after its driver died
+    before = {f.name: set(pq.read_table(f).column("id").to_pylist()) for f in (stage_dir / "images").glob("part-*.parquet")}
+    done_before = set().union(*before.values())
+    assert 0 < len(done_before) < 16
+
+    art = generate.run(load_config(None, overrides), dataset)
+    assert art.path == stage_dir
+    ids = art.read("images").column("id").to_pylist()
+    assert len(ids) == 16 and len(set(ids)) == 16, "quota not met exactly or duplicates"
+    for name, shard_ids in before.items():  # finished shards are kept as they were
+        assert set(pq.read_table(stage_dir / "images" / name).column("id").to_pylist()) == shard_ids
+    labels = Counter(art.read("images").column("label").to_pylist())
+    assert labels == {0: 8, 1: 8}

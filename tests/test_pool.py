@@ -1,0 +1,90 @@
+"""The demo/test pool: captioned images, the fault server, the small CLIP trained on it."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+import numpy as np
+import pytest
+
+from raugment import schema
+from raugment.config import DownloadConfig
+from raugment.download import download_urls
+from raugment.imageio import decode_image
+from raugment.pool import FAULT_REASONS, REFUSED_TARGETS, PoolServer, build_pool, read_pool, train_small_clip
+from raugment.synthetic import SYNTHETIC_CLASSES
+
+CLASSES = SYNTHETIC_CLASSES[:3]
+FAST = DownloadConfig(timeout_s=1.0, retries=0, max_bytes=1_000_000, allow_loopback=True)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    return build_pool(tmp_path_factory.mktemp("pool"), CLASSES, per_class=12, distractors=6, seed=1)
+
+
+@pytest.fixture
+def connects(monkeypatch):
+    """Every address a socket connects to during the test (the connect guard's view)."""
+    seen: list[str] = []
+    original = asyncio.selector_events.BaseSelectorEventLoop.sock_connect
+
+    async def recording(self, sock, address):
+        seen.append(address[0])
+        return await original(self, sock, address)
+
+    monkeypatch.setattr(asyncio.selector_events.BaseSelectorEventLoop, "sock_connect", recording)
+    return seen
+
+
+def test_build_pool_contents(pool):
+    t = read_pool(pool)
+    assert t.num_rows == 3 * 12 + 6
+    labels = collections.Counter(t.column(schema.POOL_LABEL).to_pylist())
+    assert all(labels[c] == 12 for c in CLASSES)
+    assert sum(v for k, v in labels.items() if k not in CLASSES) == 6
+    faults = [f for f in t.column(schema.FAULT).to_pylist() if f]
+    assert set(faults) == set(FAULT_REASONS)            # every fault kind is there
+    scores = t.column(schema.AESTHETIC_SCORE).to_pylist()
+    assert any(s is None for s in scores) and any(s is not None for s in scores)
+    assert all(decode_image(b).size == (32, 32) for b in t.column(schema.IMAGE).to_pylist())
+    # Same seed, same pool (stable ids and bytes).
+    again = read_pool(build_pool(pool.parent / "again", CLASSES, per_class=12, distractors=6, seed=1))
+    assert again.column(schema.ID).to_pylist() == t.column(schema.ID).to_pylist()
+    assert again.column(schema.IMAGE).to_pylist() == t.column(schema.IMAGE).to_pylist()
+
+
+def test_every_fault_is_recorded_with_its_reason_and_refused_addresses_are_never_contacted(pool, connects):
+    t = read_pool(pool)
+    with PoolServer(pool) as srv:
+        urls = [srv.url + u for u in t.column(schema.URL).to_pylist()]
+        results = download_urls(urls, FAST)
+    by_fault = collections.defaultdict(set)
+    for fault, res, data in zip(t.column(schema.FAULT).to_pylist(), results, t.column(schema.IMAGE).to_pylist()):
+        by_fault[fault].add(res.reason)
+        if not fault:
+            assert res.reason is None and res.image == data and res.width == 32
+    assert by_fault.pop("") == {None}
+    assert {k: v for k, v in by_fault.items()} == {k: {r} for k, r in FAULT_REASONS.items()}
+    assert connects and set(connects) == {"127.0.0.1"}
+    assert not any(h in REFUSED_TARGETS[k] for k in REFUSED_TARGETS for h in connects if h != "127.0.0.1")
+
+
+def test_faults_off_serves_every_url(pool):
+    t = read_pool(pool)
+    with PoolServer(pool, faults=False) as srv:
+        results = download_urls([srv.url + u for u in t.column(schema.URL).to_pylist()], FAST)
+        assert len(srv.requests) == t.num_rows
+    assert all(r.reason is None for r in results)
+
+
+def test_train_small_clip_saves_a_loadable_model_that_changed(pool, tmp_path):
+    from raugment.models.clip import TINY_MODEL_CFG, build_clip_model, load_clip
+
+    path = train_small_clip(pool, tmp_path / "clip", seed=0, max_steps=3, num_threads=1)
+    trained = load_clip(str(path))
+    untrained = build_clip_model(TINY_MODEL_CFG, seed=0)
+    moved = [n for n, p in trained.model.state_dict().items()
+             if p.dtype.is_floating_point and not np.allclose(p.numpy(), untrained.state_dict()[n].numpy())]
+    assert moved and "token_embedding.weight" not in moved  # trained, with the token table frozen

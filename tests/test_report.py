@@ -1,0 +1,138 @@
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from raugment import schema as S
+from raugment.cli import main
+from raugment.config import ReportConfig, load_config
+from raugment.report import collect, run, write_report
+from raugment.stats import format_mean_se, mean_se
+from raugment.storage import Artifact
+
+FIXTURE = Path(__file__).parent / "fixtures" / "study_results" / "root"
+UPPER = {"20% data": 70.2}
+
+
+@pytest.fixture(scope="module")
+def fixture_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("study") / "root"
+    shutil.copytree(FIXTURE, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(fixture_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    cfg = ReportConfig(title="fixture study", upper_bound=UPPER, samples_per_cell=2, grid_classes=2)
+    write_report(fixture_root, Artifact.open(fixture_root / "study" / "s0"), cfg, out)
+    return out
+
+
+def _fixture_runs(root: Path) -> list[dict]:
+    rows = pq.read_table(root / "study" / "s0" / "runs").to_pylist()
+    for r in rows:
+        r["artifacts"] = json.loads(r["artifacts"])
+        r["results"] = json.loads((root / r["artifacts"]["train"] / "results.json").read_text())
+    return rows
+
+
+def test_every_section_is_there(report):
+    page = (report / "report.html").read_text()
+    md = (report / "report.md").read_text()
+    for heading in ("Accuracy (Table 1)", "Per-class improvement (Figure 5A)",
+                    "Accuracy vs. augmentation ratio (Figure 5B)", "Sample images (class x method)",
+                    "Retrieval success and filter drops", "Leakage audit",
+                    "Measured cost per method and stage"):
+        assert heading in page and heading in md
+    for fig in ("improvement_default.png", "scaling_default.png", "samples_default.png"):
+        data = (report / "figures" / fig).read_bytes()
+        assert data.startswith(b"\x89PNG") and f"figures/{fig}" in page and f"figures/{fig}" in md
+    # offline as one folder: every link is relative and points at a file inside it
+    for gallery in ("audit/default_retrieval/gallery.html", "audit/default_simple/gallery.html"):
+        assert (report / gallery).exists() and gallery in page
+    assert "http://" not in page and "https://" not in page
+
+
+def test_accuracy_table_matches_fixture_numbers(report, fixture_root):
+    data = json.loads((report / "report.json").read_text())
+    table = data["datasets"]["default"]["table"]
+    md = (report / "report.md").read_text()
+    groups: dict = {}
+    for r in _fixture_runs(fixture_root):
+        groups.setdefault((r["method"], r["ratio"]), []).append(r["results"][S.TEST_TOP1])
+    assert len(groups) == 5
+    for (method, ratio), values in groups.items():
+        mean, se = mean_se(values)
+        cell = table[method][f"{ratio:g}"][S.TEST_TOP1]
+        assert cell["mean"] == pytest.approx(mean) and cell["se"] == pytest.approx(se)
+        assert cell["n"] == len(values)
+        assert f"{format_mean_se(mean, se)} (n={len(values)})" in md
+    assert "| upper bound: 20% data | 70.2 | 70.2 |" in md
+    assert md.index("baseline (original data)") < md.index("| retrieval |")
+
+
+def test_per_class_and_scaling_numbers(report, fixture_root):
+    data = json.loads((report / "report.json").read_text())["datasets"]["default"]
+    runs = _fixture_runs(fixture_root)
+
+    def per_class(method, ratio=None):
+        tables = [pq.read_table(fixture_root / r["artifacts"]["train"] / "results_per_class.parquet")
+                  for r in runs if r["method"] == method and (ratio is None or r["ratio"] == ratio)]
+        cols = [t.column(S.ACC_TOP1).to_pylist() for t in tables]
+        return [sum(c[i] for c in cols) / len(cols) for i in range(len(cols[0]))]
+
+    base = per_class("baseline")
+    for method in ("retrieval", "simple"):
+        got = data["per_class"][method]
+        want = [a - b for a, b in zip(per_class(method, 100.0), base)]
+        assert got["ratio"] == 100.0 and got["improvement"] == pytest.approx(want)
+        assert got["classes_improved"] == sum(v > 0 for v in want)
+    assert data["ratios"] == [100.0, 500.0]
+
+
+def test_samples_drops_audit_and_costs(report, fixture_root):
+    data = json.loads((report / "report.json").read_text())
+    ds = data["datasets"]["default"]
+    samples = ds["samples"]
+    assert [c["name"] for c in samples["classes"]] == ["circle", "square"]  # grid_classes=2
+    assert samples["columns"]["original"]["ids"]["0"] == ["original-0-0", "original-0-1"]
+    assert samples["columns"]["retrieval"]["ids"]["1"] == ["retrieval-1-0", "retrieval-1-1"]
+    assert samples["columns"]["retrieval"]["artifact"] == "dedup/retrieval0"
+    assert ds["drops"]["retrieval"]["retrieve"]["failures"] == {"http_404": 4, "timeout": 1}
+    assert ds["drops"]["simple"]["dedup"]["failures"] == {"duplicate": 3}
+    md = (report / "report.md").read_text()
+    assert "http_404 4, timeout 1" in md
+    assert ds["audit"]["retrieval"]["summary"]["candidates"] == 1
+    # cost: each stage run once, from its stats.json
+    train = [c for c in data["costs"] if c["method"] == "retrieval" and c["stage"] == "train"]
+    assert train[0]["runs"] == 4 and train[0]["cpu_h"] == pytest.approx(4 * 60.0 / 3600)
+    gen = [c for c in data["costs"] if c["method"] == "simple" and c["stage"] == "generate"]
+    assert gen[0]["cpu_h"] == pytest.approx(30.0 / 3600)
+
+
+def test_report_stage_is_skipped_when_nothing_changed(fixture_root):
+    cfg = load_config(None, [f"run.root={fixture_root}"])
+    study = Artifact.open(fixture_root / "study" / "s0")
+    first = run(cfg, study)
+    stamp = (first.path / "_SUCCESS").stat().st_mtime_ns
+    again = run(cfg, study)
+    assert again.path == first.path and (again.path / "_SUCCESS").stat().st_mtime_ns == stamp
+    assert (first.path / "report.html").exists()
+
+
+def test_cli_report_to_a_folder(fixture_root, tmp_path, capsys):
+    assert main(["report", "--set", f"run.root={fixture_root}", "--out", str(tmp_path / "r")]) == 0
+    assert str(tmp_path / "r" / "report.html") in capsys.readouterr().out
+    assert main(["report", "--set", f"run.root={tmp_path / 'empty'}"]) == 2
+
+
+def test_collect_refuses_a_study_without_runs(fixture_root, tmp_path):
+    empty = tmp_path / "study" / "e"
+    (empty / "runs").mkdir(parents=True)
+    pq.write_table(S.STUDY_RUNS.empty_table(), empty / "runs" / "part-0.parquet")
+    (empty / "_SUCCESS").write_text("")
+    with pytest.raises(ValueError, match="no runs"):
+        collect(tmp_path, Artifact.open(empty), ReportConfig())

@@ -1,0 +1,255 @@
+import json
+import os
+import re
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raugment import assemble, loader, train
+from raugment import schema as S
+from raugment.config import load_config
+from raugment.evaluate import evaluate, overall
+from raugment.models.classifier import build_model, load_classifier
+from raugment.stats import mean_se
+from raugment.storage import run_stage, write_text_atomic
+
+from train_data import make_dataset
+
+CLASSES = 4
+
+
+def _cfg(root, *extra):
+    return load_config(overrides=[
+        f"run.root={root}", "run.progress=false", "train.model=tiny_cnn", "train.image_size=32",
+        "train.batch_size=32", "train.lr=0.05", "train.max_epochs=4", "train.loader_workers=0",
+        "assemble.ratio=0", *extra])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    dataset = make_dataset(root, [32] * CLASSES, val=6, test=8)
+    manifest = assemble.run(_cfg(root), dataset, {})
+    return root, dataset, manifest
+
+
+# ---- the recipe, on scripted accuracy curves --------------------------------------------------
+
+def test_recipe_cuts_lr_after_patience_and_stops_after_stop_patience():
+    r = train.PlateauRecipe(lr=0.1, lr_patience=10, lr_factor=0.1, stop_patience=20, max_epochs=270)
+    curve = [0.1, 0.2, 0.3, 0.4, 0.5] + [0.5] * 100  # improves for 5 epochs, then flat
+    lrs, decisions = [], []
+    for acc in curve:
+        lrs.append(r.lr)
+        decisions.append(r.step(acc))
+        if r.stopped:
+            break
+    # best at epoch 4; epochs 5..14 do not improve -> LR / 10 from epoch 15; 20 flat epochs -> stop
+    assert r.best_epoch == 4 and r.best == 0.5
+    assert lrs[:15] == [0.1] * 15 and lrs[15] == pytest.approx(0.01)
+    assert len(decisions) == 25 and r.reason == "no_improvement"
+    assert [i for i, d in enumerate(decisions) if d.lr_reduced] == [14, 24]
+    assert [i for i, d in enumerate(decisions) if d.is_best] == [0, 1, 2, 3, 4]
+
+
+def test_recipe_improvement_resets_patience_and_max_epochs_caps():
+    r = train.PlateauRecipe(lr=1.0, lr_patience=2, stop_patience=3, max_epochs=6)
+    for acc in [0.5, 0.4, 0.4, 0.6, 0.5, 0.7]:  # LR cut after two bad epochs; 0.6 and 0.7 reset
+        d = r.step(acc)
+    assert r.lr == pytest.approx(0.1) and r.best_epoch == 5
+    assert d.stop and r.reason == "max_epochs" and r.epochs_done == 6
+    with pytest.raises(RuntimeError):
+        r.step(0.9)
+
+
+def test_recipe_state_round_trip_gives_the_same_future():
+    curve = [0.3, 0.2, 0.2, 0.2, 0.25, 0.2, 0.2, 0.2]
+    a = train.PlateauRecipe(lr=0.1, lr_patience=2, stop_patience=5, max_epochs=50)
+    b = train.PlateauRecipe(lr=0.1, lr_patience=2, stop_patience=5, max_epochs=50)
+    for acc in curve[:3]:
+        a.step(acc)
+        b.step(acc)
+    b = train.PlateauRecipe.from_state(json.loads(json.dumps(b.state_dict())))
+    for acc in curve[3:]:
+        if a.stopped:
+            break
+        assert a.step(acc) == b.step(acc)
+
+
+# ---- the data path ------------------------------------------------------------------------------
+
+def test_epoch_plan_gives_ranks_equal_disjoint_shares(data):
+    _, dataset, manifest = data
+    units = loader.build_index(manifest.read("manifest"), manifest.path.parents[1])
+    assert loader.count(units) == 32 * CLASSES and len(units) > 1
+
+    def ids(plan):
+        return [(u, int(r)) for u, rows, _ in plan for r in rows]
+
+    for world in (2, 3):
+        shares = [ids(loader.plan_epoch(units, epoch=1, seed=0, shuffle=True, rank=k, world=world))
+                  for k in range(world)]
+        assert len({len(s) for s in shares}) == 1                 # equal steps on every rank
+        flat = [x for s in shares for x in s]
+        assert len(flat) == len(set(flat)) == (128 // world) * world
+    e1 = ids(loader.plan_epoch(units, epoch=1, seed=0, shuffle=True))
+    assert e1 == ids(loader.plan_epoch(units, epoch=1, seed=0, shuffle=True))
+    assert e1 != ids(loader.plan_epoch(units, epoch=2, seed=0, shuffle=True))
+    # evaluation: uneven ranks, loader workers, nothing lost
+    val = loader.split_index(dataset, "val")
+    got = [x for k in range(3) for w in range(2)
+           for x in ids(loader.plan_epoch(val, epoch=0, seed=0, shuffle=False, rank=k, world=3,
+                                          worker=w, workers=2, drop_uneven=False))]
+    assert sorted(got) == sorted(ids(loader.plan_epoch(val, epoch=0, seed=0, shuffle=False)))
+    assert len(got) == 6 * CLASSES
+
+
+def test_loader_yields_every_image_once_with_labels(data):
+    _, dataset, _ = data
+    units = loader.split_index(dataset, "test")
+    ds = loader.build_dataset(units, loader.build_transform(32, train=False), shuffle=False)
+    labels = [int(y) for _, y in ds]
+    assert sorted(labels) == sorted(sum(([c] * 8 for c in range(CLASSES)), []))
+    shuffled = loader.build_dataset(units, loader.build_transform(32, train=True), shuffle=True,
+                                    buffer_size=5)
+    batch = next(iter(loader.make_loader(shuffled, 7, num_workers=2)))
+    assert batch[0].shape == (7, 3, 32, 32) and batch[0].dtype == torch.float32
+    assert len([1 for _ in shuffled]) == 32
+    raw = loader.build_dataset(units, None, shuffle=False)
+    data_bytes, _ = next(iter(raw))
+    assert data_bytes.dtype == torch.uint8 and bytes(data_bytes[:4].tolist()) == b"\x89PNG"
+
+
+def test_manifest_with_unknown_ids_is_refused(data, tmp_path):
+    root, _, manifest = data
+    table = manifest.read("manifest")
+    bad = table.set_column(0, S.ID, __import__("pyarrow").array(["nope"] + table.column(S.ID).to_pylist()[1:]))
+    with pytest.raises(ValueError, match="1 manifest ids are not in"):
+        loader.build_index(bad, root)
+
+
+# ---- the loop: the best-validation weights are the ones scored --------------------------------
+
+class KeepEveryEpoch(train.LocalContext):
+    def __init__(self, d):
+        super().__init__(d)
+        self.models = []
+
+    def report(self, metrics, state):
+        super().report(metrics, state)
+        self.models.append({k: v.clone() for k, v in state.model.items()})
+
+
+def test_best_validation_checkpoint_is_the_one_scored(data, tmp_path, monkeypatch):
+    _, dataset, manifest = data
+    cfg = _cfg(tmp_path)
+    spec = train.build_spec(cfg, dataset, manifest)
+    scripted = iter([0.2, 0.9, 0.5, 0.3])  # validation accuracy per epoch: best is epoch 1
+    real = train._evaluate
+
+    def fake_evaluate(model, batches, spec_, ctx, autocast):
+        if batches.dataset.units[0] is spec.val_units[0]:  # the val split, not test
+            acc = next(scripted)
+            return torch.tensor([[100, round(acc * 100), 100]] + [[0, 0, 0]] * (CLASSES - 1))
+        return real(model, batches, spec_, ctx, autocast)
+
+    monkeypatch.setattr(train, "_evaluate", fake_evaluate)
+    ctx = KeepEveryEpoch(tmp_path / "ck")
+    final = train.fit(spec, ctx)
+    assert final[S.BEST_EPOCH] == 1 and final[S.EPOCHS_RUN] == 4
+    state = train.TrainState.read(tmp_path / "ck" / "latest")
+    epoch1 = ctx.models[1]
+    assert all(torch.equal(state.best[k], epoch1[k]) for k in epoch1)
+    assert not all(torch.equal(ctx.models[3][k], epoch1[k]) for k in epoch1)  # last epoch != best
+    net = build_model("tiny_cnn", CLASSES)
+    net.load_state_dict(epoch1)
+    test = loader.build_dataset(spec.test_units, loader.build_transform(32, False), shuffle=False)
+    counts = evaluate(net, loader.make_loader(test, 16, 0), CLASSES)
+    assert counts.tolist() == state.test_counts
+    assert overall(counts.tolist())["top1"] == final[S.TEST_TOP1]
+
+
+# ---- Ray Train: 2 DDP workers learn, and a killed worker resumes from the last checkpoint ------
+
+def _registered_checkpoints(root: Path) -> int:
+    """Checkpoints Ray Train's controller has registered (its snapshot file in the run storage)."""
+    snaps = list(root.glob("train/*/ray/*/checkpoint_manager_snapshot.json"))
+    return len(set(re.findall(r"checkpoint_\d{4}-[\d_.-]+", snaps[0].read_text()))) if snaps else 0
+
+
+def kill_once(marker_dir: str, epoch: int, rank: int) -> None:
+    """Epoch hook run on the workers: log each epoch start; kill rank 1 at epoch 2, once."""
+    d = Path(marker_dir)
+    with open(d / "starts.txt", "a") as f:
+        f.write(f"{epoch} {rank} {os.getpid()}\n")
+    if epoch == 2 and rank == 1 and not (d / "killed").exists():
+        # The controller registers reported checkpoints when it next polls the workers (every 2 s);
+        # a crash before that loses the newest one. Crash once epochs 0 and 1 are registered, so
+        # the test checks resumption, not that race.
+        deadline = time.monotonic() + 60
+        while _registered_checkpoints(d) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (d / "killed").write_text("1")
+        os._exit(1)  # a hard crash: no exception handling, no cleanup
+
+
+@pytest.mark.timeout(420)
+def test_ddp_two_workers_learn_and_resume_after_a_worker_is_killed(ray_session, data, tmp_path):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    _, dataset, manifest = data
+    cfg = _cfg(tmp_path, "train.workers.num_workers=2", "train.workers.max_failures=1")
+    art = train.run(cfg, dataset, manifest, epoch_hook=partial(kill_once, str(tmp_path)))
+
+    starts = [tuple(map(int, line.split())) for line in (tmp_path / "starts.txt").read_text().splitlines()]
+    assert (tmp_path / "killed").exists()
+    per_epoch = {e: sum(1 for s in starts if s[0] == e) for e in range(4)}
+    assert per_epoch[0] == per_epoch[1] == 2           # finished epochs were not redone
+    assert per_epoch[2] >= 3 and per_epoch[3] == 2      # epoch 2 started again after the crash
+    assert len({pid for e, r, pid in starts if r == 1}) == 2  # rank 1 is a new process
+
+    results = train.read_results(art)
+    history = art.read("history")
+    assert history.column(S.EPOCH).to_pylist() == [0, 1, 2, 3]
+    assert results[S.EPOCHS_RUN] == 4 and results["n_train"] == 128
+    assert results[S.TEST_TOP1] > 0.5  # chance is 0.25
+    per_class = art.read("results_per_class")
+    assert per_class.schema == S.RESULTS_PER_CLASS and sum(per_class.column(S.N_TEST).to_pylist()) == 32
+    # the kept bundle is the scored model: re-scoring it here gives the same test accuracy
+    model = load_classifier(art.path / "model")
+    test = loader.build_dataset(loader.split_index(dataset, "test"), loader.build_transform(32, False),
+                                shuffle=False)
+    assert overall(evaluate(model, loader.make_loader(test, 16, 0), CLASSES).tolist())["top1"] == \
+        results[S.TEST_TOP1]
+    assert not (art.path / "ray").exists()  # checkpoints dropped once the best model is kept
+
+
+# ---- repeats -----------------------------------------------------------------------------------
+
+def test_repeats_write_mean_and_standard_error_over_five_runs(data, tmp_path, monkeypatch):
+    _, dataset, manifest = data
+    accs = iter([0.61, 0.63, 0.60, 0.64, 0.62])
+
+    def fake_run(cfg, dataset_, manifest_, **_):
+        acc = next(accs)
+
+        def body(run):
+            write_text_atomic(json.dumps({k: acc for k in train.RUN_METRICS}), run.path / train.RESULTS_FILE)
+
+        return run_stage(cfg.run.root, "train", {"acc": acc}, {}, body)
+
+    monkeypatch.setattr(train, "run", fake_run)
+    cfg = _cfg(tmp_path, "train.seeds=[0]")
+    out = train.run_repeats(cfg, dataset, [manifest] * 5)
+    mean, se = mean_se([0.61, 0.63, 0.60, 0.64, 0.62])
+    assert out["summary"][S.TEST_TOP1]["n"] == 5
+    assert out["summary"][S.TEST_TOP1]["mean"] == pytest.approx(mean)
+    assert out["summary"][S.TEST_TOP1]["se"] == pytest.approx(se)
+    saved = json.loads((Path(out[S.RUN_PATH]) / "repeats.json").read_text())
+    assert saved["summary"][S.TEST_TOP1]["se"] == pytest.approx(se) and len(saved["runs"]) == 5
