@@ -12,6 +12,7 @@ the unaugmented baseline. The final per-class counts are checked against the tar
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -142,7 +143,7 @@ def _relative(artifact: Artifact, root: Path) -> str:
 
 def read_pool(method: str, artifact: Artifact, root: Path) -> Pool:
     """An added artifact's ``images`` table as a :class:`Pool` (bytes are not read)."""
-    table = artifact.read("images", columns=[c for c in POOL_COLUMNS])
+    table = artifact.read("images", columns=POOL_COLUMNS)
     return Pool(method, table, _relative(artifact, root))
 
 
@@ -196,12 +197,11 @@ def run(cfg: Config, dataset: Artifact, added: Mapping[str, Artifact] | None = N
                                   num_sets=acfg.num_sets, seed=cfg.run.seed,
                                   original_artifact=_relative(dataset, root), exclude_ids=exclude)
         run.write(manifest, TABLE, shard="0")
-        sources = manifest.column(S.SOURCE).to_pylist()
-        run.stats.add("original", sources.count("original"))
-        for m in names:
-            run.stats.add(f"added.{m}", manifest.column(S.METHOD).to_pylist().count(m)
-                          if m in set(manifest.column(S.METHOD).to_pylist()) else 0)
-        run.stats.add("added", len(sources) - sources.count("original"))
+        by_method = Counter(manifest.column(S.METHOD).to_pylist())
+        run.stats.add("original", by_method.pop("original", 0))
+        run.stats.add("added", sum(by_method.values()))
+        for method, n in by_method.items():
+            run.stats.add(f"added.{method}", n)
         run.stats.extra.update({"ratio": acfg.ratio, "set_index": acfg.set_index,
                                 "leakage_removed_candidates": len(exclude)})
 

@@ -182,7 +182,7 @@ def _thumb(data: bytes | None, side: int) -> bytes | None:
     if data is None:
         return None
     try:
-        return encode_image(resize_max_side(decode_image(data), side), "JPEG", quality=85)
+        return encode_image(resize_max_side(decode_image(data, min_side=side), side), "JPEG", quality=85)
     except ImageDecodeError:
         return None
 

@@ -56,6 +56,12 @@ def _audit_args(p: argparse.ArgumentParser) -> None:
                    help="added-image artifact to audit (repeatable; default: the latest dedup output)")
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--added", action="append", default=[], metavar="METHOD=DIR",
+                   help="an added-image artifact to assemble with (repeatable); none = baseline")
+    p.add_argument("--audit", help="leakage audit artifact (for assemble.leakage=remove)")
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="run root of the demo (default: runs/demo)")
 
@@ -68,9 +74,9 @@ COMMANDS: dict[str, tuple[str, str, ArgAdder]] = {
     "retrieve": ("raugment.retrieve", "retrieve and download CLIP nearest neighbours", _no_args),
     "filter": ("raugment.filter", "filter and de-duplicate added images", _filter_args),
     "audit": ("raugment.audit", "audit added images for test-set leakage", _audit_args),
-    "assemble": ("raugment.assemble", "assemble an augmented training set", _no_args),
-    "train": ("raugment.train", "train and evaluate a classifier with Ray Train", _no_args),
-    "tune": ("raugment.tune", "sweep config keys with Ray Tune", _no_args),
+    "assemble": ("raugment.assemble", "assemble an augmented training set", _train_args),
+    "train": ("raugment.train", "train and evaluate a classifier with Ray Train", _train_args),
+    "tune": ("raugment.tune", "sweep config keys with Ray Tune", _train_args),
     "report": ("raugment.report", "write the study report", _report_args),
     "run": ("raugment.study", "run a whole study (resumable)", _study_args),
     "demo": ("raugment.demo", "run the embedded offline demo study", _demo_args),

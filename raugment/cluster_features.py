@@ -86,29 +86,35 @@ class InceptionFeatures:
         return {schema.ID: batch[schema.ID], schema.LABEL: batch[schema.LABEL], FEATURES: list(feats)}
 
 
-def features_dataset(images, weights: Optional[str], size: int, pool) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Ray wrapper: Inception features of an Arrow table of images on an actor pool.
+def features_dataset(files: list[str], split: str, weights: Optional[str], size: int,
+                     pool) -> tuple[list[str], np.ndarray]:
+    """Ray wrapper: Inception features of one split of a dataset artifact, on an actor pool.
+
+    The images are read by Ray Data from the artifact's Parquet shards, so no image bytes pass
+    through the driver.
 
     Args:
-        images: Arrow table with ``id``, ``label`` and ``image`` columns.
+        files: the dataset artifact's ``images`` shard files.
+        split: which split to embed (``"train"``).
         weights: see :func:`build_inception`.
         size: input side.
         pool: an :class:`~raugment.config.ActorPoolConfig`.
 
     Returns:
-        (ids, labels, features ``[n, 2048]``) in the order of ``images``.
+        (ids, features ``[n, 2048]``), in no particular order.
     """
     import ray.data
+    from ray.data.expressions import col
 
     from raugment.cluster import actor_pool_args
 
-    ds = ray.data.from_arrow(images.select([schema.ID, schema.LABEL, schema.IMAGE]))
+    ds = ray.data.read_parquet(files, columns=[schema.ID, schema.LABEL, schema.SPLIT, schema.IMAGE])
+    ds = ds.filter(expr=col(schema.SPLIT) == split)
     out = ds.map_batches(InceptionFeatures, fn_constructor_kwargs={"weights": weights, "size": size},
                          batch_format="numpy", **actor_pool_args(pool)).to_pandas()
-    order = {i: n for n, i in enumerate(images.column(schema.ID).to_pylist())}
-    out = out.sort_values(schema.ID, key=lambda s: s.map(order))
-    return (out[schema.ID].tolist(), out[schema.LABEL].to_numpy(),
-            np.stack(out[FEATURES].to_list()).astype(np.float32))
+    if out.empty:
+        return [], np.zeros((0, 2048), dtype=np.float32)
+    return out[schema.ID].tolist(), np.stack(out[FEATURES].to_list()).astype(np.float32)
 
 
 def cluster_within_classes(labels: np.ndarray, features: np.ndarray, k: int, seed: int = 0) -> np.ndarray:

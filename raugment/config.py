@@ -175,8 +175,8 @@ class GenerateConfig:
     output's key, so a resumed run may use other resources). ``dtype``, ``sdpa``,
     ``channels_last``, ``compile`` and ``vae_slicing`` are the GPU options. A sample flagged by the
     safety checker is replaced by a new seed, at most ``max_attempts_per_image`` tries per image.
-    ``conditioning``: which checkpoint of a fine-tuning artifact personalised methods use (None:
-    the artifact's selected one).
+    ``conditioning``: a fine-tuning stage directory for the personalised methods, used when no
+    fine-tuning artifact is passed to ``generate.run`` (the CLI otherwise runs that stage).
     """
 
     method: str = "simple"
@@ -341,7 +341,7 @@ class FilterConfig:
     are still filled). Model-backed filters load their model once per actor of ``pool``.
     """
 
-    filters: list[str] = field(default_factory=lambda: ["nsfw", "aesthetic", "min_size"])
+    filters: list[str] = field(default_factory=lambda: ["min_size", "nsfw", "aesthetic"])
     min_side: int = 32
     # NSFW: the Stable Diffusion safety checker of this hub id or local SD directory (None: generate.model).
     safety_model: Optional[str] = None
@@ -383,6 +383,8 @@ class DedupConfig:
     clip_model: str = "ViT-L-14"
     clip_pretrained: Optional[str] = "openai"
     device: str = "auto"
+    # Hashing runs as Ray Data tasks (no model to hold): num_cpus and batch_size per task are
+    # used, concurrency is left to Ray Data.
     pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(batch_size=256))
     # Inputs up to this many rows are hashed in the driver: Ray Data's start-up costs more.
     local_rows: int = 2000

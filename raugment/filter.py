@@ -89,7 +89,7 @@ class FilterContext:
     def __init__(self, cfg: FilterConfig):
         self.cfg = cfg
         self._clip = None
-        self._memo: tuple[int, np.ndarray] | None = None
+        self._memo: tuple[Sequence[Any], np.ndarray] | None = None
 
     @property
     def clip(self):
@@ -102,8 +102,9 @@ class FilterContext:
 
     def image_embeddings(self, images: Sequence["Image.Image"]) -> np.ndarray:
         """CLIP image embeddings of this batch; computed once however many filters ask."""
-        if self._memo is None or self._memo[0] != id(images):
-            self._memo = (id(images), self.clip.embed_images(list(images)))
+        # Keyed by the batch object itself (held, so its identity cannot be reused by a later one).
+        if self._memo is None or self._memo[0] is not images:
+            self._memo = (images, self.clip.embed_images(list(images)))
         return self._memo[1]
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
@@ -94,47 +95,48 @@ def _check(cfg: Config) -> Any:
     return method
 
 
-def _cluster(cfg: Config, method: Any, train: pa.Table) -> np.ndarray:
-    labels = np.asarray(train.column(schema.LABEL).to_pylist())
+def _cluster(cfg: Config, method: Any, dataset: Artifact, ids: list[str], labels: list[int]) -> np.ndarray:
+    """Cluster index of each training image (all 0 unless the method clusters with k > 1)."""
     if not method.uses_clusters or cfg.finetune.clusters == 1:
-        return np.zeros(len(labels), dtype=np.int64)
+        return np.zeros(len(ids), dtype=np.int64)
     from raugment.cluster import init_ray
     from raugment.cluster_features import cluster_within_classes, features_dataset
 
     init_ray(cfg.cluster, progress=cfg.run.progress)
-    _, _, feats = features_dataset(train, cfg.finetune.feature_weights, cfg.finetune.feature_size,
-                                   cfg.finetune.feature_pool)
-    return cluster_within_classes(labels, feats, cfg.finetune.clusters, seed=cfg.finetune.seed)
+    got, feats = features_dataset([str(f) for f in dataset.files("images")], "train", cfg.finetune.feature_weights,
+                                  cfg.finetune.feature_size, cfg.finetune.feature_pool)
+    position = {i: n for n, i in enumerate(got)}
+    missing = [i for i in ids if i not in position]
+    if missing:
+        raise RuntimeError(f"no Inception features for {len(missing)} training images, e.g. {missing[0]}")
+    feats = feats[[position[i] for i in ids]]
+    return cluster_within_classes(np.asarray(labels), feats, cfg.finetune.clusters, seed=cfg.finetune.seed)
 
 
-def _write_plan(run: StageRun, cfg: Config, method: Any, dataset: Artifact) -> int:
+def _write_plan(run: StageRun, cfg: Config, method: Any, dataset: Artifact) -> None:
+    """``conditionings.parquet`` (learned rows) and ``items.parquet`` (image -> row, train/val)."""
     from raugment.dataset import read_classes, read_split
 
-    train = read_split(dataset, "train", columns=[schema.ID, schema.LABEL, schema.IMAGE])
+    train = read_split(dataset, "train", columns=[schema.ID, schema.LABEL])
     if train.num_rows == 0:
         raise ValueError(f"dataset {dataset.path} has no training images to fine-tune on")
     classes = read_classes(dataset)
     names = dict(zip(classes.column(schema.LABEL).to_pylist(), classes.column(schema.CLASS_NAME).to_pylist()))
-    labels = train.column(schema.LABEL).to_pylist()
-    clusters = _cluster(cfg, method, train)
+    ids, labels = train.column(schema.ID).to_pylist(), train.column(schema.LABEL).to_pylist()
+    clusters = _cluster(cfg, method, dataset, ids, labels)
     rows, per_image = plan_rows(labels, names, clusters, method.pseudowords)
     # stratify the held-out part by class (clusters of one image would otherwise lose it)
     split = split_train_val(labels, cfg.finetune.val_fraction, cfg.finetune.seed)
     is_val = np.zeros(len(labels), dtype=bool)
     is_val[split.val] = True
-    items = schema.to_table([{schema.ID: i, schema.LABEL: lab, schema.CLUSTER: int(c), schema.COND_ROW: int(r),
-                              schema.SPLIT: "val" if v else "train"}
-                             for i, lab, c, r, v in zip(train.column(schema.ID).to_pylist(), labels, clusters,
-                                                        per_image, is_val)], schema.FINETUNE_ITEMS)
-    run.write_single(items, ITEMS)
     run.write_single(schema.to_table([{schema.COND_ROW: r.row, schema.LABEL: r.label, schema.CLASS_NAME: r.class_name,
                                        schema.CLUSTER: r.cluster, schema.N_IMAGES: r.n_images, schema.TOKEN: r.token}
                                       for r in rows], schema.CONDITIONINGS), CONDITIONINGS)
-    run.stats.add("train_images", len(split.train))
-    run.stats.add("val_images", len(split.val))
-    run.stats.add("rows", len(rows))
-    run.stats.add("classes", len(set(labels)))
-    return len(rows)
+    # items last: its presence tells a resumed run that the plan is complete
+    run.write_single(schema.to_table([{schema.ID: i, schema.LABEL: lab, schema.CLUSTER: int(c),
+                                       schema.COND_ROW: int(r), schema.SPLIT: "val" if v else "train"}
+                                      for i, lab, c, r, v in zip(ids, labels, clusters, per_image, is_val)],
+                                     schema.FINETUNE_ITEMS), ITEMS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,7 +158,10 @@ def build_trainer(cfg: Config, run: StageRun, dataset: Artifact, extra: Optional
     from raugment.config import to_dict
     from raugment.personalise.loop import train_loop_per_worker
 
-    loop_config = {"finetune": to_dict(cfg.finetune), "out": str(run.path.resolve()),
+    section = to_dict(cfg.finetune)
+    if Path(cfg.finetune.model).exists():  # workers run in another directory: pass local paths whole
+        section["model"] = str(Path(cfg.finetune.model).resolve())
+    loop_config = {"finetune": section, "out": str(run.path.resolve()),
                    "images": [str(f.resolve()) for f in dataset.files("images")], **(extra or {})}
     return TorchTrainer(
         train_loop_per_worker,
@@ -167,35 +172,50 @@ def build_trainer(cfg: Config, run: StageRun, dataset: Artifact, extra: Optional
                              checkpoint_config=CheckpointConfig(num_to_keep=1)))
 
 
-def _finish(run: StageRun, cfg: Config, result: Any) -> None:
+def _finish(run: StageRun, cfg: Config, result: Any, train_s: float) -> None:
+    """Tables and stats once the trainer is done; the history comes from the last checkpoint."""
+    from raugment.personalise.loop import PROGRESS
+
     refs = list_checkpoints(run.path)
-    if not refs:
+    if not refs or result.checkpoint is None:
         raise RuntimeError(f"fine-tuning wrote no checkpoint under {run.path}")
+    with result.checkpoint.as_directory() as d:
+        progress = json.loads((Path(d) / PROGRESS).read_text())
     run.write_single(checkpoints_table(refs, run.path), CHECKPOINTS)
     write_selected(run.path, BEST_VAL)
+    items = Artifact(STAGE, run.key, run.path).read(ITEMS, columns=[schema.LABEL, schema.SPLIT])
+    splits = items.column(schema.SPLIT).to_pylist()
+    run.stats.add("train_images", splits.count("train"))
+    run.stats.add("val_images", splits.count("val"))
+    run.stats.add("classes", len(set(items.column(schema.LABEL).to_pylist())))
+    run.stats.add("rows", Artifact(STAGE, run.key, run.path).read(CONDITIONINGS).num_rows)
     events = [json.loads(line) for line in (run.path / "events.jsonl").read_text().splitlines()]
-    epochs = [e for e in events if e["event"] == "epoch"]
-    run.stats.add("epochs", len(epochs))
-    run.stats.add("steps", sum(e["steps"] for e in epochs))
+    epochs = {e["epoch"]: e for e in events if e["event"] == "epoch"}  # a repeated epoch counts once
+    run.stats.add("epochs", progress["epoch"])
+    run.stats.add("steps", sum(e["steps"] for e in epochs.values()))
     run.stats.add("restarts", sum(e["event"] == "start" for e in events) - 1)
+    last = epochs[progress["epoch"]]
     run.stats.extra.update({
-        "method": cfg.finetune.method, "lr": epochs[-1]["lr"], "unet_lr": epochs[-1]["unet_lr"],
-        "step_s_mean": float(np.mean([e["step_s"] for e in epochs])),
-        "history": [{k: e[k] for k in ("epoch", "train_loss", "val_loss")} for e in epochs],
+        "method": cfg.finetune.method, "lr": last["lr"], "unet_lr": last["unet_lr"],
+        "step_s_mean": float(np.mean([e["step_s"] for e in epochs.values()])),
+        "early_stopped": progress["stopped"], "history": progress["history"],
         "checkpoints": {r.name: r.epoch for r in refs}, "latents_cached": cfg.finetune.cache_latents,
     })
+    workers = cfg.finetune.workers
+    if workers.use_gpu:
+        run.stats.gpu_s += train_s * workers.num_workers * workers.gpus_per_worker
     if not cfg.finetune.keep_train_state:  # the full optimizer state is only needed to resume
         shutil.rmtree(run.path / TRAIN_DIR, ignore_errors=True)
 
 
-def run(cfg: Config, dataset: Artifact, *, _fault: Optional[dict[str, Any]] = None) -> Artifact:
+def run(cfg: Config, dataset: Artifact, *, fail_after_epoch: Optional[int] = None) -> Artifact:
     """Fine-tune ``cfg.finetune.method`` on the training split of ``dataset``.
 
     Args:
         cfg: the whole config; this stage reads ``finetune`` (and ``cluster`` to reach Ray).
         dataset: a ``dataset`` stage artifact.
-        _fault: test hook, ``{"fail_after_epoch": n, "fail_marker": path}`` makes a worker raise
-            once after epoch ``n`` to exercise the resume path.
+        fail_after_epoch: fault injection for tests and drills: a worker raises once, right after
+            reporting this epoch, and the run must resume from its checkpoint.
 
     Returns:
         The ``finetune`` artifact (layout in :mod:`raugment.personalise.outputs`).
@@ -211,8 +231,11 @@ def run(cfg: Config, dataset: Artifact, *, _fault: Optional[dict[str, Any]] = No
         if not (run.path / f"{ITEMS}.parquet").exists():  # a resumed run keeps its plan
             _write_plan(run, cfg, method, dataset)
         init_ray(cfg.cluster, progress=cfg.run.progress)
-        result = build_trainer(cfg, run, dataset, _fault).fit()
-        _finish(run, cfg, result)
+        fault = ({"fail_after_epoch": fail_after_epoch, "fail_marker": str(run.path.resolve() / ".failed-once")}
+                 if fail_after_epoch else None)
+        t0 = time.perf_counter()
+        result = build_trainer(cfg, run, dataset, fault).fit()
+        _finish(run, cfg, result, time.perf_counter() - t0)
 
     return run_stage(cfg.run.root, STAGE, cfg.finetune, {"dataset": dataset}, body, resumable=True)
 
@@ -271,7 +294,7 @@ def generation_scorer(cfg: Config, dataset: Artifact, evaluate: Callable[[Config
     from raugment.config import with_overrides
 
     def score(ref: CheckpointRef) -> float:
-        small = with_overrides(cfg, {"generate.method": cfg.finetune.method,
+        small = with_overrides(cfg, {"generate.method": cfg.finetune.method, "generate.model": cfg.finetune.model,
                                      "generate.conditioning": str(ref.path),
                                      "generate.images_per_class": images_per_class})
         return evaluate(small, generate.run(small, dataset))

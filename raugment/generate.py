@@ -100,7 +100,8 @@ class GenerationMethod:
        ``class_name``, ``index`` (0..n-1 within the class), ``prompt`` (str; "" if unused) and
        ``params`` (dict of method-specific provenance, JSON-able); ``img2img`` methods add
        ``init_image`` (encoded bytes). Use :meth:`slot_rows` to add ``method``, ``seed`` and ``id``.
-       Must be deterministic in (classes, cfg, inputs).
+       Must be deterministic in (classes, cfg, inputs). Set ``needs_finetune = True`` if the
+       method cannot work without a fine-tuning artifact.
     2. On each actor, once: ``setup(pipe, cfg, finetune_path)`` after the pipeline of kind
        ``self.kind`` ("text2img" | "img2img") is loaded through ``models.diffusion.load_pipeline``:
        load learned conditionings, textual-inversion embeddings or UNet weights into ``pipe``
@@ -115,6 +116,7 @@ class GenerationMethod:
 
     kind: str = "text2img"
     name: str = ""
+    needs_finetune: bool = False  # personalised methods: ``run`` refuses to start without one
 
     def plan(self, classes: Sequence[Row], cfg: GenerateConfig, *, dataset: Artifact,
              finetune: Optional[Artifact]) -> list[Row]:
@@ -294,7 +296,10 @@ def generate_class(pipe: Any, method: GenerationMethod, rows: Sequence[Row], cfg
         rows: the slots still missing (planned rows, see :class:`GenerationMethod`).
         start_attempts: slot id -> first attempt to make (resume after flagged attempts).
     """
-    queue = deque((row, (start_attempts or {}).get(row[schema.ID], 0)) for row in rows)
+    starts = start_attempts or {}
+    # a slot whose attempts were all flagged in an earlier run is already recorded as unfillable
+    queue = deque((row, starts.get(row[schema.ID], 0)) for row in rows
+                  if starts.get(row[schema.ID], 0) < cfg.max_attempts_per_image)
     while queue:
         items = [queue.popleft() for _ in range(min(cfg.pool.batch_size, len(queue)))]
         images: list[Row] = []
@@ -391,7 +396,8 @@ class ClassGenerator:
                                   vae_slicing=cfg.vae_slicing)
         method.setup(self.pipe, cfg, finetune_path)
         self.scores = SafetyScores(self.pipe.safety_checker) if self.pipe.safety_checker is not None else None
-        self.conditioning = finetune_path or cfg.conditioning
+        # provenance names the artifact as "<stage>/<key>", like manifests do
+        self.conditioning = f"{Path(finetune_path).parent.name}/{Path(finetune_path).name}" if finetune_path else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         summary: dict[str, list] = {schema.LABEL: [], "images": [], NSFW: [], NSFW_UNFILLABLE: [], "seconds": []}
@@ -537,6 +543,11 @@ def run(cfg: Config, dataset: Artifact, finetune: Optional[Artifact] = None) -> 
 
     g = cfg.generate
     method = check_config(cfg)
+    if finetune is None and g.conditioning:
+        finetune = Artifact.open(g.conditioning)
+    if method.needs_finetune and finetune is None:
+        raise ConfigError(f"generate.method={g.method} needs a fine-tuning artifact: pass one to "
+                          "generate.run or set generate.conditioning to a finetune stage directory")
     classes = read_classes(dataset)
     if not classes:
         raise ValueError(f"dataset {dataset.path} has no classes")
@@ -567,11 +578,18 @@ def run(cfg: Config, dataset: Artifact, finetune: Optional[Artifact] = None) -> 
 
 
 def cli(cfg: Config, args: Any) -> int:
-    """``raugment generate``: run the dataset stage (or reuse it) and generate."""
+    """``raugment generate``: the dataset stage (cached), the finetune stage if the method needs
+    one and ``generate.conditioning`` names none (cached), then generation."""
     from raugment import dataset as dataset_stage
 
+    method = check_config(cfg)
     ds = dataset_stage.run(cfg)
-    art = run(cfg, ds)
+    finetune = None
+    if method.needs_finetune and not cfg.generate.conditioning:
+        from raugment import finetune as finetune_stage
+
+        finetune = finetune_stage.run(cfg, ds)
+    art = run(cfg, ds, finetune)
     stats = art.stats
     log.info("generate: %s images in %s (failures: %s)", stats.get("counts", {}).get("images"), art.path,
              stats.get("failures"))

@@ -62,7 +62,8 @@ def phash_image(img: "Image.Image", side: int = 64) -> int:
 def phash_bytes(data: bytes, side: int = 64, max_pixels: int = DEFAULT_MAX_PIXELS) -> int | None:
     """pHash of encoded image bytes; ``None`` when the bytes are not a usable image."""
     try:
-        return phash_image(decode_image(data, max_pixels=max_pixels), side)
+        # JPEGs decode straight at a reduced DCT scale: the pixels pHash never looks at are never made.
+        return phash_image(decode_image(data, max_pixels=max_pixels, min_side=side), side)
     except ImageDecodeError:
         return None
 
@@ -91,17 +92,6 @@ def phash_batch(batch: pa.Table, side: int = 64, keep_image: bool = False,
     return batch if keep_image else batch.drop_columns([S.IMAGE])
 
 
-class PhashBatch:
-    """Ray Data callable: :func:`phash_batch` on each block (an actor holds no model, just settings)."""
-
-    def __init__(self, side: int = 64, splits: Sequence[str] | None = None):
-        self.side = side
-        self.splits = list(splits) if splits is not None else None
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return phash_batch(batch, self.side, splits=self.splits)
-
-
 def image_files(artifact: "Artifact", table: str = "images") -> list[Path]:
     """The Parquet files of ``table`` in ``artifact`` (shards, or one ``<table>.parquet``)."""
     files = artifact.files(table)
@@ -112,12 +102,12 @@ def image_files(artifact: "Artifact", table: str = "images") -> list[Path]:
 def hash_artifacts(artifacts: Iterable["Artifact"], side: int, pool: "ActorPoolConfig",
                    columns: Sequence[str], splits: Sequence[str] | None = None,
                    local_max_rows: int = 0, cluster: "ClusterConfig | None" = None) -> pa.Table:
-    """Hash every image row of ``artifacts``: on a Ray Data actor pool, or here when few.
+    """Hash every image row of ``artifacts``: as Ray Data tasks, or in this process when few.
 
     Args:
         artifacts: inputs with an ``images`` table.
         side: reduction side (see the module docstring).
-        pool: actor pool resources for the Ray path.
+        pool: per-task CPUs and batch size of the Ray path (``concurrency`` is left to Ray Data).
         columns: columns to return besides ``phash`` (never the image bytes).
         splits: keep only rows of these splits (``None``: all rows).
         local_max_rows: inputs of at most this many rows are hashed in this process, where Ray
@@ -140,15 +130,18 @@ def hash_artifacts(artifacts: Iterable["Artifact"], side: int, pool: "ActorPoolC
     else:
         import ray.data
 
-        from raugment.cluster import actor_pool_args, init_ray
+        from raugment.cluster import init_ray
 
         if cluster is not None:
             init_ray(cluster)
         ds = ray.data.read_parquet(files, columns=wanted)
         # Row order is the contract (dedup's tie-break is source order), so ask Ray Data to keep it.
         ds.context.execution_options.preserve_order = True
-        ds = ds.map_batches(PhashBatch, fn_constructor_kwargs={"side": side, "splits": splits},
-                            batch_format="pyarrow", **actor_pool_args(pool))
+        # Plain tasks, not an actor pool: hashing holds no model, so Ray Data may spread it over
+        # every CPU of the cluster; the pool section sets each task's CPUs and batch size.
+        ds = ds.map_batches(phash_batch, fn_kwargs={"side": side, "splits": splits},
+                            batch_format="pyarrow", batch_size=pool.batch_size,
+                            num_cpus=pool.num_cpus, num_gpus=0)
         tables = ray.get(list(ds.to_arrow_refs()))
     tables = [t for t in tables if t.num_rows]
     if not tables:

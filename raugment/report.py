@@ -26,8 +26,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import pyarrow.compute as pc
-
 from raugment import schema as S
 from raugment.audit import GALLERY, GALLERY_DIR
 from raugment.audit import SUMMARY as AUDIT_SUMMARY
@@ -66,7 +64,8 @@ def _cell(values: list[float]) -> dict[str, Any]:
 
 def _table(runs: list[dict], root: Path) -> dict[str, Any]:
     """Accuracy cells: method -> ratio -> mean/se/n of test top-1 (and best validation top-1)."""
-    values: dict[str, dict[float, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    values: dict[str, dict[float, dict[str, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list)))
     for r in runs:
         res = _read_json(root / r[S.ARTIFACTS]["train"] / RESULTS_FILE)
         for key in (S.TEST_TOP1, S.TEST_TOP5, S.VAL_TOP1_BEST):
@@ -119,10 +118,11 @@ def _added_artifact(runs: list[dict], method: str) -> str | None:
 
 def _samples(runs: list[dict], root: Path, cfg: ReportConfig) -> dict[str, Any]:
     """Ids of the grid's images: the first ``samples_per_cell`` ids (sorted) per class and column."""
+    from raugment.dataset import read_split
+
     dataset_dir = runs[0][S.ARTIFACTS]["dataset"]
     cols = [S.ID, S.LABEL, S.CLASS_NAME]
-    original = Artifact.open(root / dataset_dir).read("images", columns=cols + [S.SPLIT])
-    original = original.filter(pc.equal(original[S.SPLIT], "train"))
+    original = read_split(Artifact.open(root / dataset_dir), "train", columns=cols)
     names = dict(zip(original.column(S.LABEL).to_pylist(), original.column(S.CLASS_NAME).to_pylist()))
     labels = sorted(names)[: cfg.grid_classes]
     columns: dict[str, tuple[str, Any]] = {ORIGINAL: (dataset_dir, original)}
@@ -145,7 +145,10 @@ def _stage_stats(root: Path, rel: str | None) -> dict[str, Any]:
     if not rel:
         return {}
     stats = _read_json(root / rel / "stats.json")
-    return {"counts": stats.get("counts", {}), "failures": stats.get("failures", {})}
+    out = {"counts": stats.get("counts", {}), "failures": stats.get("failures", {})}
+    if isinstance(stats.get("shortfall"), dict):  # retrieval: classes that missed their quota
+        out["shortfall"] = stats["shortfall"]
+    return out
 
 
 def _drops(runs: list[dict], root: Path) -> dict[str, Any]:
@@ -207,8 +210,8 @@ def collect(root: str | Path, study: Artifact, cfg: ReportConfig) -> dict[str, A
         data["datasets"][ds] = {
             "ratios": ratios,
             "methods": sorted({r[S.METHOD] for r in ds_runs} - {BASELINE}),
-            "runs": [{k: r[k] for k in (S.METHOD, S.RATIO, S.SET_INDEX, S.SEED)} | {"train": r[S.ARTIFACTS]["train"]}
-                     for r in ds_runs],
+            "runs": [{**{k: r[k] for k in (S.METHOD, S.RATIO, S.SET_INDEX, S.SEED)},
+                      "train": r[S.ARTIFACTS]["train"]} for r in ds_runs],
             "table": _table(ds_runs, root),
             "per_class": _per_class(ds_runs, root, ratios[0]) if ratios else {},
             "samples": _samples(ds_runs, root, cfg),
@@ -307,10 +310,8 @@ def render_grid(samples: dict[str, Any], root: Path, thumb: int, path: Path) -> 
         draw.text((label_w + j * (per_cell * thumb + pad), 3), col[:28], fill="black")
     for col_i, col in enumerate(cols):
         info = samples["columns"][col]
-        wanted = {i for ids in info["ids"].values() for i in ids}
-        table = Artifact.open(root / info["artifact"]).read("images", columns=[S.ID, S.IMAGE])
-        table = table.filter(pc.is_in(table[S.ID], value_set=_pa_strings(sorted(wanted))))
-        images = dict(zip(table.column(S.ID).to_pylist(), table.column(S.IMAGE).to_pylist()))
+        images = _read_images(Artifact.open(root / info["artifact"]),
+                              sorted({i for ids in info["ids"].values() for i in ids}))
         for row, cls in enumerate(samples["classes"]):
             y = head_h + row * (thumb + pad)
             if col_i == 0:
@@ -324,10 +325,16 @@ def render_grid(samples: dict[str, Any], root: Path, thumb: int, path: Path) -> 
     return path
 
 
-def _pa_strings(values: list[str]):
-    import pyarrow as pa
+def _read_images(artifact: Artifact, ids: list[str]) -> dict[str, bytes]:
+    """Encoded bytes of ``ids`` only: the filter runs while reading, shard by shard, so a large
+    dataset's other images are never materialised."""
+    import pyarrow.parquet as pq
 
-    return pa.array(values, pa.string())
+    out: dict[str, bytes] = {}
+    for f in artifact.files("images"):
+        t = pq.read_table(f, columns=[S.ID, S.IMAGE], filters=[(S.ID, "in", ids)])
+        out.update(zip(t.column(S.ID).to_pylist(), t.column(S.IMAGE).to_pylist()))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,7 +366,11 @@ def _counts_text(stats: dict[str, Any]) -> str:
     counts = ", ".join(f"{k} {v}" for k, v in sorted(stats.get("counts", {}).items())) or "-"
     fails = stats.get("failures", {})
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(fails.items(), key=lambda kv: (-kv[1], kv[0])))
-    return f"{counts}; dropped/failed: {reasons}" if reasons else f"{counts}; nothing dropped"
+    text = f"{counts}; dropped/failed: {reasons}" if reasons else f"{counts}; nothing dropped"
+    short = stats.get("shortfall") or {}
+    if short:
+        text += f"; {len(short)} classes short of quota by {sum(short.values())} images"
+    return text
 
 
 def _scalar_items(d: dict[str, Any]) -> list[tuple[str, str]]:
@@ -420,66 +431,74 @@ def _copy_gallery(root: Path, audit_rel: str, out: Path, name: str) -> str:
     return f"audit/{name}/{GALLERY}"
 
 
-def render(data: dict[str, Any], root: str | Path, out: str | Path, cfg: ReportConfig) -> Path:
-    """Write ``report.html``, ``report.md``, ``report.json`` and ``figures/`` into ``out``."""
-    root, out = Path(root), Path(out)
-    figs = out / "figures"
-    figs.mkdir(parents=True, exist_ok=True)
-    doc = _Doc(data["title"])
-    doc.para(f"Study index: {data['study']}. Accuracies are test top-1 in percent, mean ± standard "
-             "error over resampled sets (n = number of classifiers).")
-    for ds_name, ds in data["datasets"].items():
-        slug = "".join(ch if ch.isalnum() else "_" for ch in ds_name)
-        doc.heading(f"Dataset: {ds_name}")
-        doc.heading("Accuracy (Table 1)", 3)
-        doc.table(*_accuracy_rows(ds, data["upper_bound"]))
+def _dataset_sections(doc: _Doc, ds: dict[str, Any], slug: str, ctx: dict[str, Any]) -> None:
+    """Every per-dataset section, in the order of the paper's figures."""
+    cfg, figs, root, out = ctx["cfg"], ctx["figs"], ctx["root"], ctx["out"]
+    doc.heading("Accuracy (Table 1)", 3)
+    doc.table(*_accuracy_rows(ds, ctx["upper_bound"]))
 
-        doc.heading("Per-class improvement (Figure 5A)", 3)
-        if ds["per_class"]:
-            doc.image(f"figures/{plot_improvement(ds['per_class'], cfg.histogram_bins, figs / f'improvement_{slug}.png').name}",
-                      "per-class improvement histogram")
-            doc.table(["method", "ratio", "classes improved", "classes worse", "mean change (points)",
-                       "most improved", "most worsened"],
-                      [[m, f"{d['ratio']:g} %", d["classes_improved"], d["classes_worse"],
-                        f"{100 * d['mean']:+.2f}", ", ".join(d["best"]), ", ".join(d["worst"])]
-                       for m, d in ds["per_class"].items()])
-        else:
-            doc.para("No baseline or no augmented runs: nothing to compare per class.")
+    doc.heading("Per-class improvement (Figure 5A)", 3)
+    if ds["per_class"]:
+        png = plot_improvement(ds["per_class"], cfg.histogram_bins, figs / f"improvement_{slug}.png")
+        doc.image(f"figures/{png.name}", "per-class improvement histogram")
+        doc.table(["method", "ratio", "classes improved", "classes worse", "mean change (points)",
+                   "most improved", "most worsened"],
+                  [[m, f"{d['ratio']:g} %", d["classes_improved"], d["classes_worse"],
+                    f"{100 * d['mean']:+.2f}", ", ".join(d["best"]), ", ".join(d["worst"])]
+                   for m, d in ds["per_class"].items()])
+    else:
+        doc.para("No baseline or no augmented runs: nothing to compare per class.")
 
-        doc.heading("Accuracy vs. augmentation ratio (Figure 5B)", 3)
-        doc.image(f"figures/{plot_scaling(ds['table'], figs / f'scaling_{slug}.png').name}",
-                  "accuracy vs augmentation ratio")
+    doc.heading("Accuracy vs. augmentation ratio (Figure 5B)", 3)
+    png = plot_scaling(ds["table"], figs / f"scaling_{slug}.png")
+    doc.image(f"figures/{png.name}", "accuracy vs augmentation ratio")
 
-        doc.heading("Sample images (class x method)", 3)
-        doc.image(f"figures/{render_grid(ds['samples'], root, cfg.thumb_size, figs / f'samples_{slug}.png').name}",
-                  "sample grid")
+    doc.heading("Sample images (class x method)", 3)
+    png = render_grid(ds["samples"], root, cfg.thumb_size, figs / f"samples_{slug}.png")
+    doc.image(f"figures/{png.name}", "sample grid")
 
-        doc.heading("Retrieval success and filter drops", 3)
-        rows = [[m, stage, _counts_text(st)] for m, stages in ds["drops"].items() for stage, st in stages.items()]
-        doc.table(["method", "stage", "counts; dropped or failed by reason"], rows or [["-", "-", "-"]])
+    doc.heading("Retrieval success and filter drops", 3)
+    rows = [[m, stage, _counts_text(st)] for m, stages in ds["drops"].items() for stage, st in stages.items()]
+    doc.table(["method", "stage", "counts; dropped or failed by reason"], rows or [["-", "-", "-"]])
 
-        doc.heading("Leakage audit", 3)
-        if ds["audit"]:
-            for m, a in ds["audit"].items():
-                doc.table([f"{m}: audit", "value"], [list(kv) for kv in _scalar_items(a["summary"])] or [["-", "-"]])
-                if a["gallery"]:
-                    doc.link(_copy_gallery(root, a["artifact"], out, f"{slug}_{m}"),
-                             f"{m}: gallery of leakage candidates (for a person to judge)")
-        else:
-            doc.para("No audit in this study.")
+    doc.heading("Leakage audit", 3)
+    if not ds["audit"]:
+        doc.para("No audit in this study.")
+    for m, a in ds["audit"].items():
+        doc.table([f"{m}: audit", "value"], [list(kv) for kv in _scalar_items(a["summary"])] or [["-", "-"]])
+        if a["gallery"]:
+            doc.link(_copy_gallery(root, a["artifact"], out, f"{slug}_{m}"),
+                     f"{m}: gallery of leakage candidates (for a person to judge)")
 
+
+def _cost_sections(doc: _Doc, costs: list[dict[str, Any]]) -> None:
     doc.heading("Measured cost per method and stage")
     doc.table(["dataset", "method", "stage", "runs", "wall h", "CPU h", "GPU h"],
               [[c["dataset"], c["method"], c["stage"], c["runs"], f"{c['wall_h']:.3g}",
-                f"{c['cpu_h']:.3g}", f"{c['gpu_h']:.3g}"] for c in data["costs"]])
+                f"{c['cpu_h']:.3g}", f"{c['gpu_h']:.3g}"] for c in costs])
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
-    for c in data["costs"]:
+    for c in costs:
         t = totals[c["method"]]
         t[0] += c["wall_h"]
         t[1] += c["cpu_h"]
         t[2] += c["gpu_h"]
     doc.table(["method (all stages)", "wall h", "CPU h", "GPU h"],
               [[m, f"{t[0]:.3g}", f"{t[1]:.3g}", f"{t[2]:.3g}"] for m, t in sorted(totals.items())])
+
+
+def render(data: dict[str, Any], root: str | Path, out: str | Path, cfg: ReportConfig) -> Path:
+    """Write ``report.html``, ``report.md``, ``report.json`` and ``figures/`` into ``out``."""
+    root, out = Path(root), Path(out)
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    ctx = {"cfg": cfg, "figs": figs, "root": root, "out": out, "upper_bound": data["upper_bound"]}
+    doc = _Doc(data["title"])
+    doc.para(f"Study index: {data['study']}. Accuracies are test top-1 in percent, mean ± standard "
+             "error over resampled sets (n = number of classifiers).")
+    for ds_name, ds in data["datasets"].items():
+        doc.heading(f"Dataset: {ds_name}")
+        _dataset_sections(doc, ds, "".join(ch if ch.isalnum() else "_" for ch in ds_name), ctx)
+    _cost_sections(doc, data["costs"])
     page, md = doc.finish()
     write_text_atomic(page, out / "report.html")
     write_text_atomic(md, out / "report.md")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from raugment import schema as S
-from raugment.config import Config, dump_yaml
+from raugment.config import Config, dump_yaml, to_dict
 from raugment.planner import (DatasetSize, InputRef, Node, Plan, apply_measured, build_plan,
                               dataset_configs, dataset_nodes, format_plan, node_id, plan_to_dict,
                               topological)
@@ -180,7 +180,8 @@ def write_index(cfg: Config, plan: Plan, done: Mapping[str, Artifact]) -> Artifa
 
     rows = []
     for r in plan.runs:
-        artifacts = {"dataset": rel(str(plan.nodes[r.train].inputs["dataset"])), "assemble": rel(r.assemble), "train": rel(r.train),
+        dataset_id = str(plan.nodes[r.train].inputs["dataset"])
+        artifacts = {"dataset": rel(dataset_id), "assemble": rel(r.assemble), "train": rel(r.train),
                      **{role: rel(nid) for role, nid in r.artifacts.items()}}
         rows.append({S.DATASET: r.dataset, S.METHOD: r.method, S.RATIO: float(r.ratio),
                      S.SET_INDEX: r.set_index, S.SEED: r.seed,
@@ -189,7 +190,10 @@ def write_index(cfg: Config, plan: Plan, done: Mapping[str, Artifact]) -> Artifa
         if nid in plan.nodes:
             plan.nodes[nid].path = str(art.path.relative_to(root))
     plan_data = plan_to_dict(plan)
-    section = {"study": cfg.study, "report_title": cfg.report.title,
+    # Where and how fast the study runs does not change what it found: keep those out of the key.
+    study_section = {k: v for k, v in to_dict(cfg.study).items()
+                     if k not in ("node_gpus", "node_cpus", "parallel", "parallel_stages", "costs")}
+    section = {"study": study_section,
                "runs": [[r[S.DATASET], r[S.METHOD], r[S.RATIO], r[S.SET_INDEX], r[S.SEED], r[S.ARTIFACTS]]
                         for r in rows]}
 

@@ -294,6 +294,8 @@ def fit(spec: LoopSpec, ctx: LoopContext) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     net = build_model(cfg.model, spec.num_classes).to(ctx.device, memory_format=_memory_format(cfg))
     model = ctx.prepare_model(net)
+    # augmentation randomness (crops, flips, loader worker seeds) must differ between ranks
+    torch.manual_seed(cfg.seed * 100_003 + 1 + ctx.rank)
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.amp == "fp16")
@@ -316,8 +318,11 @@ def fit(spec: LoopSpec, ctx: LoopContext) -> dict[str, Any]:
         log.info("rank %d resumes after epoch %d", ctx.rank, recipe.epochs_done - 1)
     cpu0 = _cpu_seconds()
 
-    def state() -> TrainState:
+    def state() -> TrainState | None:
+        """The checkpoint to report: built on rank 0 only (all ranks join the CPU-time sum)."""
         cpu = ctx.all_reduce(torch.tensor([_cpu_seconds() - cpu0], dtype=torch.float64, device=ctx.device))
+        if ctx.rank != 0:
+            return None
         return TrainState(model=_cpu_state(net.state_dict()), best=best, optimizer=optimizer.state_dict(),
                           recipe=recipe.state_dict(), history=history,
                           scaler=scaler.state_dict() if scaler.is_enabled() else None,
@@ -449,7 +454,7 @@ class RayContext:
 
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
-            if state is not None and self.rank == 0:
+            if state is not None:
                 state.write(d)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -550,6 +555,17 @@ def write_outputs(run: StageRun, cfg: Config, spec: LoopSpec, state: TrainState,
     return results
 
 
+def result_section(cfg: TrainConfig) -> dict[str, Any]:
+    """The train settings that can change a run's result (its stage key); resource and
+    bookkeeping fields (loader processes, checkpoint retention, retries, repeat lists) are left out
+    so changing them reuses finished runs."""
+    data = to_dict(cfg)
+    for key in ("loader_workers", "checkpoints_to_keep", "keep_ray_checkpoints", "seeds", "repeat_sets"):
+        data.pop(key)
+    data["workers"].pop("max_failures")
+    return data
+
+
 def run(cfg: Config, dataset: Artifact, manifest: Artifact, *, callbacks: Sequence[Any] = (),
         epoch_hook: Callable[[int, int], None] | None = None) -> Artifact:
     """Stage "train": train ``cfg.train.model`` on ``manifest``, select on val, score on test.
@@ -561,7 +577,7 @@ def run(cfg: Config, dataset: Artifact, manifest: Artifact, *, callbacks: Sequen
         callbacks: extra Ray Train ``UserCallback``\\ s (Tune passes ``TuneReportCallback``).
         epoch_hook: ``hook(epoch, rank)`` at each epoch start on every worker (must pickle).
     """
-    section = {"train": to_dict(cfg.train)}
+    section = {"train": result_section(cfg.train)}
 
     def body(run: StageRun) -> None:
         spec = build_spec(cfg, dataset, manifest, epoch_hook)
@@ -615,7 +631,7 @@ def run_repeats(cfg: Config, dataset: Artifact, manifests: Sequence[Artifact]) -
     summary = summarize_runs(runs, RUN_METRICS)
     inputs = {f"manifest.{i}": m for i, m in enumerate(manifests)}
     inputs["dataset"] = dataset
-    section = {"train": to_dict(cfg.train), "runs": [r[S.RUN_PATH] for r in runs]}
+    section = {"train": result_section(cfg.train), "runs": [r[S.RUN_PATH] for r in runs]}
 
     def body(stage: StageRun) -> None:
         stage.write_single(pa.Table.from_pylist(runs), "runs")

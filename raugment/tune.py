@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 STAGE = "tune"
 Pipeline = Callable[[Config, Mapping[str, Artifact]], dict]
 STATUS = "status"
+FINISHED = "pipeline_finished"  # set in a trial's last report (Tune's own "done" also marks stopped trials)
 
 
 def tune_callbacks() -> list:
@@ -83,7 +84,7 @@ def trial(params: dict[str, Any], *, base: dict, inputs: dict[str, str], pipelin
     final = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None}
     # The sweep metric must be in every report (ASHA reads it); the final value is the best epoch's.
     final.setdefault(metric, result.get(S.VAL_TOP1_BEST))
-    tune.report({**final, "done": True})
+    tune.report({**final, FINISHED: True})
 
 
 def build_param_space(space: Mapping[str, list]) -> dict[str, Any]:
@@ -109,7 +110,8 @@ def _scheduler(cfg: Config):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if cfg.tune.scheduler == "asha":
-        return ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.max_epochs + 1,
+        # one report per epoch + the train loop's final one + the trial's own
+        return ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.max_epochs + 2,
                              grace_period=cfg.tune.grace_period,
                              reduction_factor=cfg.tune.reduction_factor)
     return FIFOScheduler()
@@ -183,7 +185,7 @@ def run(cfg: Config, dataset: Artifact, *, added: Mapping[str, Artifact] | None 
         results = []
         for r in grid:
             metrics = dict(r.metrics or {})
-            status = "error" if r.error is not None else ("complete" if metrics.get("done") else "stopped")
+            status = "error" if r.error is not None else ("complete" if metrics.get(FINISHED) else "stopped")
             run.stats.add(status)
             results.append({"config": {k: (r.config or {}).get(k) for k in cfg.tune.space},
                             "metrics": metrics, STATUS: status,

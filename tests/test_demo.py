@@ -49,11 +49,11 @@ def _free_port_taken() -> socket.socket:
 def test_pool_server_keeps_its_port_and_falls_back_when_taken(tmp_path):
     from raugment.pool import build_pool
 
-    pool_dir = build_pool(tmp_path / "pool", ["red circle"], per_class=2, distractors=0, seed=0, fault_rate=0.0)
+    pool_dir = build_pool(tmp_path / "pool", ["red circle"], per_class=2, distractors=0, seed=0)
     port_file = tmp_path / "port"
     with demo.serve_pool(pool_dir, port_file) as url:
         first = url
-        name = next(iter(_pool_urls(pool_dir)))
+        name = f"img/{_pool_ids(pool_dir)[0]}.jpg"  # the server serves every pool image here
         with urllib.request.urlopen(url + name, timeout=5) as resp:
             assert resp.status == 200 and resp.read()
     with demo.serve_pool(pool_dir, port_file) as url:
@@ -68,12 +68,11 @@ def test_pool_server_keeps_its_port_and_falls_back_when_taken(tmp_path):
         blocker.close()
 
 
-def _pool_urls(pool_dir: Path) -> list[str]:
+def _pool_ids(pool_dir: Path) -> list[str]:
     from raugment import schema
     from raugment.pool import read_pool
 
-    urls = read_pool(pool_dir).column(schema.URL).to_pylist()
-    return [u for u in urls if u.startswith("img/")]
+    return read_pool(pool_dir).column(schema.ID).to_pylist()
 
 
 def test_assets_are_prepared_once(tmp_path, monkeypatch):

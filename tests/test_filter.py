@@ -193,3 +193,21 @@ def test_filter_stage_drops_exactly_planted_rows_and_resumes(tmp_path, ray_sessi
     assert stats["dropped_by_class"] == {"class0": {"nsfw": 1, "undecodable": 1},
                                          "class1": {"aesthetic": 1, "min_size": 1}}
     assert F.run(cfg, added).path == out.path
+
+
+@pytest.mark.ray
+def test_filter_command_filters_then_dedups(tmp_path, ray_session):
+    from raugment.cli import main
+    from raugment.storage import latest
+
+    base = draw(40, 64)
+    rows = [row("keep", png(base), rank=0), row("copy", png(base.resize((48, 48))), rank=1),
+            row("tiny", png(draw(41, 24)), rank=2), row("other", png(draw(42, 64)), rank=3)]
+    added = make_artifact(tmp_path / "in", "generate", rows)
+    root = tmp_path / "runs"
+    assert main(["filter", "--added", str(added.path), "--set", f"run.root={root}",
+                 "--set", "filter.filters=[min_size]", "--set", "run.progress=false"]) == 0
+    filtered, deduped = latest(root, "filter"), latest(root, "dedup")
+    assert filtered.read("dropped").column(S.ID).to_pylist() == ["tiny"]
+    assert sorted(deduped.read("images").column(S.ID).to_pylist()) == ["keep", "other"]
+    assert deduped.read("dropped").to_pylist()[0][S.DUPLICATE_OF] == "keep"

@@ -47,7 +47,7 @@ def killed_run(ray_session, tiny_sd, tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
     cfg = tiny_cfg(root, tiny_sd)
     ds = dataset.run(cfg)
-    art = finetune.run(cfg, ds, _fault={"fail_after_epoch": 1, "fail_marker": str(root / "failed-once")})
+    art = finetune.run(cfg, ds, fail_after_epoch=1)
     return cfg, ds, art
 
 
@@ -117,6 +117,22 @@ def test_select_checkpoint_keeps_the_best_scorer_and_the_generator_follows(kille
     assert snapshot.name == "epoch_002" and name == best.name
     with pytest.raises(ValueError):
         finetune.select_checkpoint([], stub)
+
+
+def test_generation_scorer_generates_from_the_checkpoint_then_evaluates(monkeypatch, tmp_path, tiny_sd):
+    from raugment import generate
+    from raugment.personalise.outputs import CheckpointRef
+
+    seen = []
+    monkeypatch.setattr(generate, "run", lambda cfg, ds: seen.append(cfg.generate) or f"images-of-{ds}")
+    cfg = tiny_cfg(tmp_path, tiny_sd, "finetune.method=textual_inversion")
+    score = finetune.generation_scorer(cfg, "ds", lambda c, art: 0.5 if art == "images-of-ds" else 0.0,
+                                       images_per_class=4)
+    ref = CheckpointRef("epoch_002", 2, tmp_path / "checkpoints" / "epoch_002", 1.0, 1.0)
+    assert score(ref) == 0.5
+    (g,) = seen
+    assert (g.method, g.conditioning, g.images_per_class, g.model) == (
+        "textual_inversion", str(ref.path), 4, str(tiny_sd))
 
 
 def _images(pipe, **kwargs):
@@ -214,3 +230,36 @@ def test_bad_config_fails_before_any_work(tmp_path, tiny_sd):
     with pytest.raises(ConfigError, match="needs a fine-tuning artifact"):
         GENERATORS.get("imagic")().plan([], load_config().generate, dataset=None, finetune=None)
     assert not (tmp_path / "finetune").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ft_cluster_conditioning", "pseudoword_dm"])
+def test_cli_two_worker_ddp_run_then_generation_from_the_artifact(ray_session, tiny_sd, tmp_path, name):
+    """``raugment finetune`` with 2 DDP workers (k-means clusters / UNet training), then the
+    generation stage samples from the artifact."""
+    from raugment import dataset, generate
+    from raugment.cli import main
+    from raugment.storage import latest
+
+    sets = ["run.root=" + str(tmp_path), "run.progress=false", f"finetune.method={name}",
+            f"finetune.model={tiny_sd}", "finetune.workers.num_workers=2", "finetune.max_epochs=2",
+            "finetune.clusters=2", "finetune.feature_weights=null", "finetune.feature_size=75",
+            f"generate.model={tiny_sd}", "generate.images_per_class=3", "generate.steps=2",
+            "generate.height=64", "generate.width=64", "generate.safety_checker=false",
+            "generate.pool.num_gpus=0", "generate.pool.num_cpus=0.5"]
+    config = "jobs/configs/finetune_tiny.yaml"
+    assert main(["finetune", "--config", config, *[a for s in sets for a in ("--set", s)]]) == 0
+    art = latest(tmp_path, "finetune")
+    assert art.stats["counts"]["epochs"] == 2
+    rows = pq.read_table(art.path / f"{CONDITIONINGS}.parquet").to_pylist()
+    if name == "ft_cluster_conditioning":
+        assert {r[schema.CLUSTER] for r in rows} == {0, 1}  # k = 2 clusters in every class
+        assert len(rows) == 2 * len({r[schema.LABEL] for r in rows})
+    else:
+        assert load_personalisation(art.path).unet_dir is not None
+    cfg = load_config(config, sets + [f"generate.method={name}", f"generate.conditioning={art.path}"])
+    out = generate.run(cfg, dataset.run(cfg))
+    images = out.read("images").to_pylist()
+    n_classes = len({r[schema.LABEL] for r in rows})
+    assert len(images) == 3 * n_classes
+    assert all(json.loads(i[schema.PARAMS])["cond_row"] in {r[schema.COND_ROW] for r in rows} for i in images)

@@ -158,31 +158,6 @@ def test_boomerang_keeps_size_and_changes_the_image(dataset, tmp_path, tiny_sd):
 # ---- the stage on Ray --------------------------------------------------------------------------
 
 
-def test_stage_exact_quota_provenance_and_skip(ray_session, dataset, tmp_path, sd_flag3):
-    cfg = load_config(None, _overrides(tmp_path, sd_flag3, **{"generate.method": "sariyildiz"}))
-    art = generate.run(cfg, dataset)
-    images = art.read("images")
-    assert Counter(images.column("label").to_pylist()) == {0: 4, 1: 4}
-    assert len(set(images.column("id").to_pylist())) == 8
-    stats = art.stats
-    assert stats["failures"]["nsfw"] >= 2 and stats["unfilled_classes"] == {}
-    assert stats["counts"]["images"] == 8
-    prompts = pq.read_table(art.path / "prompts.parquet")
-    assert prompts.schema == schema.PROMPTS and prompts.num_rows == 8
-    assert set(images.column("id").to_pylist()) == set(prompts.column("id").to_pylist())
-    row = images.to_pylist()[0]
-    assert row["source"] == "generated" and row["split"] == "added" and row["method"] == "sariyildiz"
-    assert row["model_id"] == str(sd_flag3) and row["nsfw_score"] is not None and row["prompt"]
-    params = json.loads(row["params"])
-    assert {"scheduler", "steps", "guidance_scale", "height", "width", "attempt", "base_seed"} <= set(params)
-    assert params["steps"] == 2 and params["scheduler"] == "pndm"
-    assert decode_image(row["image"]).size == (64, 64)
-    # same config -> skipped; other resources -> same key (resources are not part of it)
-    again = load_config(None, _overrides(tmp_path, sd_flag3, **{"generate.method": "sariyildiz",
-                                                                "generate.pool.concurrency": 2}))
-    assert generate.run(again, dataset).path == art.path
-
-
 def test_unfillable_class_is_reported_not_silent(dataset, tmp_path, sd_flag_all):
     cfg = load_config(None, _overrides(tmp_path, sd_flag_all, **{"generate.max_attempts_per_image": 2,
                                                                  "generate.images_per_class": 2}))
@@ -202,6 +177,8 @@ def test_unfillable_class_is_reported_not_silent(dataset, tmp_path, sd_flag_all)
     # a re-run continues flagged slots at their next attempt: nothing left to try here
     done, next_attempt = generate.class_progress(stage.path, 0)
     assert not done and set(next_attempt.values()) == {2}
+    rows = [r for r in planned if r["label"] == 0]
+    assert list(generate.generate_class(pipe, method, rows, cfg.generate, start_attempts=next_attempt)) == []
 
 
 _KILLED_RUN = """
@@ -241,5 +218,45 @@ def test_killed_run_resumes_without_duplicates(ray_session, dataset, tmp_path, t
     assert len(ids) == 16 and len(set(ids)) == 16, "quota not met exactly or duplicates"
     for name, shard_ids in before.items():  # finished shards are kept as they were
         assert set(pq.read_table(stage_dir / "images" / name).column("id").to_pylist()) == shard_ids
-    labels = Counter(art.read("images").column("label").to_pylist())
-    assert labels == {0: 8, 1: 8}
+    images = art.read("images")
+    assert Counter(images.column("label").to_pylist()) == {0: 8, 1: 8}
+    assert set(images.column("prompt").to_pylist()) == {"A photo of tiger shark, Galeocerdo cuvieri.",
+                                                        "A photo of desktop computer."}
+
+
+def test_job_script_exact_quota_nsfw_provenance_and_skip(ray_session, tmp_path, sd_flag3, monkeypatch):
+    """``python -m jobs.generate --config jobs/configs/generate_tiny.yaml`` with Boomerang picked by
+    config, on a bundle whose safety checker flags every 3rd sample."""
+    import runpy
+
+    repo = Path(__file__).resolve().parents[1]
+    overrides = [f"run.root={tmp_path}", f"generate.model={sd_flag3}", "generate.method=boomerang",
+                 "generate.images_per_class=3", "generate.steps=2", "generate.pool.batch_size=4"]
+    monkeypatch.setattr(sys, "argv", ["jobs.generate", "--config", str(repo / "jobs/configs/generate_tiny.yaml"),
+                                      *(x for o in overrides for x in ("--set", o))])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("jobs.generate", run_name="__main__")
+    assert exit_.value.code == 0
+    (stage_dir,) = (tmp_path / "generate").iterdir()
+    art = Artifact.open(stage_dir)
+    images = art.read("images")
+    classes = pq.read_table(next((tmp_path / "dataset").iterdir()) / "classes.parquet").num_rows
+    assert Counter(images.column("label").to_pylist()) == {label: 3 for label in range(classes)}
+    assert len(set(images.column("id").to_pylist())) == images.num_rows
+    stats = art.stats
+    assert stats["failures"]["nsfw"] >= (3 * classes) // 3 and stats["unfilled_classes"] == {}
+    prompts = pq.read_table(art.path / "prompts.parquet")
+    assert prompts.schema == schema.PROMPTS and prompts.num_rows == 3 * classes
+    assert set(images.column("id").to_pylist()) == set(prompts.column("id").to_pylist())
+    for row in images.to_pylist():
+        assert row["source"] == "generated" and row["split"] == "added" and row["method"] == "boomerang"
+        assert row["model_id"] == str(sd_flag3) and row["nsfw_score"] is not None and row["prompt"] == ""
+        params = json.loads(row["params"])
+        assert {"scheduler", "steps", "guidance_scale", "strength", "source_id", "attempt", "base_seed"} <= set(params)
+        assert params["steps"] == 2 and params["scheduler"] == "pndm"
+        assert decode_image(row["image"]).size == (row["width"], row["height"]) == (32, 32)  # the originals' size
+    # same config -> skipped; other resources -> same key (they are not part of it)
+    cfg = load_config(repo / "jobs/configs/generate_tiny.yaml", [*overrides, "generate.pool.concurrency=2"])
+    from raugment import dataset as dataset_stage
+
+    assert generate.run(cfg, dataset_stage.run(cfg)).path == stage_dir

@@ -104,7 +104,7 @@ def test_samples_drops_audit_and_costs(report, fixture_root):
     assert ds["drops"]["retrieval"]["retrieve"]["failures"] == {"http_404": 4, "timeout": 1}
     assert ds["drops"]["simple"]["dedup"]["failures"] == {"duplicate": 3}
     md = (report / "report.md").read_text()
-    assert "http_404 4, timeout 1" in md
+    assert "http_404 4, timeout 1; 1 classes short of quota by 1 images" in md
     assert ds["audit"]["retrieval"]["summary"]["candidates"] == 1
     # cost: each stage run once, from its stats.json
     train = [c for c in data["costs"] if c["method"] == "retrieval" and c["stage"] == "train"]

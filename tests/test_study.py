@@ -78,8 +78,172 @@ def _comparable(report_dir: Path) -> dict:
     return data
 
 
+# ---- the runner on stand-in stages (no Ray): resume after a crash, sharing, skip lines ----------
+
+def _png(label: int, i: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (40 * label, 10 * i, 90)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class FakeStages:
+    """Stand-ins for the stage modules, written through the real stage contract (run_stage).
+
+    Results depend only on the config and inputs, so two runs of a study must agree; ``crash_at``
+    makes the n-th stage run raise, like a killed process.
+    """
+
+    def __init__(self, crash_at: int | None = None):
+        self.calls: list[str] = []
+        self.crash_at = crash_at
+
+    def __call__(self, node, done):
+        from raugment.study import _resolve
+
+        self.calls.append(node.stage)
+        if self.crash_at is not None and len(self.calls) == self.crash_at:
+            raise RuntimeError("killed")
+        args = [_resolve(ref, done) for ref in node.inputs.values()]
+        return getattr(self, node.stage)(node.cfg, *args)
+
+    @staticmethod
+    def _images(run, method, split, n=3):
+        from raugment import schema as S
+
+        rows = [{S.ID: f"{method}-{label}-{i}", S.LABEL: label, S.CLASS_NAME: f"class {label}",
+                 S.SPLIT: split, S.METHOD: method, S.IMAGE: _png(label, i)}
+                for label in range(2) for i in range(n)]
+        run.write(S.to_table(rows), "images", shard="0")
+        run.stats.add("images", len(rows))
+
+    def dataset(self, cfg):
+        from raugment.storage import run_stage
+
+        return run_stage(cfg.run.root, "dataset", cfg.dataset, {},
+                         lambda r: self._images(r, "original", "train"))
+
+    def generate(self, cfg, dataset, finetune):
+        from raugment.storage import run_stage
+
+        return run_stage(cfg.run.root, "generate", cfg.generate, {"dataset": dataset},
+                         lambda r: self._images(r, cfg.generate.method, "added", 4))
+
+    def filter(self, cfg, added):
+        from raugment.storage import run_stage
+
+        def body(r):
+            self._images(r, "simple", "added", 4)
+            r.stats.fail("nsfw", 1)
+        return run_stage(cfg.run.root, "filter", cfg.filter, {"added": added}, body)
+
+    def dedup(self, cfg, added):
+        from raugment.storage import run_stage
+
+        return run_stage(cfg.run.root, "dedup", cfg.dedup, {f"a{i}": a for i, a in enumerate(added)},
+                         lambda r: self._images(r, "simple", "added", 3))
+
+    def audit(self, cfg, dataset, added):
+        from raugment.storage import run_stage, write_text_atomic
+
+        def body(r):
+            write_text_atomic(json.dumps({"candidates": 0, "leakage_rate": 0.0}), r.path / "summary.json")
+            write_text_atomic("<html></html>", r.path / "gallery.html")
+        return run_stage(cfg.run.root, "audit", cfg.audit, {"dataset": dataset, "a0": added[0]}, body)
+
+    def assemble(self, cfg, dataset, added, audit):
+        from raugment.storage import run_stage
+
+        inputs = {"dataset": dataset, **{k: v for k, v in added.items()}}
+        return run_stage(cfg.run.root, "assemble", cfg.assemble, inputs, lambda r: r.stats.add("images", 1))
+
+    def train(self, cfg, dataset, manifest):
+        import pyarrow.parquet as pq
+
+        from raugment import schema as S
+        from raugment.config import section_hash
+        from raugment.storage import run_stage, write_text_atomic
+
+        def body(r):
+            # a "result" that depends on what was trained on, and on nothing else
+            h = int(section_hash(cfg.train, {"m": manifest.key}), 16)
+            top1 = 0.5 + (h % 400) / 1000
+            write_text_atomic(json.dumps({S.TEST_TOP1: top1, S.TEST_TOP5: 1.0, S.VAL_TOP1_BEST: top1}),
+                              r.path / "results.json")
+            rows = [{S.LABEL: k, S.CLASS_NAME: f"class {k}", S.N_TEST: 10, S.ACC_TOP1: top1 - 0.1 * k,
+                     S.ACC_TOP5: 1.0} for k in range(2)]
+            pq.write_table(S.to_table(rows, S.RESULTS_PER_CLASS), r.path / "results_per_class.parquet")
+        return run_stage(cfg.run.root, "train", cfg.train, {"dataset": dataset, "manifest": manifest}, body)
+
+
+def _fake_cfg(root):
+    return load_config(None, [f"run.root={root}", "study.methods=[simple]", "study.ratios=[100, 200]",
+                              "study.sets=2", "run.progress=false"])
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    from raugment import study
+    from raugment.planner import DatasetSize
+
+    monkeypatch.setattr(study, "measured_size", lambda art: DatasetSize(2, 6, 3, measured=True))
+    monkeypatch.setattr("raugment.cluster.init_ray", lambda *a, **k: None)
+
+    def use(stages: FakeStages) -> FakeStages:
+        monkeypatch.setattr(study, "run_node", stages)
+        return stages
+    return use
+
+
+def test_crashed_study_resumes_without_redoing_work_and_reports_the_same(fake_stages, tmp_path, caplog):
+    from raugment import study
+
+    whole = fake_stages(FakeStages())
+    _, rep_a = study.run(_fake_cfg(tmp_path / "a"))
+    # 1 dataset + generate/filter/dedup/audit + (2 baseline + 2 ratios x 2 sets) x (assemble + train)
+    assert len(whole.calls) == 1 + 4 + 2 * (2 + 4)
+    crashing = fake_stages(FakeStages(crash_at=9))
+    with pytest.raises(RuntimeError, match="killed"):
+        study.run(_fake_cfg(tmp_path / "b"))
+    finished = read_state(tmp_path / "b")
+    assert len(finished) == 8
+    fake_stages(FakeStages())
+    caplog.set_level("INFO", logger="raugment.study")
+    _, rep_b = study.run(_fake_cfg(tmp_path / "b"))
+    # the resumed run redid only what the crash left undone ...
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("study [")]
+    assert sum("skipped, already complete" in x for x in lines) == 8
+    assert sum(" done in " in x for x in lines) == len(whole.calls) - 8
+    assert _comparable(rep_b.path) == _comparable(rep_a.path)  # ... and reports the same
+    assert rep_b.path.relative_to(tmp_path / "b") == rep_a.path.relative_to(tmp_path / "a")
+    # a further run: every stage says it was already complete
+    again = fake_stages(FakeStages())
+    caplog.clear()
+    study.run(_fake_cfg(tmp_path / "b"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("study [")]
+    assert len(lines) == len(whole.calls) and all("skipped, already complete" in x for x in lines)
+    assert len(again.calls) == len(whole.calls)  # asked, and each stage skipped by its key
+
+
+def test_parallel_training_gives_the_same_study(fake_stages, tmp_path):
+    from raugment import study
+
+    fake_stages(FakeStages())
+    _, rep_a = study.run(_fake_cfg(tmp_path / "a"))
+    fake_stages(FakeStages())
+    cfg = load_config(None, [f"run.root={tmp_path / 'p'}", "study.methods=[simple]", "study.ratios=[100, 200]",
+                             "study.sets=2", "study.parallel=3"])
+    _, rep_p = study.run(cfg)
+    assert _comparable(rep_p.path) == _comparable(rep_a.path)
+
+
+@pytest.mark.slow
 @pytest.mark.ray
 def test_killed_study_resumes_to_the_same_report(ray_session, tmp_path, caplog):
+    """End to end with the real stages and a real kill (minutes on 2 busy cores)."""
     from raugment import study
 
     sd = _tiny_sd(tmp_path / "models")

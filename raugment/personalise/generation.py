@@ -18,6 +18,7 @@ Registered in ``GENERATORS`` under the fine-tuning methods' names, so
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -27,9 +28,11 @@ from raugment import schema
 from raugment.config import ConfigError, GenerateConfig
 from raugment.generate import GenerationMethod, Row, class_rng
 from raugment.personalise.methods import GENERATION_TEMPLATE, get_method
-from raugment.personalise.outputs import load_personalisation, resolve
+from raugment.personalise.outputs import artifact_config, load_personalisation, resolve
 from raugment.registry import GENERATORS
 from raugment.storage import Artifact
+
+log = logging.getLogger(__name__)
 
 ROW_PARAM = "cond_row"
 
@@ -66,6 +69,10 @@ class PersonalisedGeneration(GenerationMethod):
         except ValueError as exc:
             raise ConfigError(f"generate.conditioning: {exc}") from None
         learned = load_personalisation(snapshot)
+        trained_on = (artifact_config(artifact).get("config") or {}).get("model")
+        if trained_on and Path(trained_on).name != Path(cfg.model).name:
+            log.warning("generate.model %r differs from the model %r that %s was fine-tuned from",
+                        cfg.model, trained_on, artifact)
         if learned.method != self.name:
             raise ConfigError(f"generate.conditioning points to a {learned.method!r} artifact but "
                               f"generate.method is {self.name!r}; use the same method")
@@ -95,7 +102,8 @@ class PersonalisedGeneration(GenerationMethod):
         self.table = learned.table.to(pipe.device, pipe.text_encoder.dtype)
         if learned.unet_dir is not None:
             (weights,) = sorted(Path(learned.unet_dir).glob("*.safetensors"))
-            pipe.unet.load_state_dict(load_file(str(weights)))  # copies into the pipeline's dtype/device
+            unet = getattr(pipe.unet, "_orig_mod", pipe.unet)  # under generate.compile too
+            unet.load_state_dict(load_file(str(weights)))  # copies into the pipeline's dtype/device
 
     def call_kwargs(self, rows: Sequence[Row], cfg: GenerateConfig) -> dict[str, Any]:
         import torch

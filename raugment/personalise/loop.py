@@ -22,13 +22,15 @@ import json
 import logging
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from raugment import schema
-from raugment.personalise.methods import build_personaliser, get_method, load_trainable_state, trainable_state
+from raugment.personalise.methods import (CondRow, build_personaliser, get_method, load_trainable_state,
+                                          trainable_state)
 from raugment.personalise.outputs import CONDITIONINGS, ITEMS, write_snapshot, write_tags
 from raugment.personalise.policy import EarlyStopper, EpochRecord, checkpoint_tags, epoch_order, scaled_lr
 
@@ -115,9 +117,14 @@ def ensure_latent_cache(out: Path, ids: list[str], files: list[str], vae: Any, r
     import torch.distributed as dist
     from safetensors.torch import save_file
 
+    def barrier() -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
     cache = out / LATENTS
     cache.mkdir(parents=True, exist_ok=True)
     have = _read_latent_cache(cache)
+    barrier()  # every rank has read the same cache before any rank adds to it: same split of the work
     mine = [i for i in ids if i not in have][rank::world]
     if mine:
         images = read_images(files, mine)
@@ -131,8 +138,7 @@ def ensure_latent_cache(out: Path, ids: list[str], files: list[str], vae: Any, r
         save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}, str(tmp),
                   metadata={"ids": json.dumps(mine)})
         tmp.rename(cache / f"part-{time.time_ns()}-{rank:04d}.safetensors")
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    barrier()
     have = _read_latent_cache(cache)
     return torch.stack([have[i][0] for i in ids]), torch.stack([have[i][1] for i in ids])
 
@@ -160,160 +166,204 @@ def _event(out: Path, rank: int, **fields: Any) -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``config`` is built by :func:`raugment.finetune.run`.
+    """Ray Train entry point. ``config`` is built by :func:`raugment.finetune.build_trainer`.
 
     Keys: ``finetune`` (the section as a dict), ``out`` (stage directory), ``images`` (dataset
-    shard files); optionally ``fail_after_epoch`` + ``fail_marker`` (fault injection for tests:
-    the worker raises once after reporting that epoch).
+    shard files); optionally ``fail_after_epoch`` + ``fail_marker`` (fault injection: the worker
+    raises once, right after reporting that epoch).
     """
-    import pyarrow.parquet as pq
-    import ray.train
-    import ray.train.torch
-    import torch
+    WorkerLoop(config).run()
 
-    from raugment.config import FinetuneConfig, from_dict
-    from raugment.models.diffusion import load_components
 
-    fcfg: FinetuneConfig = from_dict(config["finetune"], FinetuneConfig)
-    out = Path(config["out"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(fcfg.seed)
-    method = get_method(fcfg.method)
+@dataclass
+class Progress:
+    """Where a run stands; saved in every Ray Train checkpoint (``progress.json``)."""
 
-    comps = load_components(fcfg.model, revision=fcfg.revision, device=str(device))
-    items = pq.read_table(out / f"{ITEMS}.parquet").to_pydict()
-    rows = pq.read_table(out / f"{CONDITIONINGS}.parquet").to_pylist()
-    ids = items[schema.ID]
-    is_val = np.array([s == "val" for s in items[schema.SPLIT]])
-    train_pos, val_pos = np.flatnonzero(~is_val), np.flatnonzero(is_val)
-    cond_rows = torch.tensor(items[schema.COND_ROW], dtype=torch.long)
-    scaling = float(getattr(comps["vae"].config, "scaling_factor", 0.18215))
-    n_timesteps = comps["noise_scheduler"].config.num_train_timesteps
+    epoch: int = 0
+    stopped: bool = False
+    history: list[EpochRecord] = field(default_factory=list)
+    stopper: dict[str, float] = field(default_factory=dict)
 
-    if fcfg.cache_latents:
-        mean, std = ensure_latent_cache(out, ids, config["images"], comps["vae"], fcfg.resolution,
-                                        fcfg.encode_batch_size, rank, world)
-    else:
-        images = read_images(config["images"], ids)
-        pixels = pixels_batch([images[i] for i in ids], fcfg.resolution)
+    def to_json(self) -> str:
+        return json.dumps({"epoch": self.epoch, "stopped": self.stopped, "stopper": self.stopper,
+                           "history": [h.__dict__ for h in self.history]})
 
-    def latents_of(pos: np.ndarray, gen: torch.Generator) -> torch.Tensor:
-        if fcfg.cache_latents:
-            return sample_latents(mean[pos], std[pos], scaling, gen)
-        m, s = encode_latents_batch(comps["vae"], pixels[pos])
-        return sample_latents(m, s, scaling, gen)
+    @classmethod
+    def from_json(cls, text: str) -> "Progress":
+        data = json.loads(text)
+        return cls(data["epoch"], data["stopped"], [EpochRecord(**h) for h in data["history"]], data["stopper"])
 
-    # initial table: from the method, identical on every rank (deterministic text encoding)
-    from raugment.personalise.methods import CondRow
 
-    cond = [CondRow(r[schema.COND_ROW], r[schema.LABEL], r[schema.CLASS_NAME], r[schema.CLUSTER],
-                    r[schema.N_IMAGES], r[schema.TOKEN]) for r in rows]
-    model = build_personaliser(method, comps, method.init_table(comps, cond))
+class WorkerLoop:
+    """One Ray Train worker's fine-tuning run (built once, then :meth:`run`)."""
 
-    global_batch = fcfg.batch_size * world
-    lr = scaled_lr(fcfg.lr, global_batch, fcfg.base_batch_size)
-    unet_lr = scaled_lr(fcfg.unet_lr, global_batch, fcfg.base_batch_size)
-    groups = [{"params": [model.table], "lr": lr, "weight_decay": 0.0}]
-    if method.trains_unet:
-        groups.append({"params": [p for p in model.unet.parameters() if p.requires_grad],
-                       "lr": unet_lr, "weight_decay": fcfg.weight_decay})
-    optimizer = torch.optim.AdamW(groups)
+    def __init__(self, config: dict[str, Any]):
+        import pyarrow.parquet as pq
+        import ray.train
+        import ray.train.torch
+        import torch
 
-    history: list[EpochRecord] = []
-    stopper = EarlyStopper(fcfg.patience, fcfg.min_delta)
-    done, stopped = 0, False
-    resumed = ray.train.get_checkpoint()
-    if resumed is not None:
+        from raugment.config import FinetuneConfig, from_dict
+        from raugment.models.diffusion import load_components
+
+        self.config = config
+        self.cfg: FinetuneConfig = from_dict(config["finetune"], FinetuneConfig)
+        self.out = Path(config["out"])
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        torch.manual_seed(self.cfg.seed)
+        self.method = get_method(self.cfg.method)
+        self.comps = load_components(self.cfg.model, revision=self.cfg.revision, device=str(self.device))
+
+        items = pq.read_table(self.out / f"{ITEMS}.parquet").to_pydict()
+        is_val = np.array([s == "val" for s in items[schema.SPLIT]])
+        self.train_pos, self.val_pos = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+        self.cond_rows = torch.tensor(items[schema.COND_ROW], dtype=torch.long)
+        self.scaling = float(getattr(self.comps["vae"].config, "scaling_factor", 0.18215))
+        self.n_timesteps = self.comps["noise_scheduler"].config.num_train_timesteps
+        self._load_images(items[schema.ID])
+
+        # the initial table is the same on every rank (deterministic text encoding)
+        rows = [CondRow(r[schema.COND_ROW], r[schema.LABEL], r[schema.CLASS_NAME], r[schema.CLUSTER],
+                        r[schema.N_IMAGES], r[schema.TOKEN])
+                for r in pq.read_table(self.out / f"{CONDITIONINGS}.parquet").to_pylist()]
+        self.model = build_personaliser(self.method, self.comps, self.method.init_table(self.comps, rows))
+        self.optimizer = self._build_optimizer()
+        self.progress = self._restore()
+        self.model = ray.train.torch.prepare_model(self.model)  # DDP when world > 1
+        self.inner = getattr(self.model, "module", self.model)
+        self.autocast = (torch.autocast("cuda", dtype=getattr(torch, self.cfg.dtype))
+                         if self.device.type == "cuda" and self.cfg.dtype != "float32" else contextlib.nullcontext())
+
+    def _load_images(self, ids: list[str]) -> None:
+        if self.cfg.cache_latents:
+            self.mean, self.std = ensure_latent_cache(self.out, ids, self.config["images"], self.comps["vae"],
+                                                      self.cfg.resolution, self.cfg.encode_batch_size,
+                                                      self.rank, self.world)
+        else:
+            images = read_images(self.config["images"], ids)
+            self.pixels = pixels_batch([images[i] for i in ids], self.cfg.resolution)
+
+    def _build_optimizer(self) -> Any:
+        import torch
+
+        batch = self.cfg.batch_size * self.world
+        self.lr = scaled_lr(self.cfg.lr, batch, self.cfg.base_batch_size)
+        self.unet_lr = scaled_lr(self.cfg.unet_lr, batch, self.cfg.base_batch_size)
+        groups = [{"params": [self.model.table], "lr": self.lr, "weight_decay": 0.0}]
+        if self.method.trains_unet:
+            groups.append({"params": [p for p in self.model.unet.parameters() if p.requires_grad],
+                           "lr": self.unet_lr, "weight_decay": self.cfg.weight_decay})
+        self.params = [p for g in groups for p in g["params"]]
+        return torch.optim.AdamW(groups)
+
+    def _restore(self) -> Progress:
+        """Learned tensors, optimizer and progress from the last reported checkpoint, if any."""
+        import ray.train
+        import torch
         from safetensors.torch import load_file
 
-        with resumed.as_directory() as d:
-            load_trainable_state(model, method, load_file(str(Path(d) / STATE)))
-            optimizer.load_state_dict(torch.load(Path(d) / OPTIMIZER, map_location=device, weights_only=True))
-            progress = json.loads((Path(d) / PROGRESS).read_text())
-        history = [EpochRecord(**h) for h in progress["history"]]
-        stopper.load(progress["stopper"])
-        done, stopped = progress["epoch"], progress["stopped"]
-    _event(out, rank, event="start", resume_after_epoch=done, world_size=world, lr=lr, unet_lr=unet_lr)
+        progress = Progress(stopper=EarlyStopper(self.cfg.patience, self.cfg.min_delta).state())
+        resumed = ray.train.get_checkpoint()
+        if resumed is not None:
+            with resumed.as_directory() as d:
+                load_trainable_state(self.model, self.method, load_file(str(Path(d) / STATE)))
+                self.optimizer.load_state_dict(torch.load(Path(d) / OPTIMIZER, map_location=self.device,
+                                                          weights_only=True))
+                progress = Progress.from_json((Path(d) / PROGRESS).read_text())
+        _event(self.out, self.rank, event="start", resume_after_epoch=progress.epoch, world_size=self.world,
+               lr=self.lr, unet_lr=self.unet_lr)
+        return progress
 
-    model = ray.train.torch.prepare_model(model)
-    inner = getattr(model, "module", model)
-    params = [p for g in groups for p in g["params"]]
-    keep = method.keep_epochs(fcfg)
-    autocast = (torch.autocast("cuda", dtype=getattr(torch, fcfg.dtype))
-                if device.type == "cuda" and fcfg.dtype != "float32" else contextlib.nullcontext())
+    def loss_on(self, pos: np.ndarray, gen: Any, rng: np.random.Generator, net: Any) -> Any:
+        """The denoising loss of the items at ``pos`` (fresh latent sample, noise, timesteps)."""
+        import torch
 
-    def loss_on(pos: np.ndarray, gen: torch.Generator, rng: np.random.Generator, net: Any) -> torch.Tensor:
-        lat = latents_of(pos, gen)
+        if self.cfg.cache_latents:
+            lat = sample_latents(self.mean[pos], self.std[pos], self.scaling, gen)
+        else:
+            lat = sample_latents(*encode_latents_batch(self.comps["vae"], self.pixels[pos]), self.scaling, gen)
         noise = torch.randn(lat.shape, generator=gen)
-        t = torch.randint(0, n_timesteps, (len(pos),), generator=gen)
-        prompt_ids = method.prompt_ids(comps, len(pos), rng)
-        with autocast:
-            return net(lat.to(device), noise.to(device), t.to(device), cond_rows[pos].to(device),
-                       None if prompt_ids is None else prompt_ids.to(device))
+        t = torch.randint(0, self.n_timesteps, (len(pos),), generator=gen)
+        ids = self.method.prompt_ids(self.comps, len(pos), rng)
+        with self.autocast:
+            return net(lat.to(self.device), noise.to(self.device), t.to(self.device),
+                       self.cond_rows[pos].to(self.device), None if ids is None else ids.to(self.device))
 
-    epoch = done
-    while not stopped and epoch < fcfg.max_epochs:
-        epoch += 1
+    def train_epoch(self, epoch: int) -> tuple[float, float, int]:
+        """One epoch; returns (mean train loss over all ranks, seconds per step, steps)."""
+        import torch
+
         t0 = time.perf_counter()
-        order = epoch_order(len(train_pos), world, fcfg.batch_size, epoch, fcfg.seed)
-        gen = torch.Generator().manual_seed(fcfg.seed * 1_000_003 + epoch * 1009 + rank)
-        rng = np.random.default_rng([fcfg.seed, epoch, rank])
-        model.train()
+        order = epoch_order(len(self.train_pos), self.world, self.cfg.batch_size, epoch, self.cfg.seed)
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch * 1009 + self.rank)
+        rng = np.random.default_rng([self.cfg.seed, epoch, self.rank])
+        self.model.train()
         total = 0.0
         for step in range(order.shape[0]):
-            loss = loss_on(train_pos[order[step, rank]], gen, rng, model)
-            optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_on(self.train_pos[order[step, self.rank]], gen, rng, self.model)
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if fcfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, fcfg.max_grad_norm)
-            optimizer.step()
+            if self.cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            self.optimizer.step()
             total += float(loss.detach())
         step_s = (time.perf_counter() - t0) / order.shape[0]
-        train_loss = _all_mean(total, order.shape[0], device)
-        val_loss = _validation_loss(val_pos, rank, world, fcfg.batch_size, inner, loss_on, fcfg.seed, device)
-        if np.isnan(val_loss):  # no held-out images: fall back to the training loss
-            val_loss = train_loss
-        history.append(EpochRecord(epoch, train_loss, val_loss))
-        stopped = stopper.update(val_loss)
+        return _all_mean(total, order.shape[0], self.device), step_s, int(order.shape[0])
 
-        if rank == 0:
-            tags = checkpoint_tags(history, keep)
-            if epoch in tags:
-                state = trainable_state(model, method)
-                write_snapshot(out, epoch, {method.table_key: state[method.table_key]},
-                               {"method": method.name, "train_loss": train_loss, "val_loss": val_loss,
-                                "tags": tags[epoch]}, unet=inner.unet if method.trains_unet else None)
-            write_tags(out, tags)
-        metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
-                   "unet_lr": unet_lr, "step_s": step_s, "steps": int(order.shape[0]), "stopped": stopped}
-        _event(out, rank, event="epoch", **metrics)
-        progress = {"epoch": epoch, "stopped": stopped, "stopper": stopper.state(),
-                    "history": [h.__dict__ for h in history]}
-        _report(metrics, progress, model, method, optimizer, rank)
-        if config.get("fail_after_epoch") == epoch and not Path(config["fail_marker"]).exists():
-            Path(config["fail_marker"]).write_text("failed once\n")
-            raise RuntimeError(f"injected failure after epoch {epoch}")
+    def validation_loss(self) -> float:
+        """Mean loss on the held-out items with the same noise and timesteps every epoch."""
+        import torch
+
+        mine = self.val_pos[self.rank::self.world]
+        gen = torch.Generator().manual_seed(self.cfg.seed + VAL_SEED + self.rank)
+        rng = np.random.default_rng([self.cfg.seed, VAL_SEED, self.rank])
+        self.inner.eval()
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, len(mine), self.cfg.batch_size):
+                pos = mine[start:start + self.cfg.batch_size]
+                total += float(self.loss_on(pos, gen, rng, self.inner)) * len(pos)
+        return _all_mean(total, len(mine), self.device)
+
+    def save_snapshot(self, record: EpochRecord) -> None:
+        """Rank 0: the generator-facing snapshot when the policy keeps this epoch; prune the rest."""
+        if self.rank != 0:
+            return
+        tags = checkpoint_tags(self.progress.history, self.method.keep_epochs(self.cfg))
+        if record.epoch in tags:
+            table = self.inner.table.detach().cpu().contiguous()
+            write_snapshot(self.out, record.epoch, {self.method.table_key: table},
+                           {"method": self.method.name, "train_loss": record.train_loss,
+                            "val_loss": record.val_loss, "tags": tags[record.epoch]},
+                           unet=self.inner.unet if self.method.trains_unet else None)
+        write_tags(self.out, tags)
+
+    def run(self) -> None:
+        stopper = EarlyStopper(self.cfg.patience, self.cfg.min_delta)
+        stopper.load(self.progress.stopper)
+        while not self.progress.stopped and self.progress.epoch < self.cfg.max_epochs:
+            epoch = self.progress.epoch + 1
+            train_loss, step_s, steps = self.train_epoch(epoch)
+            val_loss = self.validation_loss()
+            if np.isnan(val_loss):  # no held-out images: fall back to the training loss
+                val_loss = train_loss
+            record = EpochRecord(epoch, train_loss, val_loss)
+            stopped = stopper.update(val_loss)
+            self.progress = Progress(epoch, stopped, [*self.progress.history, record], stopper.state())
+            self.save_snapshot(record)
+            metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": self.lr,
+                       "unet_lr": self.unet_lr, "step_s": step_s, "steps": steps, "stopped": stopped}
+            _event(self.out, self.rank, event="epoch", **metrics)
+            _report(metrics, self.progress.to_json(), self.model, self.method, self.optimizer, self.rank)
+            marker = self.config.get("fail_marker")
+            if self.config.get("fail_after_epoch") == epoch and not Path(marker).exists():
+                Path(marker).write_text("failed once\n")
+                raise RuntimeError(f"injected failure after epoch {epoch}")
 
 
-def _validation_loss(val_pos: np.ndarray, rank: int, world: int, batch_size: int, net: Any,
-                     loss_on: Any, seed: int, device: Any) -> float:
-    import torch
-
-    mine = val_pos[rank::world]
-    gen = torch.Generator().manual_seed(seed + VAL_SEED + rank)
-    rng = np.random.default_rng([seed, VAL_SEED, rank])
-    net.eval()
-    total = 0.0
-    with torch.no_grad():
-        for start in range(0, len(mine), batch_size):
-            pos = mine[start:start + batch_size]
-            total += float(loss_on(pos, gen, rng, net)) * len(pos)
-    return _all_mean(total, len(mine), device)
-
-
-def _report(metrics: dict, progress: dict, model: Any, method: Any, optimizer: Any, rank: int) -> None:
+def _report(metrics: dict, progress: str, model: Any, method: Any, optimizer: Any, rank: int) -> None:
     """Every rank reports; rank 0 attaches the resumable state."""
     import ray.train
     import torch
@@ -325,6 +375,5 @@ def _report(metrics: dict, progress: dict, model: Any, method: Any, optimizer: A
     with tempfile.TemporaryDirectory() as d:
         save_file(trainable_state(model, method), str(Path(d) / STATE))
         torch.save(optimizer.state_dict(), Path(d) / OPTIMIZER)
-        (Path(d) / PROGRESS).write_text(json.dumps(progress))
+        (Path(d) / PROGRESS).write_text(progress)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-

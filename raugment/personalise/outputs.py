@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from raugment import schema
 from raugment.personalise.policy import BEST_VAL, epoch_tag
-from raugment.storage import TMP_PREFIX, write_text_atomic
+from raugment.storage import CONFIG, TMP_PREFIX, write_text_atomic
 
 LEARNED = "learned.safetensors"
 META = "meta.json"
@@ -172,6 +172,14 @@ def resolve(path: str | Path, checkpoint: Optional[str] = None) -> tuple[Path, P
     if checkpoint not in tags:
         raise ValueError(f"{p} has no checkpoint {checkpoint!r}; it has {sorted(tags)}")
     return p, p / CHECKPOINTS_DIR / epoch_tag(tags[checkpoint]), checkpoint
+
+
+def artifact_config(artifact: str | Path) -> dict[str, Any]:
+    """The ``config.yaml`` a stage wrote (its section under ``config``); empty if absent."""
+    import yaml
+
+    p = Path(artifact) / CONFIG
+    return (yaml.safe_load(p.read_text()) or {}) if p.exists() else {}
 
 
 def load_personalisation(path: str | Path, checkpoint: Optional[str] = None) -> Personalisation:

@@ -1,0 +1,141 @@
+"""Fine-tuning step time per method vs. a plain diffusers-style step (ratios in one run, one line).
+
+Workload: one batch of ``--batch`` images at ``--resolution`` px, two classes, the same batch every
+step. Timed per method (5-9): raugment's training step (sample from the cached latent
+distribution, build the conditioning from the learned table / pseudo-word, UNet forward +
+backward, AdamW). The reference is the step a hand-written fine-tuning loop runs (as in
+diffusers' text-to-image example): VAE-encode the pixels every step, text-encode the prompt, UNet
+forward + backward, AdamW on the UNet. Ratios < 1 mean raugment's step is cheaper; the latent cache
+and frozen-UNet methods are why.
+
+``--full-size`` builds Stable Diffusion v1.4's architecture (UNet 860 M, VAE, CLIP ViT-L/14 text
+encoder) with random weights for GPU figures; the default is the tiny bundle.
+
+Usage: ``python benchmarks/bench_finetune.py [--model runs/models/sd] [--device cpu] [--steps 10]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raugment.personalise.methods import CondRow, build_personaliser, denoising_loss, encode_prompts, get_method
+
+METHODS = ["ft_conditioning", "ft_cluster_conditioning", "imagic", "textual_inversion", "pseudoword_dm"]
+ROWS = [CondRow(0, 0, "tiger shark, Galeocerdo cuvieri"), CondRow(1, 1, "axolotl")]
+
+
+def full_size_components(device: str) -> dict:
+    """SD v1.4's architecture with random weights (configs as in the released model)."""
+    import diffusers
+    import transformers
+
+    from raugment.models.diffusion import SD14_SCHEDULER, write_clip_tokenizer
+
+    tok = transformers.CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tempfile.mkdtemp()) / "tok"))
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    te = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    sched = diffusers.DDPMScheduler.from_config({k: v for k, v in SD14_SCHEDULER.items() if k != "skip_prk_steps"})
+    return {"unet": unet.to(device), "vae": vae.to(device), "text_encoder": te.to(device), "tokenizer": tok,
+            "noise_scheduler": sched}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(step, steps: int, device: str) -> float:
+    step()  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="runs/models/sd", help="diffusers bundle (tiny: raugment models tiny runs/models)")
+    p.add_argument("--full-size", action="store_true", help="SD v1.4 architecture, random weights")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    from raugment.models.diffusion import load_components
+
+    def fresh() -> dict:
+        torch.manual_seed(0)
+        return full_size_components(args.device) if args.full_size else load_components(args.model, device=args.device)
+
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(args.batch, 3, args.resolution, args.resolution, generator=g).mul(2).sub(1).to(args.device)
+    rows = torch.arange(args.batch, device=args.device) % 2
+    t = torch.randint(0, 1000, (args.batch,), generator=g).to(args.device)
+
+    # reference: a plain step that encodes pixels and text every step and trains the UNet
+    comps = fresh()
+    opt = torch.optim.AdamW(comps["unet"].parameters(), lr=1e-6)
+    prompts = ["A photo of tigershark.", "A photo of axolotl."] * (args.batch // 2)
+
+    def plain_step() -> None:
+        with torch.no_grad():
+            lat = comps["vae"].encode(pixels).latent_dist.sample() * comps["vae"].config.scaling_factor
+        cond = encode_prompts(comps["text_encoder"], comps["tokenizer"], prompts)
+        loss = denoising_loss(comps["unet"], comps["noise_scheduler"], lat, torch.randn_like(lat), t, cond)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    plain = timed(plain_step, args.steps, args.device)
+    with torch.no_grad():
+        dist = comps["vae"].encode(pixels).latent_dist
+    mean, std = dist.mean, dist.std
+    del comps, opt
+
+    figures = {}
+    for name in METHODS:
+        comps = fresh()
+        method = get_method(name)
+        net = build_personaliser(method, comps, method.init_table(comps, ROWS)).to(args.device)
+        opt = torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=1e-3)
+        rng = np.random.default_rng(0)
+
+        def step() -> None:
+            lat = (mean + std * torch.randn_like(std)) * comps["vae"].config.scaling_factor
+            ids = method.prompt_ids(comps, args.batch, rng)
+            loss = net(lat, torch.randn_like(lat), t, rows, None if ids is None else ids.to(args.device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        figures[name] = timed(step, args.steps, args.device)
+        del comps, net, opt
+
+    what = "SD v1.4 arch (random)" if args.full_size else "tiny SD"
+    parts = ", ".join(f"{n} {1000 * s:.1f} ms ({s / plain:.2f}x, {1 / s:.1f} steps/s)" for n, s in figures.items())
+    print(f"finetune step, {what}, {args.device}, batch {args.batch} @ {args.resolution}px: "
+          f"plain UNet step {1000 * plain:.1f} ms; {parts}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Generation stage on a Ray Data actor pool vs. a plain diffusers loop (ratio in one run).
+
+Both sides generate the same prompts (the stage's own plan: same seeds, same order within a
+class) with the same model, options and diffusion batch size, and encode each image as the stage
+does. The plain loop is what one writes by hand: load the pipeline, loop over batches.
+
+Figures, one line:
+
+* ``stage`` img/s: end to end, ``generate.run`` wall time (Ray Data planning, actor start with
+  its torch/diffusers imports and model load, generation, shard writes, stats);
+* ``plain`` img/s: pipeline load + loop (run before and after the stage; the mean is used);
+* generation only: time inside the actor's generation loop (the stage's ``actor_s``) vs. the
+  plain loop without its pipeline load, i.e. both without one-off start-up; that ratio shows
+  what the stage costs per image (shard writes, bookkeeping), the end-to-end one what it costs
+  to start (Ray Data, an actor process importing torch/diffusers, model load), which a long
+  run amortises.
+
+On this CPU-only box both sides use one torch thread (an actor with ``num_cpus=0.5`` gets
+``OMP_NUM_THREADS=1`` from Ray). With ``--model`` and ``--num-gpus 1`` on a GPU machine it measures
+the real thing (e.g. the full-size SD v1.4 architecture at 512 px, 50 steps).
+
+Usage: ``python benchmarks/generate.py [--classes 4 --per-class 16 --steps 10 --size 64 --batch-size 8]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def fake_dataset(root: Path, classes: int):
+    """A dataset artifact with only a classes table (prompt methods need nothing else)."""
+    from raugment import schema
+    from raugment.storage import run_stage
+
+    def body(run):
+        run.write_single(schema.to_table(
+            [{"label": i, "class_id": f"class{i}", "class_name": f"object number {i}", "n_train": 1}
+             for i in range(classes)], schema.CLASSES), "classes")
+
+    return run_stage(root, "dataset", {"bench": classes}, {}, body)
+
+
+def plain_loop(cfg, rows, device: str) -> tuple[float, float]:
+    """(seconds for load + generate + encode, seconds for generate + encode) of a plain loop."""
+    import torch
+
+    from raugment.imageio import encode_image
+    from raugment.models.diffusion import load_pipeline
+
+    g = cfg.generate
+    t0 = time.perf_counter()
+    pipe = load_pipeline(g.model, dtype=g.dtype, device=device, scheduler=g.scheduler, sdpa=g.sdpa,
+                         channels_last=g.channels_last, compile=g.compile, vae_slicing=g.vae_slicing)
+    t1 = time.perf_counter()
+    by_class: dict[int, list] = {}
+    for r in rows:
+        by_class.setdefault(r["label"], []).append(r)
+    for class_rows in by_class.values():
+        for i in range(0, len(class_rows), g.pool.batch_size):
+            batch = class_rows[i:i + g.pool.batch_size]
+            out = pipe([r["prompt"] for r in batch], height=g.height, width=g.width,
+                       num_inference_steps=g.steps, guidance_scale=g.guidance_scale,
+                       generator=[torch.Generator("cpu").manual_seed(r["seed"]) for r in batch])
+            for img in out.images:
+                encode_image(img, g.image_format, g.quality)
+    t2 = time.perf_counter()
+    return t2 - t0, t2 - t1
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--classes", type=int, default=4)
+    p.add_argument("--per-class", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--model", default=None, help="SD bundle or hub id (default: the tiny one)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--num-gpus", type=float, default=0.0)
+    p.add_argument("--num-cpus", type=float, default=0.5)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    import torch
+
+    from raugment import generate
+    from raugment.cluster import init_ray, pick_device
+    from raugment.config import ClusterConfig, load_config
+    from raugment.models.diffusion import write_tiny_sd
+
+    work = Path(tempfile.mkdtemp(prefix="bench-gen-"))
+    model = args.model or str(write_tiny_sd(work / "sd"))
+    cfg = load_config(None, [
+        f"run.root={work / 'runs'}", "run.progress=false", f"generate.model={model}",
+        f"generate.height={args.size}", f"generate.width={args.size}", f"generate.steps={args.steps}",
+        f"generate.images_per_class={args.per_class}", f"generate.dtype={args.dtype}",
+        f"generate.pool.batch_size={args.batch_size}", f"generate.pool.num_gpus={args.num_gpus}",
+        f"generate.pool.num_cpus={args.num_cpus}", "generate.safety_checker=true"])
+    dataset = fake_dataset(work / "runs", args.classes)
+    method = generate.check_config(cfg)
+    rows = method.plan(generate.read_classes(dataset), cfg.generate, dataset=dataset, finetune=None)
+    n = len(rows)
+
+    device = pick_device("cuda" if args.num_gpus > 0 else "cpu")
+    if device == "cpu":
+        torch.set_num_threads(max(1, int(args.num_cpus)))  # what Ray gives the actor
+    init_ray(ClusterConfig(temp_dir=tempfile.mkdtemp(prefix="rt-", dir="/tmp")), progress=False)
+
+    # plain, stage, plain again: the mean of the two plain runs cancels slow drift of a shared box
+    first = plain_loop(cfg, rows, device)
+    t0 = time.perf_counter()
+    art = generate.run(cfg, dataset)
+    stage_s = time.perf_counter() - t0
+    second = plain_loop(cfg, rows, device)
+    plain_s, plain_gen_s = (first[0] + second[0]) / 2, (first[1] + second[1]) / 2
+    actor_s = art.stats["actor_s"]
+    assert art.stats["counts"]["images"] == n, art.stats
+    print(f"generate: {n} images ({args.classes} classes), {args.size} px, {args.steps} steps, batch "
+          f"{args.batch_size}, {device}: stage {n / stage_s:.2f} img/s end to end, plain loop "
+          f"{n / plain_s:.2f} img/s with load (ratio {plain_s / stage_s:.3f}); generation only: actor "
+          f"{n / actor_s:.2f} img/s, plain {n / plain_gen_s:.2f} img/s (ratio {plain_gen_s / actor_s:.3f}; "
+          f"plain runs {n / first[1]:.2f} and {n / second[1]:.2f} img/s)")
+
+if __name__ == "__main__":
+    main()

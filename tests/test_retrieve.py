@@ -1,0 +1,409 @@
+"""Retrieval: k schedule, quota growth, filters, both backends, the knn-service protocol, the stage on the pool."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from raugment import schema
+from raugment.config import ConfigError, from_dict
+from raugment.download import DownloadResult, results_table
+from raugment.imageio import encode_image, item_id
+from raugment.retrieve import (DownloadCache, Screener, grow_and_select, k_schedule, plan_queries,
+                               precision_at_n)
+from raugment.retrievers.knn_service import KnnServiceRetriever, build_request, parse_response
+from raugment.retrievers.local import LocalRetriever
+from raugment.storage import run_stage
+
+FIXTURES = Path(__file__).parent / "fixtures" / "knn_service"
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def classes_table(names, n_train=None):
+    return schema.to_table([{schema.LABEL: i, schema.CLASS_ID: n.replace(" ", "_"), schema.CLASS_NAME: n,
+                             schema.COUNT_TRAIN: n_train} for i, n in enumerate(names)], schema.CLASSES)
+
+
+def png(i: int) -> bytes:
+    from PIL import Image
+
+    return encode_image(Image.new("RGB", (8, 8), (i % 256, (i // 256) % 256, 7)), "PNG")
+
+
+class FakeBackend:
+    """Hits per prompt in a fixed order; counts the k it was asked for."""
+
+    clip_model = "fake"
+
+    def __init__(self, hits):
+        self.hits = hits
+        self.asked = []
+
+    def query(self, prompts, k):
+        self.asked.append(k)
+        return [self.hits[p][:k] for p in prompts]
+
+    def encoder(self):
+        raise AssertionError("no CLIP needed here")
+
+
+def hit(url, sim, aesthetic=6.0, nsfw=0.0, embedding=None, label=None):
+    return {schema.URL: url, schema.CAPTION: url, schema.CLIP_SIMILARITY: sim, schema.AESTHETIC_SCORE: aesthetic,
+            schema.NSFW_SCORE: nsfw, schema.POOL_LABEL: label, "embedding": embedding}
+
+
+class FakeDownloads:
+    """URLs containing "dead" fail with 404; "same" URLs share bytes; records what it was asked."""
+
+    def __init__(self):
+        self.asked = []
+
+    def __call__(self, urls):
+        self.asked.extend(urls)
+        res = []
+        for u in urls:
+            if "dead" in u:
+                res.append(DownloadResult(url=u, reason="http_404", attempts=1))
+            else:
+                data = png(0) if "same" in u else png(abs(hash(u)) % 60000)
+                import hashlib
+
+                res.append(DownloadResult(url=u, image=data, num_bytes=len(data),
+                                          content_hash=hashlib.sha256(data).hexdigest(), width=8, height=8, attempts=1))
+        yield results_table(res)
+
+
+def select(cfg_data, names, hits):
+    cfg = from_dict({"retrieve": cfg_data})
+    queries = plan_queries(classes_table(names), cfg.retrieve)
+    backend = FakeBackend({q.prompt: hits[q.class_name] for q in queries})
+    downloads = FakeDownloads()
+    cache = DownloadCache(None, cfg.retrieve, downloads)
+    cands = grow_and_select(queries, backend, cache, Screener(cfg.retrieve, backend.encoder))
+    return cands, queries, backend, downloads
+
+
+def by_reason(cands, label=None):
+    out = {}
+    for c in cands:
+        if label is None or c[schema.LABEL] == label:
+            out.setdefault(c["reason"], []).append(c[schema.RANK])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# planning and the quota loop (no Ray, no network)
+# --------------------------------------------------------------------------------------------
+
+
+def test_k_schedule_is_the_papers():
+    ks = k_schedule(130, from_dict({}).retrieve)
+    assert ks[0] == 182 and ks[-1] == 1820 and len(ks) == 10          # 1.4 n ... 10 x 1.4 n
+    assert all(b - a in (182, 182 + 1, 182 - 1) for a, b in zip(ks, ks[1:]))
+
+
+def test_plan_uses_the_no_whitespace_prompt_and_ratio_quotas():
+    q = plan_queries(classes_table(["tiger shark, Galeocerdo cuvieri"], n_train=80),
+                     from_dict({"retrieve": {"ratio": 250}}).retrieve)[0]
+    assert q.prompt == "A photo of tigershark,Galeocerdocuvieri." and q.quota == 200
+    with pytest.raises(ConfigError, match="n_train"):
+        plan_queries(classes_table(["a"]), from_dict({"retrieve": {"ratio": 100}}).retrieve)
+
+
+def test_quota_growth_reaches_the_quota_most_similar_first():
+    # Class "a": every third hit is dead; 5 needed, k starts at 7 (1.4 n) -> needs a second round.
+    hits_a = [hit(f"http://h/{'dead' if i % 3 == 0 else 'a'}{i}.jpg", 1 - i / 100) for i in range(40)]
+    cands, queries, backend, _ = select({"images_per_class": 5}, ["a"], {"a": hits_a})
+    q = queries[0]
+    sel = sorted(c[schema.RANK] for c in cands if c[schema.STATUS] == "selected")
+    assert sel == [1, 2, 4, 5, 7]                                     # the 5 most similar survivors
+    assert backend.asked == [7, 14] and q.k == 14
+    reasons = by_reason(cands)
+    assert reasons["http_404"] == [0, 3, 6, 9, 12] and reasons["over_quota"] == [8, 10, 11, 13]
+    assert all(c[schema.K] == (7 if c[schema.RANK] < 7 else 14) for c in cands)   # the round that found it
+    assert len(cands) == 14 and len({c[schema.RANK] for c in cands}) == 14          # every candidate, once
+
+
+def test_shortfall_when_candidates_run_out():
+    hits = {"a": [hit(f"http://h/a{i}.jpg", 0.9) for i in range(3)] + [hit("http://h/dead.jpg", 0.1)],
+            "b": [hit(f"http://h/b{i}.jpg", 0.9) for i in range(100)]}
+    cands, queries, backend, _ = select({"images_per_class": 10, "k_max_factor": 2.8}, ["a", "b"], hits)
+    qa, qb = queries
+    assert len(qa.accepted) == 3 and qa.done and qa.exhausted                 # short by 7, stopped early
+    assert len(qb.accepted) == 10 and backend.asked == [14]
+    many = {"a": [hit(f"http://h/{'dead' if i % 2 else 'a'}{i}.jpg", 0.9) for i in range(100)]}
+    cands, queries, backend, _ = select({"images_per_class": 10, "k_max_factor": 2.8}, ["a"], many)
+    assert len(queries[0].accepted) == 10 and backend.asked == [14, 28]
+    cands, queries, backend, _ = select({"images_per_class": 10, "k_max_factor": 1.4}, ["a"], many)
+    assert len(queries[0].accepted) == 7 and backend.asked == [14]           # k at its maximum: short by 3
+
+
+def test_filters_drop_before_download_and_record_reasons():
+    hits = {"a": [hit("http://h/low.jpg", 0.9, aesthetic=4.99),
+                  hit("http://h/nsfw.jpg", 0.89, nsfw=1.0),
+                  hit("http://h/ok1.jpg", 0.88, aesthetic=5.0),
+                  hit("http://h/same1.jpg", 0.87), hit("http://h/same2.jpg", 0.86),
+                  hit("http://h/shared.jpg", 0.85), hit(None, 0.84)] + [hit(f"http://h/a{i}.jpg", 0.5) for i in range(20)],
+            "b": [hit("http://h/shared.jpg", 0.99)] + [hit(f"http://h/b{i}.jpg", 0.5) for i in range(20)]}
+    cands, _, _, downloads = select({"images_per_class": 3}, ["a", "b"], hits)
+    reason = {(c[schema.LABEL], c[schema.URL]): c["reason"] for c in cands}
+    assert reason[(0, "http://h/low.jpg")] == "aesthetic"
+    assert reason[(0, "http://h/nsfw.jpg")] == "nsfw"
+    assert reason[(0, "http://h/ok1.jpg")] is None                     # 5.0 passes ">= 5"
+    assert reason[(0, "http://h/same2.jpg")] == "duplicate_image"      # same bytes as same1
+    assert reason[(0, None)] == "no_url"
+    assert {reason[(0, "http://h/shared.jpg")], reason[(1, "http://h/shared.jpg")]} == {None, "duplicate_url"}
+    assert "http://h/low.jpg" not in downloads.asked and "http://h/nsfw.jpg" not in downloads.asked
+    assert downloads.asked.count("http://h/shared.jpg") == 1
+
+
+def test_aesthetic_from_stored_embeddings_when_the_index_has_no_score():
+    from raugment.models.aesthetic import load_aesthetic
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(30, 16)).astype(np.float32)
+    scores = load_aesthetic(None, 16).score(emb)
+    hits = {"a": [hit(f"http://h/a{i}.jpg", 1 - i / 100, aesthetic=None, embedding=emb[i]) for i in range(30)]}
+    cands, _, _, _ = select({"images_per_class": 30, "k_start_factor": 1.0}, ["a"], hits)
+    for c, s in zip(sorted(cands, key=lambda c: c[schema.RANK]), scores):
+        assert c[schema.AESTHETIC_SCORE] == pytest.approx(float(s))
+        assert (c["reason"] == "aesthetic") == (s < 5)
+    assert 0 < sum(s < 5 for s in scores) < 30
+
+
+def test_precision_at_n():
+    sel = [{schema.POOL_LABEL: "a", schema.CLASS_NAME: "a"}, {schema.POOL_LABEL: "b", schema.CLASS_NAME: "a"},
+           {schema.POOL_LABEL: None, schema.CLASS_NAME: "a"}]
+    assert precision_at_n(sel) == 0.5 and precision_at_n([]) is None
+
+
+# --------------------------------------------------------------------------------------------
+# backends on a small index with known embeddings
+# --------------------------------------------------------------------------------------------
+
+
+class KnownTextEncoder:
+    """Maps "A photo of c<i>." to class direction i (a CLIP text tower with known answers)."""
+
+    def __init__(self, directions):
+        self.directions = directions
+
+    def embed_texts(self, texts):
+        return np.stack([self.directions[int(t.split("c")[-1].rstrip("."))] for t in texts])
+
+
+@pytest.fixture
+def known_index(tmp_path):
+    from raugment.config import IndexConfig
+    from raugment.index import build_index
+    from test_index import known_embeddings, write_laion_layout
+
+    emb, labels, directions = known_embeddings()
+    src = write_laion_layout(tmp_path / "laion", emb, labels)
+    build_index(IndexConfig(source="embeddings", path=str(src), clip_model="fake-clip"), tmp_path / "index")
+    return tmp_path / "index", labels, directions
+
+
+def knn_server(index_dir, directions, seen):
+    """A tiny /knn-service answering from the known index, as clip back does (cut to num_images)."""
+    from raugment.index import open_index
+
+    idx = open_index(index_dir)
+    enc = KnownTextEncoder(directions)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body)
+            scores, ids = idx.search(enc.embed_texts([body["text"]]), body["num_result_ids"])
+            rows = idx.rows(ids[0])
+            out = [{"id": int(i), "similarity": float(s), "url": r[schema.URL], "caption": r[schema.CAPTION],
+                    "NSFW": "NSFW" if r[schema.NSFW_SCORE] else "UNLIKELY"}
+                   for i, s, r in zip(ids[0], scores[0], rows)][: body["num_images"]]
+            data = json.dumps(out).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def test_both_backends_return_the_expected_neighbours(known_index):
+    index_dir, labels, directions = known_index
+    local = LocalRetriever(from_dict({"retrieve": {"index": str(index_dir)}}), str(index_dir))
+    local._encoder = KnownTextEncoder(directions)
+    seen = []
+    srv = knn_server(index_dir, directions, seen)
+    try:
+        cfg = from_dict({"retrieve": {"backend": "knn_service", "service_url":
+                                      f"http://127.0.0.1:{srv.server_address[1]}/knn-service"}})
+        remote = KnnServiceRetriever(cfg)
+        prompts = ["A photo of c0.", "A photo of c2."]
+        for backend in (local, remote):
+            hits = backend.query(prompts, 10)
+            for c, class_hits in zip((0, 2), hits):
+                ids = [int(urlsplit(h[schema.URL]).path.strip("/").split(".")[0]) for h in class_hits]
+                assert len(ids) == 10 and set(labels[ids]) == {c}
+                sims = [h[schema.CLIP_SIMILARITY] for h in class_hits]
+                assert sims == sorted(sims, reverse=True)
+        assert [h[schema.URL] for h in local.query(prompts, 10)[0]] == [h[schema.URL] for h in remote.query(prompts, 10)[0]]
+        assert local.query(prompts, 3)[0][0]["embedding"].shape == (8,)        # local hits carry embeddings
+        assert all(b["num_result_ids"] > b["num_images"] for b in seen)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_local_backend_refuses_a_different_clip_model(known_index):
+    index_dir, _, _ = known_index
+    with pytest.raises(ConfigError, match="same model"):
+        LocalRetriever(from_dict({"retrieve": {"clip_model": "ViT-B-32"}}), str(index_dir))
+
+
+def test_knn_service_request_matches_the_recorded_protocol():
+    cfg = from_dict({"retrieve": {"backend": "knn_service", "service_url": "http://127.0.0.1:1/knn-service"}})
+    recorded = json.loads((FIXTURES / "request.json").read_text())
+    assert build_request(cfg, "A photo of tigershark.", 182) == recorded   # every field explicit
+    steered = from_dict({"retrieve": {"backend": "knn_service", "service_url": "http://x/knn-service",
+                                      "service_aesthetic_score": 9, "service_aesthetic_weight": 0.5}})
+    body = build_request(steered, "x", 10)
+    assert body["aesthetic_score"] == 9 and body["aesthetic_weight"] == 0.5 and body["num_result_ids"] == 30
+
+
+def test_knn_service_replayed_response_and_retries():
+    response = (FIXTURES / "response.json").read_bytes()
+    calls = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            calls.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            status, data = (503, b"busy") if len(calls) == 1 else (200, response)
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        cfg = from_dict({"retrieve": {"backend": "knn_service", "retries": 2, "timeout_s": 5,
+                                      "service_url": f"http://127.0.0.1:{srv.server_address[1]}/knn-service"}})
+        (hits,) = KnnServiceRetriever(cfg).query(["A photo of tigershark."], 182)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert len(calls) == 2 and calls[1] == json.loads((FIXTURES / "request.json").read_text())
+    assert [h[schema.NSFW_SCORE] for h in hits] == [0.0, 0.5, 1.0]        # the row without url is skipped
+    assert hits[1][schema.AESTHETIC_SCORE] == 5.61 and hits[0][schema.AESTHETIC_SCORE] is None
+    with pytest.raises(Exception, match="error"):
+        parse_response({"error": "index not found"})
+
+
+def test_knn_service_needs_a_url():
+    with pytest.raises(ConfigError, match="retrieve.service_url"):
+        from_dict({"retrieve": {"backend": "knn_service"}})
+
+
+# --------------------------------------------------------------------------------------------
+# the stage on the demo pool: trained small CLIP, fault server, Ray downloads, resume
+# --------------------------------------------------------------------------------------------
+
+POOL_CLASSES = 4
+PER_CLASS = 30
+QUOTA = 6   # about half the pool's images of a class survive faults, aesthetics and NSFW
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from raugment.pool import build_pool, train_small_clip
+    from raugment.synthetic import SYNTHETIC_CLASSES
+
+    root = tmp_path_factory.mktemp("demo")
+    names = SYNTHETIC_CLASSES[:POOL_CLASSES]
+    pool = build_pool(root / "pool", names, per_class=PER_CLASS, distractors=30, seed=0, fault_rate=0.3)
+    clip = train_small_clip(pool, root / "clip", seed=0, minutes=3, max_steps=60, num_threads=1)
+
+    def body(run):
+        run.write_single(classes_table(names, n_train=10), "classes")
+
+    dataset = run_stage(root / "runs", "dataset", {"test": "classes"}, None, body)
+    return root, pool, clip, dataset, names
+
+
+def test_retrieve_stage_on_the_fault_pool(ray_session, demo):
+    from raugment import index as index_stage
+    from raugment import retrieve
+    from raugment.pool import FAULT_REASONS, PoolServer, read_pool
+
+    root, pool, clip, dataset, names = demo
+    with PoolServer(pool) as srv:
+        cfg = from_dict({
+            "run": {"root": str(root / "runs"), "progress": False},
+            "index": {"path": str(pool / "pool.parquet"), "clip_model": str(clip), "clip_pretrained": None,
+                      "device": "cpu"},
+            "retrieve": {"images_per_class": QUOTA, "url_base": srv.url, "device": "cpu",
+                         "download": {"timeout_s": 1.0, "retries": 1, "backoff_s": 0.05, "max_bytes": 1_000_000,
+                                      "allow_loopback": True, "pool": {"concurrency": 1}}}})
+        idx = index_stage.run(cfg)
+        art = retrieve.run(cfg, dataset, idx)
+        first_requests = len(srv.requests)
+        st = art.stats
+
+        # Retrieval means something: precision@n far above chance (30 of 150 pool images per class).
+        chance = PER_CLASS / (POOL_CLASSES * PER_CLASS + 30)
+        assert st["precision_at_n"] >= 0.5 > 2 * chance
+        assert st["counts"]["selected"] == QUOTA * POOL_CLASSES and st["shortfall"] == {}
+        images = art.read("images")
+        assert images.num_rows == QUOTA * POOL_CLASSES
+        assert set(images.column(schema.SOURCE).to_pylist()) == {"retrieved"}
+        assert set(images.column(schema.SPLIT).to_pylist()) == {"added"}
+        assert images.column(schema.ID).to_pylist() == [item_id("ret", u) for u in images.column(schema.URL).to_pylist()]
+        assert len(set(images.column(schema.ID).to_pylist())) == images.num_rows
+        assert min(images.column(schema.AESTHETIC_SCORE).to_pylist()) >= 5.0
+
+        cands = art.read("candidates").to_pylist()
+        for c in cands:
+            if c[schema.REASON] is None:
+                assert c[schema.STATUS] == "selected"
+            if c[schema.AESTHETIC_SCORE] is not None and c[schema.AESTHETIC_SCORE] < 5 and c[schema.REASON] not in ("nsfw", "no_url"):
+                assert c[schema.REASON] == "aesthetic"
+        # Every download fault met is a recorded row with its reason; nothing crashed.
+        table = read_pool(pool)
+        fault_of = {srv.url + u: f for u, f in zip(table.column(schema.URL).to_pylist(),
+                                                   table.column(schema.FAULT).to_pylist())}
+        met = [c for c in cands if fault_of.get(c[schema.URL]) and c[schema.REASON] not in
+               ("aesthetic", "nsfw", "duplicate_url", "over_quota")]
+        assert met and all(c[schema.REASON] == FAULT_REASONS[fault_of[c[schema.URL]]] for c in met)
+        failed = {c[schema.URL] for c in met}
+        assert {r[schema.URL] for r in art.read("failures").to_pylist()} >= failed
+        assert sum(st["download_outcomes"].values()) == st["counts"]["downloaded"]
+
+        # A killed run (no _SUCCESS) resumes: only the failed URLs are downloaded again.
+        os.remove(art.path / "_SUCCESS")
+        again = retrieve.run(cfg, dataset, idx)
+        asked = {srv.url + p.lstrip("/") for p in srv.requests[first_requests:]}
+        assert asked and asked <= failed
+        assert again.read("images").column(schema.ID).to_pylist() == images.column(schema.ID).to_pylist()
+        assert again.stats["counts"]["download_reused"] > 0
