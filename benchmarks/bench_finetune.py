@@ -11,7 +11,7 @@ and frozen-UNet methods are why.
 ``--full-size`` builds Stable Diffusion v1.4's architecture (UNet 860 M, VAE, CLIP ViT-L/14 text
 encoder) with random weights for GPU figures; the default is the tiny bundle.
 
-Usage: ``python benchmarks/bench_finetune.py [--model runs/models/sd] [--device cpu] [--steps 10]``
+Usage: ``python benchmarks/bench_finetune.py [--model runs/models/sd] [--device cpu] [--rounds 10]``
 """
 
 from __future__ import annotations
@@ -60,14 +60,39 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(step, steps: int, device: str) -> float:
-    step()  # warm-up
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return (time.perf_counter() - t0) / steps
+def timed_rounds(steps: dict, rounds: int, per_round: int, device: str) -> dict[str, float]:
+    """Median seconds per step of each step function, timed in interleaved rounds so that load
+    drift on a shared machine hits every method alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for step in steps.values():
+        step()  # warm-up
+    for _ in range(rounds):
+        for name, step in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                step()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) / per_round)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def method_step(name: str, comps: dict, mean, std, t, rows, args):
+    """One raugment training step of method ``name`` (cached latent distribution)."""
+    method = get_method(name)
+    net = build_personaliser(method, comps, method.init_table(comps, ROWS)).to(args.device)
+    opt = torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=1e-3)
+    rng = np.random.default_rng(0)
+
+    def step() -> None:
+        lat = (mean + std * torch.randn_like(std)) * comps["vae"].config.scaling_factor
+        ids = method.prompt_ids(comps, args.batch, rng)
+        loss = net(lat, torch.randn_like(lat), t, rows, None if ids is None else ids.to(args.device))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return step
 
 
 def main() -> None:
@@ -77,7 +102,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=2, help="steps per timed round")
+    p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -106,31 +132,14 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    plain = timed(plain_step, args.steps, args.device)
     with torch.no_grad():
         dist = comps["vae"].encode(pixels).latent_dist
     mean, std = dist.mean, dist.std
-    del comps, opt
-
-    figures = {}
+    steps = {"plain": plain_step}
     for name in METHODS:
-        comps = fresh()
-        method = get_method(name)
-        net = build_personaliser(method, comps, method.init_table(comps, ROWS)).to(args.device)
-        opt = torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=1e-3)
-        rng = np.random.default_rng(0)
-
-        def step() -> None:
-            lat = (mean + std * torch.randn_like(std)) * comps["vae"].config.scaling_factor
-            ids = method.prompt_ids(comps, args.batch, rng)
-            loss = net(lat, torch.randn_like(lat), t, rows, None if ids is None else ids.to(args.device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
-        figures[name] = timed(step, args.steps, args.device)
-        del comps, net, opt
-
+        steps[name] = method_step(name, fresh(), mean, std, t, rows, args)
+    figures = timed_rounds(steps, args.rounds, args.steps, args.device)
+    plain = figures.pop("plain")
     what = "SD v1.4 arch (random)" if args.full_size else "tiny SD"
     parts = ", ".join(f"{n} {1000 * s:.1f} ms ({s / plain:.2f}x, {1 / s:.1f} steps/s)" for n, s in figures.items())
     print(f"finetune step, {what}, {args.device}, batch {args.batch} @ {args.resolution}px: "

@@ -17,9 +17,11 @@ Figures, one line:
 
 On this CPU-only box both sides use one torch thread (an actor with ``num_cpus=0.5`` gets
 ``OMP_NUM_THREADS=1`` from Ray). With ``--model`` and ``--num-gpus 1`` on a GPU machine it measures
-the real thing (e.g. the full-size SD v1.4 architecture at 512 px, 50 steps).
+the real thing (``--arch sd14``: the full-size SD v1.4 architecture with random weights, at 512 px
+and 50 steps), adding the TFLOP/s reached and the fraction of the GPU's ceiling.
 
-Usage: ``python benchmarks/generate.py [--classes 4 --per-class 16 --steps 10 --size 64 --batch-size 8]``
+Usage: ``python benchmarks/generate.py [--classes 4 --per-class 16 --steps 10 --size 64 --batch-size 8]``;
+on a GPU: ``--arch sd14 --size 512 --steps 50 --batch-size 32 --dtype float16 --num-gpus 1 --num-cpus 4``.
 """
 
 from __future__ import annotations
@@ -82,7 +84,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--model", default=None, help="SD bundle or hub id (default: the tiny one)")
+    p.add_argument("--model", default=None, help="SD bundle or hub id (default: a random one of --arch)")
+    p.add_argument("--arch", default="tiny", choices=["tiny", "sd14"],
+                   help="random-weight architecture written when --model is not given (sd14 = full size)")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="the GPU's dense half-precision peak, for the fraction of the ceiling (H100 SXM)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--num-gpus", type=float, default=0.0)
     p.add_argument("--num-cpus", type=float, default=0.5)
@@ -94,10 +100,10 @@ def main() -> None:
     from raugment import generate
     from raugment.cluster import init_ray, pick_device
     from raugment.config import ClusterConfig, load_config
-    from raugment.models.diffusion import write_tiny_sd
+    from raugment.models.diffusion import write_random_sd
 
     work = Path(tempfile.mkdtemp(prefix="bench-gen-"))
-    model = args.model or str(write_tiny_sd(work / "sd"))
+    model = args.model or str(write_random_sd(work / "sd", args.arch))
     cfg = load_config(None, [
         f"run.root={work / 'runs'}", "run.progress=false", f"generate.model={model}",
         f"generate.height={args.size}", f"generate.width={args.size}", f"generate.steps={args.steps}",
@@ -127,7 +133,20 @@ def main() -> None:
           f"{args.batch_size}, {device}: stage {n / stage_s:.2f} img/s end to end, plain loop "
           f"{n / plain_s:.2f} img/s with load (ratio {plain_s / stage_s:.3f}); generation only: actor "
           f"{n / actor_s:.2f} img/s, plain {n / plain_gen_s:.2f} img/s (ratio {plain_gen_s / actor_s:.3f}; "
-          f"plain runs {n / first[1]:.2f} and {n / second[1]:.2f} img/s)")
+          f"plain runs {n / first[1]:.2f} and {n / second[1]:.2f} img/s)" + ceiling(args, n / actor_s, device))
+
+
+def ceiling(args, img_s: float, device: str) -> str:
+    """On a GPU with the full-size UNet: TFLOP/s reached and the fraction of the ceiling.
+
+    SD v1 costs ~0.83 TFLOP per UNet call per 512 px image, two calls per step with guidance
+    (DESIGN section 7: ~83 TFLOP per 50-step image), scaling with the latent area.
+    """
+    if device == "cpu" or (args.arch != "sd14" and not args.model):
+        return ""
+    tflop = 0.83 * args.steps * 2 * (args.size / 512) ** 2
+    return (f"; {img_s * tflop:.0f} TFLOP/s = {img_s * tflop / args.peak_tflops:.1%} of a "
+            f"{args.peak_tflops:.0f} TFLOP/s peak ({args.peak_tflops / tflop:.1f} img/s ceiling)")
 
 if __name__ == "__main__":
     main()

@@ -103,25 +103,28 @@ def local_fit(spec, root: Path) -> tuple[float, float]:
     t0 = time.perf_counter()
     train.fit(spec, ctx)
     wall = time.perf_counter() - t0
-    history = [r for r in ctx.reports if "train_s" in r]
-    return train_phase_rate(history), wall
+    return train_phase_rate(train.TrainState.read(root / "local-ckpt" / "latest").history), wall
 
 
 def ray_fit(spec, cfg, root: Path) -> tuple[float, float]:
-    import ray.train
-
     from raugment import train
 
-    history: list[dict] = []
-
-    class Collect(ray.train.UserCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            if "train_s" in metrics[0]:
-                history.append(dict(metrics[0]))
-
     t0 = time.perf_counter()
-    train.fit_ray(spec, cfg, root / "ray", f"bench-{os.getpid()}-{time.time_ns()}", [Collect()])
-    return train_phase_rate(history), time.perf_counter() - t0
+    state = train.fit_ray(spec, cfg, root / "ray", f"bench-{os.getpid()}-{time.time_ns()}")
+    return train_phase_rate(state.history), time.perf_counter() - t0
+
+
+def worker_threads(cpus: int) -> int:
+    """torch threads a Ray worker with ``cpus`` CPUs gets (Ray sets OMP_NUM_THREADS from them)."""
+    import ray
+
+    @ray.remote(num_cpus=cpus)
+    def threads() -> int:
+        import torch
+
+        return torch.get_num_threads()
+
+    return ray.get(threads.remote())
 
 
 def synthetic_gpu_rate(args, num_classes: int) -> float:
@@ -177,11 +180,16 @@ def main() -> None:
     cfg = train_cfg(cfg, args)
     spec = train.build_spec(cfg, data, manifest)
     device = "cuda" if args.gpu else "cpu"
-    plain = plain_loop(spec, args, device)
+    # The machine's load drifts: measure the baseline before and after the others, use the mean.
+    plain_before = plain_loop(spec, args, device)
     local, local_wall = local_fit(spec, root)
     ray_rate, ray_wall = ray_fit(spec, cfg, root)
+    plain_after = plain_loop(spec, args, device)
+    plain = (plain_before + plain_after) / 2
+    ray_threads = worker_threads(args.cpus)
     line = (f"train bench: model={args.model} size={args.size} images={count(spec.train_units)} "
-            f"epochs={args.epochs} threads={args.cpus} device={device} | plain {plain:.0f} img/s | "
+            f"epochs={args.epochs} threads={torch.get_num_threads()} (ray worker {ray_threads}) device={device} | "
+            f"plain {plain:.0f} img/s (before {plain_before:.0f}, after {plain_after:.0f}) | "
             f"raugment local {local:.0f} img/s ({local_wall:.1f} s end-to-end) | "
             f"ray train 1 worker {ray_rate:.0f} img/s ({ray_wall:.1f} s end-to-end) | "
             f"ray/plain {ray_rate / plain:.3f} (overhead {100 * (1 - ray_rate / plain):+.1f} %), "

@@ -24,7 +24,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import pyarrow as pa
 
 from raugment import schema as S

@@ -35,6 +35,12 @@ def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="directory to write the bundles into")
 
 
+def _retrieve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--demo-pool", metavar="DIR",
+                   help="retrieve from the offline demo pool in DIR (built, and its small CLIP trained, when "
+                        "missing), served on 127.0.0.1 while the stage runs")
+
+
 def _index_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["build"], help="'build': build a local CLIP kNN index")
     p.add_argument("--out", help="directory of the index (default: a stage directory under run.root)")
@@ -71,7 +77,7 @@ COMMANDS: dict[str, tuple[str, str, ArgAdder]] = {
     "generate": ("raugment.generate", "generate images with a diffusion model", _no_args),
     "finetune": ("raugment.finetune", "personalise the diffusion model (methods 5-9)", _no_args),
     "index": ("raugment.index", "build a local CLIP kNN index", _index_args),
-    "retrieve": ("raugment.retrieve", "retrieve and download CLIP nearest neighbours", _no_args),
+    "retrieve": ("raugment.retrieve", "retrieve and download CLIP nearest neighbours", _retrieve_args),
     "filter": ("raugment.filter", "filter and de-duplicate added images", _filter_args),
     "audit": ("raugment.audit", "audit added images for test-set leakage", _audit_args),
     "assemble": ("raugment.assemble", "assemble an augmented training set", _train_args),

@@ -44,7 +44,10 @@ def build_inception(weights: Optional[str] = None):
             from safetensors.torch import load_file
 
             state = {k: v for k, v in load_file(weights).items() if not k.startswith("AuxLogits.")}
-            model.load_state_dict(state, strict=False)
+            missing = [k for k in model.load_state_dict(state, strict=False).missing_keys if not k.startswith("fc.")]
+            if missing:
+                raise ValueError(f"{weights} is not an Inception-v3 state dict (missing {missing[:3]}); "
+                                 "fix finetune.feature_weights")
     else:
         model = inception_v3(weights=weights)
         model.AuxLogits = None

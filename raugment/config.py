@@ -635,6 +635,8 @@ class StudyConfig:
         parallel: stage runs of ``parallel_stages`` kept in flight at once (each still takes
             the resources its own section asks for); other stages run one at a time, so Ray
             Data actor pools never wait on each other for CPUs.
+        keep_going: a failed stage run leaves out what depends on it and the study goes on
+            (the report lists it); false: the first failure ends the study.
     """
 
     methods: list[str] = field(default_factory=lambda: ["retrieval", "simple"])
@@ -654,6 +656,7 @@ class StudyConfig:
     node_cpus: int = 64
     parallel: int = 1
     parallel_stages: list[str] = field(default_factory=lambda: ["train"])
+    keep_going: bool = True
 
     def validate(self, key: str) -> None:
         _positive(self.sets, f"{key}.sets")

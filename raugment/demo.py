@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "demo.yaml"
 POOL_PER_CLASS = 100
 POOL_DISTRACTORS = 60
-CLIP_STEPS = 40
+CLIP_STEPS = 100
 PORT_FILE = "pool_port"
 
 
@@ -64,7 +65,7 @@ def prepare_assets(root: Path, class_names: list[str], seed: int = 0) -> dict[st
     clip_dir = assets / "pool_clip"
     if not (clip_dir / ".complete").exists():
         t0 = time.perf_counter()
-        pool_module.train_small_clip(pool_dir, clip_dir, seed=seed, minutes=2.0, max_steps=CLIP_STEPS)
+        pool_module.train_small_clip(pool_dir, clip_dir, seed=seed, minutes=3.0, max_steps=CLIP_STEPS)
         (clip_dir / ".complete").write_text("ok\n")
         log.info("demo: trained the pool CLIP in %.1f s", time.perf_counter() - t0)
     paths.update(pool=pool_dir, pool_clip=clip_dir)
@@ -144,8 +145,8 @@ def build_config(config_path: str | None, overrides: list[str] | None, root: str
 
 
 def run(config_path: str | None = None, overrides: list[str] | None = None,
-        root: str | None = None) -> Path:
-    """Run the demo study and its report; returns the path of ``report.html``."""
+        root: str | None = None) -> tuple[Path, int]:
+    """Run the demo study and its report; returns ``report.html`` and how many stage runs failed."""
     from raugment import study
     from raugment.synthetic import SYNTHETIC_CLASSES
 
@@ -156,16 +157,19 @@ def run(config_path: str | None = None, overrides: list[str] | None = None,
     names = list(SYNTHETIC_CLASSES[: cfg.dataset.synthetic.num_classes])
     paths = prepare_assets(run_root, names, seed=cfg.run.seed)
     with serve_pool(paths["pool"], run_root / "assets" / PORT_FILE) as url:
-        _, rep = study.run(with_overrides(cfg, asset_overrides(paths, url)))
+        result, rep = study.run(with_overrides(cfg, asset_overrides(paths, url)))
     html = rep.path / "report.html"
     log.info("demo: finished in %.1f s; report: %s", time.perf_counter() - t0, html)
-    return html
+    return html, len(study.failures(result))
 
 
 def cli(cfg: Config, args) -> int:
     """``raugment demo [--out DIR] [--config X.yaml] [--set k=v]``; prints where the report is."""
-    html = run(getattr(args, "config", None), getattr(args, "overrides", None), getattr(args, "out", None))
+    html, failed = run(getattr(args, "config", None), getattr(args, "overrides", None),
+                       getattr(args, "out", None))
     print(f"demo report: {html}")
     print("(tiny random-weight models: the demo's accuracy numbers are meaningless; "
           "jobs/configs/imagenet10.yaml runs the real study)")
-    return 0
+    if failed:
+        print(f"{failed} stage runs failed; the report lists them", file=sys.stderr)
+    return 1 if failed else 0

@@ -27,12 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
-import pyarrow as pa
 
 from raugment import schema
 from raugment.config import Config, ConfigError
-from raugment.personalise import methods  # registers the FINETUNERS entries
-from raugment.personalise.methods import CondRow, pseudo_token
+from raugment.personalise.methods import CondRow, pseudo_token  # importing it registers FINETUNERS
 from raugment.personalise.outputs import (CHECKPOINTS, CONDITIONINGS, ITEMS, CheckpointRef, checkpoints_table,
                                           list_checkpoints, write_selected)
 from raugment.personalise.policy import BEST_VAL, split_train_val
@@ -47,8 +45,8 @@ log = logging.getLogger(__name__)
 STAGE = "finetune"
 TRAIN_DIR = "ray_train"
 
-__all__ = ["run", "cli", "plan_rows", "select_checkpoint", "generation_scorer", "list_checkpoints",
-           "CheckpointRef", "methods"]
+__all__ = ["run", "cli", "plan_rows", "build_trainer", "select_checkpoint", "generation_scorer",
+           "list_checkpoints", "CheckpointRef"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -262,14 +262,11 @@ def image_params(cfg: GenerateConfig, row: Row, attempt: int, conditioning: Opti
     return params
 
 
-def generate_batch(pipe: Any, method: GenerationMethod, items: Sequence[tuple[Row, int]],
-                   cfg: GenerateConfig, device: str, scores: Any = None) -> list[tuple[Any, bool, Optional[float]]]:
-    """One pipeline call for ``items`` = [(slot row, attempt)] -> [(PIL image, flagged, nsfw score)]."""
+def generate_batch(pipe: Any, method: GenerationMethod, rows: Sequence[Row], seeds: Sequence[int],
+                   cfg: GenerateConfig, scores: Any = None) -> list[tuple[Any, bool, Optional[float]]]:
+    """One pipeline call for ``rows`` with one seed each -> [(PIL image, flagged, NSFW score)]."""
     import torch
 
-    rows = [row for row, _ in items]
-    seeds = [slot_seed(cfg.seed, method.name, row[schema.CLASS_ID], row[schema.INDEX], attempt)
-             for row, attempt in items]
     # CPU generators: the same seed gives the same noise on any device (diffusers draws on the
     # generator's device and moves the latents).
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -283,8 +280,7 @@ def generate_batch(pipe: Any, method: GenerationMethod, items: Sequence[tuple[Ro
 
 
 def generate_class(pipe: Any, method: GenerationMethod, rows: Sequence[Row], cfg: GenerateConfig, *,
-                   device: str = "cpu", scores: Any = None, model_id: Optional[str] = None,
-                   conditioning: Optional[str] = None,
+                   scores: Any = None, conditioning: Optional[str] = None,
                    start_attempts: Optional[dict[str, int]] = None) -> Iterator[tuple[list[Row], list[Row]]]:
     """Fill a class's slots, replacing flagged samples; yields (image rows, failure rows) per batch.
 
@@ -302,11 +298,13 @@ def generate_class(pipe: Any, method: GenerationMethod, rows: Sequence[Row], cfg
                   if starts.get(row[schema.ID], 0) < cfg.max_attempts_per_image)
     while queue:
         items = [queue.popleft() for _ in range(min(cfg.pool.batch_size, len(queue)))]
+        rows_now = [row for row, _ in items]
+        seeds = [slot_seed(cfg.seed, method.name, row[schema.CLASS_ID], row[schema.INDEX], attempt)
+                 for row, attempt in items]
         images: list[Row] = []
         failures: list[Row] = []
-        for (row, attempt), (img, flagged, score) in zip(
-                items, generate_batch(pipe, method, items, cfg, device, scores)):
-            seed = slot_seed(cfg.seed, method.name, row[schema.CLASS_ID], row[schema.INDEX], attempt)
+        results = generate_batch(pipe, method, rows_now, seeds, cfg, scores)
+        for (row, attempt), seed, (img, flagged, score) in zip(items, seeds, results):
             if flagged:
                 failures.append({schema.ID: attempt_id(row[schema.ID], attempt), schema.LABEL: row[schema.LABEL],
                                  schema.REASON: NSFW,
@@ -322,7 +320,7 @@ def generate_class(pipe: Any, method: GenerationMethod, rows: Sequence[Row], cfg
                 schema.ID: row[schema.ID], schema.LABEL: row[schema.LABEL],
                 schema.CLASS_ID: row[schema.CLASS_ID], schema.CLASS_NAME: row[schema.CLASS_NAME],
                 schema.SPLIT: SPLIT, schema.SOURCE: SOURCE, schema.METHOD: method.name,
-                schema.PROMPT: row[schema.PROMPT], schema.SEED: seed, schema.MODEL_ID: model_id or cfg.model,
+                schema.PROMPT: row[schema.PROMPT], schema.SEED: seed, schema.MODEL_ID: cfg.model,
                 schema.MODEL_REVISION: cfg.revision, schema.RANK: row[schema.INDEX],
                 schema.NSFW_SCORE: score, schema.IMAGE: encode_image(img, cfg.image_format, cfg.quality),
                 schema.WIDTH: img.width, schema.HEIGHT: img.height,
@@ -336,6 +334,7 @@ def generate_class(pipe: Any, method: GenerationMethod, rows: Sequence[Row], cfg
 
 
 def shard_prefix(label: int) -> str:
+    """File-name prefix of a class's shards (``part-c000042-``)."""
     return f"part-c{int(label):06d}-"
 
 
@@ -355,15 +354,9 @@ def class_progress(stage_dir: str | Path, label: int) -> tuple[set[str], dict[st
     return done, next_attempt
 
 
-def failure_ids(stage_dir: str | Path, label: int) -> set[str]:
-    ids: set[str] = set()
-    for f in sorted((Path(stage_dir) / FAILURES).glob(shard_prefix(label) + "*.parquet")):
-        ids.update(pq.read_table(f, columns=[schema.ID]).column(schema.ID).to_pylist())
-    return ids
-
-
 def write_class_shard(stage_dir: str | Path, table_name: str, label: int, rows: list[Row],
                       table_schema: pa.Schema) -> None:
+    """Write ``rows`` (if any) as one new shard of ``table_name`` for class ``label``, atomically."""
     if rows:
         name = f"{shard_prefix(label)}{uuid.uuid4().hex[:12]}.parquet"
         write_parquet_atomic(schema.to_table(rows, table_schema), Path(stage_dir) / table_name / name)
@@ -396,8 +389,9 @@ class ClassGenerator:
                                   vae_slicing=cfg.vae_slicing)
         method.setup(self.pipe, cfg, finetune_path)
         self.scores = SafetyScores(self.pipe.safety_checker) if self.pipe.safety_checker is not None else None
-        # provenance names the artifact as "<stage>/<key>", like manifests do
-        self.conditioning = f"{Path(finetune_path).parent.name}/{Path(finetune_path).name}" if finetune_path else None
+        # provenance names an input artifact as "<stage>/<key>", like manifests do
+        self.conditioning = (f"{Path(finetune_path).parent.name}/{Path(finetune_path).name}" if finetune_path
+                             else cfg.conditioning)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         summary: dict[str, list] = {schema.LABEL: [], "images": [], NSFW: [], NSFW_UNFILLABLE: [], "seconds": []}
@@ -409,14 +403,12 @@ class ClassGenerator:
                     row[INIT_IMAGE] = data
             # a retried task (actor restart) or a re-run must not redo finished slots
             done, next_attempt = class_progress(self.stage_dir, label)
-            known_failures = failure_ids(self.stage_dir, label)
             rows = [r for r in rows if r[schema.ID] not in done]
             counts = Counter()
             t0 = time.perf_counter()
             for images, failures in generate_class(
-                    self.pipe, self.method, rows, self.cfg, device=self.device, scores=self.scores,
+                    self.pipe, self.method, rows, self.cfg, scores=self.scores,
                     conditioning=self.conditioning, start_attempts=next_attempt):
-                failures = [f for f in failures if f[schema.ID] not in known_failures]
                 write_class_shard(self.stage_dir, FAILURES, label, failures, schema.FAILURES)
                 write_class_shard(self.stage_dir, IMAGES, label, images, schema.IMAGES)
                 counts["images"] += len(images)
@@ -460,8 +452,7 @@ def generate_on_ray(cfg: GenerateConfig, method: GenerationMethod, rows: Sequenc
                          fn_constructor_kwargs={"cfg": cfg, "method": method, "stage_dir": stage_dir,
                                                 "finetune_path": finetune_path},
                          **args)
-    return pa.concat_tables([pa.Table.from_pydict(b) if isinstance(b, dict) else b
-                             for b in out.iter_batches(batch_size=None, batch_format="pyarrow")])
+    return pa.concat_tables(list(out.iter_batches(batch_size=None, batch_format="pyarrow")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,9 +534,7 @@ def run(cfg: Config, dataset: Artifact, finetune: Optional[Artifact] = None) -> 
 
     g = cfg.generate
     method = check_config(cfg)
-    if finetune is None and g.conditioning:
-        finetune = Artifact.open(g.conditioning)
-    if method.needs_finetune and finetune is None:
+    if method.needs_finetune and finetune is None and not g.conditioning:
         raise ConfigError(f"generate.method={g.method} needs a fine-tuning artifact: pass one to "
                           "generate.run or set generate.conditioning to a finetune stage directory")
     classes = read_classes(dataset)

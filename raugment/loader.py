@@ -185,19 +185,24 @@ def decode_rgb(data: bytes):
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def build_transform(image_size: int, train: bool, crop_scale_min: float = 0.08,
-                    eval_crop: float = 0.875) -> Callable:
-    """PIL image -> normalised float tensor: random-resized-crop + flip, or resize + centre crop."""
-    import torch
+def _geometry(image_size: int, train: bool, crop_scale_min: float, eval_crop: float) -> list:
+    """Random-resized-crop + flip (training) or resize + centre crop (evaluation)."""
     from torchvision.transforms import v2
 
     if train:
-        geometry = [v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), antialias=True),
-                    v2.RandomHorizontalFlip()]
-    else:
-        geometry = [v2.Resize(round(image_size / eval_crop), antialias=True), v2.CenterCrop(image_size)]
-    return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(MEAN, STD)])
+        return [v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), antialias=True),
+                v2.RandomHorizontalFlip()]
+    return [v2.Resize(round(image_size / eval_crop), antialias=True), v2.CenterCrop(image_size)]
+
+
+def build_transform(image_size: int, train: bool, crop_scale_min: float = 0.08,
+                    eval_crop: float = 0.875) -> Callable:
+    """PIL image -> normalised float tensor (CPU decode path)."""
+    import torch
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.ToImage(), *_geometry(image_size, train, crop_scale_min, eval_crop),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 
 class _ParquetImagesBase:
@@ -328,12 +333,7 @@ def gpu_decode_batch(encoded: list, device: "torch.device", image_size: int, tra
     decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
     images = [next(decoded) if j else decode_image(b, mode=ImageReadMode.RGB).to(device)
               for b, j in zip(encoded, is_jpeg)]
-    if train:
-        geometry = v2.Compose([v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), antialias=True),
-                               v2.RandomHorizontalFlip()])
-    else:
-        geometry = v2.Compose([v2.Resize(round(image_size / eval_crop), antialias=True),
-                               v2.CenterCrop(image_size)])
+    geometry = v2.Compose(_geometry(image_size, train, crop_scale_min, eval_crop))
     batch = torch.stack([geometry(img) for img in images]).float().div_(255)
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1)

@@ -212,19 +212,17 @@ class DatasetSize:
 def expected_size(cfg: Config) -> DatasetSize:
     """A dataset's size before it has been read: ``study.expected`` hints or the synthetic config."""
     hint = cfg.study.expected
+    classes = train = max_per_class = 0
     if cfg.dataset.source == "synthetic":
         from raugment.synthetic import class_sizes
 
         keep = cfg.dataset.fraction if cfg.dataset.protocol == "subsample" else 1.0
         sizes = [max(1, round(n * keep)) for n in class_sizes(cfg.dataset.synthetic)]
         classes, train, max_per_class = len(sizes), sum(sizes), max(sizes)
-    else:
-        classes = int(hint.get("classes", 0))
-        train = int(hint.get("train_images", 0))
-        max_per_class = int(hint.get("max_per_class", 0)) or (math.ceil(train / classes) if classes else 0)
     classes = int(hint.get("classes", classes))
     train = int(hint.get("train_images", train))
-    max_per_class = int(hint.get("max_per_class", max_per_class))
+    max_per_class = int(hint.get("max_per_class", max_per_class)) or (
+        math.ceil(train / classes) if classes else 0)
     if not (classes and train and max_per_class):
         raise ConfigError(
             "study.expected: the planner needs classes, train_images and max_per_class for dataset "

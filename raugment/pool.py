@@ -139,7 +139,7 @@ def pixel_bomb_png(side: int = 12_000) -> bytes:
     row = b"\x00" + bytes((side + 7) // 8)
     ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
-            + _png_chunk(b"IDAT", zlib.compress(row * side, 9)) + _png_chunk(b"IEND", b""))
+            + _png_chunk(b"IDAT", zlib.compress(row * side, 6)) + _png_chunk(b"IEND", b""))
 
 
 class PoolServer:
@@ -152,6 +152,8 @@ class PoolServer:
         hang_s: how long a ``hang`` URL stalls (longer than any client timeout used here).
         drip_interval_s: pause between the 16-byte pieces of a ``slow_drip`` response.
         bomb_bytes: how much a ``byte_bomb`` URL streams at most.
+        port: port to bind (0 = a free one). A fixed port keeps ``retrieve.url_base``, and so the
+            retrieval stage's key, the same across runs.
 
     Attributes:
         url: base URL, ``http://127.0.0.1:<port>/``.
@@ -159,7 +161,8 @@ class PoolServer:
     """
 
     def __init__(self, pool_dir: str | Path, faults: bool = True, latency_s: float = 0.0,
-                 hang_s: float = 60.0, drip_interval_s: float = 0.25, bomb_bytes: int = 64_000_000):
+                 hang_s: float = 60.0, drip_interval_s: float = 0.25, bomb_bytes: int = 64_000_000,
+                 port: int = 0):
         table = read_pool(pool_dir)
         self.images = dict(zip(table.column(schema.ID).to_pylist(), table.column(schema.IMAGE).to_pylist()))
         self.faults = faults
@@ -167,6 +170,7 @@ class PoolServer:
         self.hang_s = hang_s
         self.drip_interval_s = drip_interval_s
         self.bomb_bytes = bomb_bytes
+        self.port = port
         self.requests: list[str] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -181,9 +185,11 @@ class PoolServer:
         self.close()
 
     def start(self) -> "PoolServer":
+        if self.faults:
+            pixel_bomb_png()  # made before serving, so making it never counts against a client's timeout
         handler = type("PoolHandler", (_Handler,), {"pool": self})
         server_cls = type("PoolHTTPServer", (ThreadingHTTPServer,), {"request_queue_size": 256})
-        self._httpd = server_cls(("127.0.0.1", 0), handler)
+        self._httpd = server_cls(("127.0.0.1", self.port), handler)
         self._httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}/"
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="pool-server", daemon=True)

@@ -203,7 +203,7 @@ def collect(root: str | Path, study: Artifact, cfg: ReportConfig) -> dict[str, A
     plan = _read_json(study.path / "plan.json")
     data: dict[str, Any] = {"title": cfg.title, "study": str(study.path.relative_to(root)),
                             "upper_bound": dict(cfg.upper_bound or {}), "datasets": {},
-                            "costs": _costs(plan, root)}
+                            "costs": _costs(plan, root), "failed": plan.get("failed", [])}
     for ds in sorted({r[S.DATASET] for r in runs}):
         ds_runs = [r for r in runs if r[S.DATASET] == ds]
         ratios = sorted({r[S.RATIO] for r in ds_runs if r[S.METHOD] != BASELINE})
@@ -498,6 +498,12 @@ def render(data: dict[str, Any], root: str | Path, out: str | Path, cfg: ReportC
     for ds_name, ds in data["datasets"].items():
         doc.heading(f"Dataset: {ds_name}")
         _dataset_sections(doc, ds, "".join(ch if ch.isalnum() else "_" for ch in ds_name), ctx)
+    if data["failed"]:
+        doc.heading("Failed or left-out stage runs")
+        doc.para("Their classifiers are missing from the tables above; re-running the study retries them.")
+        doc.table(["stage", "what", "reason"],
+                  [[f["stage"], ", ".join(f"{k}={v}" for k, v in sorted(f["labels"].items())), f["reason"][:300]]
+                   for f in data["failed"]])
     _cost_sections(doc, data["costs"])
     page, md = doc.finish()
     write_text_atomic(page, out / "report.html")

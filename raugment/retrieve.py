@@ -193,21 +193,22 @@ class Screener:
 
 
 def safety_hook(cfg: RetrieveConfig) -> Callable[[list[bytes]], np.ndarray] | None:
-    """NSFW scores of downloaded images from the SD safety checker, when ``retrieve.safety_model`` is set.
-
-    The checker lives in ``raugment.models.safety`` (another module's job); it is looked up lazily
-    so retrieval works on index tags alone when no checker is configured.
-    """
+    """NSFW verdicts (1.0 / 0.0) on downloaded images from the SD safety checker, when
+    ``retrieve.safety_model`` names an SD model (hub id or local directory); otherwise the index's
+    NSFW tags alone decide. The paper used the same checker as for generated images."""
     if not cfg.safety_model or not cfg.drop_nsfw:
         return None
-    try:
-        from raugment.models import safety  # type: ignore[attr-defined]
-    except ImportError as exc:
-        raise ConfigError(f"retrieve.safety_model is set but raugment.models.safety is unavailable: {exc}") from None
-    scorer = getattr(safety, "nsfw_scores_from_bytes", None)
-    if scorer is None:
-        raise ConfigError("retrieve.safety_model: raugment.models.safety has no nsfw_scores_from_bytes(model, images)")
-    return lambda images: np.asarray(scorer(cfg.safety_model, images), dtype=np.float32)
+    from raugment.cluster import pick_device
+    from raugment.imageio import decode_image
+    from raugment.models.safety import load_safety_checker
+
+    checker = load_safety_checker(cfg.safety_model, pick_device(cfg.device))
+
+    def verdicts(images: list[bytes]) -> np.ndarray:
+        flags, _ = checker.score([decode_image(b) for b in images])
+        return np.asarray(flags, dtype=np.float32)
+
+    return verdicts
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,18 +485,50 @@ def run(cfg: Config, dataset: Artifact, index: Artifact | None = None, *, force:
     return run_stage(cfg.run.root, "retrieve", cfg.retrieve, inputs, body, resumable=True, force=force)
 
 
+def _demo_pool_config(cfg: Config, pool_dir: str, url_base: str) -> Config:
+    """``cfg`` pointed at the demo pool: its index source, its small CLIP, its server."""
+    from raugment.config import with_overrides
+
+    clip = str(Path(pool_dir) / "clip")
+    return with_overrides(cfg, {"index.source": "images", "index.path": str(Path(pool_dir) / "pool.parquet"),
+                                "index.clip_model": clip, "index.clip_pretrained": None,
+                                "retrieve.index": None, "retrieve.clip_model": None,
+                                "retrieve.url_base": url_base, "retrieve.download.allow_loopback": True})
+
+
+def ensure_demo_pool(pool_dir: str | Path, class_names: list[str], seed: int = 0, minutes: float = 2.0) -> Path:
+    """Build the demo pool for ``class_names`` and train its small CLIP, unless already there."""
+    from raugment import pool
+
+    pool_dir = Path(pool_dir)
+    if not (pool_dir / pool.POOL_FILE).is_file():
+        pool.build_pool(pool_dir, class_names, per_class=40, distractors=40, seed=seed)
+    if not (pool_dir / "clip" / "open_clip_config.json").is_file():
+        # One thread: on a shared small machine it trains several times faster than the default.
+        pool.train_small_clip(pool_dir, pool_dir / "clip", seed=seed, minutes=minutes, max_steps=150, num_threads=1)
+    return pool_dir
+
+
 def cli(cfg: Config, args: Any) -> int:
-    """``raugment retrieve``: the dataset stage (skipped when done), the index (local backend), then retrieval."""
+    """``raugment retrieve [--demo-pool DIR]``: the dataset stage (skipped when done), the index
+    (local backend), then retrieval."""
     from raugment import dataset as dataset_stage
+    from raugment import index as index_stage
 
     ds = dataset_stage.run(cfg)
-    index = None
-    if cfg.retrieve.backend == "local" and not cfg.retrieve.index:
-        from raugment import index as index_stage
+    demo_pool = getattr(args, "demo_pool", None)
+    if demo_pool:
+        from raugment.pool import PoolServer
 
-        index = index_stage.run(cfg)
-    art = run(cfg, ds, index)
+        names = ds.read("classes").column(schema.CLASS_NAME).to_pylist()
+        ensure_demo_pool(demo_pool, names, cfg.run.seed)
+        with PoolServer(demo_pool) as srv:
+            demo_cfg = _demo_pool_config(cfg, demo_pool, srv.url)
+            art = run(demo_cfg, ds, index_stage.run(demo_cfg))
+    else:
+        index = index_stage.run(cfg) if cfg.retrieve.backend == "local" and not cfg.retrieve.index else None
+        art = run(cfg, ds, index)
     st = art.stats
-    log.info("retrieve: %s -> %s (precision@n %s, shortfall %s)", st.get("counts"), art.path,
-             st.get("precision_at_n"), st.get("shortfall") or "none")
+    log.info("retrieve: %s -> %s (precision@n %s, shortfall %s, failures %s)", st.get("counts"), art.path,
+             st.get("precision_at_n"), st.get("shortfall") or "none", st.get("failures"))
     return 0

@@ -228,7 +228,8 @@ TRAIN_LOSS = "train_loss"
 VAL_TOP1 = "val_top1"
 VAL_TOP5 = "val_top5"
 TRAIN_IMAGES = "train_images"
-EPOCH_S = "epoch_s"
+EPOCH_S = "epoch_s"             # whole epoch: training + validation
+TRAIN_S = "train_s"             # training phase of the epoch only
 HISTORY = pa.schema([
     pa.field(EPOCH, pa.int32(), nullable=False),
     pa.field(LR, pa.float64()),
@@ -237,6 +238,7 @@ HISTORY = pa.schema([
     pa.field(VAL_TOP5, pa.float64()),
     pa.field(TRAIN_IMAGES, pa.int64()),
     pa.field(EPOCH_S, pa.float64()),
+    pa.field(TRAIN_S, pa.float64()),
 ])
 # results.json keys of a train run (also the metric columns of repeats and tune tables)
 VAL_TOP1_BEST = "val_top1_best"

@@ -24,7 +24,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from raugment import schema as S
 from raugment.config import Config, dump_yaml, to_dict
@@ -135,44 +135,77 @@ def _summary(artifact: Artifact) -> str:
             f"gpu {stats.get('gpu_s', 0):.1f} s")
 
 
-def execute(nodes: list[Node], root: Path, state: dict[str, str], done: dict[str, Artifact],
-            parallel: int = 1, parallel_stages: tuple[str, ...] | list[str] = ("train",)) -> None:
-    """Run ``nodes`` in order (skipping those in ``done``), logging one summary line per stage.
+class Executor:
+    """Runs nodes in plan order, records them in the state file, logs one line per stage run.
 
-    Up to ``parallel`` runs of ``parallel_stages`` are in flight at once (threads; each stage
-    takes its own Ray resources); any other node first waits for the inputs still running.
+    With ``keep_going`` a stage run that raises is recorded in :attr:`failed` (with the reason)
+    and everything downstream of it is left out, while the rest of the study goes on (the paper
+    too drops what retrieval could not fill); otherwise the error ends the study. Either way
+    every finished stage is kept, and a re-run retries only what is missing.
     """
-    todo = [n for n in topological(nodes) if n.id not in done]
-    lock = threading.Lock()
-    counter = iter(range(1, len(todo) + 1))
 
-    def one(node: Node) -> None:
+    def __init__(self, root: Path, state: dict[str, str], keep_going: bool = True):
+        self.root = root
+        self.state = state
+        self.keep_going = keep_going
+        self.done: dict[str, Artifact] = {}
+        self.failed: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def run(self, nodes: list[Node], parallel: int = 1,
+            parallel_stages: tuple[str, ...] | list[str] = ("train",)) -> None:
+        """Run ``nodes`` (those not done yet), inputs first.
+
+        Up to ``parallel`` runs of ``parallel_stages`` are in flight at once (threads; each stage
+        takes its own Ray resources); any other node first waits for its inputs still running.
+        """
+        todo = [n for n in topological(nodes) if n.id not in self.done]
+        counter = iter(range(1, len(todo) + 1))
+        with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="study") as pool:
+            running: dict[str, Future] = {}
+            for node in todo:
+                for dep in node.input_ids():
+                    if dep in running:
+                        running.pop(dep).result()
+                if parallel > 1 and node.stage in parallel_stages:
+                    running[node.id] = pool.submit(self._one, node, counter, len(todo))
+                else:
+                    self._one(node, counter, len(todo))
+            for future in running.values():
+                future.result()
+
+    def _one(self, node: Node, counter: Iterator[int], total: int) -> None:
+        failed_inputs = [i for i in node.input_ids() if i in self.failed]
+        if failed_inputs:
+            with self._lock:
+                self.failed[node.id] = f"input {failed_inputs[0]} failed"
+                log.warning("study [%d/%d] %s: left out, an input failed", next(counter), total,
+                            _describe(node))
+            return
         t0 = time.time()
-        artifact = run_node(node, done)
+        try:
+            artifact = run_node(node, self.done)
+        except Exception as exc:
+            if not self.keep_going:
+                raise
+            with self._lock:
+                self.failed[node.id] = f"{type(exc).__name__}: {exc}"
+                log.error("study [%d/%d] %s: FAILED -- %s", next(counter), total, _describe(node),
+                          self.failed[node.id])
+            return
         skipped = (artifact.path / SUCCESS).stat().st_mtime < t0
         what = "skipped, already complete" if skipped else f"done in {time.time() - t0:.1f} s"
-        with lock:
-            done[node.id] = artifact
-            _record(root, state, node, artifact)
-            log.info("study [%d/%d] %s: %s -- %s [%s]", next(counter), len(todo), _describe(node),
+        with self._lock:
+            self.done[node.id] = artifact
+            _record(self.root, self.state, node, artifact)
+            log.info("study [%d/%d] %s: %s -- %s [%s]", next(counter), total, _describe(node),
                      what, _summary(artifact), artifact.path)
 
-    with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="study") as pool:
-        running: dict[str, Future] = {}
-        for node in todo:
-            for dep in node.input_ids():
-                if dep in running:
-                    running.pop(dep).result()
-            if parallel > 1 and node.stage in parallel_stages:
-                running[node.id] = pool.submit(one, node)
-            else:
-                one(node)
-        for future in running.values():
-            future.result()
 
-
-def write_index(cfg: Config, plan: Plan, done: Mapping[str, Artifact]) -> Artifact:
-    """The study artifact: table ``runs`` (one row per classifier) and ``plan.json``."""
+def write_index(cfg: Config, plan: Plan, done: Mapping[str, Artifact],
+                failed: Mapping[str, str] | None = None) -> Artifact:
+    """The study artifact: table ``runs`` (one row per finished classifier) and ``plan.json``
+    (every stage run, with the reasons of those that failed)."""
     root = Path(cfg.run.root)
 
     def rel(nid: str) -> str:
@@ -180,6 +213,8 @@ def write_index(cfg: Config, plan: Plan, done: Mapping[str, Artifact]) -> Artifa
 
     rows = []
     for r in plan.runs:
+        if r.train not in done:
+            continue
         dataset_id = str(plan.nodes[r.train].inputs["dataset"])
         artifacts = {"dataset": rel(dataset_id), "assemble": rel(r.assemble), "train": rel(r.train),
                      **{role: rel(nid) for role, nid in r.artifacts.items()}}
@@ -190,12 +225,16 @@ def write_index(cfg: Config, plan: Plan, done: Mapping[str, Artifact]) -> Artifa
         if nid in plan.nodes:
             plan.nodes[nid].path = str(art.path.relative_to(root))
     plan_data = plan_to_dict(plan)
+    plan_data["failed"] = [{"id": nid, "stage": plan.nodes[nid].stage, "labels": plan.nodes[nid].labels,
+                            "reason": reason} for nid, reason in sorted((failed or {}).items())]
     # Where and how fast the study runs does not change what it found: keep those out of the key.
     study_section = {k: v for k, v in to_dict(cfg.study).items()
-                     if k not in ("node_gpus", "node_cpus", "parallel", "parallel_stages", "costs")}
+                     if k not in ("node_gpus", "node_cpus", "parallel", "parallel_stages", "costs",
+                                  "keep_going")}
     section = {"study": study_section,
                "runs": [[r[S.DATASET], r[S.METHOD], r[S.RATIO], r[S.SET_INDEX], r[S.SEED], r[S.ARTIFACTS]]
-                        for r in rows]}
+                        for r in rows],
+               "failed": sorted(failed or {})}
 
     def body(run: StageRun) -> None:
         run.write(S.to_table(rows, S.STUDY_RUNS), "runs", shard="0")
@@ -218,17 +257,21 @@ def run(cfg: Config, report: bool = True) -> tuple[Artifact, Artifact | None]:
     root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(dump_yaml(cfg), root / STATE_DIR / "config.yaml")
     init_ray(cfg.cluster, progress=cfg.run.progress)
-    state = read_state(root)
-    done: dict[str, Artifact] = {}
-    # The dataset stages first: quotas depend on their class counts.
+    # The dataset stages first (a failure there ends the study): quotas depend on their counts.
     datasets = dataset_nodes(cfg)
-    execute(datasets, root, state, done)
-    sizes = {n.labels["dataset"]: measured_size(done[n.id]) for n in datasets}
+    first = Executor(root, read_state(root), keep_going=False)
+    first.run(datasets)
+    sizes = {n.labels["dataset"]: measured_size(first.done[n.id]) for n in datasets}
     plan = build_plan(cfg, sizes)
     log.info("study plan: %d stage runs, %d classifiers", len(plan.nodes), len(plan.runs))
-    execute(list(plan.nodes.values()), root, state, done, cfg.study.parallel, cfg.study.parallel_stages)
-    study = write_index(cfg, plan, done)
+    ex = Executor(root, first.state, keep_going=cfg.study.keep_going)
+    ex.done.update(first.done)
+    ex.run(list(plan.nodes.values()), cfg.study.parallel, cfg.study.parallel_stages)
+    study = write_index(cfg, plan, ex.done, ex.failed)
     log.info("study index: %s", study.path)
+    if ex.failed:
+        log.error("study: %d stage runs failed or were left out (see the report); re-run to retry "
+                  "them", len(ex.failed))
     rep = None
     if report:
         from raugment import report as report_mod
@@ -242,7 +285,13 @@ def cli(cfg: Config, args) -> int:
     if getattr(args, "dry_run", False):
         print(format_plan(plan_study(cfg)))
         return 0
-    _, rep = run(cfg)
+    study, rep = run(cfg)
     if rep is not None:
         print(f"report: {rep.path / 'report.html'}")
-    return 0
+    return 1 if failures(study) else 0
+
+
+def failures(study: Artifact) -> list[dict[str, Any]]:
+    """The stage runs of a study that failed or were left out, with their reasons."""
+    plan = json.loads((study.path / "plan.json").read_text())
+    return plan.get("failed", [])

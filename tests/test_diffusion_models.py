@@ -102,3 +102,19 @@ def test_bad_options(tiny_sd):
         load_pipeline(str(tiny_sd), kind="inpaint")
     with pytest.raises(ValueError, match="known: .*pndm"):
         load_pipeline(str(tiny_sd), scheduler="nope")
+
+
+def test_full_size_architecture_is_sd14(tiny_sd):
+    """``sd14``: the real SD v1.4 architecture (built on the meta device: no memory, no weights)."""
+    import torch
+
+    from raugment.models.diffusion import build_random_sd
+
+    with torch.device("meta"):
+        pipe = build_random_sd(tiny_sd / "tokenizer", "sd14")
+    millions = {name: round(sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6, 1)
+                for name in ("unet", "vae", "text_encoder")}
+    assert millions == {"unet": 859.5, "vae": 83.7, "text_encoder": 123.1}
+    assert pipe.vae_scale_factor == 8 and pipe.unet.config.cross_attention_dim == 768
+    with pytest.raises(ValueError, match="known: tiny, sd14"):
+        build_random_sd(tiny_sd / "tokenizer", "sd3")

@@ -1,7 +1,6 @@
 import json
 
 import numpy as np
-import pyarrow as pa
 import pytest
 from PIL import Image
 from planted import draw, make_artifact, png, row

@@ -9,9 +9,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors import safe_open
 
 from raugment import finetune, schema
 from raugment.config import ConfigError, load_config
+from raugment.models.diffusion import load_components
 from raugment.personalise.methods import CondRow, GENERATION_TEMPLATE, get_method
 from raugment.personalise.outputs import (CONDITIONINGS, list_checkpoints, load_personalisation, resolve,
                                           write_snapshot, write_tags)
@@ -89,13 +91,13 @@ def test_checkpoints_tables_and_latent_cache(killed_run):
     learned = load_personalisation(art.path, "epoch_003")
     assert learned.table.shape == (2, 77, 32) and learned.unet_dir is None
     init = get_method("ft_conditioning").init_table(
-        __import__("raugment.models.diffusion", fromlist=["x"]).load_components(cfg.finetune.model),
-        [CondRow(r[schema.COND_ROW], r[schema.LABEL], r[schema.CLASS_NAME]) for r in rows])
+        load_components(cfg.finetune.model), [CondRow(r[schema.COND_ROW], r[schema.LABEL], r[schema.CLASS_NAME])
+                                              for r in rows])
     assert not torch.allclose(learned.table, init)  # it trained
     items = pq.read_table(art.path / "items.parquet").to_pylist()
     assert {i[schema.SPLIT] for i in items} == {"train", "val"}
     assert art.stats["counts"]["val_images"] == sum(i[schema.SPLIT] == "val" for i in items)
-    cached = sum(len(json.loads(__import__("safetensors").safe_open(str(p), "pt").metadata()["ids"]))
+    cached = sum(len(json.loads(safe_open(str(p), "pt").metadata()["ids"]))
                  for p in (art.path / "latents").glob("part-*.safetensors"))
     assert cached == len(items)  # encoded once: the restart reused the cache
     assert not (art.path / finetune.TRAIN_DIR).exists()  # optimizer state dropped after success
@@ -189,7 +191,7 @@ def _hand_made_artifact(path, comps, method_name, perturb):
 
 @pytest.mark.parametrize("name", ["textual_inversion", "pseudoword_dm"])
 def test_pseudoword_generation_matches_the_init_word_then_follows_training(tiny_sd, tmp_path, pipe, name):
-    from raugment.models.diffusion import load_components, load_pipeline
+    from raugment.models.diffusion import load_pipeline
 
     g = load_config(None, [f"generate.method={name}", "generate.images_per_class=2", "generate.height=64",
                            "generate.width=64"]).generate

@@ -85,8 +85,9 @@ def test_plan_is_deterministic_and_ids_unique(dataset, tmp_path, tiny_sd):
     assert a == b and len(a) == 100
     assert len({r["id"] for r in a}) == 100 and len({r["seed"] for r in a}) == 100
     assert Counter(r["label"] for r in a) == {0: 50, 1: 50}
-    assert all(r["prompt"].endswith(("desktopcomputer.", "tigershark,Galeocerdocuvieri."))
-               or "desktopcomputer" in r["prompt"] or "tigershark" in r["prompt"] for r in a)
+    nows = {0: "tigershark,Galeocerdocuvieri", 1: "desktopcomputer"}
+    assert all(nows[r["label"]] in r["prompt"] for r in a)
+    assert len({r["prompt"] for r in a}) > 20  # templates vary within a class
     other = load_config(None, _overrides(tmp_path, tiny_sd, **{"generate.method": "clip_templates",
                                                                "generate.images_per_class": 50,
                                                                "generate.seed": 1}))

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from raugment import schema
@@ -85,13 +86,13 @@ class FakeDownloads:
         yield results_table(res)
 
 
-def select(cfg_data, names, hits):
+def select(cfg_data, names, hits, safety=None):
     cfg = from_dict({"retrieve": cfg_data})
     queries = plan_queries(classes_table(names), cfg.retrieve)
     backend = FakeBackend({q.prompt: hits[q.class_name] for q in queries})
     downloads = FakeDownloads()
     cache = DownloadCache(None, cfg.retrieve, downloads)
-    cands = grow_and_select(queries, backend, cache, Screener(cfg.retrieve, backend.encoder))
+    cands = grow_and_select(queries, backend, cache, Screener(cfg.retrieve, backend.encoder, safety))
     return cands, queries, backend, downloads
 
 
@@ -167,6 +168,21 @@ def test_filters_drop_before_download_and_record_reasons():
     assert {reason[(0, "http://h/shared.jpg")], reason[(1, "http://h/shared.jpg")]} == {None, "duplicate_url"}
     assert "http://h/low.jpg" not in downloads.asked and "http://h/nsfw.jpg" not in downloads.asked
     assert downloads.asked.count("http://h/shared.jpg") == 1
+
+
+def test_safety_checker_hook_drops_flagged_downloads():
+    seen = []
+
+    def flags(images):
+        seen.extend(images)
+        return np.array([1.0 if i == 1 else 0.0 for i in range(len(images))], np.float32)
+
+    hits = {"a": [hit(f"http://h/a{i}.jpg", 1 - i / 100) for i in range(10)]}
+    cands, _, _, _ = select({"images_per_class": 3}, ["a"], hits, safety=flags)
+    nsfw = [c for c in cands if c["reason"] == "nsfw"]
+    assert [c[schema.RANK] for c in nsfw] == [1] and nsfw[0][schema.NSFW_SCORE] == 1.0
+    assert all(isinstance(b, bytes) for b in seen) and len(seen) == 5       # checked after download only
+    assert sorted(c[schema.RANK] for c in cands if c[schema.STATUS] == "selected") == [0, 2, 3]
 
 
 def test_aesthetic_from_stored_embeddings_when_the_index_has_no_score():
@@ -352,58 +368,107 @@ def demo(tmp_path_factory):
     return root, pool, clip, dataset, names
 
 
-def test_retrieve_stage_on_the_fault_pool(ray_session, demo):
+def embeddings_index(pool, clip, out):
+    """The pool's index without Ray: embed in-process, write LAION's layout, index that."""
+    from raugment.config import IndexConfig
+    from raugment.imageio import decode_image
+    from raugment.index import build_index
+    from raugment.models.clip import load_clip
+    from raugment.pool import read_pool
+
+    table = read_pool(pool)
+    emb = load_clip(str(clip)).embed_images([decode_image(b) for b in table.column(schema.IMAGE).to_pylist()])
+    (out / "img_emb").mkdir(parents=True)
+    (out / "metadata").mkdir()
+    np.save(out / "img_emb" / "img_emb_0.npy", emb)
+    pq.write_table(table.drop_columns([schema.IMAGE]), out / "metadata" / "metadata_0.parquet")
+    build_index(IndexConfig(source="embeddings", path=str(out), clip_model=str(clip), clip_pretrained=None),
+                out / "index")
+    return out / "index"
+
+
+def stage_config(root, pool, clip, srv, index_dir=None):
+    return from_dict({
+        "run": {"root": str(root / "runs"), "progress": False},
+        "index": {"path": str(pool / "pool.parquet"), "clip_model": str(clip), "clip_pretrained": None,
+                  "device": "cpu"},
+        "retrieve": {"images_per_class": QUOTA, "url_base": srv.url, "device": "cpu",
+                     "index": None if index_dir is None else str(index_dir),
+                     "download": {"timeout_s": 1.0, "retries": 1, "backoff_s": 0.05, "max_bytes": 1_000_000,
+                                  "allow_loopback": True, "pool": {"concurrency": 1}}}})
+
+
+def check_stage(art, srv, pool, rerun):
+    """The stage's contract on the fault pool; ``rerun`` re-runs it after a simulated kill."""
+    from raugment.pool import FAULT_REASONS, read_pool
+
+    first_requests = len(srv.requests)
+    st = art.stats
+    # Retrieval means something: precision@n far above chance (30 of 150 pool images per class).
+    chance = PER_CLASS / (POOL_CLASSES * PER_CLASS + 30)
+    assert st["precision_at_n"] >= 0.5 > 2 * chance
+    # Quota met, or the shortfall reported: never silently short.
+    for name, pc in st["per_class"].items():
+        assert pc["selected"] + pc["shortfall"] == QUOTA
+        assert st["shortfall"].get(name, 0) == pc["shortfall"]
+    images = art.read("images")
+    assert images.num_rows == st["counts"]["selected"] >= QUOTA * POOL_CLASSES - sum(st["shortfall"].values())
+    assert set(images.column(schema.SOURCE).to_pylist()) == {"retrieved"}
+    assert set(images.column(schema.SPLIT).to_pylist()) == {"added"}
+    assert images.column(schema.ID).to_pylist() == [item_id("ret", u) for u in images.column(schema.URL).to_pylist()]
+    assert len(set(images.column(schema.ID).to_pylist())) == images.num_rows
+    assert min(images.column(schema.AESTHETIC_SCORE).to_pylist()) >= 5.0
+    cands = art.read("candidates").to_pylist()
+    for c in cands:
+        assert (c[schema.REASON] is None) == (c[schema.STATUS] == "selected")
+        low = c[schema.AESTHETIC_SCORE] is not None and c[schema.AESTHETIC_SCORE] < 5
+        if low and c[schema.REASON] not in ("nsfw", "no_url"):
+            assert c[schema.REASON] == "aesthetic"          # the threshold drops what it should
+    # Every download fault met is a recorded row with its reason; nothing crashed.
+    table = read_pool(pool)
+    fault_of = {srv.url + u: f for u, f in zip(table.column(schema.URL).to_pylist(), table.column(schema.FAULT).to_pylist())}
+    met = [c for c in cands if fault_of.get(c[schema.URL]) and c[schema.REASON] in set(FAULT_REASONS.values())]
+    assert met and all(c[schema.REASON] == FAULT_REASONS[fault_of[c[schema.URL]]] for c in met)
+    failed = {c[schema.URL] for c in met}
+    assert {r[schema.URL] for r in art.read("failures").to_pylist()} >= failed
+    assert sum(st["download_outcomes"].values()) == st["counts"]["downloaded"]
+    # A killed run (no _SUCCESS) resumes: only the failed URLs are downloaded again.
+    os.remove(art.path / "_SUCCESS")
+    again = rerun()
+    asked = {srv.url + p.lstrip("/") for p in srv.requests[first_requests:]}
+    assert asked and asked <= failed
+    assert again.read("images").column(schema.ID).to_pylist() == images.column(schema.ID).to_pylist()
+    assert again.stats["counts"]["download_reused"] > 0
+
+
+def test_retrieve_stage_on_the_fault_pool(demo, tmp_path):
+    """The whole stage in-process (downloads without Ray): precision@n, faults, aesthetics, resume."""
+    from raugment import retrieve
+    from raugment.download import download_urls
+    from raugment.pool import PoolServer
+
+    root, pool, clip, dataset, names = demo
+    index_dir = embeddings_index(pool, clip, tmp_path / "laion")
+    with PoolServer(pool) as srv:
+        cfg = stage_config(tmp_path, pool, clip, srv, index_dir)
+
+        def downloader(urls):
+            yield results_table(download_urls(urls, cfg.retrieve.download))
+
+        art = retrieve.run(cfg, dataset, downloader=downloader)
+        check_stage(art, srv, pool, lambda: retrieve.run(cfg, dataset, downloader=downloader))
+
+
+@pytest.mark.slow
+def test_retrieve_stage_with_ray_index_and_downloads(ray_session, demo, tmp_path):
+    """Same contract with the index embedded on a Ray Data actor pool and Ray Data download actors."""
     from raugment import index as index_stage
     from raugment import retrieve
-    from raugment.pool import FAULT_REASONS, PoolServer, read_pool
+    from raugment.pool import PoolServer
 
     root, pool, clip, dataset, names = demo
     with PoolServer(pool) as srv:
-        cfg = from_dict({
-            "run": {"root": str(root / "runs"), "progress": False},
-            "index": {"path": str(pool / "pool.parquet"), "clip_model": str(clip), "clip_pretrained": None,
-                      "device": "cpu"},
-            "retrieve": {"images_per_class": QUOTA, "url_base": srv.url, "device": "cpu",
-                         "download": {"timeout_s": 1.0, "retries": 1, "backoff_s": 0.05, "max_bytes": 1_000_000,
-                                      "allow_loopback": True, "pool": {"concurrency": 1}}}})
+        cfg = stage_config(tmp_path, pool, clip, srv)
         idx = index_stage.run(cfg)
         art = retrieve.run(cfg, dataset, idx)
-        first_requests = len(srv.requests)
-        st = art.stats
-
-        # Retrieval means something: precision@n far above chance (30 of 150 pool images per class).
-        chance = PER_CLASS / (POOL_CLASSES * PER_CLASS + 30)
-        assert st["precision_at_n"] >= 0.5 > 2 * chance
-        assert st["counts"]["selected"] == QUOTA * POOL_CLASSES and st["shortfall"] == {}
-        images = art.read("images")
-        assert images.num_rows == QUOTA * POOL_CLASSES
-        assert set(images.column(schema.SOURCE).to_pylist()) == {"retrieved"}
-        assert set(images.column(schema.SPLIT).to_pylist()) == {"added"}
-        assert images.column(schema.ID).to_pylist() == [item_id("ret", u) for u in images.column(schema.URL).to_pylist()]
-        assert len(set(images.column(schema.ID).to_pylist())) == images.num_rows
-        assert min(images.column(schema.AESTHETIC_SCORE).to_pylist()) >= 5.0
-
-        cands = art.read("candidates").to_pylist()
-        for c in cands:
-            if c[schema.REASON] is None:
-                assert c[schema.STATUS] == "selected"
-            if c[schema.AESTHETIC_SCORE] is not None and c[schema.AESTHETIC_SCORE] < 5 and c[schema.REASON] not in ("nsfw", "no_url"):
-                assert c[schema.REASON] == "aesthetic"
-        # Every download fault met is a recorded row with its reason; nothing crashed.
-        table = read_pool(pool)
-        fault_of = {srv.url + u: f for u, f in zip(table.column(schema.URL).to_pylist(),
-                                                   table.column(schema.FAULT).to_pylist())}
-        met = [c for c in cands if fault_of.get(c[schema.URL]) and c[schema.REASON] not in
-               ("aesthetic", "nsfw", "duplicate_url", "over_quota")]
-        assert met and all(c[schema.REASON] == FAULT_REASONS[fault_of[c[schema.URL]]] for c in met)
-        failed = {c[schema.URL] for c in met}
-        assert {r[schema.URL] for r in art.read("failures").to_pylist()} >= failed
-        assert sum(st["download_outcomes"].values()) == st["counts"]["downloaded"]
-
-        # A killed run (no _SUCCESS) resumes: only the failed URLs are downloaded again.
-        os.remove(art.path / "_SUCCESS")
-        again = retrieve.run(cfg, dataset, idx)
-        asked = {srv.url + p.lstrip("/") for p in srv.requests[first_requests:]}
-        assert asked and asked <= failed
-        assert again.read("images").column(schema.ID).to_pylist() == images.column(schema.ID).to_pylist()
-        assert again.stats["counts"]["download_reused"] > 0
+        check_stage(art, srv, pool, lambda: retrieve.run(cfg, dataset, idx))

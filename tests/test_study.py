@@ -90,6 +90,10 @@ def _png(label: int, i: int) -> bytes:
     return buf.getvalue()
 
 
+class Killed(BaseException):
+    """Like a kill: not an ``Exception``, so ``study.keep_going`` does not catch it."""
+
+
 class FakeStages:
     """Stand-ins for the stage modules, written through the real stage contract (run_stage).
 
@@ -97,16 +101,19 @@ class FakeStages:
     makes the n-th stage run raise, like a killed process.
     """
 
-    def __init__(self, crash_at: int | None = None):
+    def __init__(self, crash_at: int | None = None, fail_stage: str | None = None):
         self.calls: list[str] = []
         self.crash_at = crash_at
+        self.fail_stage = fail_stage
 
     def __call__(self, node, done):
         from raugment.study import _resolve
 
         self.calls.append(node.stage)
         if self.crash_at is not None and len(self.calls) == self.crash_at:
-            raise RuntimeError("killed")
+            raise Killed()
+        if node.stage == self.fail_stage and node.labels.get("ratio") == 200.0:
+            raise ValueError("not enough images to resample")
         args = [_resolve(ref, done) for ref in node.inputs.values()]
         return getattr(self, node.stage)(node.cfg, *args)
 
@@ -206,7 +213,7 @@ def test_crashed_study_resumes_without_redoing_work_and_reports_the_same(fake_st
     # 1 dataset + generate/filter/dedup/audit + (2 baseline + 2 ratios x 2 sets) x (assemble + train)
     assert len(whole.calls) == 1 + 4 + 2 * (2 + 4)
     crashing = fake_stages(FakeStages(crash_at=9))
-    with pytest.raises(RuntimeError, match="killed"):
+    with pytest.raises(Killed):
         study.run(_fake_cfg(tmp_path / "b"))
     finished = read_state(tmp_path / "b")
     assert len(finished) == 8
@@ -228,6 +235,31 @@ def test_crashed_study_resumes_without_redoing_work_and_reports_the_same(fake_st
     assert len(again.calls) == len(whole.calls)  # asked, and each stage skipped by its key
 
 
+def test_a_failed_stage_leaves_out_its_dependents_and_the_study_goes_on(fake_stages, tmp_path, capsys):
+    from raugment import study
+    from raugment.cli import main
+
+    fake_stages(FakeStages(fail_stage="assemble"))
+    assert main(["run", "--set", f"run.root={tmp_path}", "--set", "study.methods=[simple]",
+                 "--set", "study.ratios=[100, 200]", "--set", "study.sets=2"]) == 1
+    rep = Path(capsys.readouterr().out.split("report:")[1].split()[0]).parent
+    data = json.loads((rep / "report.json").read_text())
+    ds = data["datasets"]["default"]
+    assert set(ds["table"]["simple"]) == {"100"}  # the 200 % runs are missing, the rest is there
+    assert ds["table"]["baseline"]["0"]["test_top1"]["n"] == 2
+    failed = {(f["stage"], f["labels"].get("set_index")): f["reason"] for f in data["failed"]}
+    assert failed[("assemble", 0)] == "ValueError: not enough images to resample"
+    assert failed[("train", 1)].startswith("input assemble-")
+    assert len(failed) == 4
+    assert "Failed or left-out stage runs" in (rep / "report.md").read_text()
+    # with keep_going off, the first failure ends the study
+    fake_stages(FakeStages(fail_stage="assemble"))
+    cfg = load_config(None, [f"run.root={tmp_path / 'strict'}", "study.methods=[simple]",
+                             "study.ratios=[200]", "study.sets=1", "study.keep_going=false"])
+    with pytest.raises(ValueError, match="not enough images"):
+        study.run(cfg)
+
+
 def test_parallel_training_gives_the_same_study(fake_stages, tmp_path):
     from raugment import study
 
@@ -242,6 +274,7 @@ def test_parallel_training_gives_the_same_study(fake_stages, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.timeout(2400)
 def test_killed_study_resumes_to_the_same_report(ray_session, tmp_path, caplog):
     """End to end with the real stages and a real kill (minutes on 2 busy cores)."""
     from raugment import study

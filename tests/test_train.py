@@ -253,3 +253,28 @@ def test_repeats_write_mean_and_standard_error_over_five_runs(data, tmp_path, mo
     assert out["summary"][S.TEST_TOP1]["se"] == pytest.approx(se)
     saved = json.loads((Path(out[S.RUN_PATH]) / "repeats.json").read_text())
     assert saved["summary"][S.TEST_TOP1]["se"] == pytest.approx(se) and len(saved["runs"]) == 5
+
+
+def test_gpu_decode_path_matches_cpu_decode_on_cpu():
+    """``train.gpu_decode`` logic, run with device=cpu: JPEG via decode_jpeg, PNG via fallback."""
+    from raugment.imageio import encode_image
+    from raugment.synthetic import draw
+
+    rng = np.random.default_rng(0)
+    imgs = [draw(c, rng, 40) for c in range(3)]
+    encoded = [encode_image(imgs[0], "JPEG", 95), encode_image(imgs[1], "PNG"), encode_image(imgs[2], "JPEG", 95)]
+    as_tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in encoded]
+    got = loader.gpu_decode_batch(as_tensors, torch.device("cpu"), 32, train=False)
+    cpu = torch.stack([loader.build_transform(32, train=False)(loader.decode_rgb(b)) for b in encoded])
+    assert got.shape == cpu.shape == (3, 3, 32, 32)
+    assert (got - cpu).abs().mean() < 0.05  # same pixels up to decoder/resampler rounding
+    assert loader.gpu_decode_batch(as_tensors, torch.device("cpu"), 24, train=True).shape == (3, 3, 24, 24)
+
+
+def test_training_modules_import_without_torch_or_ray():
+    import subprocess
+
+    code = ("import sys, raugment.train, raugment.tune, raugment.assemble, raugment.loader, "
+            "raugment.evaluate, raugment.stats; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

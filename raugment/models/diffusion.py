@@ -303,12 +303,44 @@ def write_clip_tokenizer(out: str | Path) -> Path:
     return out
 
 
-def build_tiny_sd(tokenizer_dir: str | Path, seed: int = 0) -> Any:
-    """A random-weight Stable Diffusion pipeline with SD v1's structure at toy sizes.
+# Architectures: "tiny" for tests and the demo (UNet ~1 M parameters on 8x8 latents = 64 px, a
+# 4-level VAE with SD's 8x down-sampling, a 2-layer text encoder over the full CLIP vocabulary, a
+# tiny CLIP vision tower in the safety checker); "sd14" is SD v1.4's real architecture (UNet
+# 860 M, VAE 84 M, CLIP ViT-L/14 text encoder 123 M, ViT-L/14 safety checker) for honest GPU
+# throughput with random weights.
+ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "unet": dict(sample_size=8, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=16,
+                     cross_attention_dim=32, attention_head_dim=8,
+                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+        "vae": dict(sample_size=64, layers_per_block=1, block_out_channels=(16, 16, 32, 32), norm_num_groups=8),
+        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     projection_dim=32),
+        "vision": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       image_size=32, patch_size=8),
+        "checker": dict(projection_dim=16),
+    },
+    "sd14": {
+        "unet": dict(sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+                     cross_attention_dim=768, attention_head_dim=8,
+                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+        "vae": dict(sample_size=512, layers_per_block=2, block_out_channels=(128, 256, 512, 512)),
+        "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                     projection_dim=768, hidden_act="quick_gelu"),
+        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=224, patch_size=14, hidden_act="quick_gelu"),
+        "checker": dict(projection_dim=768),
+    },
+}
 
-    UNet ~1 M parameters on 8x8 latents (64 px images), a 4-level VAE (the same 8x down-sampling
-    as SD), a 2-layer CLIP text encoder over the full CLIP vocabulary, SD v1.4's PNDM scheduler and a
-    safety checker with a tiny CLIP vision tower whose thresholds flag nothing.
+
+def build_random_sd(tokenizer_dir: str | Path, arch: str = "tiny", seed: int = 0) -> Any:
+    """A random-weight Stable Diffusion v1 pipeline of architecture ``arch`` (:data:`ARCHITECTURES`).
+
+    The scheduler is SD v1.4's PNDM; the safety checker has random concept directions and
+    thresholds of 1, which a cosine never exceeds, so it flags nothing.
     """
     import torch
 
@@ -316,51 +348,46 @@ def build_tiny_sd(tokenizer_dir: str | Path, seed: int = 0) -> Any:
     transformers = require("transformers")
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown SD architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    a = ARCHITECTURES[arch]
     torch.manual_seed(seed)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), norm_num_groups=16, cross_attention_dim=32, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
-        block_out_channels=(16, 16, 32, 32), norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    unet = diffusers.UNet2DConditionModel(in_channels=4, out_channels=4, **a["unet"])
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4, **a["vae"])
     tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir)
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id))
+        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **a["text"]))
     checker_config = transformers.CLIPConfig(
         text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
                      "num_attention_heads": 2, "vocab_size": 64,
-                     "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},  # unused tower
-        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-        projection_dim=16)
+                     "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},  # the checker never uses it
+        vision_config=a["vision"], **a["checker"])
     safety_checker = StableDiffusionSafetyChecker(checker_config)
     with torch.no_grad():
-        # random concept directions; a cosine never exceeds 1, so thresholds of 1 flag nothing
         safety_checker.concept_embeds.normal_()
         safety_checker.special_care_embeds.normal_()
         safety_checker.concept_embeds_weights.fill_(1.0)
         safety_checker.special_care_embeds_weights.fill_(1.0)
+    side = a["vision"]["image_size"]
     feature_extractor = transformers.CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     scheduler = diffusers.PNDMScheduler.from_config(SD14_SCHEDULER)
     return diffusers.StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=safety_checker, feature_extractor=feature_extractor, requires_safety_checker=True)
 
 
-def write_tiny_sd(out: Path, seed: int = 0) -> Path:
-    """Write the tiny random-weight SD bundle to ``out`` (``save_pretrained``, safetensors).
-
-    Used by ``raugment models tiny DIR`` (part ``sd``); load it with :func:`load_pipeline`.
-    """
+def write_random_sd(out: str | Path, arch: str = "tiny", seed: int = 0) -> Path:
+    """Write a random-weight SD bundle of ``arch`` to ``out`` (``save_pretrained``, safetensors)."""
     out = Path(out)
     tok_dir = write_clip_tokenizer(out / "tokenizer")
-    pipe = build_tiny_sd(tok_dir, seed=seed)
-    pipe.save_pretrained(out, safe_serialization=True)
+    build_random_sd(tok_dir, arch, seed=seed).save_pretrained(out, safe_serialization=True)
     return out
+
+
+def write_tiny_sd(out: Path, seed: int = 0) -> Path:
+    """Write the tiny random-weight SD bundle to ``out``; ``raugment models tiny DIR`` (part ``sd``)."""
+    return write_random_sd(out, "tiny", seed=seed)

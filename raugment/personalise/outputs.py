@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from raugment import schema
 from raugment.personalise.policy import BEST_VAL, epoch_tag
-from raugment.storage import CONFIG, TMP_PREFIX, write_text_atomic
+from raugment.storage import CONFIG, write_text_atomic
 
 LEARNED = "learned.safetensors"
 META = "meta.json"
@@ -44,6 +44,7 @@ SELECTED = "selected.json"
 CONDITIONINGS = "conditionings"
 ITEMS = "items"
 CHECKPOINTS = "checkpoints"
+PARTIAL_PREFIX = ".partial-"
 
 
 def write_snapshot(out: Path, epoch: int, tensors: dict[str, Any], meta: dict[str, Any],
@@ -61,7 +62,9 @@ def write_snapshot(out: Path, epoch: int, tensors: dict[str, Any], meta: dict[st
 
     base = out / CHECKPOINTS_DIR
     base.mkdir(parents=True, exist_ok=True)
-    tmp = base / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+    # not storage.TMP_PREFIX: the stage's restart clean-up unlinks files with that prefix, and this
+    # is a directory; write_tags removes a partial one left by a killed writer
+    tmp = base / f"{PARTIAL_PREFIX}{uuid.uuid4().hex}"
     tmp.mkdir()
     save_file(tensors, str(tmp / LEARNED), metadata={"epoch": str(epoch), "method": str(meta.get("method", ""))})
     if unet is not None:
