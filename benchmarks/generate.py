@@ -15,8 +15,8 @@ Figures, one line:
   to start (Ray Data, an actor process importing torch/diffusers, model load), which a long
   run amortises.
 
-On this CPU-only box both sides use one torch thread (an actor with ``num_cpus=0.5`` gets
-``OMP_NUM_THREADS=1`` from Ray). With ``--model`` and ``--num-gpus 1`` on a GPU machine it measures
+On this CPU-only box both sides use one torch thread: an actor with ``num_cpus=0.5`` gets
+``OMP_NUM_THREADS=1`` from Ray, and the plain loop runs in a fresh interpreter started the same way. With ``--model`` and ``--num-gpus 1`` on a GPU machine it measures
 the real thing (``--arch sd14``: the full-size SD v1.4 architecture with random weights, at 512 px
 and 50 steps), adding the TFLOP/s reached and the fraction of the GPU's ceiling.
 
@@ -27,8 +27,11 @@ on a GPU: ``--arch sd14 --size 512 --steps 50 --batch-size 32 --dtype float16 --
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -77,7 +80,7 @@ def plain_loop(cfg, rows, device: str) -> tuple[float, float]:
     return t2 - t0, t2 - t1
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--classes", type=int, default=4)
     p.add_argument("--per-class", type=int, default=16)
@@ -92,18 +95,15 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--num-gpus", type=float, default=0.0)
     p.add_argument("--num-cpus", type=float, default=0.5)
-    args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    p.add_argument("--plain-in", default=None, help=argparse.SUPPRESS)  # child: run the plain loop only
+    return p.parse_args()
 
-    import torch
 
+def setup(args: argparse.Namespace, work: Path, model: str):
+    """(config, dataset artifact, planned rows) — the same in the parent and the plain-loop child."""
     from raugment import generate
-    from raugment.cluster import init_ray, pick_device
-    from raugment.config import ClusterConfig, load_config
-    from raugment.models.diffusion import write_random_sd
+    from raugment.config import load_config
 
-    work = Path(tempfile.mkdtemp(prefix="bench-gen-"))
-    model = args.model or str(write_random_sd(work / "sd", args.arch))
     cfg = load_config(None, [
         f"run.root={work / 'runs'}", "run.progress=false", f"generate.model={model}",
         f"generate.height={args.size}", f"generate.width={args.size}", f"generate.steps={args.steps}",
@@ -112,20 +112,46 @@ def main() -> None:
         f"generate.pool.num_cpus={args.num_cpus}", "generate.safety_checker=true"])
     dataset = fake_dataset(work / "runs", args.classes)
     method = generate.check_config(cfg)
-    rows = method.plan(generate.read_classes(dataset), cfg.generate, dataset=dataset, finetune=None)
-    n = len(rows)
+    return cfg, dataset, method.plan(generate.read_classes(dataset), cfg.generate, dataset=dataset, finetune=None)
+
+
+def run_plain(args: argparse.Namespace, work: Path, model: str, device: str) -> tuple[float, float]:
+    """The plain loop in a fresh interpreter with the thread count Ray gives the actor (a process
+    that starts single-threaded, not the driver with Ray's threads beside it)."""
+    env = dict(os.environ)
+    if device == "cpu":
+        env["OMP_NUM_THREADS"] = str(max(1, int(args.num_cpus)))
+    out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--model", model, "--plain-in", str(work)],
+                         env=env, check=True, capture_output=True, text=True).stdout
+    return tuple(json.loads(out.strip().splitlines()[-1]))
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    from raugment import generate
+    from raugment.cluster import init_ray, pick_device
+    from raugment.config import ClusterConfig
+    from raugment.models.diffusion import write_random_sd
 
     device = pick_device("cuda" if args.num_gpus > 0 else "cpu")
-    if device == "cpu":
-        torch.set_num_threads(max(1, int(args.num_cpus)))  # what Ray gives the actor
+    if args.plain_in:
+        cfg, _, rows = setup(args, Path(args.plain_in), args.model)
+        print(json.dumps(plain_loop(cfg, rows, device)))
+        return
+    work = Path(tempfile.mkdtemp(prefix="bench-gen-"))
+    model = args.model or str(write_random_sd(work / "sd", args.arch))
+    cfg, dataset, rows = setup(args, work, model)
+    n = len(rows)
     init_ray(ClusterConfig(temp_dir=tempfile.mkdtemp(prefix="rt-", dir="/tmp")), progress=False)
 
     # plain, stage, plain again: the mean of the two plain runs cancels slow drift of a shared box
-    first = plain_loop(cfg, rows, device)
+    first = run_plain(args, work, model, device)
     t0 = time.perf_counter()
     art = generate.run(cfg, dataset)
     stage_s = time.perf_counter() - t0
-    second = plain_loop(cfg, rows, device)
+    second = run_plain(args, work, model, device)
     plain_s, plain_gen_s = (first[0] + second[0]) / 2, (first[1] + second[1]) / 2
     actor_s = art.stats["actor_s"]
     assert art.stats["counts"]["images"] == n, art.stats
@@ -147,6 +173,7 @@ def ceiling(args, img_s: float, device: str) -> str:
     tflop = 0.83 * args.steps * 2 * (args.size / 512) ** 2
     return (f"; {img_s * tflop:.0f} TFLOP/s = {img_s * tflop / args.peak_tflops:.1%} of a "
             f"{args.peak_tflops:.0f} TFLOP/s peak ({args.peak_tflops / tflop:.1f} img/s ceiling)")
+
 
 if __name__ == "__main__":
     main()

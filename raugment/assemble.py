@@ -78,9 +78,7 @@ def build_manifest(original: pa.Table, pools: Sequence[Pool], *, ratio: float, s
             and the shortfall).
     """
     labels = original.column(S.LABEL).to_pylist()
-    counts: dict[int, int] = {}
-    for label in labels:
-        counts[int(label)] = counts.get(int(label), 0) + 1
+    counts = Counter(int(label) for label in labels)
     need = targets(counts, ratio)
     n = original.num_rows
     parts = [pa.table({
@@ -117,11 +115,10 @@ def build_manifest(original: pa.Table, pools: Sequence[Pool], *, ratio: float, s
 
 def check_counts(manifest: pa.Table, original_counts: Mapping[int, int], added_counts: Mapping[int, int]) -> None:
     """Raise ValueError naming the first class whose original or added count is off target."""
-    got_orig: dict[int, int] = {}
-    got_added: dict[int, int] = {}
+    got_orig: Counter = Counter()
+    got_added: Counter = Counter()
     for label, source in zip(manifest.column(S.LABEL).to_pylist(), manifest.column(S.SOURCE).to_pylist()):
-        bucket = got_orig if source == "original" else got_added
-        bucket[label] = bucket.get(label, 0) + 1
+        (got_orig if source == "original" else got_added)[label] += 1
     for label in sorted(original_counts):
         for what, want, got in (("original", original_counts[label], got_orig.get(label, 0)),
                                 ("added", added_counts.get(label, 0), got_added.get(label, 0))):
@@ -153,6 +150,10 @@ def _select_sources(cfg: AssembleConfig, added: Mapping[str, Artifact]) -> list[
     if unknown:
         raise ConfigError(f"assemble.sources names {unknown}, but the added artifacts given are "
                           f"{sorted(added)}; fix assemble.sources or pass those artifacts")
+    if cfg.ratio > 0 and not names:
+        raise ConfigError(f"assemble.ratio={cfg.ratio} needs added images, but no added artifact was "
+                          "given; pass --added METHOD=DIR (added={method: artifact}) or set "
+                          "assemble.ratio=0 for the baseline")
     return names if cfg.ratio > 0 else []
 
 

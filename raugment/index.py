@@ -250,10 +250,10 @@ def run(cfg: Config) -> Artifact:
     from raugment.cluster import init_ray
 
     check_config(cfg.index)
-    if cfg.index.source == "images":
-        init_ray(cfg.cluster, cfg.run.progress)
 
     def body(run_: StageRun) -> None:
+        if cfg.index.source == "images":  # only image sources need Ray (a skipped stage starts nothing)
+            init_ray(cfg.cluster, cfg.run.progress)
         build_index(cfg.index, run_.path, run_.stats)
 
     return run_stage(cfg.run.root, "index", cfg.index, {"source": source_key(cfg.index.path)}, body)

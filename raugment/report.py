@@ -105,7 +105,8 @@ def _per_class(runs: list[dict], root: Path, ratio: float) -> dict[str, Any]:
         order = sorted(range(len(imp)), key=lambda i: imp[i])
         out[method] = {"ratio": ratio, "improvement": imp, "classes_improved": sum(v > 0 for v in imp),
                        "classes_worse": sum(v < 0 for v in imp), "mean": sum(imp) / len(imp),
-                       "worst": [names[i] for i in order[:3]], "best": [names[i] for i in order[::-1][:3]]}
+                       "worst": [names[i] for i in order[:3] if imp[i] < 0],
+                       "best": [names[i] for i in order[::-1][:3] if imp[i] > 0]}
     return out
 
 

@@ -467,13 +467,13 @@ def run(cfg: Config, dataset: Artifact, index: Artifact | None = None, *, force:
 
     index_path = check_config(cfg, index)
     queries = plan_queries(dataset.read("classes"), cfg.retrieve)
-    if downloader is None:
-        init_ray(cfg.cluster, cfg.run.progress)
     inputs: dict[str, Artifact | str] = {"dataset": dataset}
     if index_path is not None:
         inputs["index"] = index if index is not None and not cfg.retrieve.index else index_path
 
     def body(run_: StageRun) -> None:
+        if downloader is None:  # downloads run on Ray Data actors
+            init_ray(cfg.cluster, cfg.run.progress)
         backend = RETRIEVERS.get(cfg.retrieve.backend)(cfg, index_path)
         screener = Screener(cfg.retrieve, backend.encoder, safety_hook(cfg.retrieve))
         cache = DownloadCache(run_, cfg.retrieve, downloader)

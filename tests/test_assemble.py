@@ -140,6 +140,8 @@ def test_bad_inputs_fail_before_work(world):
     with pytest.raises(ValueError, match="needs added images"):
         assemble.build_manifest(_original(dataset), [], ratio=100, set_index=0, num_sets=5, seed=0,
                                 original_artifact="dataset/x")
+    with pytest.raises(ConfigError, match="needs added images"):
+        assemble.run(_cfg(root, ratio=100), dataset, {})
     with pytest.raises(ConfigError, match="set_index"):
         _cfg(root, set_index=5)
     baseline = assemble.run(_cfg(root, ratio=0), dataset, {"simple": gen})
