@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -92,40 +91,19 @@ def asset_overrides(paths: dict[str, Path], url: str) -> dict[str, Any]:
     }
 
 
-class StablePortPoolServer(PoolServer):
-    """A :class:`raugment.pool.PoolServer` bound to a chosen port (0 = any free one).
+@contextlib.contextmanager
+def serve_pool(pool_dir: Path, port_file: Path) -> Iterator[str]:
+    """Serve the pool on 127.0.0.1, on the port of the previous run when it is free.
 
     The server's address is part of the retrieval stage's config (``retrieve.url_base``), so the
     demo keeps the port of its previous run to keep that stage's key.
     """
-
-    def __init__(self, pool_dir: str | Path, port: int = 0, **kwargs: Any):
-        super().__init__(pool_dir, **kwargs)
-        self.port = port
-
-    def start(self) -> "StablePortPoolServer":
-        from http.server import ThreadingHTTPServer
-
-        handler = type("PoolHandler", (pool_module._Handler,), {"pool": self})
-        server_cls = type("PoolHTTPServer", (ThreadingHTTPServer,), {"request_queue_size": 256})
-        self._httpd = server_cls(("127.0.0.1", self.port), handler)
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="pool-server", daemon=True)
-        self._thread.start()
-        return self
-
-
-@contextlib.contextmanager
-def serve_pool(pool_dir: Path, port_file: Path) -> Iterator[str]:
-    """Serve the pool on 127.0.0.1, on the port of the previous run when it is free."""
     port = int(port_file.read_text()) if port_file.exists() else 0
     try:
-        server = StablePortPoolServer(pool_dir, port=port, hang_s=5.0).start()
+        server = PoolServer(pool_dir, port=port, hang_s=5.0).start()
     except OSError:
         log.warning("demo: port %d is taken; the retrieval stage will run again on a new port", port)
-        server = StablePortPoolServer(pool_dir, port=0, hang_s=5.0).start()
+        server = PoolServer(pool_dir, port=0, hang_s=5.0).start()
     port_file.write_text(str(server.port))
     try:
         yield server.url

@@ -70,10 +70,14 @@ def index_files(files: Sequence[str | Path], *, ids: Mapping[str, int] | None = 
                 split: str | None = None) -> tuple[list[Unit], set[str]]:
     """Units of ``files`` whose rows have an id in ``ids`` (label from ``ids``) or ``split``.
 
+    Units are ordered by the smallest id they hold, not by file name: shard names carry process
+    ids, so ordering by name would make the epoch permutation (and the trained model) depend on
+    which process wrote a shard rather than on what the shards contain.
+
     Returns:
         the units, and the set of ids found (to check a manifest is complete).
     """
-    units: list[Unit] = []
+    keyed: list[tuple[str, Unit]] = []
     found: set[str] = set()
     id_set = pa.array(list(ids), pa.string()) if ids is not None else None
     for f in files:
@@ -86,14 +90,15 @@ def index_files(files: Sequence[str | Path], *, ids: Mapping[str, int] | None = 
             rows = np.flatnonzero(mask.to_numpy(zero_copy_only=False)).astype(np.int64)
             if not len(rows):
                 continue
+            chosen = t.column(S.ID).take(pa.array(rows)).to_pylist()
             if ids is not None:
-                chosen = t.column(S.ID).take(pa.array(rows)).to_pylist()
                 found.update(chosen)
                 labels = np.array([ids[i] for i in chosen], dtype=np.int64)
             else:
                 labels = t.column(S.LABEL).to_numpy()[rows].astype(np.int64)
-            units.append(Unit(str(f), rg, rows, labels))
-    return units, found
+            keyed.append((min(chosen), Unit(str(f), rg, rows, labels)))
+    keyed.sort(key=lambda item: item[0])
+    return [unit for _, unit in keyed], found
 
 
 def build_index(manifest: pa.Table, root: str | Path) -> list[Unit]:

@@ -191,7 +191,8 @@ class PoolServer:
         server_cls = type("PoolHTTPServer", (ThreadingHTTPServer,), {"request_queue_size": 256})
         self._httpd = server_cls(("127.0.0.1", self.port), handler)
         self._httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}/"
+        self.port = self._httpd.server_address[1]  # the bound one when 0 asked for any free port
+        self.url = f"http://127.0.0.1:{self.port}/"
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="pool-server", daemon=True)
         self._thread.start()
         return self

@@ -197,7 +197,7 @@ def _costs(plan: dict[str, Any], root: Path) -> list[dict[str, Any]]:
 
 def collect(root: str | Path, study: Artifact, cfg: ReportConfig) -> dict[str, Any]:
     """Every number, id and link of the report, as plain data."""
-    root = Path(root)
+    root = Path(root).resolve()
     runs = _read_runs(study)
     if not runs:
         raise ValueError(f"study {study.path} has no runs; run the study first")

@@ -110,7 +110,7 @@ class Artifact:
     @classmethod
     def open(cls, path: str | Path) -> "Artifact":
         """An existing complete artifact directory; an error if it is not complete."""
-        p = Path(path)
+        p = Path(path).resolve()
         if not (p / SUCCESS).exists():
             raise ValueError(f"{p} is not a complete stage output (no {SUCCESS}); re-run its stage")
         return cls(stage=p.parent.name, key=p.name, path=p)
@@ -165,7 +165,8 @@ class StageRun:
         self.inputs = {k: (v.key if isinstance(v, Artifact) else str(v)) for k, v in (inputs or {}).items()}
         self.input_paths = {k: str(v.path) for k, v in (inputs or {}).items() if isinstance(v, Artifact)}
         self.key = section_hash(section, self.inputs)
-        self.root = Path(root)
+        # Absolute, because Ray workers (Train V2 ones in particular) run in other directories.
+        self.root = Path(root).resolve()
         self.path = self.root / stage / self.key
         self.stats = Stats()
         self._counter = 0
@@ -251,7 +252,7 @@ def run_stage(root: str | Path, stage: str, section: Any,
 
 def latest(root: str | Path, stage: str) -> Artifact | None:
     """The most recently completed output of ``stage`` under ``root`` (for CLI conveniences)."""
-    base = Path(root) / stage
+    base = Path(root).resolve() / stage
     done = [p for p in base.glob("*") if (p / SUCCESS).exists()] if base.is_dir() else []
     if not done:
         return None

@@ -69,7 +69,7 @@ def measured_size(dataset_artifact: Artifact) -> DatasetSize:
 
 def known_sizes(cfg: Config, state: Mapping[str, str]) -> dict[str, DatasetSize]:
     """Sizes of the study's datasets whose stage is finished in this root (no work, no Ray)."""
-    root = Path(cfg.run.root)
+    root = Path(cfg.run.root).resolve()
     out = {}
     for name, ds_cfg in dataset_configs(cfg).items():
         rel = state.get(node_id("dataset", ds_cfg, {}))
@@ -206,7 +206,7 @@ def write_index(cfg: Config, plan: Plan, done: Mapping[str, Artifact],
                 failed: Mapping[str, str] | None = None) -> Artifact:
     """The study artifact: table ``runs`` (one row per finished classifier) and ``plan.json``
     (every stage run, with the reasons of those that failed)."""
-    root = Path(cfg.run.root)
+    root = Path(cfg.run.root).resolve()
 
     def rel(nid: str) -> str:
         return str(done[nid].path.relative_to(root))
@@ -253,7 +253,7 @@ def run(cfg: Config, report: bool = True) -> tuple[Artifact, Artifact | None]:
     """
     from raugment.cluster import init_ray
 
-    root = Path(cfg.run.root)
+    root = Path(cfg.run.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(dump_yaml(cfg), root / STATE_DIR / "config.yaml")
     init_ray(cfg.cluster, progress=cfg.run.progress)

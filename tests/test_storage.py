@@ -107,3 +107,13 @@ def test_phash_roundtrip():
     for v in (0, 1, (1 << 63) - 1, 1 << 63, (1 << 64) - 1):
         assert S.int64_to_phash(S.phash_to_int64(v)) == v
         assert -(1 << 63) <= S.phash_to_int64(v) < (1 << 63)
+
+
+def test_relative_root_gives_absolute_artifact_paths(tmp_path, monkeypatch):
+    # Ray Train workers run in another working directory: artifact paths must not depend on cwd.
+    monkeypatch.chdir(tmp_path)
+    art = run_stage("runs/rel", "s", {"a": 1}, {}, lambda r: r.write(_rows(["x"])))
+    assert art.path.is_absolute() and art.path == (tmp_path / "runs/rel/s" / art.key)
+    monkeypatch.chdir("/")
+    assert art.read().column("id").to_pylist() == ["x"]
+    assert Artifact.open(art.path).path == art.path
