@@ -9,7 +9,7 @@ The plain loop is what one would write by hand: for each file, read, decode with
 encode, collect rows, write one Parquet file. raugment does the same work through the stage
 (planning, sharded writes, thread pool of ``read_threads``, stats, resume bookkeeping).
 
-Usage: ``python benchmarks/bench_dataset.py [--images 400] [--threads 4]``
+Usage: ``python benchmarks/dataset.py [--images 400] [--threads 4]``
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             stage_s = timed(lambda: dataset.run(cfg))
             figures.append(f"{label}: plain {args.images / plain_s:.0f} img/s, raugment "
                            f"{args.images / stage_s:.0f} img/s, ratio {plain_s / stage_s:.2f}x")
-    print(f"bench_dataset: {args.images} JPEG 500x375, {args.threads} threads, {os.cpu_count()} CPUs; "
+    print(f"dataset: {args.images} JPEG 500x375, {args.threads} threads, {os.cpu_count()} CPUs; "
           + "; ".join(figures))
     return 0
 

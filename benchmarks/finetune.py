@@ -11,7 +11,7 @@ and frozen-UNet methods are why.
 ``--full-size`` builds Stable Diffusion v1.4's architecture (UNet 860 M, VAE, CLIP ViT-L/14 text
 encoder) with random weights for GPU figures; the default is the tiny bundle.
 
-Usage: ``python benchmarks/bench_finetune.py [--model runs/models/sd] [--device cpu] [--rounds 10]``
+Usage: ``python benchmarks/finetune.py [--model runs/models/sd] [--device cpu] [--rounds 10]``
 """
 
 from __future__ import annotations
