@@ -30,7 +30,6 @@ import dataclasses
 import functools
 import io
 import logging
-import math
 import os
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +45,7 @@ from raugment.classnames import folder_class_name, is_synset_id, lookup
 from raugment.config import Config, ConfigError, DatasetConfig, to_dict
 from raugment.imageio import ImageDecodeError, decode_image, encode_image, item_id, resize_max_side, stable_id
 from raugment.registry import DATASETS
+from raugment.stats import round_half_up
 from raugment.storage import Artifact, StageRun, run_stage
 
 if TYPE_CHECKING:
@@ -284,11 +284,6 @@ class ClassRow:
     class_name: str
     hypernym: str | None = None
     definition: str | None = None
-
-
-def round_half_up(x: float) -> int:
-    """``round`` without banker's rounding: 12.5 -> 13 (fraction * n is often exactly .5)."""
-    return int(math.floor(x + 0.5 + 1e-9))
 
 
 def _subsample(perm: list[str], fraction: float) -> dict[str, list[str]]:

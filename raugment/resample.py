@@ -8,18 +8,18 @@ plus the artifact that holds them, never copies of the images.
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import numpy as np
 import pyarrow as pa
 
 from raugment import schema
+from raugment.stats import round_half_up
 
 
 def set_size(target_count: int, ratio: float) -> int:
     """Images one set needs for a class: ``target_count * ratio / 100`` rounded half up."""
-    return int(math.floor(target_count * ratio / 100.0 + 0.5))
+    return round_half_up(target_count * ratio / 100.0)
 
 
 def _class_order(ids: list[str], ranks: list | None, rng: np.random.Generator) -> list[str]:

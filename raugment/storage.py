@@ -16,6 +16,7 @@ items whose ids are already in finished shards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -91,6 +92,26 @@ def write_text_atomic(text: str, path: Path) -> Path:
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Fill a temporary sibling directory; on success it replaces ``final`` (an old one is removed).
+
+    A writer killed half-way leaves only a ``.tmp-*`` directory, which a stage's restart clean-up
+    removes; ``final`` is either the old complete directory or the new one.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
 
 
 def _parts(directory: Path) -> list[Path]:
@@ -186,8 +207,11 @@ class StageRun:
         if self.path.exists() and not resumable:
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
-        for tmp in self.path.rglob(f"{TMP_PREFIX}*"):
-            tmp.unlink(missing_ok=True)
+        for tmp in sorted(self.path.rglob(f"{TMP_PREFIX}*"), reverse=True):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
         meta = {"stage": self.stage, "key": self.key, "inputs": self.inputs,
                 "input_paths": self.input_paths,
                 "config": to_dict(self.section) if hasattr(self.section, "__dataclass_fields__") else self.section}

@@ -38,7 +38,7 @@ import pyarrow as pa
 
 from raugment import schema as S
 from raugment.config import Config, TrainConfig, to_dict, with_overrides
-from raugment.storage import Artifact, StageRun, run_stage, write_text_atomic
+from raugment.storage import Artifact, StageRun, atomic_dir, run_stage, write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -415,13 +415,8 @@ class LocalContext:
     def report(self, metrics: dict[str, Any], state: TrainState | None) -> None:
         self.reports.append(metrics)
         if state is not None:
-            tmp = self.checkpoint_dir / f".tmp-{uuid.uuid4().hex}"
-            tmp.mkdir(parents=True)
-            state.write(tmp)
-            latest = self.checkpoint_dir / "latest"
-            if latest.exists():
-                shutil.rmtree(latest)
-            tmp.rename(latest)
+            with atomic_dir(self.checkpoint_dir / "latest") as tmp:
+                state.write(tmp)
 
 
 class RayContext:

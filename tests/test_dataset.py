@@ -19,7 +19,8 @@ from PIL import Image
 from raugment import dataset
 from raugment import schema as S
 from raugment.config import ConfigError, load_config
-from raugment.dataset import class_counts, read_classes, read_split, round_half_up
+from raugment.dataset import class_counts, read_classes, read_split
+from raugment.stats import round_half_up
 from raugment.synthetic import draw
 
 # class folder -> number of training images: imbalanced on purpose, one class with an odd count

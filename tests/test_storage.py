@@ -117,3 +117,27 @@ def test_relative_root_gives_absolute_artifact_paths(tmp_path, monkeypatch):
     monkeypatch.chdir("/")
     assert art.read().column("id").to_pylist() == ["x"]
     assert Artifact.open(art.path).path == art.path
+
+
+def test_atomic_dir_replaces_whole_and_restart_removes_a_killed_writers_dir(tmp_path):
+    from raugment.storage import atomic_dir
+
+    final = tmp_path / "s" / "k" / "ckpt"
+    with atomic_dir(final) as d:
+        (d / "a.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final) as d:
+            (d / "a.txt").write_text("half")
+            raise RuntimeError("killed")
+    assert (final / "a.txt").read_text() == "old"  # a failed writer leaves the old one whole
+    with atomic_dir(final) as d:
+        (d / "b.txt").write_text("new")
+    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
+    # what a SIGKILLed writer leaves: a temp directory with files in it
+    stray = final.parent / ".tmp-dead"
+    (stray / "sub").mkdir(parents=True)
+    (stray / "sub" / ".tmp-x").write_text("partial")
+    run = StageRun(tmp_path, "s", {"a": 1})
+    run.path = tmp_path / "s" / "k"
+    run.prepare(resumable=True)
+    assert not stray.exists() and final.exists()

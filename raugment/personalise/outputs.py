@@ -21,9 +21,7 @@ Everything learned is safetensors; nothing is unpickled when loading.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -33,7 +31,7 @@ import pyarrow.parquet as pq
 
 from raugment import schema
 from raugment.personalise.policy import BEST_VAL, epoch_tag
-from raugment.storage import CONFIG, write_text_atomic
+from raugment.storage import CONFIG, atomic_dir, write_text_atomic
 
 LEARNED = "learned.safetensors"
 META = "meta.json"
@@ -44,7 +42,6 @@ SELECTED = "selected.json"
 CONDITIONINGS = "conditionings"
 ITEMS = "items"
 CHECKPOINTS = "checkpoints"
-PARTIAL_PREFIX = ".partial-"
 
 
 def write_snapshot(out: Path, epoch: int, tensors: dict[str, Any], meta: dict[str, Any],
@@ -60,20 +57,13 @@ def write_snapshot(out: Path, epoch: int, tensors: dict[str, Any], meta: dict[st
     """
     from safetensors.torch import save_file
 
-    base = out / CHECKPOINTS_DIR
-    base.mkdir(parents=True, exist_ok=True)
-    # not storage.TMP_PREFIX: the stage's restart clean-up unlinks files with that prefix, and this
-    # is a directory; write_tags removes a partial one left by a killed writer
-    tmp = base / f"{PARTIAL_PREFIX}{uuid.uuid4().hex}"
-    tmp.mkdir()
-    save_file(tensors, str(tmp / LEARNED), metadata={"epoch": str(epoch), "method": str(meta.get("method", ""))})
-    if unet is not None:
-        unet.save_pretrained(tmp / UNET, safe_serialization=True)
-    (tmp / META).write_text(json.dumps({"epoch": epoch, **meta}, indent=2, sort_keys=True))
-    final = base / epoch_tag(epoch)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    final = out / CHECKPOINTS_DIR / epoch_tag(epoch)
+    with atomic_dir(final) as tmp:
+        save_file(tensors, str(tmp / LEARNED),
+                  metadata={"epoch": str(epoch), "method": str(meta.get("method", ""))})
+        if unet is not None:
+            unet.save_pretrained(tmp / UNET, safe_serialization=True)
+        (tmp / META).write_text(json.dumps({"epoch": epoch, **meta}, indent=2, sort_keys=True))
     return final
 
 
