@@ -1,0 +1,31 @@
+"""A fine-tuning artifact stand-in (checkpoint names, snapshot directories, losses) without torch,
+for the selection tests: only what :func:`raugment.personalise.outputs.resolve` and
+:func:`~raugment.personalise.outputs.list_checkpoints` read."""
+
+from __future__ import annotations
+
+import json
+from typing import Mapping, Sequence
+
+from raugment.personalise.outputs import CHECKPOINTS_DIR, LEARNED, META, write_tags
+from raugment.personalise.policy import epoch_tag
+from raugment.storage import Artifact, StageRun, run_stage
+
+# epoch -> checkpoint names: best validation loss at epoch 1, best train loss at epoch 3
+TAGS = {1: ["best_val", "epoch_001"], 2: ["epoch_002"], 3: ["best_train", "epoch_003"]}
+
+
+def fill(run: StageRun, tags: Mapping[int, Sequence[str]] = TAGS) -> None:
+    """Write snapshots (an empty learned file + meta.json) and the names of ``tags`` into ``run``."""
+    for epoch in tags:
+        snap = run.path / CHECKPOINTS_DIR / epoch_tag(epoch)
+        snap.mkdir(parents=True, exist_ok=True)
+        (snap / LEARNED).write_bytes(b"")
+        (snap / META).write_text(json.dumps({"epoch": epoch, "method": "ft_conditioning",
+                                             "train_loss": 1.0 / epoch, "val_loss": 0.5 + abs(epoch - 1)}))
+    write_tags(run.path, {e: list(n) for e, n in tags.items()})
+
+
+def make_finetune(root, tags: Mapping[int, Sequence[str]] = TAGS, key: str = "ft") -> Artifact:
+    """A complete ``finetune`` artifact under ``root`` with ``tags``."""
+    return run_stage(root, "finetune", {"fake": key}, {}, lambda r: fill(r, tags))
