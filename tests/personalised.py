@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from typing import Mapping, Sequence
 
-from raugment.personalise.outputs import CHECKPOINTS_DIR, LEARNED, META, write_tags
+from raugment import schema as S
+from raugment.personalise.outputs import CHECKPOINTS_DIR, CONDITIONINGS, LEARNED, META, write_tags
 from raugment.personalise.policy import epoch_tag
 from raugment.storage import Artifact, StageRun, run_stage
 
@@ -17,6 +18,9 @@ TAGS = {1: ["best_val", "epoch_001"], 2: ["epoch_002"], 3: ["best_train", "epoch
 
 def fill(run: StageRun, tags: Mapping[int, Sequence[str]] = TAGS) -> None:
     """Write snapshots (an empty learned file + meta.json) and the names of ``tags`` into ``run``."""
+    rows = [{S.COND_ROW: k, S.LABEL: k, S.CLASS_NAME: f"class {k}", S.CLUSTER: 0, S.N_IMAGES: 3, S.TOKEN: ""}
+            for k in range(2)]
+    run.write_single(S.to_table(rows, S.CONDITIONINGS), CONDITIONINGS)
     for epoch in tags:
         snap = run.path / CHECKPOINTS_DIR / epoch_tag(epoch)
         snap.mkdir(parents=True, exist_ok=True)
