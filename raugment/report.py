@@ -198,7 +198,7 @@ def _checkpoints(runs: list[dict], root: Path) -> dict[str, Any]:
             why = "scored" if candidates else "pinned"  # pinned: select.checkpoint, no scoring
             out[method] = {"selection": why, "checkpoint": pointer["checkpoint"], "epoch": pointer["epoch"],
                            "candidates": candidates, "not_kept": pointer.get("not_kept", []),
-                           "rule": pointer.get("rule", "select.checkpoint"), "finetune": arts["finetune"]}
+                           "rule": pointer.get("rule", "pinned by select.checkpoint"), "finetune": arts["finetune"]}
             continue
         own = _read_json(root / arts["finetune"] / SELECTED)
         name = own.get("checkpoint", BEST_VAL)

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from raugment.config import load_config
+from raugment.storage import Artifact
 from raugment.study import read_state
 
 REPO = Path(__file__).resolve().parent.parent
@@ -396,6 +397,43 @@ def test_study_with_selection_off_uses_best_val_and_says_so(fake_stages, tmp_pat
     sel = _report(rep)["checkpoints"]["ft_conditioning"]
     assert (sel["selection"], sel["checkpoint"], sel["epoch"]) == ("off", "best_val", 1)
     assert "| ft_conditioning | best_val | 1 | - | used (selection off: best_val) |" in (rep.path / "report.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(1200)
+def test_real_checkpoint_selection_on_tiny_models(ray_session, tiny_sd, tmp_path):
+    """The real chain: fine-tune 2 epochs -> per epoch generate, assemble, train -> select -> pool."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from raugment import study
+    from raugment.train import read_results
+
+    torch.set_num_threads(1)
+    data = json.loads(json.dumps(SMALL))
+    data["run"]["root"] = str(tmp_path)
+    data["study"].update({"methods": ["ft_conditioning"], "baseline": False, "filter": False, "dedup": False,
+                          "audit": False})
+    data["generate"]["model"] = str(tiny_sd)
+    data["finetune"] = {"model": str(tiny_sd), "resolution": 32, "batch_size": 2, "max_epochs": 2, "patience": 5,
+                        "workers": {"num_workers": 1, "cpus_per_worker": 0.5}, "feature_weights": None}
+    data["select"] = {"candidates": ["epoch_001", "epoch_002"], "ratio": 50}
+    cfg = load_config(None, base=data)
+    st, rep = study.run(cfg)
+    root = tmp_path.resolve()
+    (run,) = _study_runs(root)
+    chosen = json.loads((root / run["artifacts"]["select"] / "selected.json").read_text())
+    val = {c["name"]: read_results(Artifact.open(root / c["classifier"]))["val_top1_best"]
+           for c in chosen["candidates"]}
+    assert set(val) == {"epoch_001", "epoch_002"}
+    best = max(val.values())
+    assert chosen["checkpoint"] == min(n for n, v in val.items() if v == best)  # argmax, ties: earlier
+    # the method's pool was generated from the chosen snapshot
+    params = pq.read_table(root / run["artifacts"]["source"] / "prompts.parquet").column("params").to_pylist()
+    assert {Path(json.loads(p)["snapshot"]).name for p in params} == {f"epoch_{chosen['epoch']:03d}"}
+    md = (rep.path / "report.md").read_text()
+    assert "Checkpoint selection (fine-tuned methods)" in md and "| chosen |" in md
 
 
 @pytest.mark.slow
