@@ -484,7 +484,8 @@ class SelectConfig:
     assembles it with the original training split at ``ratio`` percent and trains a classifier
     with the ``train`` section; the checkpoint whose classifier has the best validation top-1 is
     the one the method's generation uses (ties: the earlier epoch). Candidates that share a
-    snapshot are scored once. The study runs this for methods 5-9 while
+    snapshot are scored once. The scoring sets go straight from generation to ``assemble`` (no
+    filter, dedup or leakage audit). The study runs this for methods 5-9 while
     ``study.select_checkpoint`` is true.
 
     Attributes:

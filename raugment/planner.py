@@ -461,8 +461,9 @@ def plan_selection(ctx: PlanContext, method: str, base: str, cfg: Config, finetu
     n_gen = per_class * ctx.size.classes
     n_train = ctx.size.train_images + math.floor(s.ratio / 100 * ctx.size.train_images)
     g_cfg = _set(cfg, generate__method=base, generate__images_per_class=per_class, generate__num_sets=1)
+    # the scoring sets skip filter/dedup/audit, so there are no leakage candidates to remove
     a_cfg = _set(cfg, assemble__sources=[method], assemble__ratio=s.ratio, assemble__set_index=0,
-                 assemble__num_sets=1)
+                 assemble__num_sets=1, assemble__leakage="keep")
     cpu_s, gpu_s = _train_cost(a_cfg, n_train, ctx.costs)
     scores: dict[str, str] = {}
     for name in names:
