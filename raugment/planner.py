@@ -566,6 +566,7 @@ def apply_measured(plan: Plan, done: Mapping[str, str], root: str | Path) -> int
     """Mark nodes the study has finished (``done``: node id -> artifact dir relative to ``root``)
     and replace their estimates by the CPU/GPU-seconds in their ``stats.json``. Returns how many."""
     n = 0
+    counted: set[str] = set()
     for nid, rel in done.items():
         node = plan.nodes.get(nid)
         stats_file = Path(root) / rel / "stats.json"
@@ -574,8 +575,11 @@ def apply_measured(plan: Plan, done: Mapping[str, str], root: str | Path) -> int
         node.path = rel
         if stats_file.exists():
             stats = json.loads(stats_file.read_text())
-            node.cpu_h = float(stats.get("cpu_s", 0.0)) / 3600
-            node.gpu_h = float(stats.get("gpu_s", 0.0)) / 3600
+            # nodes that met in one artifact at run time (checkpoint names sharing a snapshot) ran once
+            once = rel not in counted
+            counted.add(rel)
+            node.cpu_h = once * float(stats.get("cpu_s", 0.0)) / 3600
+            node.gpu_h = once * float(stats.get("gpu_s", 0.0)) / 3600
             node.cost = "measured"
         n += 1
     return n

@@ -211,9 +211,12 @@ def _checkpoints(runs: list[dict], root: Path) -> dict[str, Any]:
 def _costs(plan: dict[str, Any], root: Path) -> list[dict[str, Any]]:
     """Measured wall/CPU/GPU hours per (dataset, method, stage), each stage run counted once."""
     rows: dict[tuple, dict[str, Any]] = {}
+    seen: set[str] = set()
     for node in plan.get("nodes", []):
-        if not node.get("path"):
+        # two nodes can meet in one artifact at run time (checkpoint names sharing a snapshot)
+        if not node.get("path") or node["path"] in seen:
             continue
+        seen.add(node["path"])
         stats = _read_json(root / node["path"] / "stats.json")
         labels = node.get("labels", {})
         key = (labels.get("dataset", ""), labels.get("method") or "(shared)", node["stage"])

@@ -95,6 +95,17 @@ def test_measured_stats_replace_estimates(tmp_path):
     assert gen.cost == "measured" and gen.gpu_h == 1.0 and gen.cpu_h == 2.0 and gen.path == "generate/k"
 
 
+def test_nodes_that_met_in_one_artifact_are_measured_once(tmp_path):
+    plan = build_plan(_cfg("study.methods=[ft_conditioning]", "select.candidates=[best_val, epoch_002]"))
+    a, b = [n for n in plan.by_stage("train") if "checkpoint" in n.labels]
+    d = tmp_path / "train" / "k"
+    d.mkdir(parents=True)
+    (d / "stats.json").write_text(json.dumps({"cpu_s": 3600.0, "gpu_s": 0.0}))
+    (d / "_SUCCESS").write_text("")
+    assert apply_measured(plan, {a.id: "train/k", b.id: "train/k"}, tmp_path) == 2  # best_val was epoch 2
+    assert (a.cpu_h, b.cpu_h) == (1.0, 0.0) and a.path == b.path == "train/k"
+
+
 def test_variants_and_datasets_multiply_the_plan():
     cfg = _cfg("study.methods=[ft_k5, simple]", "study.ratios=[100]", "study.sets=1",
                "study.variants={ft_k5: {method: ft_cluster_conditioning, finetune.clusters: 5}}",

@@ -367,6 +367,13 @@ def test_study_selects_the_checkpoint_of_the_best_scoring_classifier(fake_stages
     root = tmp_path.resolve()
     run = next(r for r in _study_runs(root) if r["method"] == "ft_conditioning")
     assert (root / run["artifacts"]["source"] / "snapshot.txt").read_text() == f"epoch_{epoch_of[chosen]:03d}"
+    # the costs count each stage run once: 3 scoring classifiers + the study's one for the method
+    costs = json.loads((rep.path / "report.json").read_text())["costs"]
+    assert [c["runs"] for c in costs if (c["method"], c["stage"]) == ("ft_conditioning", "train")] == [4]
+    plan = study.plan_study(cfg)
+    cands = [n for n in plan.by_stage("train") if "checkpoint" in n.labels]
+    assert len(cands) == 5 and sum(n.cost == "measured" for n in cands) == 5
+    assert len({n.path for n in cands}) == 3  # 5 names, 3 snapshots
     md = (rep.path / "report.md").read_text()
     assert "Checkpoint selection (fine-tuned methods)" in md
     assert f"| ft_conditioning | {chosen} | {epoch_of[chosen]} | {100 * planted[epoch_of[chosen]]:.2f} | chosen |" in md
