@@ -121,6 +121,18 @@ def test_select_checkpoint_keeps_the_best_scorer_and_the_generator_follows(kille
         finetune.select_checkpoint([], stub)
 
 
+def test_the_generator_loads_the_snapshot_a_select_pointer_names(killed_run):
+    from raugment import select
+    from raugment.config import with_overrides
+
+    cfg, _, art = killed_run
+    pointer = select.run(with_overrides(cfg, {"select.checkpoint": "epoch_001"}), art)
+    learned = load_personalisation(pointer.path)
+    assert learned.checkpoint == "epoch_001" and learned.artifact == art.path
+    assert torch.equal(learned.table, load_personalisation(art.path, "epoch_001").table)
+    assert not torch.equal(learned.table, load_personalisation(art.path, "epoch_003").table)
+
+
 def _images(pipe, **kwargs):
     gens = [torch.Generator("cpu").manual_seed(s) for s in range(len(kwargs.get("prompt") or kwargs["prompt_embeds"]))]
     with torch.inference_mode():
