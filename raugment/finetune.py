@@ -10,9 +10,10 @@
 
 The generator reads the artifact by config (``generate.method=<same name>``,
 ``generate.conditioning=<this artifact or one of its checkpoint directories>``); see
-:mod:`raugment.personalise.generation`. :func:`select_checkpoint` is the hook that picks the
-checkpoint whose generated images train the best classifier; :func:`generation_scorer` builds
-its scorer from the generation and training stages.
+:mod:`raugment.personalise.generation`. :func:`select_checkpoint` picks the checkpoint whose
+generated images train the best classifier; in a study the scores come from ordinary generate ->
+assemble -> train runs per candidate, and the ``select`` stage (:mod:`raugment.select`) records
+the choice for the generator.
 
 The parts live in :mod:`raugment.personalise` (policy, methods, Ray Train loop, outputs).
 """
@@ -45,8 +46,7 @@ log = logging.getLogger(__name__)
 STAGE = "finetune"
 TRAIN_DIR = "ray_train"
 
-__all__ = ["run", "cli", "plan_rows", "build_trainer", "select_checkpoint", "generation_scorer",
-           "list_checkpoints", "CheckpointRef"]
+__all__ = ["run", "cli", "plan_rows", "build_trainer", "select_checkpoint", "list_checkpoints", "CheckpointRef"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,8 +260,9 @@ def select_checkpoint(checkpoints: Sequence[CheckpointRef], score_fn: Callable[[
 
     Args:
         checkpoints: from :func:`list_checkpoints` (``best_train``, ``best_val``, ``epoch_001``...).
-        score_fn: checkpoint -> downstream validation accuracy (higher is better), e.g. from
-            :func:`generation_scorer`. Ties keep the earlier epoch.
+        score_fn: checkpoint -> downstream validation accuracy (higher is better); the study's
+            ``select`` stage reads it from each candidate's scoring classifier. Ties keep the
+            earlier epoch.
         artifact: when given, the choice and all scores are written to its ``selected.json``, and
             the generator then uses this checkpoint by default.
     """
@@ -279,22 +280,3 @@ def select_checkpoint(checkpoints: Sequence[CheckpointRef], score_fn: Callable[[
         write_selected(artifact.path, best.name, scores)
     return best
 
-
-def generation_scorer(cfg: Config, dataset: Artifact, evaluate: Callable[[Config, Artifact], float],
-                      images_per_class: int = 8) -> Callable[[CheckpointRef], float]:
-    """A ``score_fn`` for :func:`select_checkpoint`: generate a small set from the checkpoint,
-    then ``evaluate(cfg, generated) -> validation accuracy``.
-
-    ``evaluate`` is the seam to the classifier stages (assemble the original images plus the
-    generated set, train, return the validation top-1); the study passes it.
-    """
-    from raugment import generate
-    from raugment.config import with_overrides
-
-    def score(ref: CheckpointRef) -> float:
-        small = with_overrides(cfg, {"generate.method": cfg.finetune.method, "generate.model": cfg.finetune.model,
-                                     "generate.conditioning": str(ref.path),
-                                     "generate.images_per_class": images_per_class})
-        return evaluate(small, generate.run(small, dataset))
-
-    return score

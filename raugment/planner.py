@@ -77,6 +77,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "audit": ("audit",),
     "assemble": ("assemble",),
     "train": ("train",),
+    "select": ("select",),
 }
 
 BASELINE = "baseline"
@@ -359,24 +360,32 @@ def plan_retrieval(ctx: PlanContext, method: str, base: str, cfg: Config) -> dic
     return roles
 
 
-def _generate_node(ctx: PlanContext, method: str, base: str, cfg: Config,
-                   finetune: str | None) -> dict[str, str]:
-    quota = generation_quota(ctx.max_ratio, ctx.size, cfg.study.pool_factor)
-    # num_sets only grows: a study that adds a set keeps its pool (and every stage after it).
-    cfg = _set(cfg, generate__method=base, generate__images_per_class=quota,
-               generate__num_sets=max(cfg.generate.num_sets, cfg.study.sets))
+def _generation_gpu_s(ctx: PlanContext, base: str, cfg: Config, n: int) -> float:
+    """Estimated GPU-seconds of generating ``n`` images with ``cfg.generate``."""
     g = cfg.generate
-    n = quota * ctx.size.classes
     # Cost scales with UNet calls (steps) and latent pixels relative to 512 px x 50 steps.
     scale = (g.steps / 50) * (g.height * g.width) / (512 * 512)
     if base == "boomerang":
         scale *= ctx.costs["generate.boomerang_fraction"]
-    source = _new_node(ctx, "generate", cfg, {"dataset": ctx.dataset_node, "finetune": finetune},
-                       {"method": method}, {"generate": n},
-                       gpu_s=n * scale * ctx.costs["generate.gpu_s_per_image"])
+    return n * scale * ctx.costs["generate.gpu_s_per_image"]
+
+
+def _generate_node(ctx: PlanContext, method: str, base: str, cfg: Config,
+                   finetune: str | None, select: str | None = None) -> dict[str, str]:
+    """The method's generation pool (from ``select``'s checkpoint when given, else from
+    ``finetune``'s ``selected.json``) and its post-processing."""
+    quota = generation_quota(ctx.max_ratio, ctx.size, cfg.study.pool_factor)
+    # num_sets only grows: a study that adds a set keeps its pool (and every stage after it).
+    cfg = _set(cfg, generate__method=base, generate__images_per_class=quota,
+               generate__num_sets=max(cfg.generate.num_sets, cfg.study.sets))
+    n = quota * ctx.size.classes
+    source = _new_node(ctx, "generate", cfg, {"dataset": ctx.dataset_node, "finetune": select or finetune},
+                       {"method": method}, {"generate": n}, gpu_s=_generation_gpu_s(ctx, base, cfg, n))
     roles = _postprocess(ctx, method, cfg, source, n)
     if finetune:
         roles["finetune"] = finetune
+    if select:
+        roles["select"] = select
     return roles
 
 
@@ -397,7 +406,76 @@ def plan_finetune(ctx: PlanContext, method: str, base: str, cfg: Config) -> dict
     ft = _new_node(ctx, "finetune", cfg, {"dataset": ctx.dataset_node}, {"method": method},
                    {"train": ctx.size.train_images},
                    gpu_s=ctx.size.train_images * per_image * scale)
-    return _generate_node(ctx, method, base, cfg, ft)
+    select = plan_selection(ctx, method, base, cfg, ft) if cfg.study.select_checkpoint else None
+    return _generate_node(ctx, method, base, cfg, ft, select)
+
+
+def candidate_names(cfg: Config, base: str) -> list[str]:
+    """Checkpoint names that selection scores for fine-tuning method ``base``.
+
+    ``select.candidates``, or every name the fine-tuning keeps: best train and validation loss
+    and the method's kept epochs (``finetune.keep_epochs``; Imagic's first ``imagic_epochs``) up
+    to ``finetune.max_epochs``.
+
+    Raises:
+        ConfigError: a candidate (or ``select.checkpoint``) epoch the fine-tuning never keeps.
+    """
+    from raugment.personalise.policy import BEST_TRAIN, BEST_VAL, epoch_tag
+    from raugment.registry import FINETUNERS
+
+    f = cfg.finetune
+    try:
+        kept = FINETUNERS.get(base)().keep_epochs(f)
+    except ValueError as exc:
+        raise ConfigError(f"finetune.method: {exc}") from None
+    epochs = sorted(e for e in set(kept) if e <= f.max_epochs)
+    asked = {"select.candidates": cfg.select.candidates, "select.checkpoint": [cfg.select.checkpoint or BEST_VAL]}
+    for key, names in asked.items():
+        for name in names:
+            if name.startswith("epoch_") and int(name[len("epoch_"):]) not in epochs:
+                raise ConfigError(
+                    f"{key}: {base} keeps no checkpoint {name}; its kept epochs up to finetune.max_epochs="
+                    f"{f.max_epochs} are {epochs} (finetune.keep_epochs, imagic_epochs for imagic)")
+    return list(cfg.select.candidates) or [BEST_TRAIN, BEST_VAL] + [epoch_tag(e) for e in epochs]
+
+
+def plan_selection(ctx: PlanContext, method: str, base: str, cfg: Config, finetune: str) -> str:
+    """Checkpoint selection of a fine-tuned method (paper 3.1); returns the ``select`` node whose
+    checkpoint the method's generation uses.
+
+    Per candidate name: a ``select`` pointer run (keyed by the snapshot's epoch when it runs, so
+    names sharing a snapshot share everything after it), a small ``generate`` run from it,
+    ``assemble`` at ``select.ratio`` and ``train``; then one ``select`` run that reads the
+    classifiers' validation top-1. With ``select.checkpoint`` set, only a pointer to that one.
+    The estimates count every candidate; at run time a shared snapshot is generated and scored once.
+    """
+    s = cfg.select
+    names = candidate_names(cfg, base)
+    if s.checkpoint:
+        return _new_node(ctx, "select", cfg, {"finetune": finetune}, {"method": method, "checkpoint": s.checkpoint})
+    quota = generation_quota(s.ratio, ctx.size, 1.0)
+    per_class = s.images_per_class or quota
+    if per_class < quota:
+        raise ConfigError(f"select.images_per_class={per_class} is fewer than select.ratio={s.ratio:g} % of "
+                          f"the largest class needs ({quota}); raise it or lower select.ratio")
+    n_gen = per_class * ctx.size.classes
+    n_train = ctx.size.train_images + math.floor(s.ratio / 100 * ctx.size.train_images)
+    g_cfg = _set(cfg, generate__method=base, generate__images_per_class=per_class, generate__num_sets=1)
+    # the scoring sets skip filter/dedup/audit, so there are no leakage candidates to remove
+    a_cfg = _set(cfg, assemble__sources=[method], assemble__ratio=s.ratio, assemble__set_index=0,
+                 assemble__num_sets=1, assemble__leakage="keep")
+    cpu_s, gpu_s = _train_cost(a_cfg, n_train, ctx.costs)
+    scores: dict[str, str] = {}
+    for name in names:
+        labels = {"method": method, "checkpoint": name}
+        pointer = _new_node(ctx, "select", _set(cfg, select__checkpoint=name), {"finetune": finetune}, labels)
+        gen = _new_node(ctx, "generate", g_cfg, {"dataset": ctx.dataset_node, "finetune": pointer}, labels,
+                        {"generate": n_gen}, gpu_s=_generation_gpu_s(ctx, base, g_cfg, n_gen))
+        assemble = _new_node(ctx, "assemble", a_cfg, {"dataset": ctx.dataset_node, "added": {method: gen},
+                                                      "audit": None}, labels, {"process": n_train})
+        scores[name] = _new_node(ctx, "train", a_cfg, {"dataset": ctx.dataset_node, "manifest": assemble},
+                                 labels, {"train": n_train}, cpu_s=cpu_s, gpu_s=gpu_s)
+    return _new_node(ctx, "select", cfg, {"finetune": finetune, "scores": scores}, {"method": method})
 
 
 def _train_cost(cfg: Config, images: int, costs: Mapping[str, float]) -> tuple[float, float]:
@@ -488,6 +566,7 @@ def apply_measured(plan: Plan, done: Mapping[str, str], root: str | Path) -> int
     """Mark nodes the study has finished (``done``: node id -> artifact dir relative to ``root``)
     and replace their estimates by the CPU/GPU-seconds in their ``stats.json``. Returns how many."""
     n = 0
+    counted: set[str] = set()
     for nid, rel in done.items():
         node = plan.nodes.get(nid)
         stats_file = Path(root) / rel / "stats.json"
@@ -496,8 +575,11 @@ def apply_measured(plan: Plan, done: Mapping[str, str], root: str | Path) -> int
         node.path = rel
         if stats_file.exists():
             stats = json.loads(stats_file.read_text())
-            node.cpu_h = float(stats.get("cpu_s", 0.0)) / 3600
-            node.gpu_h = float(stats.get("gpu_s", 0.0)) / 3600
+            # nodes that met in one artifact at run time (checkpoint names sharing a snapshot) ran once
+            once = rel not in counted
+            counted.add(rel)
+            node.cpu_h = once * float(stats.get("cpu_s", 0.0)) / 3600
+            node.gpu_h = once * float(stats.get("gpu_s", 0.0)) / 3600
             node.cost = "measured"
         n += 1
     return n
@@ -507,7 +589,10 @@ def summary_rows(plan: Plan) -> list[dict[str, Any]]:
     """One row per (dataset, stage, method): nodes, images, hours, how many are done."""
     rows: dict[tuple, dict[str, Any]] = {}
     for node in plan.nodes.values():
-        key = (node.labels.get("dataset", ""), node.stage, node.labels.get("method", ""))
+        method = node.labels.get("method", "")
+        if "checkpoint" in node.labels:  # a checkpoint-selection run: keep it apart from the method's own
+            method = f"{method} (checkpoint selection)"
+        key = (node.labels.get("dataset", ""), node.stage, method)
         row = rows.setdefault(key, {"dataset": key[0], "stage": key[1], "method": key[2], "runs": 0,
                                     "done": 0, "cpu_h": 0.0, "gpu_h": 0.0, "images": {}})
         row["runs"] += 1
@@ -528,20 +613,20 @@ def _fmt_count(n: float) -> str:
 
 def format_plan(plan: Plan) -> str:
     """The plan as a text table: per stage and method, then totals and the node wall-time."""
-    head = f"{'dataset':<10} {'stage':<9} {'method':<24} {'runs':>5} {'done':>5} " \
+    head = f"{'dataset':<10} {'stage':<9} {'method':<40} {'runs':>5} {'done':>5} " \
            f"{'generate':>9} {'retrieve':>9} {'download':>9} {'train':>9} {'CPU-h':>9} {'GPU-h':>9}"
     lines = [head, "-" * len(head)]
     for r in summary_rows(plan):
         im = r["images"]
         lines.append(
-            f"{r['dataset']:<10.10} {r['stage']:<9} {r['method'] or '-':<24.24} {r['runs']:>5} {r['done']:>5} "
+            f"{r['dataset']:<10.10} {r['stage']:<9} {r['method'] or '-':<40.40} {r['runs']:>5} {r['done']:>5} "
             f"{_fmt_count(im.get('generate', 0)):>9} {_fmt_count(im.get('retrieve', 0)):>9} "
             f"{_fmt_count(im.get('download', 0)):>9} {_fmt_count(im.get('train', 0)):>9} "
             f"{r['cpu_h']:>9.3g} {r['gpu_h']:>9.3g}")
     t = plan.totals()
     lines.append("-" * len(head))
     lines.append(
-        f"{'total':<10} {'':<9} {'':<24} {len(plan.nodes):>5} "
+        f"{'total':<10} {'':<9} {'':<40} {len(plan.nodes):>5} "
         f"{sum(n.path is not None for n in plan.nodes.values()):>5} "
         f"{_fmt_count(t.get('images_generate', 0)):>9} {_fmt_count(t.get('images_retrieve', 0)):>9} "
         f"{_fmt_count(t.get('images_download', 0)):>9} {_fmt_count(t.get('images_train', 0)):>9} "

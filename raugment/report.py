@@ -9,6 +9,8 @@ Sections, per dataset of the study:
 * sample grids, class x method;
 * retrieval success and filter / dedup drops from the stages' ``stats.json``;
 * the leakage audit summary with a link to its gallery (copied into the folder);
+* checkpoint selection of the fine-tuned methods (5-9): which checkpoint generated their images,
+  and the validation top-1 of each candidate's scoring classifier (or "selection off");
 * measured cost per method and stage (wall, CPU- and GPU-hours from ``stats.json``).
 
 :func:`collect` gathers every number into plain data (also written as ``report.json``, which is
@@ -178,12 +180,43 @@ def _audit(runs: list[dict], root: Path) -> dict[str, Any]:
     return out
 
 
+def _checkpoints(runs: list[dict], root: Path) -> dict[str, Any]:
+    """Per fine-tuned method: the checkpoint its generation used, and why (the ``select``
+    artifact's candidates and scores, or the fine-tuning artifact's own choice when selection
+    was off)."""
+    from raugment.personalise.outputs import SELECTED, read_pointer, read_tags
+    from raugment.personalise.policy import BEST_VAL
+
+    out: dict[str, Any] = {}
+    for method in sorted({r[S.METHOD] for r in runs} - {BASELINE}):
+        arts = next(r[S.ARTIFACTS] for r in runs if r[S.METHOD] == method)
+        if not arts.get("finetune"):
+            continue
+        pointer = read_pointer(root / arts["select"]) if arts.get("select") else None
+        if pointer is not None:
+            candidates = pointer.get("candidates", [])
+            why = "scored" if candidates else "pinned"  # pinned: select.checkpoint, no scoring
+            out[method] = {"selection": why, "checkpoint": pointer["checkpoint"], "epoch": pointer["epoch"],
+                           "candidates": candidates, "not_kept": pointer.get("not_kept", []),
+                           "rule": pointer.get("rule", "pinned by select.checkpoint"), "finetune": arts["finetune"]}
+            continue
+        own = _read_json(root / arts["finetune"] / SELECTED)
+        name = own.get("checkpoint", BEST_VAL)
+        out[method] = {"selection": "off", "checkpoint": name,
+                       "epoch": read_tags(root / arts["finetune"]).get(name), "candidates": [], "not_kept": [],
+                       "rule": f"selection off: {name}", "finetune": arts["finetune"]}
+    return out
+
+
 def _costs(plan: dict[str, Any], root: Path) -> list[dict[str, Any]]:
     """Measured wall/CPU/GPU hours per (dataset, method, stage), each stage run counted once."""
     rows: dict[tuple, dict[str, Any]] = {}
+    seen: set[str] = set()
     for node in plan.get("nodes", []):
-        if not node.get("path"):
+        # two nodes can meet in one artifact at run time (checkpoint names sharing a snapshot)
+        if not node.get("path") or node["path"] in seen:
             continue
+        seen.add(node["path"])
         stats = _read_json(root / node["path"] / "stats.json")
         labels = node.get("labels", {})
         key = (labels.get("dataset", ""), labels.get("method") or "(shared)", node["stage"])
@@ -218,6 +251,7 @@ def collect(root: str | Path, study: Artifact, cfg: ReportConfig) -> dict[str, A
             "samples": _samples(ds_runs, root, cfg),
             "drops": _drops(ds_runs, root),
             "audit": _audit(ds_runs, root),
+            "checkpoints": _checkpoints(ds_runs, root),
         }
     return data
 
@@ -470,6 +504,29 @@ def _dataset_sections(doc: _Doc, ds: dict[str, Any], slug: str, ctx: dict[str, A
         if a["gallery"]:
             doc.link(_copy_gallery(root, a["artifact"], out, f"{slug}_{m}"),
                      f"{m}: gallery of leakage candidates (for a person to judge)")
+
+    _checkpoint_section(doc, ds.get("checkpoints", {}))
+
+
+def _checkpoint_section(doc: _Doc, checkpoints: dict[str, Any]) -> None:
+    """Which fine-tuning checkpoint each personalised method generated from, and why."""
+    if not checkpoints:
+        return
+    doc.heading("Checkpoint selection (fine-tuned methods)", 3)
+    doc.para("Each candidate checkpoint generated a small set; a classifier trained on the original "
+             "data plus that set was scored on the validation split. The chosen checkpoint (marked) "
+             "generated the method's images; candidates sharing a snapshot were scored once.")
+    rows = []
+    for method, c in checkpoints.items():
+        if c["selection"] != "scored":
+            epoch = "-" if c["epoch"] is None else c["epoch"]
+            rows.append([method, c["checkpoint"], epoch, "-", f"used ({c['rule']})"])
+            continue
+        for cand in c["candidates"]:
+            rows.append([method, cand["name"], cand["epoch"], f"{100 * cand['val_top1']:.2f}",
+                         "chosen" if cand["chosen"] else ""])
+        rows += [[method, name, "-", "-", "not kept by the fine-tuning run"] for name in c["not_kept"]]
+    doc.table(["method", "checkpoint", "epoch", "val top-1 of its scoring classifier (%)", "used"], rows)
 
 
 def _cost_sections(doc: _Doc, costs: list[dict[str, Any]]) -> None:

@@ -22,6 +22,7 @@ import logging
 import os
 import resource
 import shutil
+import threading
 import time
 import uuid
 from collections import Counter
@@ -261,17 +262,30 @@ def run_stage(root: str | Path, stage: str, section: Any,
         force: re-run even if complete.
     """
     run = StageRun(root, stage, section, inputs)
-    if run.complete and not force:
-        log.info("stage %s [%s] already complete, skipping (%s)", stage, run.key, run.path)
-        return run.artifact
-    if run.complete:
-        (run.path / SUCCESS).unlink()
-    run.prepare(resumable=resumable)
-    log.info("stage %s [%s] starting -> %s", stage, run.key, run.path)
-    body(run)
-    artifact = run.finish()
-    log.info("stage %s [%s] done: %s", stage, run.key, run.stats.summary())
-    return artifact
+    with _key_lock(run.path):
+        if run.complete and not force:
+            log.info("stage %s [%s] already complete, skipping (%s)", stage, run.key, run.path)
+            return run.artifact
+        if run.complete:
+            (run.path / SUCCESS).unlink()
+        run.prepare(resumable=resumable)
+        log.info("stage %s [%s] starting -> %s", stage, run.key, run.path)
+        body(run)
+        artifact = run.finish()
+        log.info("stage %s [%s] done: %s", stage, run.key, run.stats.summary())
+        return artifact
+
+
+_KEY_LOCKS: dict[Path, threading.RLock] = {}
+_KEY_LOCKS_GUARD = threading.Lock()
+
+
+def _key_lock(path: Path) -> threading.RLock:
+    """One lock per stage directory in this process: two threads that reach the same key (a study
+    whose checkpoint candidates share a snapshot, trained in parallel) run it once; the second
+    waits and then finds it complete."""
+    with _KEY_LOCKS_GUARD:
+        return _KEY_LOCKS.setdefault(path, threading.RLock())
 
 
 def latest(root: str | Path, stage: str) -> Artifact | None:

@@ -113,6 +113,8 @@ def _describe(node: Node) -> str:
     parts = [node.stage]
     if lab.get("method"):
         parts.append(str(lab["method"]))
+    if lab.get("checkpoint"):  # a checkpoint-selection run
+        parts.append(f"checkpoint {lab['checkpoint']}")
     if "ratio" in lab and lab.get("method") != "baseline":
         parts.append(f"{lab['ratio']:g}%")
     if "set_index" in lab:

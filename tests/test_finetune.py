@@ -121,20 +121,16 @@ def test_select_checkpoint_keeps_the_best_scorer_and_the_generator_follows(kille
         finetune.select_checkpoint([], stub)
 
 
-def test_generation_scorer_generates_from_the_checkpoint_then_evaluates(monkeypatch, tmp_path, tiny_sd):
-    from raugment import generate
-    from raugment.personalise.outputs import CheckpointRef
+def test_the_generator_loads_the_snapshot_a_select_pointer_names(killed_run):
+    from raugment import select
+    from raugment.config import with_overrides
 
-    seen = []
-    monkeypatch.setattr(generate, "run", lambda cfg, ds: seen.append(cfg.generate) or f"images-of-{ds}")
-    cfg = tiny_cfg(tmp_path, tiny_sd, "finetune.method=textual_inversion")
-    score = finetune.generation_scorer(cfg, "ds", lambda c, art: 0.5 if art == "images-of-ds" else 0.0,
-                                       images_per_class=4)
-    ref = CheckpointRef("epoch_002", 2, tmp_path / "checkpoints" / "epoch_002", 1.0, 1.0)
-    assert score(ref) == 0.5
-    (g,) = seen
-    assert (g.method, g.conditioning, g.images_per_class, g.model) == (
-        "textual_inversion", str(ref.path), 4, str(tiny_sd))
+    cfg, _, art = killed_run
+    pointer = select.run(with_overrides(cfg, {"select.checkpoint": "epoch_001"}), art)
+    learned = load_personalisation(pointer.path)
+    assert learned.checkpoint == "epoch_001" and learned.artifact == art.path
+    assert torch.equal(learned.table, load_personalisation(art.path, "epoch_001").table)
+    assert not torch.equal(learned.table, load_personalisation(art.path, "epoch_003").table)
 
 
 def _images(pipe, **kwargs):

@@ -20,7 +20,7 @@ def _cfg(*overrides):
 
 def test_four_ratios_five_sets_share_every_common_artifact():
     cfg = _cfg("study.methods=[retrieval, simple, clip_templates, ft_conditioning]",
-               "study.ratios=[100, 500, 1000, 2500]", "study.sets=5")
+               "study.ratios=[100, 500, 1000, 2500]", "study.sets=5", "study.select_checkpoint=false")
     plan = build_plan(cfg)
     stages = Counter(n.stage for n in plan.nodes.values())
     # one of each shared artifact: dataset, index, retrieval, one pool per generating method ...
@@ -95,6 +95,17 @@ def test_measured_stats_replace_estimates(tmp_path):
     assert gen.cost == "measured" and gen.gpu_h == 1.0 and gen.cpu_h == 2.0 and gen.path == "generate/k"
 
 
+def test_nodes_that_met_in_one_artifact_are_measured_once(tmp_path):
+    plan = build_plan(_cfg("study.methods=[ft_conditioning]", "select.candidates=[best_val, epoch_002]"))
+    a, b = [n for n in plan.by_stage("train") if "checkpoint" in n.labels]
+    d = tmp_path / "train" / "k"
+    d.mkdir(parents=True)
+    (d / "stats.json").write_text(json.dumps({"cpu_s": 3600.0, "gpu_s": 0.0}))
+    (d / "_SUCCESS").write_text("")
+    assert apply_measured(plan, {a.id: "train/k", b.id: "train/k"}, tmp_path) == 2  # best_val was epoch 2
+    assert (a.cpu_h, b.cpu_h) == (1.0, 0.0) and a.path == b.path == "train/k"
+
+
 def test_variants_and_datasets_multiply_the_plan():
     cfg = _cfg("study.methods=[ft_k5, simple]", "study.ratios=[100]", "study.sets=1",
                "study.variants={ft_k5: {method: ft_cluster_conditioning, finetune.clusters: 5}}",
@@ -126,3 +137,65 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "total" in out.stdout and "classifiers" in out.stdout and "generate" in out.stdout
     assert not root.exists()  # no stage directory, no state file
+
+
+FT_METHODS = ["ft_conditioning", "ft_cluster_conditioning", "imagic", "textual_inversion", "pseudoword_dm"]
+
+
+def test_checkpoint_selection_nodes_for_finetuned_methods_only():
+    cfg = _cfg(f"study.methods=[retrieval, simple, {', '.join(FT_METHODS)}]", "study.ratios=[100, 500]",
+               "study.sets=2", "finetune.max_epochs=10")
+    plan = build_plan(cfg)
+    selects = plan.by_stage("select")
+    assert {n.labels["method"] for n in selects} == set(FT_METHODS)  # on by default, methods 5-9 only
+    for method in FT_METHODS:
+        (ft,) = [n for n in plan.by_stage("finetune") if n.labels["method"] == method]
+        (choice,) = [n for n in selects if n.labels["method"] == method and "checkpoint" not in n.labels]
+        names = list(choice.inputs["scores"])
+        kept = [1, 2, 3] if method != "imagic" else list(range(1, 9))  # Imagic: its first 8 epochs
+        assert names == ["best_train", "best_val"] + [f"epoch_{e:03d}" for e in kept]
+        for name, train_id in choice.inputs["scores"].items():
+            # pointer -> small generation -> assemble at select.ratio -> classifier, all ordinary nodes
+            train = plan.nodes[train_id]
+            assemble = plan.nodes[train.inputs["manifest"]]
+            gen = plan.nodes[assemble.inputs["added"][method]]
+            pointer = plan.nodes[gen.inputs["finetune"]]
+            assert (train.stage, assemble.stage, gen.stage, pointer.stage) == ("train", "assemble", "generate", "select")
+            assert pointer.cfg.select.checkpoint == name and pointer.inputs == {"finetune": ft.id}
+            assert assemble.cfg.assemble.ratio == 100.0 and assemble.cfg.assemble.sources == [method]
+            assert gen.cfg.generate.images_per_class == generation_quota(100, SIZE, 1.0) == 130
+            assert gen.cfg.generate.method == method and gen.gpu_h > 0 and train.gpu_h > 0
+        # the method's pool is generated from the choice; its classifiers are not candidates
+        pool = plan.nodes[next(r.artifacts["source"] for r in plan.runs if r.method == method)]
+        assert pool.inputs["finetune"] == choice.id
+        assert {r.artifacts["select"] for r in plan.runs if r.method == method} == {choice.id}
+        assert not {r.train for r in plan.runs} & set(choice.inputs["scores"].values())
+    assert len(plan.runs) == 2 + 7 * 2 * 2  # selection adds no classifier to the study's tables
+    text = format_plan(plan)
+    assert "imagic (checkpoint selection)" in text and "select" in text
+
+
+def test_checkpoint_selection_off_or_pinned():
+    off = build_plan(_cfg("study.methods=[simple, ft_conditioning]", "study.select_checkpoint=false"))
+    assert not off.by_stage("select")
+    (ft,) = off.by_stage("finetune")
+    assert [g.inputs["finetune"] for g in off.by_stage("generate")] == [None, ft.id]
+    assert all("select" not in r.artifacts for r in off.runs)
+    pinned = build_plan(_cfg("study.methods=[ft_conditioning]", "select.checkpoint=epoch_002"))
+    (pointer,) = pinned.by_stage("select")
+    assert pointer.cfg.select.checkpoint == "epoch_002" and len(pinned.by_stage("train")) == len(pinned.runs)
+    # turning selection on keeps the fine-tuning run: only nodes after it are added
+    on = build_plan(_cfg("study.methods=[simple, ft_conditioning]", "select.candidates=[epoch_001, epoch_002]"))
+    assert ft.id in on.nodes and len(on.by_stage("select")) == 3
+    assert len(on.by_stage("train")) == len(off.by_stage("train")) + 2
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["select.candidates=[epoch_004]"], "select.candidates: ft_conditioning keeps no checkpoint epoch_004"),
+    (["select.candidates=[epoch_003]", "finetune.max_epochs=2"], "select.candidates: .* up to finetune.max_epochs=2"),
+    (["select.checkpoint=epoch_007"], "select.checkpoint: ft_conditioning keeps no checkpoint"),
+    (["select.images_per_class=100"], r"select.images_per_class=100 is fewer than select.ratio=100 % .* \(130\)"),
+])
+def test_bad_selection_config_names_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        build_plan(_cfg("study.methods=[ft_conditioning]", *overrides))

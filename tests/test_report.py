@@ -136,3 +136,33 @@ def test_collect_refuses_a_study_without_runs(fixture_root, tmp_path):
     (empty / "_SUCCESS").write_text("")
     with pytest.raises(ValueError, match="no runs"):
         collect(tmp_path, Artifact.open(empty), ReportConfig())
+
+
+def test_checkpoint_section_says_which_checkpoint_each_finetuned_method_used(tmp_path):
+    from personalised import make_finetune
+
+    from raugment import select
+    from raugment.report import _checkpoint_section, _checkpoints, _Doc
+
+    ft = make_finetune(tmp_path)
+    pinned = select.run(load_config(None, [f"run.root={tmp_path}", "select.checkpoint=epoch_002"]), ft)
+
+    def run_row(method, **arts):
+        return {S.METHOD: method, S.ARTIFACTS: {"train": "train/x", **arts}}
+
+    rel = lambda a: str(a.path.relative_to(tmp_path.resolve()))  # noqa: E731
+    runs = [run_row("baseline"), run_row("simple", source="generate/s"),
+            run_row("ft_conditioning", finetune=rel(ft), select=rel(pinned)),
+            run_row("ft_k5", finetune=rel(ft))]  # selection off: the artifact's best_val (epoch 1)
+    data = _checkpoints(runs, tmp_path.resolve())
+    assert set(data) == {"ft_conditioning", "ft_k5"}
+    assert (data["ft_conditioning"]["selection"], data["ft_conditioning"]["checkpoint"]) == ("pinned", "epoch_002")
+    assert (data["ft_k5"]["selection"], data["ft_k5"]["checkpoint"], data["ft_k5"]["epoch"]) == ("off", "best_val", 1)
+    doc = _Doc("t")
+    _checkpoint_section(doc, data)
+    md = doc.finish()[1]
+    assert "| ft_conditioning | epoch_002 | 2 | - | used (pinned by select.checkpoint) |" in md
+    assert "| ft_k5 | best_val | 1 | - | used (selection off: best_val) |" in md
+    empty = _Doc("t")
+    _checkpoint_section(empty, {})  # no fine-tuned method: no section
+    assert "Checkpoint selection" not in empty.finish()[1]

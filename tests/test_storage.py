@@ -141,3 +141,22 @@ def test_atomic_dir_replaces_whole_and_restart_removes_a_killed_writers_dir(tmp_
     run.path = tmp_path / "s" / "k"
     run.prepare(resumable=True)
     assert not stray.exists() and final.exists()
+
+
+def test_two_threads_reaching_one_key_run_it_once(tmp_path):
+    import threading
+
+    bodies = []
+
+    def body(run):
+        bodies.append(run.key)
+        time.sleep(0.3)  # the second thread arrives while the first is still writing
+
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(run_stage(tmp_path, "train", {"a": 1}, {}, body)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(bodies) == 1 and len(out) == 2 and out[0].path == out[1].path and out[0].complete

@@ -4,12 +4,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
 
 from raugment.config import load_config
+from raugment.storage import Artifact
 from raugment.study import read_state
 
 REPO = Path(__file__).resolve().parent.parent
@@ -270,6 +272,175 @@ def test_parallel_training_gives_the_same_study(fake_stages, tmp_path):
                              "study.sets=2", "study.parallel=3"])
     _, rep_p = study.run(cfg)
     assert _comparable(rep_p.path) == _comparable(rep_a.path)
+
+
+# ---- checkpoint selection on stand-in stages: planted scores, the choice, resume, report ---------
+
+class SelectionStages(FakeStages):
+    """FakeStages plus a fine-tuning stand-in (epochs 1-3; ``personalised.TAGS``) and the real
+    select stage. A classifier trained on images generated from snapshot ``e`` gets the planted
+    validation top-1 ``planted[e]``; ``bodies`` counts the stage runs that did work, by stage."""
+
+    def __init__(self, planted: dict[int, float], **kw):
+        super().__init__(**kw)
+        self.planted = planted
+        self.bodies: Counter = Counter()
+
+    def finetune(self, cfg, dataset):
+        from personalised import fill
+
+        from raugment.storage import run_stage
+
+        def body(r):
+            self.bodies["finetune"] += 1
+            fill(r)
+        return run_stage(cfg.run.root, "finetune", cfg.finetune, {"dataset": dataset}, body)
+
+    def select(self, cfg, finetune, scores=None):
+        from raugment import select
+
+        return select.run(cfg, finetune, scores)
+
+    def generate(self, cfg, dataset, finetune):
+        from raugment.personalise.outputs import resolve
+        from raugment.storage import run_stage, write_text_atomic
+
+        def body(r):
+            self.bodies["generate"] += 1
+            self._images(r, cfg.generate.method, "added", 4)
+            if finetune is not None:  # which snapshot these images come from
+                write_text_atomic(resolve(finetune.path)[1].name, r.path / "snapshot.txt")
+        inputs = {"dataset": dataset, **({"finetune": finetune} if finetune is not None else {})}
+        return run_stage(cfg.run.root, "generate", cfg.generate, inputs, body)
+
+    def train(self, cfg, dataset, manifest):
+        import yaml
+
+        from raugment import schema as S
+        from raugment.storage import run_stage, write_text_atomic
+
+        def body(r):
+            self.bodies["train"] += 1
+            # the score of the snapshot behind the manifest (assemble -> generate -> snapshot.txt)
+            inputs = yaml.safe_load((manifest.path / "config.yaml").read_text())["input_paths"]
+            snaps = [Path(p) / "snapshot.txt" for p in inputs.values() if (Path(p) / "snapshot.txt").exists()]
+            top1 = self.planted[int(snaps[0].read_text().split("_")[1])] if snaps else 0.5
+            write_text_atomic(json.dumps({S.TEST_TOP1: top1, S.TEST_TOP5: 1.0, S.VAL_TOP1_BEST: top1}),
+                              r.path / "results.json")
+            rows = [{S.LABEL: k, S.CLASS_NAME: f"class {k}", S.N_TEST: 10, S.ACC_TOP1: top1, S.ACC_TOP5: 1.0}
+                    for k in range(2)]
+            r.write_single(S.to_table(rows, S.RESULTS_PER_CLASS), "results_per_class")
+        return run_stage(cfg.run.root, "train", cfg.train, {"dataset": dataset, "manifest": manifest}, body)
+
+
+def _selection_cfg(root, *overrides):
+    return load_config(None, [f"run.root={root}", "study.methods=[simple, ft_conditioning]", "study.ratios=[100]",
+                              "study.sets=1", "run.progress=false", *overrides])
+
+
+def _report(rep):
+    return json.loads((rep.path / "report.json").read_text())["datasets"]["default"]
+
+
+@pytest.mark.parametrize("planted, chosen, parallel", [
+    ({1: 0.4, 2: 0.8, 3: 0.5}, "epoch_002", 1),
+    ({1: 0.4, 2: 0.8, 3: 0.8}, "epoch_002", 3),  # a tie keeps the earlier epoch; trained 3 at a time
+    ({1: 0.9, 2: 0.3, 3: 0.1}, "best_val", 3),   # best_val is epoch 1 (first in name order)
+])
+def test_study_selects_the_checkpoint_of_the_best_scoring_classifier(fake_stages, tmp_path, caplog, planted,
+                                                                     chosen, parallel):
+    from raugment import study
+
+    stages = fake_stages(SelectionStages(planted))
+    cfg = _selection_cfg(tmp_path, f"study.parallel={parallel}")
+    _, rep = study.run(cfg)
+    # 5 candidate names (best_train, best_val, epochs 1-3) over 3 snapshots: each generated and
+    # scored once, plus the method pools (simple, ft) and the study's 3 classifiers
+    assert stages.bodies == {"finetune": 1, "generate": 3 + 2, "train": 3 + 3}
+    data = _report(rep)["checkpoints"]
+    assert set(data) == {"ft_conditioning"}  # only the fine-tuned method
+    sel = data["ft_conditioning"]
+    assert sel["selection"] == "scored" and sel["checkpoint"] == chosen
+    epoch_of = {"best_train": 3, "best_val": 1, "epoch_001": 1, "epoch_002": 2, "epoch_003": 3}
+    assert {c["name"]: c["val_top1"] for c in sel["candidates"]} == {n: planted[e] for n, e in epoch_of.items()}
+    # the method's pool was generated from the chosen snapshot
+    root = tmp_path.resolve()
+    run = next(r for r in _study_runs(root) if r["method"] == "ft_conditioning")
+    assert (root / run["artifacts"]["source"] / "snapshot.txt").read_text() == f"epoch_{epoch_of[chosen]:03d}"
+    # the costs count each stage run once: 3 scoring classifiers + the study's one for the method
+    costs = json.loads((rep.path / "report.json").read_text())["costs"]
+    assert [c["runs"] for c in costs if (c["method"], c["stage"]) == ("ft_conditioning", "train")] == [4]
+    plan = study.plan_study(cfg)
+    cands = [n for n in plan.by_stage("train") if "checkpoint" in n.labels]
+    assert len(cands) == 5 and sum(n.cost == "measured" for n in cands) == 5
+    assert len({n.path for n in cands}) == 3  # 5 names, 3 snapshots
+    md = (rep.path / "report.md").read_text()
+    assert "Checkpoint selection (fine-tuned methods)" in md
+    assert f"| ft_conditioning | {chosen} | {epoch_of[chosen]} | {100 * planted[epoch_of[chosen]]:.2f} | chosen |" in md
+    # a resumed study re-scores nothing: every stage run is skipped by its key
+    again = fake_stages(SelectionStages(planted))
+    caplog.clear()
+    caplog.set_level("INFO", logger="raugment.study")
+    study.run(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("study [")]
+    assert lines and all("skipped, already complete" in x for x in lines) and not again.bodies
+
+
+def _study_runs(root):
+    import pyarrow.parquet as pq
+
+    from raugment.storage import latest
+
+    rows = pq.read_table(latest(root, "study").path / "runs").to_pylist()
+    return [{**r, "artifacts": json.loads(r["artifacts"])} for r in rows]
+
+
+def test_study_with_selection_off_uses_best_val_and_says_so(fake_stages, tmp_path):
+    from raugment import study
+
+    stages = fake_stages(SelectionStages({1: 0.4, 2: 0.8, 3: 0.5}))
+    _, rep = study.run(_selection_cfg(tmp_path, "study.select_checkpoint=false"))
+    assert "select" not in stages.calls and stages.bodies["train"] == 3
+    sel = _report(rep)["checkpoints"]["ft_conditioning"]
+    assert (sel["selection"], sel["checkpoint"], sel["epoch"]) == ("off", "best_val", 1)
+    assert "| ft_conditioning | best_val | 1 | - | used (selection off: best_val) |" in (rep.path / "report.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(1200)
+def test_real_checkpoint_selection_on_tiny_models(ray_session, tiny_sd, tmp_path):
+    """The real chain: fine-tune 2 epochs -> per epoch generate, assemble, train -> select -> pool."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from raugment import study
+    from raugment.train import read_results
+
+    torch.set_num_threads(1)
+    data = json.loads(json.dumps(SMALL))
+    data["run"]["root"] = str(tmp_path)
+    data["study"].update({"methods": ["ft_conditioning"], "baseline": False, "filter": False, "dedup": False,
+                          "audit": False})
+    data["generate"]["model"] = str(tiny_sd)
+    data["finetune"] = {"model": str(tiny_sd), "resolution": 32, "batch_size": 2, "max_epochs": 2, "patience": 5,
+                        "workers": {"num_workers": 1, "cpus_per_worker": 0.5}, "feature_weights": None}
+    data["select"] = {"candidates": ["epoch_001", "epoch_002"], "ratio": 50}
+    cfg = load_config(None, base=data)
+    st, rep = study.run(cfg)
+    root = tmp_path.resolve()
+    (run,) = _study_runs(root)
+    chosen = json.loads((root / run["artifacts"]["select"] / "selected.json").read_text())
+    val = {c["name"]: read_results(Artifact.open(root / c["classifier"]))["val_top1_best"]
+           for c in chosen["candidates"]}
+    assert set(val) == {"epoch_001", "epoch_002"}
+    best = max(val.values())
+    assert chosen["checkpoint"] == min(n for n, v in val.items() if v == best)  # argmax, ties: earlier
+    # the method's pool was generated from the chosen snapshot
+    params = pq.read_table(root / run["artifacts"]["source"] / "prompts.parquet").column("params").to_pylist()
+    assert {Path(json.loads(p)["snapshot"]).name for p in params} == {f"epoch_{chosen['epoch']:03d}"}
+    md = (rep.path / "report.md").read_text()
+    assert "Checkpoint selection (fine-tuned methods)" in md and "| chosen |" in md
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ Registered in ``GENERATORS`` under the fine-tuning methods' names, so
     generate.method: ft_cluster_conditioning
     generate.conditioning: runs/finetune/<key>          # or runs/finetune/<key>/checkpoints/epoch_002
 
-(or ``generate.run(cfg, dataset, finetune=artifact)``) samples from what was learned. These are
+(or ``generate.run(cfg, dataset, finetune=artifact)``) samples from what was learned; a ``select``
+stage directory (``runs/select/<key>``, the study's checkpoint choice) works in either place. These are
 :class:`raugment.generate.GenerationMethod` subclasses; the generation stage drives them:
 
 * ``plan``: one slot per image; each slot gets a learned row of its class. With clusters, the

@@ -11,9 +11,13 @@ Layout of a ``finetune`` stage directory (beside ``config.yaml``, ``stats.json``
         learned.safetensors   "conditioning" [n_rows, 77, d] or "embeddings" [n_rows, d]
         unet/                 the fine-tuned UNet in diffusers layout (imagic, pseudoword_dm)
         meta.json             method, epoch, losses, tags
-    selected.json             the checkpoint the generator uses (best_val until a selection ran)
+    selected.json             the checkpoint the generator uses (best_val unless set otherwise)
     latents/                  cached VAE latent distributions of the training images
     events.jsonl              training events (starts, resumes, epochs)
+
+A ``select`` stage directory points at one checkpoint of such an artifact: its ``selected.json``
+also holds ``finetune`` (the fine-tuning directory, relative to the pointer) and ``epoch``, and
+:func:`resolve` follows it, so the generator takes either directory as its input.
 
 Everything learned is safetensors; nothing is unpickled when loading.
 """
@@ -21,6 +25,7 @@ Everything learned is safetensors; nothing is unpickled when loading.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +131,27 @@ def write_selected(out: Path, name: str, scores: Optional[dict[str, float]] = No
                       Path(out) / SELECTED)
 
 
+def write_pointer(out: Path, finetune: Path, checkpoint: str, epoch: int, **extra: Any) -> None:
+    """Make ``out`` point at ``checkpoint`` (snapshot of ``epoch``) of the artifact ``finetune``.
+
+    ``extra`` (scores, candidates, ...) is recorded beside it for the report.
+    """
+    data = {**extra, "checkpoint": checkpoint, "epoch": int(epoch),
+            "finetune": os.path.relpath(Path(finetune).resolve(), Path(out).resolve())}
+    write_text_atomic(json.dumps(data, indent=2, sort_keys=True), Path(out) / SELECTED)
+
+
+def read_pointer(path: str | Path) -> Optional[dict[str, Any]]:
+    """The ``selected.json`` of a pointer directory with ``finetune`` made absolute; None if
+    ``path`` is not a pointer (a fine-tuning artifact's own ``selected.json`` has no target)."""
+    p = Path(path) / SELECTED
+    data = json.loads(p.read_text()) if p.is_file() else {}
+    if "finetune" not in data:
+        return None
+    data["finetune"] = (Path(path) / data["finetune"]).resolve()
+    return data
+
+
 @dataclass
 class Personalisation:
     """A loaded checkpoint: what the generator needs to sample from it.
@@ -150,11 +176,20 @@ def resolve(path: str | Path, checkpoint: Optional[str] = None) -> tuple[Path, P
     """(artifact dir, snapshot dir, checkpoint name) for an artifact or a snapshot directory.
 
     ``path`` may be the stage directory (then ``checkpoint``, else ``selected.json``, else
-    ``best_val`` decides) or one ``checkpoints/epoch_XXX`` directory.
+    ``best_val`` decides), one ``checkpoints/epoch_XXX`` directory, or a pointer directory
+    (:func:`write_pointer`; ``checkpoint`` must then be None).
     """
     p = Path(path)
     if (p / LEARNED).exists() and p.parent.name == CHECKPOINTS_DIR:
         return p.parent.parent, p, p.name
+    pointer = read_pointer(p) if checkpoint is None else None
+    if pointer is not None:
+        target = pointer["finetune"]
+        snapshot = target / CHECKPOINTS_DIR / epoch_tag(pointer["epoch"])
+        if not (snapshot / LEARNED).exists():
+            raise ValueError(f"{p} points at {snapshot}, which holds no {LEARNED}; re-run the "
+                             "fine-tuning stage or point generate.conditioning at it")
+        return target, snapshot, str(pointer["checkpoint"])
     if not (p / f"{CONDITIONINGS}.parquet").exists():
         raise ValueError(f"{p} is not a finetune artifact (no {CONDITIONINGS}.parquet); "
                          "point generate.conditioning at a finetune stage directory")
