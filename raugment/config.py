@@ -351,7 +351,9 @@ class RetrieveConfig:
     def validate(self, key: str) -> None:
         _positive(self.images_per_class, f"{key}.images_per_class")
         if self.k_start_factor < 1 or self.k_max_factor < self.k_start_factor or self.k_step_factor <= 0:
-            raise ConfigError(f"{key}: need 1 <= k_start_factor <= k_max_factor and k_step_factor > 0")
+            raise ConfigError(f"{key}: need 1 <= k_start_factor <= k_max_factor and k_step_factor > 0, got "
+                              f"k_start_factor={self.k_start_factor}, k_max_factor={self.k_max_factor}, "
+                              f"k_step_factor={self.k_step_factor} (paper: 1.4, 14, 1.4)")
         if self.ratio is not None and not 0 < self.ratio <= 2500:
             raise ConfigError(f"{key}.ratio is a percentage in (0, 2500], got {self.ratio}")
         if self.result_ids_factor < 1:

@@ -417,7 +417,32 @@ def plan_splits(listing: Listing, cfg: DatasetConfig) -> tuple[list[ClassRow], d
             plan[split][cid] = refs
         if test is not None:
             plan["test"][cid] = test.get(cid, [])
-    return build_classes(class_ids, cfg.class_names, listing.names), plan
+    classes = build_classes(class_ids, cfg.class_names, listing.names)
+    check_unique_names(classes)
+    return classes, plan
+
+
+def check_unique_names(classes: list[ClassRow]) -> None:
+    """Two classes with one name get the same prompts and the same retrieved images.
+
+    Names from folders or a Parquet name column must be unique (a typo or a copied folder);
+    WordNet names may repeat (ImageNet has two synsets called "crane"), which is only logged.
+
+    Raises:
+        ConfigError: naming the class ids that share a name.
+    """
+    by_name: dict[str, list[ClassRow]] = defaultdict(list)
+    for c in classes:
+        by_name[c.class_name].append(c)
+    for name, rows in by_name.items():
+        if len(rows) < 2:
+            continue
+        ids = [r.class_id for r in rows]
+        if all(r.definition for r in rows):  # WordNet synsets: distinct meanings, same lemma
+            log.warning("dataset: classes %s share the WordNet name %r; their prompts are alike", ids, name)
+            continue
+        raise ConfigError(f"dataset.path: classes {ids} have the same name {name!r}; prompts and retrieval "
+                          "could not tell them apart: rename one folder (or its class_name values)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -224,13 +224,17 @@ def write_index(out: Path, embeddings: np.ndarray, metadata: pa.Table, cfg: Inde
     return info
 
 
-def build_index(cfg: IndexConfig, out: str | Path, stats: Any = None) -> dict[str, Any]:
-    """Build the index of ``cfg.path`` into ``out`` (the pure part of the stage; Ray for images)."""
+def build_index(cfg: IndexConfig, out: str | Path, stats: Any = None,
+                table: pa.Table | None = None) -> dict[str, Any]:
+    """Build the index of ``cfg.path`` into ``out`` (the pure part of the stage; Ray for images).
+
+    ``table``: the captioned images when the caller has read them already (``read_captioned_images``).
+    """
     out = Path(out)
     if cfg.source == "embeddings":
         embeddings, metadata = read_laion_embeddings(cfg.path)
     else:
-        table = read_captioned_images(cfg.path)
+        table = read_captioned_images(cfg.path) if table is None else table
         embeddings = embed_images_ray(table.column(schema.IMAGE).combine_chunks(), cfg)
         ok = ~np.isnan(embeddings).any(axis=1)
         if stats is not None and (~ok).sum():
@@ -253,7 +257,8 @@ def check_config(cfg: IndexConfig) -> None:
         raise ConfigError("index.path is required: a Parquet file/directory or image folder "
                           "(index.source=images) or a LAION embeddings directory (index.source=embeddings)")
     if not Path(cfg.path).exists():
-        raise ConfigError(f"index.path {cfg.path!r} does not exist")
+        raise ConfigError(f"index.path {cfg.path!r} does not exist; point it at the captioned images "
+                          "(index.source=images) or the LAION embeddings (index.source=embeddings)")
 
 
 def preflight(cfg: Config) -> None:
@@ -266,13 +271,17 @@ def run(cfg: Config) -> Artifact:
     from raugment.cluster import init_ray
 
     check_config(cfg.index)
+    inputs = {"source": source_key(cfg.index.path)}
+    table = None
+    if cfg.index.source == "images" and not StageRun(cfg.run.root, "index", cfg.index, inputs).complete:
+        table = read_captioned_images(cfg.index.path)  # input errors before anything is written
 
     def body(run_: StageRun) -> None:
         if cfg.index.source == "images":  # only image sources need Ray (a skipped stage starts nothing)
             init_ray(cfg.cluster, cfg.run.progress)
-        build_index(cfg.index, run_.path, run_.stats)
+        build_index(cfg.index, run_.path, run_.stats, table)
 
-    return run_stage(cfg.run.root, "index", cfg.index, {"source": source_key(cfg.index.path)}, body)
+    return run_stage(cfg.run.root, "index", cfg.index, inputs, body)
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,9 +387,10 @@ def cli(cfg: Config, args: Any) -> int:
         from raugment.cluster import init_ray
 
         check_config(cfg.index)
-        if cfg.index.source == "images":
+        table = read_captioned_images(cfg.index.path) if cfg.index.source == "images" else None
+        if table is not None:
             init_ray(cfg.cluster, cfg.run.progress)
-        build_index(cfg.index, args.out)
+        build_index(cfg.index, args.out, table=table)
         log.info("index written to %s", args.out)
         return 0
     artifact = run(cfg)

@@ -272,7 +272,8 @@ def preflight(cfg: Config) -> Plan:
     from raugment.cluster import check_resources
 
     check_methods(cfg)
-    plan = build_plan(cfg)
+    # Sizes only scale quotas and costs; before the dataset stage runs, a placeholder will do.
+    plan = build_plan(cfg, {name: DatasetSize(1, 1, 1) for name in dataset_configs(cfg)})
     seen: set[tuple[str, str]] = set()
     for node in topological(list(plan.nodes.values())):
         module = importlib.import_module(f"raugment.{node.stage}")
@@ -304,10 +305,10 @@ def run(cfg: Config, report: bool = True) -> tuple[Artifact, Artifact | None]:
     datasets = dataset_nodes(cfg)
     first = Executor(root, read_state(root), keep_going=False)
     first.run(datasets)
-    write_text_atomic(dump_yaml(cfg), root / STATE_DIR / "config.yaml")
-    init_ray(cfg.cluster, progress=cfg.run.progress)
     sizes = {n.labels["dataset"]: measured_size(first.done[n.id]) for n in datasets}
     plan = build_plan(cfg, sizes)
+    write_text_atomic(dump_yaml(cfg), root / STATE_DIR / "config.yaml")
+    init_ray(cfg.cluster, progress=cfg.run.progress)
     log.info("study plan: %d stage runs, %d classifiers", len(plan.nodes), len(plan.runs))
     ex = Executor(root, first.state, keep_going=cfg.study.keep_going)
     ex.done.update(first.done)
