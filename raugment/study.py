@@ -269,22 +269,26 @@ def preflight(cfg: Config) -> Plan:
     Returns:
         The plan with expected sizes (the real plan is made after the dataset stages).
     """
-    from raugment.cluster import check_resources
-
     check_methods(cfg)
     # Sizes only scale quotas and costs; before the dataset stage runs, a placeholder will do.
     plan = build_plan(cfg, {name: DatasetSize(1, 1, 1) for name in dataset_configs(cfg)})
     seen: set[tuple[str, str]] = set()
     for node in topological(list(plan.nodes.values())):
-        module = importlib.import_module(f"raugment.{node.stage}")
-        check = getattr(module, "preflight", None)
         key = (node.stage, canonical_json(to_dict(node.cfg)))
-        if check is None or key in seen:
-            continue
-        seen.add(key)
-        check(node.cfg)
-        check_resources(node.cfg, node.stage)
+        if key not in seen:
+            seen.add(key)
+            check_node(node)
     return plan
+
+
+def check_node(node: Node) -> None:
+    """A stage run's own ``preflight(cfg)`` (when its module has one) and its resource requests."""
+    from raugment.cluster import check_resources
+
+    check = getattr(importlib.import_module(f"raugment.{node.stage}"), "preflight", None)
+    if check is not None:
+        check(node.cfg)
+    check_resources(node.cfg, node.stage)
 
 
 def run(cfg: Config, report: bool = True) -> tuple[Artifact, Artifact | None]:
