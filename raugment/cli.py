@@ -13,7 +13,7 @@ import logging
 import sys
 from typing import Callable, Sequence
 
-from raugment.config import ConfigError, load_config
+from raugment.config import ConfigError, InputError, load_config
 
 log = logging.getLogger("raugment")
 
@@ -133,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = module.cli(cfg, args)
     except ConfigError as exc:
         print(f"raugment {args.command}: config error: {exc}", file=sys.stderr)
+        return 2
+    except InputError as exc:
+        print(f"raugment {args.command}: input error: {exc}", file=sys.stderr)
         return 2
     return int(result or 0)
 

@@ -8,11 +8,12 @@ and the dashboard is on so Tune can clean up the placement groups of early-stopp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from typing import Any
+from typing import Any, Iterator
 
-from raugment.config import ActorPoolConfig, ClusterConfig, WorkersConfig
+from raugment.config import ActorPoolConfig, ClusterConfig, Config, ConfigError, WorkersConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,38 @@ def init_ray(cfg: ClusterConfig, progress: bool = True, runtime_env: dict | None
         ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
+
+
+def _resource_requests(section: Any, key: str) -> Iterator[tuple[str, float, float]]:
+    """(dotted key, CPUs, GPUs) of every actor pool / worker group in a config section."""
+    if isinstance(section, ActorPoolConfig):
+        yield key, section.num_cpus, section.num_gpus
+    elif isinstance(section, WorkersConfig):
+        n = section.num_workers
+        yield key, n * section.cpus_per_worker, n * section.gpus_per_worker if section.use_gpu else 0.0
+    elif dataclasses.is_dataclass(section):
+        for f in dataclasses.fields(section):
+            yield from _resource_requests(getattr(section, f.name), f"{key}.{f.name}")
+
+
+def check_resources(cfg: Config, stage: str) -> None:
+    """A stage asking a local cluster of known size for more than it has would wait forever:
+    say so before starting anything. Clusters joined by address are not checked (they scale).
+
+    Raises:
+        ConfigError: naming the resource key, what it asks and what ``cluster`` offers.
+    """
+    c = cfg.cluster
+    section = getattr(cfg, stage, None)
+    if c.address or os.environ.get("RAY_ADDRESS") or section is None:
+        return
+    for key, cpus, gpus in _resource_requests(section, stage):
+        if c.num_cpus is not None and cpus > c.num_cpus:
+            raise ConfigError(f"{key} asks for {cpus:g} CPUs but cluster.num_cpus={c.num_cpus}; lower it "
+                              "(fractions such as 0.5 are fine) or raise cluster.num_cpus")
+        if c.num_gpus is not None and gpus > c.num_gpus:
+            raise ConfigError(f"{key} asks for {gpus:g} GPUs but cluster.num_gpus={c.num_gpus}; set its "
+                              "num_gpus to 0 (CPU) or use_gpu=false, or join a cluster with GPUs")
 
 
 def actor_pool_args(pool: ActorPoolConfig) -> dict[str, Any]:

@@ -27,6 +27,33 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
+class InputError(ValueError):
+    """An input file or directory is missing, unreadable or malformed; the message names it and the fix."""
+
+
+DIFFUSERS_HINT = "expected a diffusers model directory; `raugment models tiny DIR` writes a tiny one in DIR/sd"
+
+
+def looks_local(ref: str) -> bool:
+    """Whether a model reference is a local path rather than a hub id (``org/name``)."""
+    p = Path(ref).expanduser()
+    return p.exists() or p.is_absolute() or ref.startswith((".", "~")) or ref.count("/") > 1
+
+
+def check_local_model(ref: Optional[str], key: str, marker: str, hint: str = "") -> None:
+    """A model reference that points at the local file system must be there and hold ``marker``.
+
+    Hub ids (``org/name``) are not checked here: they resolve when the model is loaded.
+    """
+    if not ref or not looks_local(ref):
+        return
+    p = Path(ref).expanduser()
+    if not p.exists():
+        raise ConfigError(f"{key}: {ref!r} does not exist{'; ' + hint if hint else ''}")
+    if marker and p.is_dir() and not (p / marker).exists():
+        raise ConfigError(f"{key}: {ref!r} has no {marker}{'; ' + hint if hint else ''}")
+
+
 # --------------------------------------------------------------------------------------------
 # Shared pieces
 # --------------------------------------------------------------------------------------------
@@ -324,7 +351,9 @@ class RetrieveConfig:
     def validate(self, key: str) -> None:
         _positive(self.images_per_class, f"{key}.images_per_class")
         if self.k_start_factor < 1 or self.k_max_factor < self.k_start_factor or self.k_step_factor <= 0:
-            raise ConfigError(f"{key}: need 1 <= k_start_factor <= k_max_factor and k_step_factor > 0")
+            raise ConfigError(f"{key}: need 1 <= k_start_factor <= k_max_factor and k_step_factor > 0, got "
+                              f"k_start_factor={self.k_start_factor}, k_max_factor={self.k_max_factor}, "
+                              f"k_step_factor={self.k_step_factor} (paper: 1.4, 14, 1.4)")
         if self.ratio is not None and not 0 < self.ratio <= 2500:
             raise ConfigError(f"{key}.ratio is a percentage in (0, 2500], got {self.ratio}")
         if self.result_ids_factor < 1:
@@ -590,6 +619,9 @@ class TrainConfig:
         _positive(self.image_size, f"{key}.image_size")
         _positive(self.repeat_sets, f"{key}.repeat_sets")
         _positive(self.checkpoints_to_keep, f"{key}.checkpoints_to_keep")
+        if self.batch_size < self.workers.num_workers:
+            raise ConfigError(f"{key}.batch_size={self.batch_size} is the global batch; it must be >= "
+                              f"{key}.workers.num_workers={self.workers.num_workers}")
         if self.lr <= 0:
             raise ConfigError(f"{key}.lr must be > 0, got {self.lr}")
         if not 0 < self.lr_factor < 1:

@@ -42,11 +42,11 @@ import pyarrow.parquet as pq
 
 from raugment import schema as S
 from raugment.classnames import folder_class_name, is_synset_id, lookup
-from raugment.config import Config, ConfigError, DatasetConfig, to_dict
+from raugment.config import Config, ConfigError, DatasetConfig, InputError, to_dict
 from raugment.imageio import ImageDecodeError, decode_image, encode_image, item_id, resize_max_side, stable_id
 from raugment.registry import DATASETS
 from raugment.stats import round_half_up
-from raugment.storage import Artifact, StageRun, run_stage
+from raugment.storage import Artifact, StageRun, read_parquet, read_parquet_schema, run_stage
 
 if TYPE_CHECKING:
     import argparse
@@ -220,7 +220,8 @@ def list_parquet(cfg: DatasetConfig, run_root: Path) -> Listing:
     files = _parquet_files(Path(cfg.path or ""), "dataset.path")
     test_files = _parquet_files(Path(cfg.test_path), "dataset.test_path") if cfg.test_path else []
     all_files = files + test_files
-    first = pq.read_schema(all_files[0])
+    fix = "replace or remove that file under dataset.path / dataset.test_path"
+    first = read_parquet_schema(all_files[0], fix=fix)
     if cfg.image_column not in first.names:
         raise ConfigError(f"dataset.image_column: {cfg.image_column!r} is not a column of {all_files[0]} "
                           f"(columns: {first.names})")
@@ -234,7 +235,11 @@ def list_parquet(cfg: DatasetConfig, run_root: Path) -> Listing:
     names: dict[str, str] = {}
     unlabelled = 0
     for fi, f in enumerate(all_files):
-        table = pq.read_table(f, columns=[label_col] + [c for c in (split_col, name_col) if c])
+        missing = sorted({label_col, cfg.image_column} - set(read_parquet_schema(f, fix=fix).names))
+        if missing:
+            raise InputError(f"dataset.path: {f} lacks column(s) {missing} that {all_files[0]} has; "
+                             "every Parquet file of a dataset needs the same columns")
+        table = read_parquet(f, [label_col] + [c for c in (split_col, name_col) if c], fix=fix)
         labels = table.column(label_col).to_pylist()
         splits = table.column(split_col).to_pylist() if split_col else [None] * len(labels)
         if fi >= len(files):
@@ -412,7 +417,32 @@ def plan_splits(listing: Listing, cfg: DatasetConfig) -> tuple[list[ClassRow], d
             plan[split][cid] = refs
         if test is not None:
             plan["test"][cid] = test.get(cid, [])
-    return build_classes(class_ids, cfg.class_names, listing.names), plan
+    classes = build_classes(class_ids, cfg.class_names, listing.names)
+    check_unique_names(classes)
+    return classes, plan
+
+
+def check_unique_names(classes: list[ClassRow]) -> None:
+    """Two classes with one name get the same prompts and the same retrieved images.
+
+    Names from folders or a Parquet name column must be unique (a typo or a copied folder);
+    WordNet names may repeat (ImageNet has two synsets called "crane"), which is only logged.
+
+    Raises:
+        ConfigError: naming the class ids that share a name.
+    """
+    by_name: dict[str, list[ClassRow]] = defaultdict(list)
+    for c in classes:
+        by_name[c.class_name].append(c)
+    for name, rows in by_name.items():
+        if len(rows) < 2:
+            continue
+        ids = [r.class_id for r in rows]
+        if all(r.definition for r in rows):  # WordNet synsets: distinct meanings, same lemma
+            log.warning("dataset: classes %s share the WordNet name %r; their prompts are alike", ids, name)
+            continue
+        raise ConfigError(f"dataset.path: classes {ids} have the same name {name!r}; prompts and retrieval "
+                          "could not tell them apart: rename one folder (or its class_name values)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,6 +553,27 @@ def _write_dataset(run: StageRun, cfg: Config, listing: Listing, classes: list[C
                          S.HYPERNYM: c.hypernym, S.DEFINITION: c.definition,
                          S.COUNT_TRAIN: per_split.get(("train", c.label), 0)} for c in classes], S.CLASSES)
     run.write_single(table, "classes")
+
+
+def preflight(cfg: Config) -> None:
+    """Cheap checks before a study starts Ray: the source is known and its paths exist.
+
+    The full listing (empty or duplicate classes, split sizes) runs in :func:`run`, which needs
+    no Ray either.
+    """
+    d = cfg.dataset
+    try:
+        DATASETS.get(d.source)
+    except ValueError as exc:
+        raise ConfigError(f"dataset.source: {exc}") from None
+    if d.source == "synthetic":
+        return
+    if not d.path:
+        raise ConfigError(f"dataset.path is required for dataset.source={d.source}: an ImageFolder "
+                          "tree or a Parquet file/directory")
+    for key, value in (("dataset.path", d.path), ("dataset.test_path", d.test_path)):
+        if value and not Path(value).exists():
+            raise ConfigError(f"{key}: {value!r} does not exist; point it at your copy of the data")
 
 
 def run(cfg: Config) -> Artifact:

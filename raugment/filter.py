@@ -181,6 +181,11 @@ def build_filters(cfg: FilterConfig) -> list[tuple[str, FilterFn]]:
     return [(name, FILTERS.get(name)(cfg, ctx)) for name in cfg.filters]
 
 
+def preflight(cfg: Config) -> None:
+    """Checks before a study starts Ray (:func:`resolve_config`)."""
+    resolve_config(cfg)
+
+
 def resolve_config(cfg: Config) -> FilterConfig:
     """``cfg.filter`` with defaults filled from other sections; checks settings before any work.
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 import numpy as np
 
 from raugment import schema
-from raugment.config import Config, ConfigError
+from raugment.config import DIFFUSERS_HINT, Config, ConfigError, check_local_model
 from raugment.personalise.methods import CondRow, pseudo_token  # importing it registers FINETUNERS
 from raugment.personalise.outputs import (CHECKPOINTS, CONDITIONINGS, ITEMS, CheckpointRef, checkpoints_table,
                                           list_checkpoints, write_selected)
@@ -83,14 +83,15 @@ def _check(cfg: Config) -> Any:
         method = FINETUNERS.get(fcfg.method)()
     except ValueError as exc:
         raise ConfigError(f"finetune.method: {exc}") from None
-    local = Path(fcfg.model)
-    looks_local = local.exists() or local.is_absolute() or fcfg.model.startswith(".") or fcfg.model.count("/") > 1
-    if looks_local and not (local / "model_index.json").exists():
-        raise ConfigError(f"finetune.model: {fcfg.model!r} is not a diffusers model directory "
-                          "(no model_index.json); write tiny models with `raugment models tiny DIR`")
+    check_local_model(fcfg.model, "finetune.model", "model_index.json", DIFFUSERS_HINT)
     if method.uses_clusters and fcfg.clusters > 1 and fcfg.feature_weights is None:
         log.warning("finetune.feature_weights is null: clustering on random Inception-v3 features")
     return method
+
+
+def preflight(cfg: Config) -> None:
+    """Checks before a study starts Ray: a known method and a diffusers model that is there."""
+    _check(cfg)
 
 
 def _cluster(cfg: Config, method: Any, dataset: Artifact, ids: list[str], labels: list[int]) -> np.ndarray:

@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raugment import schema
-from raugment.config import Config, ConfigError, GenerateConfig, to_dict
+from raugment.config import DIFFUSERS_HINT, Config, ConfigError, GenerateConfig, check_local_model, to_dict
 from raugment.imageio import decode_image, encode_image, item_id, stable_id
 from raugment.prompts import build_prompts
 from raugment.registry import GENERATORS
@@ -478,9 +478,16 @@ def check_config(cfg: Config) -> GenerationMethod:
     Everything else in ``cfg.generate`` is validated when the config is loaded.
     """
     try:
-        return GENERATORS.get(cfg.generate.method)()
+        method = GENERATORS.get(cfg.generate.method)()
     except ValueError as exc:
         raise ConfigError(f"generate.method: {exc}") from None
+    check_local_model(cfg.generate.model, "generate.model", "model_index.json", DIFFUSERS_HINT)
+    return method
+
+
+def preflight(cfg: Config) -> None:
+    """Checks before a study starts Ray (:func:`check_config`)."""
+    check_config(cfg)
 
 
 def check_resources(cfg: Config) -> None:

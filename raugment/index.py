@@ -28,9 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raugment import schema
-from raugment.config import Config, ConfigError, IndexConfig
+from raugment.config import Config, ConfigError, IndexConfig, InputError
 from raugment.extras import require
-from raugment.storage import Artifact, StageRun, run_stage
+from raugment.storage import Artifact, StageRun, read_parquet, read_parquet_schema, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ def read_captioned_images(path: str | Path) -> pa.Table:
     p = Path(path)
     files = _parquet_files(p) if (p.is_file() or any(p.glob("*.parquet"))) else []
     if files:
-        table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+        table = pa.concat_tables([read_parquet(f, fix="replace or remove that file under index.path")
+                                  for f in files], promote_options="default")
         if schema.IMAGE not in table.column_names:
             raise ValueError(f"{path}: no '{schema.IMAGE}' column of image bytes; for precomputed "
                              "embeddings use index.source=embeddings")
@@ -101,10 +102,20 @@ def read_captioned_images(path: str | Path) -> pa.Table:
     rows = []
     for f in images:
         txt = f.with_suffix(".txt")
-        rows.append({schema.URL: str(f.relative_to(p)),
-                     schema.CAPTION: txt.read_text().strip() if txt.exists() else None})
+        rows.append({schema.URL: str(f.relative_to(p)), schema.CAPTION: _read_caption(txt)})
     meta = normalise_metadata(pa.Table.from_pylist(rows))
     return meta.append_column(schema.IMAGE, pa.array([f.read_bytes() for f in images], pa.binary()))
+
+
+def _read_caption(txt: Path) -> str | None:
+    """The UTF-8 caption beside an image (None without one); other encodings are named, not guessed."""
+    if not txt.exists():
+        return None
+    try:
+        return txt.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise InputError(f"index.path: caption file {txt} is not UTF-8 ({exc.reason} at byte {exc.start}); "
+                         "re-encode it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
 
 
 def read_laion_embeddings(path: str | Path) -> tuple[np.ndarray, pa.Table]:
@@ -117,7 +128,7 @@ def read_laion_embeddings(path: str | Path) -> tuple[np.ndarray, pa.Table]:
                          f"{len(embs)} and {len(metas)}")
     arrays, tables = [], []
     for e, m in zip(embs, metas):
-        arr, tab = np.load(e, mmap_mode="r"), pq.read_table(m)
+        arr, tab = np.load(e, mmap_mode="r"), read_parquet(m, fix="replace that metadata shard")
         if len(arr) != tab.num_rows:
             raise ValueError(f"{e.name} has {len(arr)} embeddings but {m.name} has {tab.num_rows} rows")
         arrays.append(np.asarray(arr, dtype=np.float32))
@@ -213,13 +224,17 @@ def write_index(out: Path, embeddings: np.ndarray, metadata: pa.Table, cfg: Inde
     return info
 
 
-def build_index(cfg: IndexConfig, out: str | Path, stats: Any = None) -> dict[str, Any]:
-    """Build the index of ``cfg.path`` into ``out`` (the pure part of the stage; Ray for images)."""
+def build_index(cfg: IndexConfig, out: str | Path, stats: Any = None,
+                table: pa.Table | None = None) -> dict[str, Any]:
+    """Build the index of ``cfg.path`` into ``out`` (the pure part of the stage; Ray for images).
+
+    ``table``: the captioned images when the caller has read them already (``read_captioned_images``).
+    """
     out = Path(out)
     if cfg.source == "embeddings":
         embeddings, metadata = read_laion_embeddings(cfg.path)
     else:
-        table = read_captioned_images(cfg.path)
+        table = read_captioned_images(cfg.path) if table is None else table
         embeddings = embed_images_ray(table.column(schema.IMAGE).combine_chunks(), cfg)
         ok = ~np.isnan(embeddings).any(axis=1)
         if stats is not None and (~ok).sum():
@@ -242,7 +257,13 @@ def check_config(cfg: IndexConfig) -> None:
         raise ConfigError("index.path is required: a Parquet file/directory or image folder "
                           "(index.source=images) or a LAION embeddings directory (index.source=embeddings)")
     if not Path(cfg.path).exists():
-        raise ConfigError(f"index.path {cfg.path!r} does not exist")
+        raise ConfigError(f"index.path {cfg.path!r} does not exist; point it at the captioned images "
+                          "(index.source=images) or the LAION embeddings (index.source=embeddings)")
+
+
+def preflight(cfg: Config) -> None:
+    """Checks before a study starts Ray (:func:`check_config`)."""
+    check_config(cfg.index)
 
 
 def run(cfg: Config) -> Artifact:
@@ -250,13 +271,17 @@ def run(cfg: Config) -> Artifact:
     from raugment.cluster import init_ray
 
     check_config(cfg.index)
+    inputs = {"source": source_key(cfg.index.path)}
+    table = None
+    if cfg.index.source == "images" and not StageRun(cfg.run.root, "index", cfg.index, inputs).complete:
+        table = read_captioned_images(cfg.index.path)  # input errors before anything is written
 
     def body(run_: StageRun) -> None:
         if cfg.index.source == "images":  # only image sources need Ray (a skipped stage starts nothing)
             init_ray(cfg.cluster, cfg.run.progress)
-        build_index(cfg.index, run_.path, run_.stats)
+        build_index(cfg.index, run_.path, run_.stats, table)
 
-    return run_stage(cfg.run.root, "index", cfg.index, {"source": source_key(cfg.index.path)}, body)
+    return run_stage(cfg.run.root, "index", cfg.index, inputs, body)
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,6 +328,42 @@ class LocalIndex:
         return np.asarray(self.embeddings[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
 
 
+REBUILD = "rebuild it with `raugment index build`"
+
+
+def _read_faiss(path: Path, flags: int = 0) -> Any:
+    faiss = require("faiss")
+    try:
+        return faiss.read_index(str(path), flags)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path} is not a readable faiss index ({first}); {REBUILD}") from None
+
+
+def check_index_dir(path: str | Path, key: str) -> None:
+    """Cheap checks of an index directory before any work: files present and readable, columns.
+
+    The faiss file is opened memory-mapped, so a large index is not read twice.
+
+    Raises:
+        InputError: naming ``key``, the file and the fix.
+    """
+    faiss = require("faiss")
+    p = Path(path)
+    missing = [n for n in (INDEX_FILE, f"{METADATA}.parquet", EMBEDDINGS_FILE, INFO_FILE) if not (p / n).is_file()]
+    if missing:
+        raise InputError(f"{key}: {str(p)!r} is not a raugment index (missing {', '.join(missing)}); {REBUILD}")
+    try:
+        json.loads((p / INFO_FILE).read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{key}: {p / INFO_FILE} is not valid JSON ({exc}); {REBUILD}") from None
+    names = set(read_parquet_schema(p / f"{METADATA}.parquet", fix=REBUILD).names)
+    lacking = [c for c in (schema.URL, schema.CAPTION) if c not in names]
+    if lacking:
+        raise InputError(f"{key}: {p / METADATA}.parquet lacks column(s) {lacking}; {REBUILD}")
+    _read_faiss(p / INDEX_FILE, getattr(faiss, "IO_FLAG_MMAP", 0))
+
+
 def open_index(path: str | Path, device: str = "cpu") -> LocalIndex:
     """Open an index directory (a stage output or ``raugment index build --out``).
 
@@ -312,10 +373,10 @@ def open_index(path: str | Path, device: str = "cpu") -> LocalIndex:
     p = Path(path)
     if not (p / INDEX_FILE).is_file():
         raise ValueError(f"{p} is not a raugment index (no {INDEX_FILE}); build one with `raugment index build`")
-    index = faiss.read_index(str(p / INDEX_FILE))
+    index = _read_faiss(p / INDEX_FILE)
     if device.startswith("cuda") and hasattr(faiss, "index_cpu_to_all_gpus"):
         index = faiss.index_cpu_to_all_gpus(index)
-    return LocalIndex(index=index, metadata=pq.read_table(p / f"{METADATA}.parquet"),
+    return LocalIndex(index=index, metadata=read_parquet(p / f"{METADATA}.parquet", fix=REBUILD),
                       embeddings=np.load(p / EMBEDDINGS_FILE, mmap_mode="r"),
                       info=json.loads((p / INFO_FILE).read_text()))
 
@@ -326,9 +387,10 @@ def cli(cfg: Config, args: Any) -> int:
         from raugment.cluster import init_ray
 
         check_config(cfg.index)
-        if cfg.index.source == "images":
+        table = read_captioned_images(cfg.index.path) if cfg.index.source == "images" else None
+        if table is not None:
             init_ray(cfg.cluster, cfg.run.progress)
-        build_index(cfg.index, args.out)
+        build_index(cfg.index, args.out, table=table)
         log.info("index written to %s", args.out)
         return 0
     artifact = run(cfg)

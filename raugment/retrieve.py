@@ -437,6 +437,17 @@ def _record_stats(run: StageRun, cands: list[dict[str, Any]], queries: list[Clas
 # --------------------------------------------------------------------------------------------
 
 
+def preflight(cfg: Config) -> None:
+    """Checks before a study starts Ray: a known backend, and ``retrieve.index`` when it is set
+    (otherwise the study's index stage provides the index)."""
+    try:
+        RETRIEVERS.get(cfg.retrieve.backend)
+    except ValueError as exc:
+        raise ConfigError(f"retrieve.backend: {exc}") from None
+    if cfg.retrieve.backend == "local" and cfg.retrieve.index:
+        check_config(cfg, None)
+
+
 def check_config(cfg: Config, index: Artifact | None) -> str | None:
     """Errors naming the key before any work; returns the index directory for the local backend."""
     rcfg = cfg.retrieve
@@ -449,6 +460,9 @@ def check_config(cfg: Config, index: Artifact | None) -> str | None:
                           "`raugment index build` or set retrieve.index to its directory")
     if not Path(path).is_dir():
         raise ConfigError(f"retrieve.index {path!r} is not a directory")
+    from raugment.index import check_index_dir
+
+    check_index_dir(path, "retrieve.index")
     return path
 
 

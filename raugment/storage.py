@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raugment.config import dump_yaml, section_hash, to_dict
+from raugment.config import InputError, dump_yaml, section_hash, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,28 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     os.replace(tmp, final)
 
 
+def read_parquet(path: str | Path, columns: list[str] | None = None, *, fix: str = "") -> pa.Table:
+    """``pq.read_table`` whose failure on a corrupt or truncated file names the file and the fix.
+
+    Raises:
+        InputError: the file cannot be read as Parquet (or lacks a requested column).
+    """
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"cannot read Parquet file {str(path)!r}: {exc}"
+                         f"{'; ' + fix if fix else ''}") from None
+
+
+def read_parquet_schema(path: str | Path, *, fix: str = "") -> pa.Schema:
+    """``pq.read_schema`` with the same clear error as :func:`read_parquet`."""
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"cannot read Parquet file {str(path)!r}: {exc}"
+                         f"{'; ' + fix if fix else ''}") from None
+
+
 def _parts(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
@@ -135,7 +157,25 @@ class Artifact:
         p = Path(path).resolve()
         if not (p / SUCCESS).exists():
             raise ValueError(f"{p} is not a complete stage output (no {SUCCESS}); re-run its stage")
-        return cls(stage=p.parent.name, key=p.name, path=p)
+        art = cls(stage=p.parent.name, key=p.name, path=p)
+        art.check_shards()
+        return art
+
+    def check_shards(self) -> None:
+        """Read every Parquet footer: a truncated or corrupt shard is named before any work.
+
+        Raises:
+            InputError: naming the shard, the artifact and what to do.
+        """
+        for f in sorted(self.path.glob("*.parquet")) + sorted(self.path.glob("*/part-*.parquet")):
+            if f.name.startswith(TMP_PREFIX):
+                continue
+            try:
+                pq.read_metadata(f)
+            except (pa.ArrowException, OSError) as exc:
+                raise InputError(f"artifact {self.path}: shard {f.relative_to(self.path)} is corrupt or "
+                                 f"truncated ({exc}); remove that file and {SUCCESS}, then re-run stage "
+                                 f"{self.stage!r} (it redoes only what is missing)") from None
 
     @property
     def complete(self) -> bool:
@@ -150,16 +190,19 @@ class Artifact:
     def read(self, table: str = "images", columns: list[str] | None = None,
              schema: pa.Schema | None = None) -> pa.Table:
         """All shards of ``table`` as one Arrow table (empty table of ``schema`` if none)."""
+        # A damaged shard (a disk that filled up, a copy cut short) is named with what to do.
+        fix = (f"remove {self.path / SUCCESS} and that file, then re-run stage {self.stage!r} "
+               "(it redoes only what is missing)")
         single = self.path / f"{table}.parquet"
         if single.exists():
-            return pq.read_table(single, columns=columns)
+            return read_parquet(single, columns, fix=fix)
         files = self.files(table)
         if not files:
             if schema is None:
                 raise FileNotFoundError(f"{self.path} has no table {table!r}")
             s = schema if columns is None else pa.schema([schema.field(c) for c in columns])
             return s.empty_table()
-        return pa.concat_tables([pq.read_table(f, columns=columns) for f in files],
+        return pa.concat_tables([read_parquet(f, columns, fix=fix) for f in files],
                                 promote_options="default")
 
     def ray_dataset(self, table: str = "images", **kwargs: Any):

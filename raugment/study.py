@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from raugment import schema as S
-from raugment.config import Config, dump_yaml, to_dict
+from raugment.config import Config, ConfigError, canonical_json, dump_yaml, to_dict
 from raugment.planner import (DatasetSize, InputRef, Node, Plan, apply_measured, build_plan,
                               dataset_configs, dataset_nodes, format_plan, node_id, plan_to_dict,
                               topological)
@@ -247,24 +247,74 @@ def write_index(cfg: Config, plan: Plan, done: Mapping[str, Artifact],
     return run_stage(root, "study", section, {}, body)
 
 
+def check_methods(cfg: Config) -> None:
+    """Every study method is a known method or a variant of one (before planning names a stage)."""
+    from raugment.planner import METHOD_PIPELINES
+    from raugment.registry import GENERATORS
+
+    for i, method in enumerate(cfg.study.methods):
+        base = cfg.study.variants.get(method, {}).get("method", method)
+        if base not in METHOD_PIPELINES and base not in GENERATORS:
+            where = f"study.variants.{method}.method" if method in cfg.study.variants else f"study.methods[{i}]"
+            known = sorted(set(METHOD_PIPELINES) - {"baseline"} | set(GENERATORS.names()))
+            raise ConfigError(f"{where}: unknown method {base!r}; known: {', '.join(known)} "
+                              "(or a name of study.variants)")
+
+
+def preflight(cfg: Config) -> Plan:
+    """Every check that needs neither Ray nor a model, for every stage the study will run.
+
+    Runs before anything is written or started, so a bad key, an unknown name, a missing path or
+    an unreadable index is one clear error and leaves nothing behind. Each stage module may define
+    ``preflight(cfg)``; it is called once per distinct stage config of the plan.
+
+    Returns:
+        The plan with expected sizes (the real plan is made after the dataset stages).
+    """
+    check_methods(cfg)
+    # Sizes only scale quotas and costs; before the dataset stage runs, a placeholder will do.
+    plan = build_plan(cfg, {name: DatasetSize(1, 1, 1) for name in dataset_configs(cfg)})
+    seen: set[tuple[str, str]] = set()
+    for node in topological(list(plan.nodes.values())):
+        key = (node.stage, canonical_json(to_dict(node.cfg)))
+        if key not in seen:
+            seen.add(key)
+            check_node(node)
+    return plan
+
+
+def check_node(node: Node) -> None:
+    """A stage run's own ``preflight(cfg)`` (when its module has one) and its resource requests."""
+    from raugment.cluster import check_resources
+
+    check = getattr(importlib.import_module(f"raugment.{node.stage}"), "preflight", None)
+    if check is not None:
+        check(node.cfg)
+    check_resources(node.cfg, node.stage)
+
+
 def run(cfg: Config, report: bool = True) -> tuple[Artifact, Artifact | None]:
     """Run the whole study (resuming whatever is finished) and, by default, its report.
+
+    Order: :func:`preflight` (no Ray, nothing written), the dataset stages (no Ray either; their
+    listing finds empty or duplicate classes), then Ray and the rest of the plan.
 
     Returns:
         (study artifact, report artifact or None).
     """
     from raugment.cluster import init_ray
 
+    preflight(cfg)
     root = Path(cfg.run.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(dump_yaml(cfg), root / STATE_DIR / "config.yaml")
-    init_ray(cfg.cluster, progress=cfg.run.progress)
     # The dataset stages first (a failure there ends the study): quotas depend on their counts.
     datasets = dataset_nodes(cfg)
     first = Executor(root, read_state(root), keep_going=False)
     first.run(datasets)
     sizes = {n.labels["dataset"]: measured_size(first.done[n.id]) for n in datasets}
     plan = build_plan(cfg, sizes)
+    write_text_atomic(dump_yaml(cfg), root / STATE_DIR / "config.yaml")
+    init_ray(cfg.cluster, progress=cfg.run.progress)
     log.info("study plan: %d stage runs, %d classifiers", len(plan.nodes), len(plan.runs))
     ex = Executor(root, first.state, keep_going=cfg.study.keep_going)
     ex.done.update(first.done)

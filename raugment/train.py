@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Protocol, Seque
 import pyarrow as pa
 
 from raugment import schema as S
-from raugment.config import Config, TrainConfig, to_dict, with_overrides
+from raugment.config import Config, ConfigError, TrainConfig, to_dict, with_overrides
 from raugment.storage import Artifact, StageRun, atomic_dir, run_stage, write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -471,6 +471,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Stage "train" (driver side)
 # ---------------------------------------------------------------------------------------------
+
+
+def preflight(cfg: Config) -> None:
+    """Checks before a study starts Ray: the classifier architecture is registered."""
+    from raugment.registry import MODELS
+
+    if cfg.train.model not in MODELS:
+        raise ConfigError(f"train.model: unknown model {cfg.train.model!r}; known: {', '.join(MODELS.names())}")
 
 
 def build_spec(cfg: Config, dataset: Artifact, manifest: Artifact,

@@ -1,0 +1,334 @@
+"""The bad-input sweep: malformed configs and inputs each give one clear error, before Ray starts.
+
+Each case runs ``raugment run`` (or a stage command) in-process on a tiny ImageFolder study with
+``init_ray`` replaced by a tripwire, and checks: exit code 2, a message naming the key or the file
+(and, through the fragment, the fix), that Ray was never started, and that the run root holds no
+incomplete stage directory. A valid config reaches the tripwire (the control), so the checks do
+not pass by failing everything.
+
+``pytest tests/test_bad_inputs.py -s`` prints every case with its message.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from raugment import cli
+from raugment.storage import SUCCESS, Artifact
+
+COLOURS = {"000.red_circle": (220, 40, 40), "001.blue_square": (40, 80, 225)}
+
+
+class RayStarted(Exception):
+    """The tripwire: raised where the study would start Ray."""
+
+
+def _png(path: Path, colour: tuple[int, int, int], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(colour) + rng.normal(0, 8, (16, 16, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def make_folder(root: Path, classes: dict[str, tuple[int, int, int]] = COLOURS, train: int = 4,
+                test: int = 2) -> Path:
+    for i, (name, colour) in enumerate(classes.items()):
+        for j in range(train):
+            _png(root / "train" / name / f"{j}.png", colour, 100 * i + j)
+        for j in range(test):
+            _png(root / "test" / name / f"{j}.png", colour, 1000 + 100 * i + j)
+    return root
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """A valid study: tiny ImageFolder, a stand-in diffusers directory, and its YAML."""
+    base = tmp_path_factory.mktemp("bad_inputs")
+    folder = make_folder(base / "data")
+    sd = base / "sd"
+    sd.mkdir()
+    (sd / "model_index.json").write_text("{}")
+    study = {
+        "run": {"root": str(base / "runs"), "progress": False},
+        "cluster": {"num_cpus": 2, "num_gpus": 0},
+        "dataset": {"source": "imagefolder", "path": str(folder), "protocol": "subsample", "fraction": 0.5},
+        "generate": {"model": str(sd), "pool": {"num_gpus": 0}},
+        "finetune": {"model": str(sd)},
+        "index": {"source": "images", "path": str(folder / "train")},
+        "retrieve": {"backend": "local"},
+        "filter": {"filters": ["min_size"]},
+        "train": {"model": "tiny_cnn", "batch_size": 8, "workers": {"num_workers": 1}},
+        "study": {"methods": ["simple", "retrieval", "ft_conditioning"], "ratios": [100], "sets": 1},
+    }
+    path = base / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return {"base": base, "folder": folder, "sd": sd, "study": path}
+
+
+@pytest.fixture
+def tripwire(monkeypatch):
+    import ray
+
+    def refuse(*_a, **_k):
+        raise RayStarted("Ray would start here")
+
+    monkeypatch.setattr("raugment.cluster.init_ray", refuse)
+    monkeypatch.setattr(ray, "init", refuse)
+
+
+def _stage_dirs(root: Path) -> dict[str, bool]:
+    """Every ``<stage>/<key>`` directory under a run root -> whether it is complete."""
+    if not root.is_dir():
+        return {}
+    return {str(d.relative_to(root)): (d / SUCCESS).exists()
+            for stage in root.iterdir() if stage.is_dir() and not stage.name.startswith("_")
+            for d in stage.iterdir() if d.is_dir()}
+
+
+def run_cli(argv: list[str], root: Path, capsys) -> tuple[int, str]:
+    """Run the CLI; return (exit code, stderr); assert nothing incomplete was left in ``root``."""
+    before = _stage_dirs(root)
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    after = _stage_dirs(root)
+    new_incomplete = [d for d, ok in after.items() if not ok and d not in before]
+    assert not new_incomplete, f"left incomplete stage directories {new_incomplete}"
+    assert not (set(after) - set(before)) or all(after[d] for d in set(after) - set(before))
+    return rc, err
+
+
+# ---- the control -------------------------------------------------------------------------------
+
+
+def test_valid_study_passes_preflight_and_reaches_ray(world, tripwire, tmp_path):
+    with pytest.raises(RayStarted):
+        cli.main(["run", str(world["study"]), "--set", f"run.root={tmp_path / 'ok'}"])
+    # the dataset stage (no Ray) finished before the tripwire
+    assert any(d.startswith("dataset/") and ok for d, ok in _stage_dirs(tmp_path / "ok").items())
+
+
+# ---- cases: (id, extra --set overrides, a setup(world, tmp) -> more overrides, message fragments) --
+
+Setup = Callable[[dict, Path], list[str]]
+
+
+def _garbage_file(world: dict, tmp: Path, name: str, data: bytes) -> Path:
+    p = tmp / name
+    p.write_bytes(data)
+    return p
+
+
+def _index_dir(tmp: Path, *, faiss_bytes: bytes | None = None, metadata: pa.Table | None = None) -> Path:
+    """A real small index directory, optionally with a damaged faiss file or metadata."""
+    import faiss
+
+    d = tmp / "idx"
+    d.mkdir()
+    emb = np.eye(4, 8, dtype=np.float32)
+    if faiss_bytes is None:
+        index = faiss.IndexFlatIP(8)
+        index.add(emb)
+        faiss.write_index(index, str(d / "index.faiss"))
+    else:
+        (d / "index.faiss").write_bytes(faiss_bytes)
+    np.save(d / "embeddings.npy", emb.astype(np.float16))
+    meta = metadata if metadata is not None else pa.table({"url": [f"u{i}" for i in range(4)],
+                                                           "caption": [f"c{i}" for i in range(4)]})
+    pq.write_table(meta, d / "metadata.parquet")
+    (d / "index_info.json").write_text(json.dumps({"clip_model": "x", "dim": 8, "ntotal": 4}))
+    return d
+
+
+def _folder(world, tmp, classes, train=4) -> list[str]:
+    root = make_folder(tmp / "data", classes, train=train)
+    return [f"dataset.path={root}"]
+
+
+def _empty_class(world, tmp) -> list[str]:
+    root = make_folder(tmp / "data")
+    for f in (root / "train" / "001.blue_square").iterdir():
+        f.unlink()
+    return [f"dataset.path={root}"]
+
+
+def _non_images(world, tmp) -> list[str]:
+    root = make_folder(tmp / "data")
+    for f in (root / "train" / "001.blue_square").iterdir():
+        f.rename(f.with_suffix(".txt"))
+    return [f"dataset.path={root}"]
+
+
+def _no_class_folders(world, tmp) -> list[str]:
+    (tmp / "empty" / "train").mkdir(parents=True)
+    (tmp / "empty" / "test").mkdir(parents=True)
+    return [f"dataset.path={tmp / 'empty'}"]
+
+
+def _parquet_dataset(world, tmp, *, drop_image: bool = False, truncate: bool = False) -> list[str]:
+    rows = {"label": [0, 0, 0, 0, 1, 1, 1, 1], "split": ["train", "train", "train", "test"] * 2,
+            "image": [b"x"] * 8}
+    if drop_image:
+        rows.pop("image")
+    p = tmp / "ds.parquet"
+    pq.write_table(pa.table(rows), p)
+    if truncate:
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    return ["dataset.source=parquet", f"dataset.path={p}", "dataset.split_column=split"]
+
+
+CASES: list[tuple[str, list[str], Setup | None, list[str]]] = [
+    # config values (refused when the config is loaded)
+    ("unknown section", ["trainer.lr=0.1"], None, ["trainer"]),
+    ("unknown key", ["train.lrate=0.1"], None, ["train.lrate"]),
+    ("wrong type", ["train.lr=fast"], None, ["train.lr"]),
+    ("negative batch size", ["train.batch_size=-1"], None, ["train.batch_size"]),
+    ("negative ratio", ["study.ratios=[-50]"], None, ["study.ratios[0]", "(0, 2500]"]),
+    ("ratio above 2500 %", ["study.ratios=[3000]"], None, ["study.ratios[0]"]),
+    ("no ratios", ["study.ratios=[]"], None, ["study.ratios is empty"]),
+    ("zero sets", ["study.sets=0"], None, ["study.sets"]),
+    ("nothing to run", ["study.methods=[]", "study.baseline=false"], None, ["nothing to run"]),
+    ("duplicate methods", ["study.methods=[simple,simple]"], None, ["study.methods has duplicates"]),
+    ("bad --set syntax", ["train.lr"], None, ["section.key=value"]),
+    ("k start below 1", ["retrieve.k_start_factor=0.5"], None, ["retrieve", "k_start_factor"]),
+    ("k max below k start", ["retrieve.k_max_factor=1.2"], None, ["k_max_factor"]),
+    ("zero clusters k", ["finetune.clusters=0"], None, ["finetune.clusters"]),
+    ("zero CPUs per worker", ["train.workers.cpus_per_worker=0"], None, ["train.workers.cpus_per_worker"]),
+    ("negative GPUs", ["generate.pool.num_gpus=-1"], None, ["generate.pool"]),
+    ("global batch below workers", ["train.batch_size=1", "train.workers.num_workers=2"], None,
+     ["train.batch_size=1", "train.workers.num_workers=2"]),
+    ("resolution not a multiple of 8", ["finetune.resolution=100"], None, ["finetune.resolution"]),
+    # names and paths (refused by the study's pre-flight, before Ray)
+    ("unknown method", ["study.methods=[magic]"], None, ["study.methods[0]", "'magic'", "known:"]),
+    ("variant of an unknown method", ["study.methods=[v]", "study.variants={v: {method: nope}}"], None,
+     ["study.variants.v.method", "'nope'"]),
+    ("unknown retrieval backend", ["retrieve.backend=faiss_remote"], None, ["retrieve.backend", "known:"]),
+    ("unknown filter", ["filter.filters=[sharpness]"], None, ["filter.filters", "sharpness"]),
+    ("unknown classifier", ["train.model=vgg99"], None, ["train.model", "vgg99", "known:"]),
+    ("unknown dataset source", ["dataset.source=hdf5"], None, ["dataset.source", "hdf5"]),
+    ("unknown cost key", ["study.costs={foo: 1}"], None, ["study.costs.foo"]),
+    ("missing dataset path", ["dataset.path=/nonexistent/data"], None, ["dataset.path", "/nonexistent/data"]),
+    ("missing index path", ["index.path=/nonexistent/pool"], None, ["index.path", "/nonexistent/pool"]),
+    ("missing diffusion model dir", ["generate.model=/nonexistent/sd"], None, ["generate.model", "does not exist"]),
+    ("model dir that is not diffusers", [], lambda w, t: [f"generate.model={t}"], ["generate.model", "model_index.json"]),
+    ("retrieve.index not an index", [], lambda w, t: [f"retrieve.index={t}"],
+     ["retrieve.index", "missing index.faiss", "raugment index build"]),
+    ("corrupt faiss file", [], lambda w, t: [f"retrieve.index={_index_dir(t, faiss_bytes=b'IxF2 garbage' * 4)}"],
+     ["index.faiss", "not a readable faiss index"]),
+    ("index metadata without captions", [],
+     lambda w, t: [f"retrieve.index={_index_dir(t, metadata=pa.table({'url': ['a', 'b', 'c', 'd']}))}"],
+     ["metadata.parquet", "caption"]),
+    ("more CPUs than the local cluster", ["train.workers.cpus_per_worker=4"], None,
+     ["train.workers asks for 4 CPUs", "cluster.num_cpus=2"]),
+    ("GPU pool on a CPU-only cluster", ["generate.pool.num_gpus=1"], None,
+     ["generate.pool asks for 1 GPUs", "cluster.num_gpus=0"]),
+    # the data itself (refused by the dataset stage's listing, which needs no Ray)
+    ("no class folders", [], _no_class_folders, ["has no class folders"]),
+    ("class with zero images", [], _empty_class, ["001.blue_square", "no training images"]),
+    ("non-image files only", [], _non_images, ["001.blue_square", "no training images"]),
+    ("duplicate class names", [], lambda w, t: _folder(w, t, {"000.red_circle": (200, 0, 0),
+                                                              "001.red_circle": (0, 0, 200)}),
+     ["same name 'red circle'", "rename"]),
+    ("Parquet dataset without an image column", [], lambda w, t: _parquet_dataset(w, t, drop_image=True),
+     ["dataset.image_column", "'image'"]),
+    ("truncated Parquet dataset file", [], lambda w, t: _parquet_dataset(w, t, truncate=True),
+     ["cannot read Parquet file", "ds.parquet", "replace or remove"]),
+]
+
+
+@pytest.mark.parametrize("name,overrides,setup,fragments", CASES, ids=[c[0] for c in CASES])
+def test_bad_study_input_is_refused_before_ray(name, overrides, setup, fragments, world, tripwire,
+                                               tmp_path, capsys):
+    root = tmp_path / "runs"
+    extra = setup(world, tmp_path) if setup else []
+    argv = ["run", str(world["study"]), "--set", f"run.root={root}"]
+    for item in overrides + extra:
+        argv += ["--set", item]
+    rc, err = run_cli(argv, root, capsys)  # RayStarted would propagate: the check came too late
+    print(f"\n[{name}] {err.strip()}")
+    assert rc == 2
+    assert err.count("error:") == 1
+    for fragment in fragments:
+        assert fragment in err, f"{fragment!r} not in {err!r}"
+
+
+def test_config_file_not_a_mapping(tmp_path, capsys):
+    p = tmp_path / "list.yaml"
+    p.write_text("- train\n- lr\n")
+    rc, err = run_cli(["run", str(p)], tmp_path / "runs", capsys)
+    assert rc == 2 and "must hold a mapping of sections" in err and str(p) in err
+
+
+def test_config_file_invalid_yaml(tmp_path, capsys):
+    p = tmp_path / "broken.yaml"
+    p.write_text("train: [1, 2\n")
+    rc, err = run_cli(["run", str(p)], tmp_path / "runs", capsys)
+    assert rc == 2 and "is not valid YAML" in err and str(p) in err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    rc, err = run_cli(["run", str(tmp_path / "nope.yaml")], tmp_path / "runs", capsys)
+    assert rc == 2 and "nope.yaml" in err and "does not exist" in err
+
+
+def test_non_utf8_caption_named_before_ray(world, tripwire, tmp_path, capsys):
+    pool = make_folder(tmp_path / "pool") / "train"
+    bad = pool / "000.red_circle" / "0.txt"
+    bad.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    rc, err = run_cli(["index", "build", "--set", f"index.path={pool}", "--set", f"run.root={tmp_path / 'runs'}"],
+                      tmp_path / "runs", capsys)
+    print(f"\n[non-UTF-8 caption] {err.strip()}")
+    assert rc == 2 and str(bad) in err and "not UTF-8" in err and "re-encode" in err
+
+
+def _artifact(tmp: Path) -> Path:
+    d = tmp / "generate" / "abc123"
+    (d / "images").mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["a", "b"]}), d / "images" / "part-0.parquet")
+    pq.write_table(pa.table({"id": ["c"]}), d / "images" / "part-1.parquet")
+    (d / SUCCESS).write_text("")
+    return d
+
+
+def test_truncated_shard_in_input_artifact_is_named(tmp_path):
+    from raugment.config import InputError
+
+    d = _artifact(tmp_path)
+    assert Artifact.open(d).read("images").num_rows == 3  # the control: intact shards read
+    shard = d / "images" / "part-1.parquet"
+    shard.write_bytes(shard.read_bytes()[:-12])  # cut off the footer
+    with pytest.raises(InputError) as exc:
+        Artifact.open(d)
+    msg = str(exc.value)
+    print(f"\n[truncated shard] {msg}")
+    assert "images/part-1.parquet" in msg and str(d) in msg and "re-run stage 'generate'" in msg
+
+
+def test_corrupt_shard_read_is_named(tmp_path):
+    """A shard damaged after the artifact was opened is named when read."""
+    from raugment.config import InputError
+
+    d = _artifact(tmp_path)
+    art = Artifact.open(d)
+    (d / "images" / "part-0.parquet").write_bytes(b"PAR1 not really parquet PAR1")
+    with pytest.raises(InputError, match="part-0.parquet"):
+        art.read("images")
+
+
+def test_incomplete_input_artifact(tmp_path):
+    d = _artifact(tmp_path)
+    (d / SUCCESS).unlink()
+    with pytest.raises(ValueError, match="not a complete stage output"):
+        Artifact.open(d)
+
+
+def test_sweep_has_at_least_thirty_cases():
+    assert len(CASES) + 7 >= 30
