@@ -549,6 +549,20 @@ def check_config(cfg: Config, index: Artifact | None) -> str | None:
     """Errors naming the key before any work; returns the index directory for the local backend."""
     rcfg = cfg.retrieve
     RETRIEVERS.get(rcfg.backend)  # unknown backend -> ValueError listing the known ones
+    # The models load inside actors, mid-run: check their local paths now.
+    from raugment.models.aesthetic import WEIGHTS_FILE
+    from raugment.models.safety import CHECKER_DIR, PROCESSOR_DIR
+
+    if rcfg.aesthetic_model is not None:
+        weights = Path(rcfg.aesthetic_model)
+        if not (weights.is_file() or (weights / WEIGHTS_FILE).is_file()):
+            raise ConfigError(f"retrieve.aesthetic_model {rcfg.aesthetic_model!r} is neither a weights file nor "
+                              f"a directory with {WEIGHTS_FILE}; point it at the LAION predictor's weights")
+    if rcfg.safety_model and rcfg.drop_nsfw and Path(rcfg.safety_model).exists():
+        missing = [d for d in (CHECKER_DIR, PROCESSOR_DIR) if not (Path(rcfg.safety_model) / d).is_dir()]
+        if missing:
+            raise ConfigError(f"retrieve.safety_model {rcfg.safety_model!r} lacks {', '.join(missing)}/; "
+                              "point it at a Stable Diffusion directory (or hub id) with a safety checker")
     if rcfg.backend != "local":
         return None
     path = rcfg.index or (str(index.path) if index is not None else None)

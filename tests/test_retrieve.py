@@ -201,6 +201,22 @@ def test_aesthetic_from_stored_embeddings_when_the_index_has_no_score():
     assert 0 < sum(s < 5 for s in scores) < 30
 
 
+def test_model_paths_are_checked_before_any_work(tmp_path):
+    from raugment.retrieve import check_config
+
+    def cfg(**kw):
+        return from_dict({"retrieve": {"backend": "knn_service", "service_url": "http://x/knn-service", **kw}})
+
+    with pytest.raises(ConfigError, match="retrieve.aesthetic_model"):
+        check_config(cfg(aesthetic_model=str(tmp_path / "missing.safetensors")), None)
+    (tmp_path / "sd" / "safety_checker").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="retrieve.safety_model .* lacks feature_extractor/"):
+        check_config(cfg(safety_model=str(tmp_path / "sd")), None)
+    (tmp_path / "sd" / "feature_extractor").mkdir()
+    assert check_config(cfg(safety_model=str(tmp_path / "sd")), None) is None
+    assert check_config(cfg(safety_model="CompVis/stable-diffusion-v1-4"), None) is None   # a hub id
+
+
 def test_precision_at_n():
     sel = [{schema.POOL_LABEL: "a", schema.CLASS_NAME: "a"}, {schema.POOL_LABEL: "b", schema.CLASS_NAME: "a"},
            {schema.POOL_LABEL: None, schema.CLASS_NAME: "a"}]
