@@ -4,6 +4,7 @@ Resources for every Ray operation come from config (never hard-coded in a stage)
 sized so they run on a 2-CPU machine without the three hangs in STACK-NOTES: actor pools use
 fractional CPUs (their read tasks still get a CPU), Train workers use 0.5 CPU (ingest still runs),
 and the dashboard is on so Tune can clean up the placement groups of early-stopped trials.
+:class:`ActorGroup` keeps actors up across many calls, for stages that map in rounds.
 """
 
 from __future__ import annotations
