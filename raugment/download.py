@@ -247,6 +247,8 @@ class DownloadWorker:
     """Downloads URL lists inside a download actor (:class:`DownloadPool`); a plain class, usable in-process."""
 
     def __init__(self, cfg: DownloadConfig):
+        import aiohttp  # noqa: F401  (imported when the actor starts, not in its first round)
+
         self.cfg = cfg
 
     def download(self, urls: Sequence[str]) -> pa.Table:
