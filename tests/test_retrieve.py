@@ -478,8 +478,8 @@ def half_without_embeddings(monkeypatch):
 
 def outcome(cands, base):
     """What the stage decided per candidate, independent of the server's port."""
-    return sorted((c[schema.LABEL], c[schema.RANK], (c[schema.URL] or "").replace(base, ""), c["reason"] if "reason" in c
-                   else c[schema.REASON], c[schema.STATUS]) for c in cands)
+    return sorted((c[schema.LABEL], c[schema.RANK], (c[schema.URL] or "").replace(base, ""), c[schema.REASON],
+                   c[schema.STATUS]) for c in cands)
 
 
 def test_retrieve_stage_on_the_fault_pool(ray_session, demo, tiny_sd, tmp_path, monkeypatch):
@@ -505,9 +505,23 @@ def test_retrieve_stage_on_the_fault_pool(ray_session, demo, tiny_sd, tmp_path, 
         queries = plan_queries(dataset.read("classes"), rcfg)
         backend = LocalRetriever(cfg, str(index_dir))
         scorer = AestheticScorer(rcfg.aesthetic_model, backend.clip_model, backend.clip_pretrained, "cpu")
-        screener = Screener(rcfg, scorer.embeddings, scorer.images, SafetyScorer(rcfg.safety_model, "cpu").verdicts)
+        checker = SafetyScorer(rcfg.safety_model, "cpu")
+        scored = {"images": 0, "checked": 0}
+
+        def images(data):
+            scored["images"] += len(data)
+            return scorer.images(data)
+
+        def verdicts(data):
+            scored["checked"] += len(data)
+            return checker.verdicts(data)
+
         cache = DownloadCache(None, lambda urls: iter([results_table(download_urls(urls, rcfg.download))]))
-        expected = outcome(grow_and_select(queries, backend, cache, screener, rcfg.url_base), srv.url)
+        ref = grow_and_select(queries, backend, cache, Screener(rcfg, scorer.embeddings, images, verdicts), rcfg.url_base)
+        expected = outcome(ref, srv.url)
+        # Both models had work here: CLIP on downloaded images, the checker dropping downloaded ones.
+        assert scored["images"] > 0 and scored["checked"] > 0
+        assert any(c["reason"] == "nsfw" and c[schema.CONTENT_HASH] for c in ref)
         # From here on any scoring model used on the driver fails the stage.
         def refuse(*args, **kwargs):
             raise AssertionError("a scoring model ran on the driver")
