@@ -412,8 +412,7 @@ def stage_config(root, pool, clip, srv, index_dir=None, safety_model=None):
                   "device": "cpu"},
         "retrieve": {"images_per_class": QUOTA, "url_base": srv.url, "device": "cpu",
                      "index": None if index_dir is None else str(index_dir), "safety_model": safety_model,
-                     # one safety actor: the scripted checker's verdicts follow the order it sees images
-                     "safety_pool": {"concurrency": 1, "batch_size": 4}, "score_pool": {"batch_size": 8},
+                     "safety_pool": {"batch_size": 4}, "score_pool": {"batch_size": 8},
                      "download": {"timeout_s": 2.0, "retries": 1, "backoff_s": 0.05, "max_bytes": 1_000_000,
                                   "allow_loopback": True, "pool": {"concurrency": 2, "batch_size": 16}}}})
 
@@ -476,6 +475,21 @@ def half_without_embeddings(monkeypatch):
     monkeypatch.setattr(LocalRetriever, "query", query)
 
 
+def flag_a_fifth(sd_dir, pool):
+    """Raise the tiny safety checker's concept thresholds until it flags about a fifth of the pool's images."""
+    import torch
+
+    from raugment.imageio import decode_image
+    from raugment.models.safety import load_safety_checker
+    from raugment.pool import read_pool
+
+    sc = load_safety_checker(str(sd_dir))
+    _, scores = sc.score([decode_image(b) for b in read_pool(pool).column(schema.IMAGE).to_pylist()])
+    with torch.no_grad():   # score = max(cos - threshold): shifting every threshold shifts every score
+        sc.checker.concept_embeds_weights += float(np.nanquantile(scores, 0.8))
+    sc.checker.save_pretrained(Path(sd_dir) / "safety_checker")
+
+
 def outcome(cands, base):
     """What the stage decided per candidate, independent of the server's port."""
     return sorted((c[schema.LABEL], c[schema.RANK], (c[schema.URL] or "").replace(base, ""), c[schema.REASON],
@@ -490,13 +504,12 @@ def test_retrieve_stage_on_the_fault_pool(ray_session, demo, tiny_sd, tmp_path, 
     from raugment import retrieve
     from raugment.download import download_urls
     from raugment.models import aesthetic, clip as clip_models, safety
-    from raugment.models.diffusion import script_safety_checker
     from raugment.pool import PoolServer
 
     root, pool, clip, dataset, names = demo
     index_dir = embeddings_index(pool, clip, tmp_path / "laion")
     sd = Path(shutil.copytree(tiny_sd, tmp_path / "sd"))
-    script_safety_checker(sd, flag_every=3)             # the real checker with a predictable verdict
+    flag_a_fifth(sd, pool)
     half_without_embeddings(monkeypatch)
     with PoolServer(pool) as srv:
         cfg = stage_config(tmp_path, pool, clip, srv, index_dir, safety_model=str(sd))
