@@ -4,6 +4,7 @@ Resources for every Ray operation come from config (never hard-coded in a stage)
 sized so they run on a 2-CPU machine without the three hangs in STACK-NOTES: actor pools use
 fractional CPUs (their read tasks still get a CPU), Train workers use 0.5 CPU (ingest still runs),
 and the dashboard is on so Tune can clean up the placement groups of early-stopped trials.
+:class:`ActorGroup` keeps actors up across many calls, for stages that map in rounds.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from raugment.config import ActorPoolConfig, ClusterConfig, Config, ConfigError, WorkersConfig
 
@@ -78,9 +79,11 @@ def check_resources(cfg: Config, stage: str) -> None:
         if c.num_cpus is not None and cpus > c.num_cpus:
             raise ConfigError(f"{key} asks for {cpus:g} CPUs but cluster.num_cpus={c.num_cpus}; lower it "
                               "(fractions such as 0.5 are fine) or raise cluster.num_cpus")
-        if c.num_gpus is not None and gpus > c.num_gpus:
-            raise ConfigError(f"{key} asks for {gpus:g} GPUs but cluster.num_gpus={c.num_gpus}; set its "
-                              "num_gpus to 0 (CPU) or use_gpu=false, or join a cluster with GPUs")
+        # A GPU request on a cluster without GPUs is each stage's call (retrieval's pools fall back
+        # to CPU, see available_gpus); more GPUs than a GPU cluster has can never be met.
+        if c.num_gpus and gpus > c.num_gpus:
+            raise ConfigError(f"{key} asks for {gpus:g} GPUs but cluster.num_gpus={c.num_gpus}; lower its "
+                              "num_gpus / workers, or join a cluster with more GPUs")
 
 
 def actor_pool_args(pool: ActorPoolConfig) -> dict[str, Any]:
@@ -113,3 +116,107 @@ def pick_device(preference: str = "auto") -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def available_gpus(pool: ActorPoolConfig, key: str) -> float:
+    """The GPUs per actor to ask for: ``pool.num_gpus`` when the cluster has GPUs, else 0 (CPU).
+
+    An actor asking for a GPU that no node has would wait forever, so a GPU request on a GPU-less
+    cluster runs on CPU instead (logged); asking for more than the cluster has is a config error.
+    """
+    import ray
+
+    if pool.num_gpus <= 0:
+        return 0.0
+    have = ray.cluster_resources().get("GPU", 0)
+    if have <= 0:
+        log.info("%s.num_gpus=%s but the Ray cluster has no GPU: its actors run on CPU", key, pool.num_gpus)
+        return 0.0
+    if pool.num_gpus > have:
+        from raugment.config import ConfigError
+
+        raise ConfigError(f"{key}.num_gpus={pool.num_gpus} but this Ray cluster has {have} GPUs; "
+                          f"set {key}.num_gpus to at most {have}")
+    return float(pool.num_gpus)
+
+
+class _Hosted:
+    """A Ray actor that builds one plain object and calls its methods (see :class:`ActorGroup`)."""
+
+    def __init__(self, cls: type, args: tuple, kwargs: dict):
+        self.obj = cls(*args, **kwargs)
+
+    def whoami(self) -> tuple[str, int]:
+        import ray
+
+        return ray.get_runtime_context().get_actor_id(), os.getpid()
+
+    def call(self, method: str, item: Any) -> tuple[str, Any]:
+        import ray
+
+        return ray.get_runtime_context().get_actor_id(), getattr(self.obj, method)(item)
+
+
+class ActorGroup:
+    """``pool.concurrency`` Ray actors hosting ``cls(*args, **kwargs)``, started once, reused by every map.
+
+    Ray Data starts a fresh actor pool for every Dataset it executes, so a stage that maps again and
+    again (retrieval's k rounds) would pay process start-up and model loading every time; these
+    actors live until :meth:`close` (use the group as a context manager). ``ray.util.ActorPool``
+    hands each item to the next idle actor. Actors are restarted (and their call retried) up to
+    twice when their process dies, so methods must be safe to repeat.
+
+    Attributes:
+        name: label for logs and stats.
+        actors: the actor handles.
+        started: actor id -> process id of every actor this group started.
+        served: actor id -> number of calls it answered.
+    """
+
+    def __init__(self, cls: type, pool: ActorPoolConfig, *args: Any, num_gpus: float | None = None,
+                 name: str | None = None, **kwargs: Any):
+        import ray
+        from ray.util import ActorPool
+
+        self.name = name or cls.__name__
+        self.batch_size = pool.batch_size
+        remote = ray.remote(_Hosted).options(
+            num_cpus=pool.num_cpus, num_gpus=pool.num_gpus if num_gpus is None else num_gpus,
+            max_restarts=2, max_task_retries=2)
+        self.actors = [remote.remote(cls, args, kwargs) for _ in range(pool.concurrency)]
+        self.started: dict[str, int] = dict(ray.get([a.whoami.remote() for a in self.actors]))
+        self.served: dict[str, int] = {}
+        self._pool = ActorPool(self.actors)
+        log.info("started %d %s actor(s)", len(self.actors), self.name)
+
+    def map(self, method: str, items: Sequence[Any], ordered: bool = True) -> Iterator[Any]:
+        """``obj.method(item)`` for each item across the actors; results in order, or as they finish."""
+        def submit(actor: Any, item: Any) -> Any:
+            return actor.call.remote(method, item)
+
+        results = self._pool.map(submit, list(items)) if ordered else self._pool.map_unordered(submit, list(items))
+        for actor_id, result in results:
+            self.served[actor_id] = self.served.get(actor_id, 0) + 1
+            yield result
+
+    def batches(self, items: Sequence[Any]) -> list[Sequence[Any]]:
+        """``items`` cut into batches of ``pool.batch_size``."""
+        return [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+
+    def stats(self) -> dict[str, Any]:
+        """Actors started (actor id -> pid) and calls served per actor id (a stage's ``stats.json`` records these)."""
+        return {"started": len(self.started), "pids": dict(self.started), "served": dict(self.served)}
+
+    def close(self) -> None:
+        """Stop the actors."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+    def __enter__(self) -> "ActorGroup":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

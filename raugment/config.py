@@ -347,6 +347,13 @@ class RetrieveConfig:
     timeout_s: float = 30.0
     retries: int = 3
     download: DownloadConfig = field(default_factory=DownloadConfig)
+    # Actors kept for the whole stage (every k round): CLIP + aesthetic predictor for hits that come
+    # without an aesthetic score, and the safety checker. They use a GPU when num_gpus > 0 and the
+    # cluster has one (else CPU); fractional CPUs leave room beside the download actors on 2 CPUs.
+    score_pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(num_cpus=0.25, num_gpus=0.25,
+                                                                                batch_size=64))
+    safety_pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(num_cpus=0.25, num_gpus=0.25,
+                                                                                 batch_size=32))
 
     def validate(self, key: str) -> None:
         _positive(self.images_per_class, f"{key}.images_per_class")

@@ -1,7 +1,7 @@
-"""Downloading untrusted image URLs: many requests in flight per Ray Data CPU actor, never a crash.
+"""Downloading untrusted image URLs: many requests in flight per Ray CPU actor, never a crash.
 
-The core is :func:`download_urls` (plain asyncio + aiohttp, usable without Ray); :class:`DownloadBatch`
-is its thin Ray Data wrapper and :func:`download_dataset` runs it on an actor pool. Every URL ends
+The core is :func:`download_urls` (plain asyncio + aiohttp, usable without Ray); :class:`DownloadPool`
+runs it on Ray actors that stay up for every call (a stage's k rounds). Every URL ends
 as one row of ``schema.DOWNLOADS``: the verified image bytes, or a ``reason`` such as ``http_404``,
 ``timeout``, ``too_large``, ``too_many_pixels``, ``not_an_image``, ``corrupt``, ``refused_address``,
 ``too_many_redirects``, ``bad_url``.
@@ -243,36 +243,53 @@ def results_table(results: Sequence[DownloadResult]) -> pa.Table:
     return schema.to_table([r.row() for r in results], schema.DOWNLOADS)
 
 
-class DownloadBatch:
-    """Ray Data callable class: a batch with a ``url`` column -> ``schema.DOWNLOADS`` rows."""
+class DownloadWorker:
+    """Downloads URL lists inside a download actor (:class:`DownloadPool`); a plain class, usable in-process."""
 
     def __init__(self, cfg: DownloadConfig):
+        import aiohttp  # noqa: F401  (imported when the actor starts, not in its first round)
+
         self.cfg = cfg
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def download(self, urls: Sequence[str]) -> pa.Table:
+        """``urls`` -> one ``schema.DOWNLOADS`` row each, in order."""
         t0 = time.perf_counter()
-        urls = [str(u) for u in batch.column(schema.URL).to_pylist()]
-        table = results_table(download_urls(urls, self.cfg))
+        table = results_table(download_urls([str(u) for u in urls], self.cfg))
         log.debug("downloaded %d URLs in %.2f s", len(urls), time.perf_counter() - t0)
         return table
 
 
-def download_dataset(urls: Sequence[str], cfg: DownloadConfig) -> Iterator[pa.Table]:
-    """Download ``urls`` on a Ray Data actor pool; yields ``schema.DOWNLOADS`` tables as they finish.
+class DownloadPool:
+    """Download actors (resources from ``cfg.pool``) started once and reused for every URL list.
 
-    Ray must be initialised (``cluster.init_ray``). Resources come from ``cfg.pool``.
+    Retrieval downloads once per k round; a Ray Data job per round would start (and stop) its
+    actor pool every time, so these actors live until :meth:`close` (a context manager). Ray must
+    be initialised (``cluster.init_ray``). Downloading is CPU and network work: no GPU is asked for.
     """
-    import ray.data
 
-    from raugment.cluster import actor_pool_args
+    def __init__(self, cfg: DownloadConfig):
+        from raugment.cluster import ActorGroup
 
-    if not urls:
-        return
-    args = actor_pool_args(cfg.pool)
-    # Small lists still spread over every actor: no batch larger than an even share.
-    args["batch_size"] = max(1, min(cfg.pool.batch_size, math.ceil(len(urls) / cfg.pool.concurrency)))
-    blocks = max(1, math.ceil(len(urls) / args["batch_size"]))
-    ds = ray.data.from_items([{schema.URL: u} for u in urls], override_num_blocks=blocks)
-    out = ds.map_batches(DownloadBatch, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow", **args)
-    for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
-        yield schema.conform(batch, schema.DOWNLOADS)
+        self.cfg = cfg
+        self.group = ActorGroup(DownloadWorker, cfg.pool, cfg, num_gpus=0.0, name="download")
+
+    def download(self, urls: Sequence[str]) -> Iterator[pa.Table]:
+        """Download ``urls`` on the actors; yields ``schema.DOWNLOADS`` tables as they finish."""
+        urls = list(urls)
+        if not urls:
+            return
+        # Small lists still spread over every actor: no batch larger than an even share.
+        size = max(1, min(self.cfg.pool.batch_size, math.ceil(len(urls) / self.cfg.pool.concurrency)))
+        batches = [urls[i:i + size] for i in range(0, len(urls), size)]
+        for table in self.group.map("download", batches, ordered=False):
+            yield schema.conform(table, schema.DOWNLOADS)
+
+    def close(self) -> None:
+        """Stop the actors."""
+        self.group.close()
+
+    def __enter__(self) -> "DownloadPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

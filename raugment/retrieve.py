@@ -118,23 +118,24 @@ def plan_queries(classes: pa.Table, cfg: RetrieveConfig) -> list[ClassQuery]:
 
 
 class Screener:
-    """The filters of retrieval, in order, with the models they need loaded on first use."""
+    """The filters of retrieval, in order; the models behind them are called, never held.
 
-    def __init__(self, cfg: RetrieveConfig, encoder: Callable[[], Any],
+    Args:
+        cfg: the retrieve section.
+        score_embeddings: stored CLIP image embeddings (n, d) -> aesthetic scores (n,).
+        score_images: downloaded image bytes -> aesthetic scores (CLIP image embedding, then the predictor).
+        safety: downloaded image bytes -> NSFW verdicts (1.0 / 0.0), or None (index tags decide alone).
+    """
+
+    def __init__(self, cfg: RetrieveConfig, score_embeddings: Callable[[np.ndarray], np.ndarray],
+                 score_images: Callable[[list[bytes]], np.ndarray],
                  safety: Callable[[list[bytes]], np.ndarray] | None = None):
         self.cfg = cfg
-        self._encoder = encoder
-        self._aesthetic: Any = None
+        self.score_embeddings = score_embeddings
+        self.score_images = score_images
         self.safety = safety
         self.claimed_urls: set[str] = set()
         self.hashes: set[str] = set()
-
-    def aesthetic(self, dim: int) -> Any:
-        if self._aesthetic is None:
-            from raugment.models.aesthetic import load_aesthetic
-
-            self._aesthetic = load_aesthetic(self.cfg.aesthetic_model, dim)
-        return self._aesthetic
 
     def fill_scores_from_embeddings(self, cands: list[dict[str, Any]]) -> None:
         """Score candidates without an aesthetic score but with a stored image embedding."""
@@ -142,7 +143,7 @@ class Screener:
         if self.cfg.aesthetic_threshold is None or not todo:
             return
         emb = np.stack([np.asarray(c["embedding"], np.float32) for c in todo])
-        for c, s in zip(todo, self.aesthetic(emb.shape[1]).score(emb)):
+        for c, s in zip(todo, self.score_embeddings(emb)):
             c[schema.AESTHETIC_SCORE] = float(s)
 
     def before_download(self, c: dict[str, Any]) -> str | None:
@@ -175,10 +176,7 @@ class Screener:
         if need_score or (self.safety is not None and live):
             data = images([c[schema.URL] for c in live])
         if need_score:
-            from raugment.imageio import decode_image
-
-            emb = self._encoder().embed_images([decode_image(data[c[schema.URL]]) for c in need_score])
-            for c, s in zip(need_score, self.aesthetic(emb.shape[1]).score(emb)):
+            for c, s in zip(need_score, self.score_images([data[c[schema.URL]] for c in need_score])):
                 c[schema.AESTHETIC_SCORE] = float(s)
         for c in live:
             if self._below(c[schema.AESTHETIC_SCORE]):
@@ -192,23 +190,137 @@ class Screener:
                     c["reason"] = "nsfw"
 
 
-def safety_hook(cfg: RetrieveConfig) -> Callable[[list[bytes]], np.ndarray] | None:
-    """NSFW verdicts (1.0 / 0.0) on downloaded images from the SD safety checker, when
-    ``retrieve.safety_model`` names an SD model (hub id or local directory); otherwise the index's
-    NSFW tags alone decide. The paper used the same checker as for generated images."""
-    if not cfg.safety_model or not cfg.drop_nsfw:
-        return None
-    from raugment.cluster import pick_device
-    from raugment.imageio import decode_image
-    from raugment.models.safety import load_safety_checker
+# --------------------------------------------------------------------------------------------
+# Scoring models (plain classes; the stage hosts them in actors that live for every round)
+# --------------------------------------------------------------------------------------------
 
-    checker = load_safety_checker(cfg.safety_model, pick_device(cfg.device))
 
-    def verdicts(images: list[bytes]) -> np.ndarray:
-        flags, _ = checker.score([decode_image(b) for b in images])
+class AestheticScorer:
+    """The LAION aesthetic predictor on CLIP image embeddings, with the CLIP model to embed images.
+
+    Models load on first use, so an actor that only scores stored embeddings never loads CLIP.
+
+    Args:
+        aesthetic_model: predictor weights (``retrieve.aesthetic_model``; None = seeded random).
+        clip_model: the CLIP model whose embedding space the index lives in.
+        clip_pretrained: its pretrained tag.
+        device: where both run.
+    """
+
+    def __init__(self, aesthetic_model: str | None, clip_model: str, clip_pretrained: str | None, device: str):
+        self.aesthetic_model = aesthetic_model
+        self.clip_model = clip_model
+        self.clip_pretrained = clip_pretrained
+        self.device = device
+        self._clip: Any = None
+        self._predictor: Any = None
+
+    def _predict(self, emb: np.ndarray) -> np.ndarray:
+        if self._predictor is None:
+            from raugment.models.aesthetic import load_aesthetic
+
+            self._predictor = load_aesthetic(self.aesthetic_model, emb.shape[1])
+        return np.asarray(self._predictor.score(emb), np.float32)
+
+    def embeddings(self, emb: np.ndarray) -> np.ndarray:
+        """Scores of stored image embeddings (n, d)."""
+        return self._predict(np.asarray(emb, np.float32))
+
+    def images(self, images: Sequence[bytes]) -> np.ndarray:
+        """Scores of encoded images: CLIP image embeddings, then the predictor."""
+        from raugment.imageio import decode_image
+
+        if self._clip is None:
+            from raugment.models.clip import load_clip
+
+            self._clip = load_clip(self.clip_model, self.clip_pretrained, self.device)
+        return self._predict(self._clip.embed_images([decode_image(b) for b in images]))
+
+
+class SafetyScorer:
+    """NSFW verdicts (1.0 / 0.0) of the Stable Diffusion safety checker on encoded images.
+
+    ``retrieve.safety_model`` names the SD model (hub id or local directory); the paper used the
+    same checker as for generated images. The checker loads on first use.
+    """
+
+    def __init__(self, safety_model: str, device: str):
+        self.safety_model = safety_model
+        self.device = device
+        self._checker: Any = None
+
+    def verdicts(self, images: Sequence[bytes]) -> np.ndarray:
+        """Encoded images -> float32 (n,): 1.0 where the checker flags the image."""
+        from raugment.imageio import decode_image
+
+        if self._checker is None:
+            from raugment.models.safety import load_safety_checker
+
+            self._checker = load_safety_checker(self.safety_model, self.device)
+        flags, _ = self._checker.score([decode_image(b) for b in images])
         return np.asarray(flags, dtype=np.float32)
 
-    return verdicts
+
+class ScoringPools:
+    """The stage's scoring actors: one pool per model, started on first use and kept for every round.
+
+    Scoring never runs on the driver. Each pool takes its resources from config
+    (``retrieve.score_pool``, ``retrieve.safety_pool``); an actor asks for a GPU only when its pool
+    does and the cluster has one, and then runs its model there.
+    """
+
+    def __init__(self, cfg: RetrieveConfig, clip_model: str, clip_pretrained: str | None):
+        self.cfg = cfg
+        self.clip_model = clip_model
+        self.clip_pretrained = clip_pretrained
+        self.groups: dict[str, Any] = {}
+
+    def _group(self, name: str) -> Any:
+        if name not in self.groups:
+            from raugment.cluster import ActorGroup, available_gpus
+
+            pool = self.cfg.score_pool if name == "score" else self.cfg.safety_pool
+            gpus = available_gpus(pool, f"retrieve.{name}_pool")
+            # Ray hides GPUs from actors that asked for none; "auto" alone could still see them.
+            device = self.cfg.device if gpus > 0 else "cpu"
+            if name == "score":
+                args: tuple = (AestheticScorer, pool, self.cfg.aesthetic_model, self.clip_model,
+                               self.clip_pretrained, device)
+            else:
+                args = (SafetyScorer, pool, self.cfg.safety_model, device)
+            self.groups[name] = ActorGroup(*args, num_gpus=gpus, name=name)
+        return self.groups[name]
+
+    def _map(self, name: str, method: str, items: Any) -> np.ndarray:
+        group = self._group(name)
+        parts = list(group.map(method, group.batches(items)))
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    def score_embeddings(self, emb: np.ndarray) -> np.ndarray:
+        """Aesthetic scores of stored embeddings, on the score pool."""
+        return self._map("score", "embeddings", emb)
+
+    def score_images(self, images: list[bytes]) -> np.ndarray:
+        """Aesthetic scores of downloaded images (CLIP, then the predictor), on the score pool."""
+        return self._map("score", "images", images)
+
+    def safety(self, images: list[bytes]) -> np.ndarray:
+        """Safety-checker verdicts on downloaded images, on the safety pool."""
+        return self._map("safety", "verdicts", images)
+
+    def screener(self) -> Screener:
+        """A :class:`Screener` that scores on these pools (the checker only with ``retrieve.safety_model``)."""
+        use_safety = bool(self.cfg.safety_model) and self.cfg.drop_nsfw
+        return Screener(self.cfg, self.score_embeddings, self.score_images, self.safety if use_safety else None)
+
+    def stats(self) -> dict[str, Any]:
+        """Per pool: actors started, calls served."""
+        return {name: group.stats() for name, group in self.groups.items()}
+
+    def close(self) -> None:
+        """Stop every pool's actors."""
+        for group in self.groups.values():
+            group.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,19 +329,16 @@ def safety_hook(cfg: RetrieveConfig) -> Callable[[list[bytes]], np.ndarray] | No
 
 
 class DownloadCache:
-    """Downloads through Ray, written as ``downloads`` shards; successes of earlier attempts are reused.
+    """Downloads (``downloader``: urls -> DOWNLOADS tables; the stage's download actors), written as
+    ``downloads`` shards; successes of earlier attempts are reused.
 
     Failed URLs of an earlier (interrupted or forced) attempt are not loaded, so a re-run retries
     exactly those. Image bytes stay on disk; :meth:`images` reads them back by shard.
     """
 
-    def __init__(self, run: StageRun | None, cfg: RetrieveConfig,
-                 downloader: Callable[[list[str]], Iterable[pa.Table]] | None = None):
-        from raugment.download import download_dataset
-
+    def __init__(self, run: StageRun | None, downloader: Callable[[list[str]], Iterable[pa.Table]]):
         self.run = run
-        self.cfg = cfg
-        self._download = downloader or (lambda urls: download_dataset(urls, cfg.download))
+        self._download = downloader
         self.rows: dict[str, dict[str, Any]] = {}
         self.shard_of: dict[str, Path] = {}
         self.outcomes: Counter = Counter()
@@ -307,13 +416,12 @@ def grow_and_select(queries: list[ClassQuery], backend: Any, cache: DownloadCach
         results = backend.query([q.prompt for q in open_], k)
         fresh: list[dict[str, Any]] = []
         for q, hits in zip(open_, results):
-            new = [_candidate(q, rank, hit, url_base) for rank, hit in enumerate(hits[:q.k]) if rank >= q.seen]
+            fresh.extend(_candidate(q, rank, hit, url_base) for rank, hit in enumerate(hits[:q.k]) if rank >= q.seen)
             q.seen = max(q.seen, min(len(hits), q.k))
-            screener.fill_scores_from_embeddings(new)
-            for c in new:
-                c["reason"] = screener.before_download(c)
-            fresh.extend(new)
             q.exhausted = len(hits) < q.k  # the backend has no more neighbours to give
+        screener.fill_scores_from_embeddings(fresh)  # one call per round (scoring runs on actors)
+        for c in fresh:  # class by class, rank by rank: which copy of a URL is claimed first
+            c["reason"] = screener.before_download(c)
         pending = [c for c in fresh if c["reason"] is None]
         rows = cache.fetch([c[schema.URL] for c in pending])
         for c in pending:
@@ -452,6 +560,20 @@ def check_config(cfg: Config, index: Artifact | None) -> str | None:
     """Errors naming the key before any work; returns the index directory for the local backend."""
     rcfg = cfg.retrieve
     RETRIEVERS.get(rcfg.backend)  # unknown backend -> ValueError listing the known ones
+    # The models load inside actors, mid-run: check their local paths now.
+    from raugment.models.aesthetic import WEIGHTS_FILE
+    from raugment.models.safety import CHECKER_DIR, PROCESSOR_DIR
+
+    if rcfg.aesthetic_model is not None:
+        weights = Path(rcfg.aesthetic_model)
+        if not (weights.is_file() or (weights / WEIGHTS_FILE).is_file()):
+            raise ConfigError(f"retrieve.aesthetic_model {rcfg.aesthetic_model!r} is neither a weights file nor "
+                              f"a directory with {WEIGHTS_FILE}; point it at the LAION predictor's weights")
+    if rcfg.safety_model and rcfg.drop_nsfw and Path(rcfg.safety_model).exists():
+        missing = [d for d in (CHECKER_DIR, PROCESSOR_DIR) if not (Path(rcfg.safety_model) / d).is_dir()]
+        if missing:
+            raise ConfigError(f"retrieve.safety_model {rcfg.safety_model!r} lacks {', '.join(missing)}/; "
+                              "point it at a Stable Diffusion directory (or hub id) with a safety checker")
     if rcfg.backend != "local":
         return None
     path = rcfg.index or (str(index.path) if index is not None else None)
@@ -486,15 +608,24 @@ def run(cfg: Config, dataset: Artifact, index: Artifact | None = None, *, force:
         inputs["index"] = index if index is not None and not cfg.retrieve.index else index_path
 
     def body(run_: StageRun) -> None:
-        if downloader is None:  # downloads run on Ray Data actors
-            init_ray(cfg.cluster, cfg.run.progress)
+        from contextlib import ExitStack
+
+        from raugment.download import DownloadPool
+
+        init_ray(cfg.cluster, cfg.run.progress)
         backend = RETRIEVERS.get(cfg.retrieve.backend)(cfg, index_path)
-        screener = Screener(cfg.retrieve, backend.encoder, safety_hook(cfg.retrieve))
-        cache = DownloadCache(run_, cfg.retrieve, downloader)
-        cands = grow_and_select(queries, backend, cache, screener, cfg.retrieve.url_base)
+        with ExitStack() as stack:
+            # Actors live for the whole stage: every k round reuses them (started on first use).
+            scoring = ScoringPools(cfg.retrieve, backend.clip_model, backend.clip_pretrained)
+            stack.callback(scoring.close)
+            pool = stack.enter_context(DownloadPool(cfg.retrieve.download)) if downloader is None else None
+            cache = DownloadCache(run_, downloader or pool.download)
+            cands = grow_and_select(queries, backend, cache, scoring.screener(), cfg.retrieve.url_base)
+            actors = {**scoring.stats(), **({"download": pool.group.stats()} if pool is not None else {})}
         _write_outputs(run_, cands, queries, cache, backend, cfg.retrieve)
         _record_stats(run_, cands, queries, cache)
-        run_.stats.extra["clip_model"] = backend.clip_model
+        run_.stats.extra.update({"clip_model": backend.clip_model, "actors": actors,
+                                 "rounds": max((q.round for q in queries), default=-1) + 1})
 
     return run_stage(cfg.run.root, "retrieve", cfg.retrieve, inputs, body, resumable=True, force=force)
 

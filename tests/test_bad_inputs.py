@@ -228,8 +228,8 @@ CASES: list[tuple[str, list[str], Setup | None, list[str]]] = [
      ["metadata.parquet", "caption"]),
     ("more CPUs than the local cluster", ["train.workers.cpus_per_worker=4"], None,
      ["train.workers asks for 4 CPUs", "cluster.num_cpus=2"]),
-    ("GPU pool on a CPU-only cluster", ["generate.pool.num_gpus=1"], None,
-     ["generate.pool asks for 1 GPUs", "cluster.num_gpus=0"]),
+    ("more GPUs than the local cluster", ["cluster.num_gpus=1", "generate.pool.num_gpus=2"], None,
+     ["generate.pool asks for 2 GPUs", "cluster.num_gpus=1"]),
     # the data itself (refused by the dataset stage's listing, which needs no Ray)
     ("no class folders", [], _no_class_folders, ["has no class folders"]),
     ("class with zero images", [], _empty_class, ["001.blue_square", "no training images"]),

@@ -68,3 +68,55 @@ def test_scaling_config_from_workers():
     assert sc.num_workers == 3 and sc.resources_per_worker == {"CPU": 0.5}
     gpu = scaling_config(WorkersConfig(num_workers=1, use_gpu=True, gpus_per_worker=1.0))
     assert gpu.use_gpu and gpu.resources_per_worker["GPU"] == 1.0
+
+
+class _Scale:
+    def __init__(self, factor):
+        self.factor = factor
+
+    def scale(self, xs):
+        return [x * self.factor for x in xs]
+
+
+@pytest.mark.timeout(240)
+def test_actor_groups_reuse_their_actors_and_retrieval_defaults_fit(ray_session):
+    """Retrieval's three default pools (download, CLIP scoring, safety) up at once on 2 CPUs, reused."""
+    import os
+
+    from raugment.cluster import ActorGroup, available_gpus
+
+    rcfg = Config().retrieve
+    pools = {"download": rcfg.download.pool, "score": rcfg.score_pool, "safety": rcfg.safety_pool}
+    assert sum(p.num_cpus * p.concurrency for p in pools.values()) < 2     # room left for other tasks
+    groups = {k: ActorGroup(_Scale, p, 3, num_gpus=available_gpus(p, k), name=k) for k, p in pools.items()}
+    try:
+        for group in groups.values():
+            for _ in range(3):                                             # three "rounds"
+                items = group.batches(list(range(150)))
+                assert [x for part in group.map("scale", items) for x in part] == [3 * x for x in range(150)]
+                assert sorted(x for part in group.map("scale", items, ordered=False) for x in part) == \
+                    [3 * x for x in range(150)]
+            st = group.stats()
+            assert st["started"] == len(group.actors) == pools[group.name].concurrency
+            assert set(st["served"]) <= set(st["pids"]) and os.getpid() not in st["pids"].values()
+            assert sum(st["served"].values()) == 6 * len(items)
+        assert groups["download"].stats()["started"] == 2
+    finally:
+        for group in groups.values():
+            group.close()
+
+
+def test_gpus_only_when_the_cluster_has_them(monkeypatch):
+    import ray
+
+    from raugment.cluster import available_gpus
+    from raugment.config import ConfigError
+
+    pool = ActorPoolConfig(num_gpus=0.25)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    assert available_gpus(pool, "retrieve.score_pool") == 0.0               # no GPU: run on CPU, never wait
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
+    assert available_gpus(pool, "retrieve.score_pool") == 0.25
+    assert available_gpus(ActorPoolConfig(num_gpus=0), "x") == 0.0
+    with pytest.raises(ConfigError, match="retrieve.score_pool.num_gpus"):
+        available_gpus(ActorPoolConfig(num_gpus=2), "retrieve.score_pool")

@@ -10,7 +10,7 @@ import pytest
 
 from raugment import schema
 from raugment.config import ConfigError, DownloadConfig, from_dict
-from raugment.download import address_refused, download_dataset, download_urls
+from raugment.download import DownloadPool, address_refused, download_urls
 from raugment.imageio import decode_image, encode_image
 from raugment.synthetic import draw_named
 
@@ -34,6 +34,12 @@ def flaky_server():
                 body, status = b"busy", 500
             elif self.path == "/gone":
                 body, status = b"gone", 404
+            elif self.path.startswith("/to-metadata"):   # a redirect hop to the cloud metadata address
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             else:
                 body, status = IMAGE, 200
             self.send_response(status)
@@ -113,12 +119,26 @@ def test_config_errors_name_the_key():
         from_dict({"retrieve": {"download": {"timeout_s": 0}}})
 
 
-def test_ray_actor_pool_gives_the_same_outcomes(ray_session, flaky_server):
-    base, _ = flaky_server
+def test_download_pool_gives_the_same_outcomes_on_the_same_actors(ray_session, flaky_server):
+    import os
+
+    base, hits = flaky_server
     cfg = DownloadConfig(timeout_s=2, retries=0, allow_loopback=True)
-    urls = [f"{base}/img{i}" for i in range(6)] + [base + "/gone", "http://10.0.0.1/x.jpg"]
-    tables = list(download_dataset(urls, cfg))
-    rows = {r[schema.URL]: r for t in tables for r in t.to_pylist()}
-    assert set(rows) == set(urls)
-    assert [rows[u][schema.REASON] for u in urls] == [None] * 6 + ["http_404", "refused_address"]
-    assert all(rows[u][schema.IMAGE] == IMAGE for u in urls[:6])
+    cfg.pool.batch_size = 3
+    rounds = [[f"{base}/img{i}" for i in range(6)] + [base + "/gone", "http://10.0.0.1/x.jpg"],
+              [f"{base}/more{i}" for i in range(5)] + [base + "/to-metadata"],
+              [base + "/last"]]
+    reasons = []
+    with DownloadPool(cfg) as pool:
+        for urls in rounds:
+            rows = {r[schema.URL]: r for t in pool.download(urls) for r in t.to_pylist()}
+            assert set(rows) == set(urls)
+            assert rows == {r.url: r.row() for r in download_urls(urls, cfg)}   # as in-process
+            reasons += [rows[u][schema.REASON] for u in urls if rows[u][schema.REASON]]
+        assert list(pool.download([])) == []
+        st = pool.group.stats()
+    assert reasons == ["http_404", "refused_address", "refused_address"]   # 10.x; the redirect to 169.254.x
+    assert hits["/to-metadata"] == 2                 # its first hop was fetched (pool + in-process), never the next
+    # Every round was served by the two actors started with the pool, none by the driver.
+    assert st["started"] == cfg.pool.concurrency == 2 and set(st["served"]) <= set(st["pids"])
+    assert sum(st["served"].values()) == 3 + 2 + 1 and os.getpid() not in st["pids"].values()

@@ -18,8 +18,8 @@ from raugment import schema
 from raugment.config import ConfigError, from_dict
 from raugment.download import DownloadResult, results_table
 from raugment.imageio import encode_image, item_id
-from raugment.retrieve import (DownloadCache, Screener, grow_and_select, k_schedule, plan_queries,
-                               precision_at_n)
+from raugment.retrieve import (AestheticScorer, DownloadCache, SafetyScorer, Screener, grow_and_select,
+                               k_schedule, plan_queries, precision_at_n)
 from raugment.retrievers.knn_service import KnnServiceRetriever, build_request, parse_response
 from raugment.retrievers.local import LocalRetriever
 from raugment.storage import run_stage
@@ -56,9 +56,6 @@ class FakeBackend:
         self.asked.append(k)
         return [self.hits[p][:k] for p in prompts]
 
-    def encoder(self):
-        raise AssertionError("no CLIP needed here")
-
 
 def hit(url, sim, aesthetic=6.0, nsfw=0.0, embedding=None, label=None):
     return {schema.URL: url, schema.CAPTION: url, schema.CLIP_SIMILARITY: sim, schema.AESTHETIC_SCORE: aesthetic,
@@ -91,8 +88,13 @@ def select(cfg_data, names, hits, safety=None):
     queries = plan_queries(classes_table(names), cfg.retrieve)
     backend = FakeBackend({q.prompt: hits[q.class_name] for q in queries})
     downloads = FakeDownloads()
-    cache = DownloadCache(None, cfg.retrieve, downloads)
-    cands = grow_and_select(queries, backend, cache, Screener(cfg.retrieve, backend.encoder, safety))
+    cache = DownloadCache(None, downloads)
+    scorer = AestheticScorer(cfg.retrieve.aesthetic_model, "fake", None, "cpu")
+
+    def no_clip(images):
+        raise AssertionError("no CLIP needed here")
+
+    cands = grow_and_select(queries, backend, cache, Screener(cfg.retrieve, scorer.embeddings, no_clip, safety))
     return cands, queries, backend, downloads
 
 
@@ -197,6 +199,22 @@ def test_aesthetic_from_stored_embeddings_when_the_index_has_no_score():
         assert c[schema.AESTHETIC_SCORE] == pytest.approx(float(s))
         assert (c["reason"] == "aesthetic") == (s < 5)
     assert 0 < sum(s < 5 for s in scores) < 30
+
+
+def test_model_paths_are_checked_before_any_work(tmp_path):
+    from raugment.retrieve import check_config
+
+    def cfg(**kw):
+        return from_dict({"retrieve": {"backend": "knn_service", "service_url": "http://x/knn-service", **kw}})
+
+    with pytest.raises(ConfigError, match="retrieve.aesthetic_model"):
+        check_config(cfg(aesthetic_model=str(tmp_path / "missing.safetensors")), None)
+    (tmp_path / "sd" / "safety_checker").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="retrieve.safety_model .* lacks feature_extractor/"):
+        check_config(cfg(safety_model=str(tmp_path / "sd")), None)
+    (tmp_path / "sd" / "feature_extractor").mkdir()
+    assert check_config(cfg(safety_model=str(tmp_path / "sd")), None) is None
+    assert check_config(cfg(safety_model="CompVis/stable-diffusion-v1-4"), None) is None   # a hub id
 
 
 def test_precision_at_n():
@@ -387,15 +405,16 @@ def embeddings_index(pool, clip, out):
     return out / "index"
 
 
-def stage_config(root, pool, clip, srv, index_dir=None):
+def stage_config(root, pool, clip, srv, index_dir=None, safety_model=None):
     return from_dict({
         "run": {"root": str(root / "runs"), "progress": False},
         "index": {"path": str(pool / "pool.parquet"), "clip_model": str(clip), "clip_pretrained": None,
                   "device": "cpu"},
         "retrieve": {"images_per_class": QUOTA, "url_base": srv.url, "device": "cpu",
-                     "index": None if index_dir is None else str(index_dir),
-                     "download": {"timeout_s": 1.0, "retries": 1, "backoff_s": 0.05, "max_bytes": 1_000_000,
-                                  "allow_loopback": True, "pool": {"concurrency": 1}}}})
+                     "index": None if index_dir is None else str(index_dir), "safety_model": safety_model,
+                     "safety_pool": {"batch_size": 4}, "score_pool": {"batch_size": 8},
+                     "download": {"timeout_s": 2.0, "retries": 1, "backoff_s": 0.05, "max_bytes": 1_000_000,
+                                  "allow_loopback": True, "pool": {"concurrency": 2, "batch_size": 16}}}})
 
 
 def check_stage(art, srv, pool, rerun):
@@ -441,22 +460,103 @@ def check_stage(art, srv, pool, rerun):
     assert again.stats["counts"]["download_reused"] > 0
 
 
-def test_retrieve_stage_on_the_fault_pool(demo, tmp_path):
-    """The whole stage in-process (downloads without Ray): precision@n, faults, aesthetics, resume."""
+def half_without_embeddings(monkeypatch):
+    """Local hits keep their stored embedding on even ranks only, so downloaded images get CLIP-scored too."""
+    original = LocalRetriever.query
+
+    def query(self, prompts, k):
+        hits = original(self, prompts, k)
+        for class_hits in hits:
+            for rank, h in enumerate(class_hits):
+                if rank % 2:
+                    h["embedding"] = None
+        return hits
+
+    monkeypatch.setattr(LocalRetriever, "query", query)
+
+
+def flag_a_fifth(sd_dir, pool):
+    """Raise the tiny safety checker's concept thresholds until it flags about a fifth of the pool's images."""
+    import torch
+
+    from raugment.imageio import decode_image
+    from raugment.models.safety import load_safety_checker
+    from raugment.pool import read_pool
+
+    sc = load_safety_checker(str(sd_dir))
+    _, scores = sc.score([decode_image(b) for b in read_pool(pool).column(schema.IMAGE).to_pylist()])
+    with torch.no_grad():   # score = max(cos - threshold): shifting every threshold shifts every score
+        sc.checker.concept_embeds_weights += float(np.nanquantile(scores, 0.8))
+    sc.checker.save_pretrained(Path(sd_dir) / "safety_checker")
+
+
+def outcome(cands, base):
+    """What the stage decided per candidate, independent of the server's port."""
+    return sorted((c[schema.LABEL], c[schema.RANK], (c[schema.URL] or "").replace(base, ""), c[schema.REASON],
+                   c[schema.STATUS]) for c in cands)
+
+
+def test_retrieve_stage_on_the_fault_pool(ray_session, demo, tiny_sd, tmp_path, monkeypatch):
+    """The stage on persistent actor pools: precision@n, faults, aesthetics, resume; the same outcome as
+    screening in-process; one pool of each kind for all k rounds; no scoring model on the driver."""
+    import shutil
+
     from raugment import retrieve
     from raugment.download import download_urls
+    from raugment.models import aesthetic, clip as clip_models, safety
     from raugment.pool import PoolServer
 
     root, pool, clip, dataset, names = demo
     index_dir = embeddings_index(pool, clip, tmp_path / "laion")
+    sd = Path(shutil.copytree(tiny_sd, tmp_path / "sd"))
+    flag_a_fifth(sd, pool)
+    half_without_embeddings(monkeypatch)
     with PoolServer(pool) as srv:
-        cfg = stage_config(tmp_path, pool, clip, srv, index_dir)
+        cfg = stage_config(tmp_path, pool, clip, srv, index_dir, safety_model=str(sd))
+        rcfg = cfg.retrieve
+        # The previous behaviour: the same screening, models and downloads in this process.
+        queries = plan_queries(dataset.read("classes"), rcfg)
+        backend = LocalRetriever(cfg, str(index_dir))
+        scorer = AestheticScorer(rcfg.aesthetic_model, backend.clip_model, backend.clip_pretrained, "cpu")
+        checker = SafetyScorer(rcfg.safety_model, "cpu")
+        scored = {"images": 0, "checked": 0}
 
-        def downloader(urls):
-            yield results_table(download_urls(urls, cfg.retrieve.download))
+        def images(data):
+            scored["images"] += len(data)
+            return scorer.images(data)
 
-        art = retrieve.run(cfg, dataset, downloader=downloader)
-        check_stage(art, srv, pool, lambda: retrieve.run(cfg, dataset, downloader=downloader))
+        def verdicts(data):
+            scored["checked"] += len(data)
+            return checker.verdicts(data)
+
+        cache = DownloadCache(None, lambda urls: iter([results_table(download_urls(urls, rcfg.download))]))
+        ref = grow_and_select(queries, backend, cache, Screener(rcfg, scorer.embeddings, images, verdicts), rcfg.url_base)
+        expected = outcome(ref, srv.url)
+        # Both models had work here: CLIP on downloaded images, the checker dropping downloaded ones.
+        assert scored["images"] > 0 and scored["checked"] > 0
+        assert any(c["reason"] == "nsfw" and c[schema.CONTENT_HASH] for c in ref)
+        # From here on any scoring model used on the driver fails the stage.
+        def refuse(*args, **kwargs):
+            raise AssertionError("a scoring model ran on the driver")
+
+        monkeypatch.setattr(aesthetic, "load_aesthetic", refuse)
+        monkeypatch.setattr(safety, "load_safety_checker", refuse)
+        monkeypatch.setattr(clip_models.ClipEncoder, "embed_images", refuse)
+        requests_before = len(srv.requests)
+        art = retrieve.run(cfg, dataset)
+        st = art.stats
+        assert outcome(art.read("candidates").to_pylist(), srv.url) == expected
+        assert {r[schema.REASON] for r in art.read("candidates").to_pylist()} >= {"nsfw", "aesthetic", "http_404"}
+        # Several k rounds, one pool of each kind: actors started once, every call served by them.
+        assert st["rounds"] >= 2
+        actors = st["actors"]
+        assert {name: a["started"] for name, a in actors.items()} == {"download": 2, "score": 1, "safety": 1}
+        for a in actors.values():
+            assert set(a["served"]) <= set(a["pids"]) and sum(a["served"].values()) >= 1
+            assert os.getpid() not in a["pids"].values()
+        assert sum(actors["download"]["served"].values()) >= st["rounds"]
+        assert len(srv.requests) > requests_before
+        check_stage(art, srv, pool, lambda: retrieve.run(cfg, dataset))
 
 
 @pytest.mark.slow

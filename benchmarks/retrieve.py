@@ -1,0 +1,113 @@
+"""Retrieval's per-round overhead: a new Ray Data download job per k round vs one persistent actor pool.
+
+    PYTHONPATH=$PWD python benchmarks/retrieve.py [--rounds 6] [--urls 24] [--latency-ms 20]
+
+The quota loop downloads once per k round. Before, every round ran ``download_dataset``: a Ray Data
+``map_batches`` job whose actor pool starts (processes, imports) and stops with the job; that path
+is rebuilt here (:func:`ray_data_job`) and exists only in this benchmark. After, the stage keeps one
+:class:`raugment.download.DownloadPool` for all rounds. Both download the same fresh URL slice per
+round from the local pool server (``raugment.pool.PoolServer``, no faults, ``--latency-ms`` per
+image), with the same resources (``retrieve.download.pool`` defaults), interleaved round by round
+with an in-process ``download_urls`` of the slice (the work itself, no Ray) so that machine load
+hits all three alike. Overhead per round = round time - in-process time; the pool's start-up is
+counted, spread over the rounds. Prints one line: seconds per round of each, overheads, the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from statistics import mean, median
+from typing import Iterator, Sequence
+
+
+class _DownloadBatch:
+    """The former Ray Data callable class: a batch with a ``url`` column -> DOWNLOADS rows."""
+
+    def __init__(self, cfg):
+        from raugment.download import DownloadWorker
+
+        self.worker = DownloadWorker(cfg)
+
+    def __call__(self, batch):
+        from raugment import schema
+
+        return self.worker.download(batch.column(schema.URL).to_pylist())
+
+
+def ray_data_job(urls: Sequence[str], cfg) -> Iterator:
+    """The former per-round path: a new Ray Data job (and actor pool) for ``urls``."""
+    import ray.data
+
+    from raugment import schema
+    from raugment.cluster import actor_pool_args
+
+    args = actor_pool_args(cfg.pool)
+    args["batch_size"] = max(1, min(cfg.pool.batch_size, math.ceil(len(urls) / cfg.pool.concurrency)))
+    blocks = max(1, math.ceil(len(urls) / args["batch_size"]))
+    ds = ray.data.from_items([{schema.URL: u} for u in urls], override_num_blocks=blocks)
+    out = ds.map_batches(_DownloadBatch, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow", **args)
+    yield from out.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def _ok(tables) -> int:
+    from raugment import schema
+
+    return sum(r is None for t in tables for r in t.column(schema.REASON).to_pylist())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--urls", type=int, default=24, help="URLs downloaded per round (by each path)")
+    ap.add_argument("--latency-ms", type=float, default=20.0)
+    args = ap.parse_args()
+
+    from raugment.cluster import init_ray
+    from raugment.config import ClusterConfig, DownloadConfig
+    from raugment.download import DownloadPool, download_urls, results_table
+    from raugment.pool import PoolServer, build_pool, read_pool
+    from raugment.synthetic import SYNTHETIC_CLASSES
+
+    work = Path(tempfile.mkdtemp(prefix="bench-retrieve-"))
+    need = 3 * args.rounds * args.urls + 1           # fresh URLs for each path and round, + warm-up
+    pool_dir = build_pool(work / "pool", SYNTHETIC_CLASSES[:4], per_class=math.ceil(need / 8),
+                          distractors=math.ceil(need / 2), seed=0, size=32)
+    paths = read_pool(pool_dir).column("url").to_pylist()
+    init_ray(ClusterConfig(num_cpus=os.cpu_count() or 2, temp_dir=tempfile.mkdtemp(prefix="rb-", dir="/tmp")),
+             progress=False)
+    with PoolServer(pool_dir, faults=False, latency_s=args.latency_ms / 1000.0) as srv:
+        urls = [srv.url + p for p in paths]
+        cfg = DownloadConfig(allow_loopback=True, timeout_s=30.0, retries=0)
+        list(ray_data_job(urls[-1:], cfg))           # Ray Data's one-off set-up is not a per-round cost
+        t0 = time.perf_counter()
+        pool = DownloadPool(cfg)
+        start_s = time.perf_counter() - t0
+        base, before, after, ok = [], [], [], [0, 0, 0]
+        for r in range(args.rounds):
+            chunk = [urls[(3 * r + i) * args.urls:(3 * r + i + 1) * args.urls] for i in range(3)]
+            for i, (fn, times) in enumerate(((lambda u: [results_table(download_urls(u, cfg))], base),
+                                             (lambda u: list(ray_data_job(u, cfg)), before),
+                                             (lambda u: list(pool.download(u)), after))):
+                t0 = time.perf_counter()
+                ok[i] += _ok(fn(chunk[i]))
+                times.append(time.perf_counter() - t0)
+        pool.close()
+    over_before = mean(b - w for b, w in zip(before, base))
+    over_after = mean(a - w for a, w in zip(after, base)) + start_s / args.rounds
+    steady = (median(b - w for b, w in zip(before, base)), median(a - w for a, w in zip(after, base)))
+    print(f"retrieve rounds={args.rounds} urls/round={args.urls} latency_ms={args.latency_ms:g} "
+          f"| in-process {mean(base):.2f} s/round | before (Ray Data job per round) {mean(before):.2f} s/round "
+          f"| after (persistent pool) {mean(after):.2f} s/round + start {start_s:.2f} s once "
+          f"| overhead/round before {over_before:.2f} s after {over_after:.2f} s "
+          f"| ratio {over_before / max(over_after, 1e-3):.1f}x (median round, start not counted: "
+          f"{steady[0]:.2f} s vs {steady[1]:.2f} s = {steady[0] / max(steady[1], 1e-3):.0f}x) | ok {ok[0]}/{ok[1]}/{ok[2]} of {args.rounds * args.urls} "
+          f"| rounds before {' '.join(f'{t:.2f}' for t in before)} after {' '.join(f'{t:.2f}' for t in after)}")
+
+
+if __name__ == "__main__":
+    main()
