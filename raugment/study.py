@@ -270,15 +270,15 @@ def write_index(cfg: Config, plan: Plan, done: Mapping[str, Artifact],
 def run(cfg: Config, report: bool = True) -> tuple[Artifact, Artifact | None]:
     """Run the whole study (resuming whatever is finished) and, by default, its report.
 
+    Ray is started by the first stage that needs it (each calls ``cluster.init_ray``), so a
+    re-run that skips every stage never starts it.
+
     Returns:
         (study artifact, report artifact or None).
     """
-    from raugment.cluster import init_ray
-
     root = Path(cfg.run.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(dump_yaml(cfg), root / STATE_DIR / "config.yaml")
-    init_ray(cfg.cluster, progress=cfg.run.progress)
     # The dataset stages first (a failure there ends the study): quotas depend on their counts.
     datasets = dataset_nodes(cfg)
     first = Executor(root, read_state(root), keep_going=False)
