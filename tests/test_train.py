@@ -400,3 +400,26 @@ def test_worker_group_gives_up_after_max_failures(ray_session, data, tmp_path):
 def always_fail(marker_dir: str, epoch: int, rank: int) -> None:
     log_start(marker_dir, epoch, rank)
     raise RuntimeError(f"epoch {epoch} is broken")
+
+
+def fail_at_epoch_2(marker_dir: str, epoch: int, rank: int) -> None:
+    log_start(marker_dir, epoch, rank)
+    if epoch == 2:
+        raise RuntimeError("the driver went away")
+
+
+@pytest.mark.timeout(420)
+def test_an_interrupted_worker_group_stage_resumes_from_its_own_checkpoint(ray_session, data, tmp_path):
+    """A stage that died half-way (here: out of retries at epoch 2) keeps its checkpoint; the next
+    run of the same stage key goes on from epoch 2."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    _, dataset, manifest = data
+    cfg = _cfg(tmp_path, "train.runner=worker_group", "train.workers.num_workers=1",
+               "train.workers.max_failures=0")
+    with pytest.raises(Exception, match="the driver went away"):
+        train.run(cfg, dataset, manifest, epoch_hook=partial(fail_at_epoch_2, str(tmp_path)))
+    art = train.run(cfg, dataset, manifest, epoch_hook=partial(log_start, str(tmp_path)))
+    assert [e for e, _, _ in _starts(tmp_path)] == [0, 1, 2, 2, 3]  # epochs 0 and 1 ran once
+    assert art.read("history").column(S.EPOCH).to_pylist() == [0, 1, 2, 3]
