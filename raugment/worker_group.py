@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 # How long a collective may wait for a peer. A dead peer is normally noticed at once (its socket
 # closes) and the driver kills the rest of the group on the first failure anyway.
 COLLECTIVE_TIMEOUT_S = 1800
+# While a new group waits for Ray to place its actors, look this often for a group that another
+# run has just given back (the CPUs/GPUs it needs may be held by exactly that idle group).
+PLACEMENT_POLL_S = 2.0
 
 
 @dataclass
@@ -89,32 +92,47 @@ def shape(workers: WorkersConfig) -> tuple:
 
 
 class WorkerGroup:
-    """``num_workers`` member actors joined in one process group (none needed for one worker)."""
+    """``num_workers`` member actors joined in one process group (none needed for one worker).
+
+    Construction only asks Ray for the actors; :meth:`wait_ready` waits until they are placed
+    and forms the process group.
+    """
 
     def __init__(self, workers: WorkersConfig):
         import ray
 
         self.shape = shape(workers)
         self.broken = False
-        world = workers.num_workers
+        self.workers = workers
         options: dict[str, Any] = {"num_cpus": workers.cpus_per_worker, "max_restarts": 0}
         if workers.use_gpu:
             options["num_gpus"] = workers.gpus_per_worker
         threads = max(1, int(workers.cpus_per_worker))
         actor = ray.remote(_MemberActor)
-        self.actors = [actor.options(**options).remote(rank, world, workers.use_gpu, threads)
-                       for rank in range(world)]
-        try:
-            if world > 1:
-                host, port = ray.get(self.actors[0].address.remote())
-                backend = "nccl" if workers.use_gpu else "gloo"
-                ray.get([a.join.remote(host, port, backend) for a in self.actors])
-            self._pids = ray.get([a.pid.remote() for a in self.actors])
-        except BaseException:
-            self.shutdown()
-            raise
-        log.info("worker group up: %d workers x %s CPU%s (pids %s)", world, workers.cpus_per_worker,
-                 f" + {workers.gpus_per_worker} GPU" if workers.use_gpu else "", self._pids)
+        self.actors = [actor.options(**options).remote(rank, workers.num_workers, workers.use_gpu, threads)
+                       for rank in range(workers.num_workers)]
+        self._pid_refs = [a.pid.remote() for a in self.actors]
+        self._pids: list[int] = []
+
+    def wait_ready(self, timeout_s: float | None = None) -> bool:
+        """True once every member runs and the process group is formed; False on timeout."""
+        import ray
+
+        if self._pids:
+            return True
+        ready, _ = ray.wait(self._pid_refs, num_returns=len(self._pid_refs), timeout=timeout_s)
+        if len(ready) < len(self._pid_refs):
+            return False
+        pids = ray.get(self._pid_refs)
+        w = self.workers
+        if w.num_workers > 1:
+            host, port = ray.get(self.actors[0].address.remote())
+            backend = "nccl" if w.use_gpu else "gloo"
+            ray.get([a.join.remote(host, port, backend) for a in self.actors])
+        self._pids = pids
+        log.info("worker group up: %d workers x %s CPU%s (pids %s)", w.num_workers, w.cpus_per_worker,
+                 f" + {w.gpus_per_worker} GPU" if w.use_gpu else "", pids)
+        return True
 
     def pids(self) -> list[int]:
         """Process ids of the members, rank order (the same between runs while the group lives)."""
@@ -157,18 +175,47 @@ class GroupPool:
         self._scopes = 0
         self.started = 0  # groups started by this process (tests, logs)
 
-    @contextlib.contextmanager
-    def lease(self, workers: WorkersConfig) -> Iterator[WorkerGroup]:
-        """An idle group of this shape, or a new one; back to the idle list afterwards (in scope)."""
-        want = shape(workers)
+    def _take(self, want: tuple) -> WorkerGroup | None:
         with self._lock:
             group = next((g for g in self._idle if g.shape == want), None)
             if group is not None:
                 self._idle.remove(group)
-        if group is None:
-            group = WorkerGroup(workers)
-            with self._lock:
-                self.started += 1
+            return group
+
+    def _release_other_shapes(self, want: tuple) -> None:
+        with self._lock:
+            other = [g for g in self._idle if g.shape != want]
+            self._idle = [g for g in self._idle if g.shape == want]
+        for g in other:
+            g.shutdown()
+
+    def _start(self, workers: WorkersConfig) -> WorkerGroup:
+        """A new group, or an idle one of the same shape given back while this one waited.
+
+        When Ray cannot place the new group (more runs in flight than the cluster fits), its
+        resources may be held by idle groups: take one of the same shape as soon as there is one,
+        and shut down idle groups of other shapes, so a waiting run never waits for ever.
+        """
+        want = shape(workers)
+        group = WorkerGroup(workers)
+        try:
+            while not group.wait_ready(PLACEMENT_POLL_S):
+                idle = self._take(want)
+                if idle is not None:
+                    group.shutdown()
+                    return idle
+                self._release_other_shapes(want)
+        except BaseException:
+            group.shutdown()
+            raise
+        with self._lock:
+            self.started += 1
+        return group
+
+    @contextlib.contextmanager
+    def lease(self, workers: WorkersConfig) -> Iterator[WorkerGroup]:
+        """An idle group of this shape, or a new one; back to the idle list afterwards (in scope)."""
+        group = self._take(shape(workers)) or self._start(workers)
         try:
             yield group
         finally:
