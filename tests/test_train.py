@@ -384,42 +384,37 @@ def test_worker_group_resumes_after_a_member_is_killed(ray_session, data, tmp_pa
     assert not (art.path / train.CHECKPOINT_DIR).exists()  # dropped once the best model is kept
 
 
-@pytest.mark.timeout(300)
-def test_worker_group_gives_up_after_max_failures(ray_session, data, tmp_path):
+def fail_from(first_bad: int, marker_dir: str, epoch: int, rank: int) -> None:
+    """Epoch hook: log each epoch start; raise from epoch ``first_bad`` on."""
+    log_start(marker_dir, epoch, rank)
+    if epoch >= first_bad:
+        raise RuntimeError(f"epoch {epoch} is broken")
+
+
+def _failing_run(tmp_path, data, first_bad: int, max_failures: int):
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     _, dataset, manifest = data
     cfg = _cfg(tmp_path, "train.runner=worker_group", "train.workers.num_workers=1",
-               "train.workers.max_failures=1")
-    with pytest.raises(Exception, match="epoch 0 is broken"):
-        train.run(cfg, dataset, manifest, epoch_hook=partial(always_fail, str(tmp_path)))
+               f"train.workers.max_failures={max_failures}")
+    with pytest.raises(Exception, match=f"epoch {first_bad} is broken"):
+        train.run(cfg, dataset, manifest, epoch_hook=partial(fail_from, first_bad, str(tmp_path)))
+    return cfg
+
+
+@pytest.mark.timeout(300)
+def test_worker_group_gives_up_after_max_failures(ray_session, data, tmp_path):
+    _failing_run(tmp_path, data, first_bad=0, max_failures=1)
     assert len(_starts(tmp_path)) == 2  # the first try and one retry, no more
-
-
-def always_fail(marker_dir: str, epoch: int, rank: int) -> None:
-    log_start(marker_dir, epoch, rank)
-    raise RuntimeError(f"epoch {epoch} is broken")
-
-
-def fail_at_epoch_2(marker_dir: str, epoch: int, rank: int) -> None:
-    log_start(marker_dir, epoch, rank)
-    if epoch == 2:
-        raise RuntimeError("the driver went away")
 
 
 @pytest.mark.timeout(420)
 def test_an_interrupted_worker_group_stage_resumes_from_its_own_checkpoint(ray_session, data, tmp_path):
     """A stage that died half-way (here: out of retries at epoch 2) keeps its checkpoint; the next
     run of the same stage key goes on from epoch 2."""
-    import ray.cloudpickle
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg = _failing_run(tmp_path, data, first_bad=2, max_failures=0)
     _, dataset, manifest = data
-    cfg = _cfg(tmp_path, "train.runner=worker_group", "train.workers.num_workers=1",
-               "train.workers.max_failures=0")
-    with pytest.raises(Exception, match="the driver went away"):
-        train.run(cfg, dataset, manifest, epoch_hook=partial(fail_at_epoch_2, str(tmp_path)))
     art = train.run(cfg, dataset, manifest, epoch_hook=partial(log_start, str(tmp_path)))
     assert [e for e, _, _ in _starts(tmp_path)] == [0, 1, 2, 2, 3]  # epochs 0 and 1 ran once
     assert art.read("history").column(S.EPOCH).to_pylist() == [0, 1, 2, 3]
