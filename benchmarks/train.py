@@ -12,11 +12,15 @@ reported separately as end-to-end time). Like with like: one worker process with
 against this process limited to the same number of torch threads. Prints one line of figures,
 ratios taken within this run.
 
+``--runners N``: instead, N classifiers back to back through the stage (``train.run``) with each
+``train.runner`` — ``ray_train`` (a ``TorchTrainer`` per classifier) and ``worker_group`` (one
+long-lived group for all, as in a study) — and their wall-time ratio, in one run.
+
 ``--gpu`` (on a machine with CUDA): ResNet-50 at 224 px, bf16 autocast and channels_last, images
 per second per GPU from raugment's shards (CPU decode, or ``--gpu-decode`` nvJPEG) and from
 synthetic in-memory tensors, so the data path's cost is visible.
 
-Usage: ``python benchmarks/train.py [--images 1024 --epochs 3 --model tiny_cnn --size 32]``
+Usage: ``python benchmarks/train.py [--images 1024 --epochs 3 --model tiny_cnn --size 32] [--runners 6]``
 """
 
 from __future__ import annotations
@@ -114,6 +118,31 @@ def ray_fit(spec, cfg, root: Path) -> tuple[float, float]:
     return train_phase_rate(state.history), time.perf_counter() - t0
 
 
+def runners_line(cfg, data, manifest, args, root: Path) -> str:
+    """N classifiers (seeds 0..N-1) per runner through the train stage; wall time and ratio.
+
+    The runners alternate classifier by classifier (the machine's load drifts); the worker group
+    lives for the whole benchmark, as in a study, so its start-up is counted once.
+    """
+    from raugment import train
+    from raugment.config import with_overrides
+    from raugment.worker_group import keep_groups
+
+    walls = {"ray_train": 0.0, "worker_group": 0.0}
+    with keep_groups():
+        for seed in range(args.runners):
+            for runner in walls:
+                t0 = time.perf_counter()
+                train.run(with_overrides(cfg, {"train.runner": runner, "train.seed": seed,
+                                               "run.root": str(root / runner)}), data, manifest)
+                walls[runner] += time.perf_counter() - t0
+    n = args.runners
+    return (f"train runners: {n} classifiers model={args.model} size={args.size} epochs={args.epochs} "
+            f"workers=1x{args.cpus} CPU | ray_train {walls['ray_train']:.1f} s ({walls['ray_train'] / n:.1f} s each) | "
+            f"worker_group {walls['worker_group']:.1f} s ({walls['worker_group'] / n:.1f} s each) | "
+            f"ray_train/worker_group {walls['ray_train'] / walls['worker_group']:.2f}x")
+
+
 def worker_threads(cpus: int) -> int:
     """torch threads a Ray worker with ``cpus`` CPUs gets (Ray sets OMP_NUM_THREADS from them)."""
     import ray
@@ -162,6 +191,8 @@ def main() -> None:
     p.add_argument("--loader-workers", type=int, default=0)
     p.add_argument("--gpu", action="store_true", help="CUDA: ResNet-50 224 px defaults, bf16, channels_last")
     p.add_argument("--gpu-decode", action="store_true", help="decode JPEG on the GPU (nvJPEG)")
+    p.add_argument("--runners", type=int, default=0,
+                   help="compare train.runner ray_train vs worker_group over this many classifiers")
     p.add_argument("--root", help="work directory (default: a temporary one)")
     args = p.parse_args()
     if args.gpu and args.model == "tiny_cnn":
@@ -178,6 +209,9 @@ def main() -> None:
     root = Path(args.root or tempfile.mkdtemp(prefix="bench-train-"))
     cfg, data, manifest = make_data(root, args.images, args.size, args.gpu)
     cfg = train_cfg(cfg, args)
+    if args.runners:
+        print(runners_line(cfg, data, manifest, args, root))
+        return
     spec = train.build_spec(cfg, data, manifest)
     device = "cuda" if args.gpu else "cpu"
     # The machine's load drifts: measure the baseline before and after the others, use the mean.

@@ -12,11 +12,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 from typing import Any, Iterator, Sequence
 
 from raugment.config import ActorPoolConfig, ClusterConfig, Config, ConfigError, WorkersConfig
 
 log = logging.getLogger(__name__)
+
+# Stages call init_ray lazily, some from the study's training threads: start Ray only once.
+_INIT_LOCK = threading.Lock()
 
 
 def init_ray(cfg: ClusterConfig, progress: bool = True, runtime_env: dict | None = None) -> None:
@@ -28,8 +32,14 @@ def init_ray(cfg: ClusterConfig, progress: bool = True, runtime_env: dict | None
     """
     import ray
 
-    if ray.is_initialized():
-        return
+    with _INIT_LOCK:
+        if not ray.is_initialized():
+            _start(cfg, progress, runtime_env)
+
+
+def _start(cfg: ClusterConfig, progress: bool, runtime_env: dict | None) -> None:
+    import ray
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:

@@ -594,6 +594,11 @@ class TrainConfig:
     validation gain, stop after 20, at most 270 epochs); Caltech256 uses batch 1024, LR 0.003.
     ``batch_size`` is the global batch, split over the workers. ``repeat_sets`` and ``seeds`` make
     ``raugment train`` run the resampled sets x seeds and write mean +- standard error.
+
+    ``runner`` picks where the loop runs (same results for the same seed): ``worker_group`` keeps
+    ``workers`` as long-lived Ray actors with one DDP process group, reused by every classifier
+    of a study (start-up paid once); ``ray_train`` starts a Ray Train ``TorchTrainer`` per
+    classifier (Tune sweeps always use it: they report through Ray Train callbacks).
     """
 
     model: str = "resnet50"
@@ -615,6 +620,7 @@ class TrainConfig:
     shuffle_buffer: int = 4096
     checkpoints_to_keep: int = 2
     keep_ray_checkpoints: bool = False
+    runner: Literal["worker_group", "ray_train"] = "worker_group"
     seed: int = 0
     seeds: list[int] = field(default_factory=lambda: [0])
     repeat_sets: int = 1

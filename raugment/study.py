@@ -32,6 +32,7 @@ from raugment.planner import (DatasetSize, InputRef, Node, Plan, apply_measured,
                               dataset_configs, dataset_nodes, format_plan, node_id, plan_to_dict,
                               topological)
 from raugment.storage import SUCCESS, Artifact, StageRun, run_stage, write_text_atomic
+from raugment.worker_group import keep_groups, release_idle
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,22 @@ def _summary(artifact: Artifact) -> str:
             f"gpu {stats.get('gpu_s', 0):.1f} s")
 
 
+def deferred_order(nodes: list[Node], deferred: tuple[str, ...] | list[str]) -> list[Node]:
+    """A topological order that runs nodes of the ``deferred`` stages only when nothing else is
+    ready (plan order otherwise), so trainings come together at the end unless a node needs them."""
+    order = topological(nodes)
+    ids = {n.id for n in order}
+    placed: set[str] = set()
+    out: list[Node] = []
+    while order:
+        ready = [n for n in order if all(i in placed or i not in ids for i in n.input_ids())]
+        node = next((n for n in ready if n.stage not in deferred), ready[0])
+        order.remove(node)
+        placed.add(node.id)
+        out.append(node)
+    return out
+
+
 class Executor:
     """Runs nodes in plan order, records them in the state file, logs one line per stage run.
 
@@ -156,12 +173,15 @@ class Executor:
 
     def run(self, nodes: list[Node], parallel: int = 1,
             parallel_stages: tuple[str, ...] | list[str] = ("train",)) -> None:
-        """Run ``nodes`` (those not done yet), inputs first.
+        """Run ``nodes`` (those not done yet), inputs first, ``parallel_stages`` as late as possible.
 
         Up to ``parallel`` runs of ``parallel_stages`` are in flight at once (threads; each stage
         takes its own Ray resources); any other node first waits for its inputs still running.
+        Deferring the parallel stages (training) lets them reuse warm worker groups back to back;
+        idle groups are shut down before any other stage runs, so their CPUs never starve a Ray
+        Data pool.
         """
-        todo = [n for n in topological(nodes) if n.id not in self.done]
+        todo = [n for n in deferred_order(nodes, parallel_stages) if n.id not in self.done]
         counter = iter(range(1, len(todo) + 1))
         with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="study") as pool:
             running: dict[str, Future] = {}
@@ -172,6 +192,8 @@ class Executor:
                 if parallel > 1 and node.stage in parallel_stages:
                     running[node.id] = pool.submit(self._one, node, counter, len(todo))
                 else:
+                    if node.stage not in parallel_stages:
+                        release_idle()
                     self._one(node, counter, len(todo))
             for future in running.values():
                 future.result()
@@ -297,13 +319,13 @@ def run(cfg: Config, report: bool = True) -> tuple[Artifact, Artifact | None]:
     """Run the whole study (resuming whatever is finished) and, by default, its report.
 
     Order: :func:`preflight` (no Ray, nothing written), the dataset stages (no Ray either; their
-    listing finds empty or duplicate classes), then Ray and the rest of the plan.
+    listing finds empty or duplicate classes), then the plan. Ray is started by the first stage
+    that needs it (each calls ``cluster.init_ray``), so a re-run that skips every stage never
+    starts it.
 
     Returns:
         (study artifact, report artifact or None).
     """
-    from raugment.cluster import init_ray
-
     preflight(cfg)
     root = Path(cfg.run.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -314,11 +336,11 @@ def run(cfg: Config, report: bool = True) -> tuple[Artifact, Artifact | None]:
     sizes = {n.labels["dataset"]: measured_size(first.done[n.id]) for n in datasets}
     plan = build_plan(cfg, sizes)
     write_text_atomic(dump_yaml(cfg), root / STATE_DIR / "config.yaml")
-    init_ray(cfg.cluster, progress=cfg.run.progress)
     log.info("study plan: %d stage runs, %d classifiers", len(plan.nodes), len(plan.runs))
     ex = Executor(root, first.state, keep_going=cfg.study.keep_going)
     ex.done.update(first.done)
-    ex.run(list(plan.nodes.values()), cfg.study.parallel, cfg.study.parallel_stages)
+    with keep_groups():  # trainings reuse worker groups; they are shut down before the report
+        ex.run(list(plan.nodes.values()), cfg.study.parallel, cfg.study.parallel_stages)
     study = write_index(cfg, plan, ex.done, ex.failed)
     log.info("study index: %s", study.path)
     if ex.failed:

@@ -9,9 +9,12 @@ Layers, from pure to Ray:
   (rank, device, all-reduce, checkpoint load/report). It checkpoints every epoch, resumes from
   the last checkpoint without redoing finished epochs, keeps the best-validation weights and, at the
   end, scores exactly those weights on the test split.
-* :class:`RayContext` + :func:`train_loop_per_worker` — the thin Ray Train V2 wrapper
-  (``TorchTrainer``, ``FailureConfig``, ``CheckpointConfig``); :class:`LocalContext` runs the same
-  loop in one plain process (benchmarks, quick tests).
+* Runners (``train.runner``): ``worker_group`` — :class:`GroupContext` on a long-lived
+  :class:`~raugment.worker_group.WorkerGroup` (DDP actors started once per study, checkpoints in
+  the stage directory, a failed run retried on a new group); ``ray_train`` — :class:`RayContext` +
+  :func:`train_loop_per_worker`, the thin Ray Train V2 wrapper (``TorchTrainer``,
+  ``FailureConfig``, ``CheckpointConfig``; Tune uses it). :class:`LocalContext` runs the same loop
+  in one plain process (benchmarks, quick tests).
 * :func:`run` — stage "train": ``results.json``, ``history.parquet``, ``results_per_class.parquet``
   and the best checkpoint as a classifier bundle in ``model/``. :func:`run_repeats` trains several
   manifests x seeds and writes mean ± standard error (stage "repeats").
@@ -58,6 +61,8 @@ CKPT_MODEL = "model.safetensors"
 CKPT_BEST = "best.safetensors"
 CKPT_OPTIMIZER = "optimizer.pt"
 CKPT_STATE = "state.json"
+# worker_group runner: the stage's own checkpoint directory (``<stage dir>/checkpoint/latest``)
+CHECKPOINT_DIR = "checkpoint"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,6 +424,51 @@ class LocalContext:
                 state.write(tmp)
 
 
+def _all_reduce(tensor: "torch.Tensor", world_size: int) -> "torch.Tensor":
+    """Sum over the default process group (in place); a no-op for one worker."""
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)
+    return tensor
+
+
+class GroupContext(LocalContext):
+    """:class:`LoopContext` of one rank of a :class:`~raugment.worker_group.WorkerGroup`.
+
+    The group's process group all-reduces; rank 0 writes the checkpoint to
+    ``checkpoint_dir/latest`` (the stage's own directory, shared by the ranks) and every rank
+    waits for it, so a rank that dies in the next epoch never loses a finished one.
+    """
+
+    def __init__(self, member, checkpoint_dir: str | Path):
+        self.rank, self.world_size, self.device = member.rank, member.world_size, member.device
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.reports = []
+
+    def prepare_model(self, model):
+        if self.world_size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def all_reduce(self, tensor):
+        return _all_reduce(tensor, self.world_size)
+
+    def report(self, metrics: dict[str, Any], state: TrainState | None) -> None:
+        super().report(metrics, state)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def fit_member(member, spec: LoopSpec, checkpoint_dir: str) -> dict[str, Any]:
+    """Worker-group entry point: :func:`fit` on this rank, checkpoints under ``checkpoint_dir``."""
+    return fit(spec, GroupContext(member, checkpoint_dir))
+
+
 class RayContext:
     """:class:`LoopContext` of a Ray Train worker (DDP over gloo on CPU, NCCL on GPU)."""
 
@@ -437,11 +487,7 @@ class RayContext:
         return ray.train.torch.prepare_model(model, move_to_device=False)
 
     def all_reduce(self, tensor):
-        import torch.distributed as dist
-
-        if self.world_size > 1:
-            dist.all_reduce(tensor)
-        return tensor
+        return _all_reduce(tensor, self.world_size)
 
     def load_checkpoint(self) -> TrainState | None:
         import ray.train
@@ -534,6 +580,21 @@ def fit_ray(spec: LoopSpec, cfg: Config, storage: Path, name: str,
         return TrainState.read(d)
 
 
+def fit_group(spec: LoopSpec, cfg: Config, checkpoint_dir: Path) -> TrainState:
+    """Run :func:`fit` on a leased worker group (resuming from ``checkpoint_dir``); the final state.
+
+    A failed run (actor death, an error on a rank) is retried on a new group from the last
+    epoch's checkpoint, at most ``train.workers.max_failures`` times.
+    """
+    from raugment.cluster import init_ray
+    from raugment.worker_group import run_with_retries
+
+    init_ray(cfg.cluster, cfg.run.progress)
+    run_with_retries(cfg.train.workers, fit_member, spec, str(checkpoint_dir.resolve()),
+                     what=f"training {checkpoint_dir.parent.name}")
+    return TrainState.read(checkpoint_dir / "latest")
+
+
 def history_table(history: Sequence[dict]) -> pa.Table:
     """Per-epoch rows -> schema.HISTORY."""
     return pa.Table.from_pylist([{k: r.get(k) for k in S.HISTORY.names} for r in history], schema=S.HISTORY)
@@ -569,9 +630,10 @@ def write_outputs(run: StageRun, cfg: Config, spec: LoopSpec, state: TrainState,
 def result_section(cfg: TrainConfig) -> dict[str, Any]:
     """The train settings that can change a run's result (its stage key); resource and
     bookkeeping fields (loader processes, checkpoint retention, retries, repeat lists) are left out
-    so changing them reuses finished runs."""
+    so changing them reuses finished runs (the runners give the same result for a seed)."""
     data = to_dict(cfg)
-    for key in ("loader_workers", "checkpoints_to_keep", "keep_ray_checkpoints", "seeds", "repeat_sets"):
+    for key in ("loader_workers", "checkpoints_to_keep", "keep_ray_checkpoints", "runner", "seeds",
+                "repeat_sets"):
         data.pop(key)
     data["workers"].pop("max_failures")
     return data
@@ -585,16 +647,22 @@ def run(cfg: Config, dataset: Artifact, manifest: Artifact, *, callbacks: Sequen
         cfg: the whole config (reads ``train``, ``cluster``, ``run``).
         dataset: the dataset artifact (classes, val and test splits).
         manifest: an assemble artifact (table ``manifest``).
-        callbacks: extra Ray Train ``UserCallback``\\ s (Tune passes ``TuneReportCallback``).
+        callbacks: extra Ray Train ``UserCallback``\\ s (Tune passes ``TuneReportCallback``); given
+            any, the run uses the ``ray_train`` runner whatever ``train.runner`` says.
         epoch_hook: ``hook(epoch, rank)`` at each epoch start on every worker (must pickle).
     """
     section = {"train": result_section(cfg.train)}
+    ray_train = cfg.train.runner == "ray_train" or bool(callbacks)
 
     def body(run: StageRun) -> None:
         spec = build_spec(cfg, dataset, manifest, epoch_hook)
         t0 = time.perf_counter()
-        storage = run.path / "ray"
-        state = fit_ray(spec, cfg, storage, f"train-{run.key}-{uuid.uuid4().hex[:8]}", callbacks)
+        if ray_train:
+            storage = run.path / "ray"
+            state = fit_ray(spec, cfg, storage, f"train-{run.key}-{uuid.uuid4().hex[:8]}", callbacks)
+        else:
+            storage = run.path / CHECKPOINT_DIR
+            state = fit_group(spec, cfg, storage)
         wall = time.perf_counter() - t0
         results = write_outputs(run, cfg, spec, state, wall)
         if not cfg.train.keep_ray_checkpoints:
@@ -609,7 +677,9 @@ def run(cfg: Config, dataset: Artifact, manifest: Artifact, *, callbacks: Sequen
         log.info("train: test top-1 %.4f (best val %.4f at epoch %d of %d)", results[S.TEST_TOP1],
                  results[S.VAL_TOP1_BEST], results[S.BEST_EPOCH], results[S.EPOCHS_RUN])
 
-    return run_stage(cfg.run.root, STAGE, section, {"dataset": dataset, "manifest": manifest}, body)
+    # worker_group keeps its checkpoints in the stage directory: a killed driver resumes from them
+    return run_stage(cfg.run.root, STAGE, section, {"dataset": dataset, "manifest": manifest}, body,
+                     resumable=not ray_train)
 
 
 def read_results(artifact: Artifact) -> dict[str, Any]:
@@ -633,12 +703,15 @@ def run_repeats(cfg: Config, dataset: Artifact, manifests: Sequence[Artifact]) -
 
     if not manifests:
         raise ValueError("run_repeats needs at least one manifest")
+    from raugment.worker_group import keep_groups
+
     runs = []
-    for manifest in manifests:
-        for seed in cfg.train.seeds:
-            art = run(with_overrides(cfg, {"train.seed": seed}), dataset, manifest)
-            runs.append({"manifest": str(manifest.path), "seed": seed, S.RUN_PATH: str(art.path),
-                         **{k: read_results(art)[k] for k in RUN_METRICS}})
+    with keep_groups():  # one worker group trains them all
+        for manifest in manifests:
+            for seed in cfg.train.seeds:
+                art = run(with_overrides(cfg, {"train.seed": seed}), dataset, manifest)
+                runs.append({"manifest": str(manifest.path), "seed": seed, S.RUN_PATH: str(art.path),
+                             **{k: read_results(art)[k] for k in RUN_METRICS}})
     summary = summarize_runs(runs, RUN_METRICS)
     inputs = {f"manifest.{i}": m for i, m in enumerate(manifests)}
     inputs["dataset"] = dataset

@@ -28,8 +28,9 @@ from raugment.storage import SUCCESS, Artifact
 COLOURS = {"000.red_circle": (220, 40, 40), "001.blue_square": (40, 80, 225)}
 
 
-class RayStarted(Exception):
-    """The tripwire: raised where the study would start Ray."""
+class RayStarted(BaseException):
+    """The tripwire: raised where a stage would start Ray (not an Exception, so that a study with
+    ``keep_going`` cannot record it as one failed stage and go on)."""
 
 
 def _png(path: Path, colour: tuple[int, int, int], seed: int) -> None:

@@ -482,3 +482,24 @@ def test_killed_study_resumes_to_the_same_report(ray_session, tmp_path, caplog):
     study.run(cfg_b)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("study [")]
     assert lines and all("skipped, already complete" in line for line in lines)
+
+
+def test_trainings_run_after_every_other_ready_stage_and_a_skip_run_starts_no_ray(fake_stages, tmp_path,
+                                                                                 monkeypatch):
+    from raugment import study
+    from raugment.planner import Node
+
+    calls = fake_stages(FakeStages()).calls
+    started = []
+    monkeypatch.setattr("raugment.cluster.init_ray", lambda *a, **k: started.append(1))
+    study.run(_fake_cfg(tmp_path))
+    trains = [i for i, s in enumerate(calls) if s == "train"]
+    assert len(trains) == 6 and trains == list(range(len(calls) - 6, len(calls)))  # all at the end
+    assert started == []  # the study itself never starts Ray: the stages that need it do
+    # a node that needs a training still gets it first, and the other trainings wait for it
+    n = {k: Node(k, stage, None, inputs=inp) for k, stage, inp in [
+        ("d", "dataset", {}), ("t1", "train", {"dataset": "d"}), ("s", "select", {"model": "t1"}),
+        ("g", "generate", {"dataset": "d", "ckpt": "s"}), ("t2", "train", {"dataset": "d"}),
+        ("a", "assemble", {"dataset": "d"})]}
+    order = [x.id for x in study.deferred_order(list(n.values()), ["train"])]
+    assert order == ["d", "a", "t1", "s", "g", "t2"]

@@ -199,12 +199,12 @@ def kill_once(marker_dir: str, epoch: int, rank: int) -> None:
 
 
 @pytest.mark.timeout(420)
-def test_ddp_two_workers_learn_and_resume_after_a_worker_is_killed(ray_session, data, tmp_path):
+def test_ray_train_runner_ddp_two_workers_learn_and_resume_after_a_worker_is_killed(ray_session, data, tmp_path):
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
     _, dataset, manifest = data
-    cfg = _cfg(tmp_path, "train.workers.num_workers=2", "train.workers.max_failures=1")
+    cfg = _cfg(tmp_path, "train.runner=ray_train", "train.workers.num_workers=2", "train.workers.max_failures=1")
     art = train.run(cfg, dataset, manifest, epoch_hook=partial(kill_once, str(tmp_path)))
 
     starts = [tuple(map(int, line.split())) for line in (tmp_path / "starts.txt").read_text().splitlines()]
@@ -278,3 +278,143 @@ def test_training_modules_import_without_torch_or_ray():
             "raugment.evaluate, raugment.stats; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ---- the worker_group runner: same result as Ray Train, one start-up per study, resumes ---------
+
+def log_start(marker_dir: str, epoch: int, rank: int) -> None:
+    """Epoch hook: record (epoch, rank, pid) of each epoch start."""
+    with open(Path(marker_dir) / "starts.txt", "a") as f:
+        f.write(f"{epoch} {rank} {os.getpid()}\n")
+
+
+def kill_group_member_once(marker_dir: str, epoch: int, rank: int) -> None:
+    """Epoch hook: log each epoch start; rank 1 dies hard at the start of epoch 2, once."""
+    log_start(marker_dir, epoch, rank)
+    d = Path(marker_dir)
+    if epoch == 2 and rank == 1 and not (d / "killed").exists():
+        (d / "killed").write_text("1")
+        os._exit(1)  # no clean-up: rank 0 is left waiting in a collective
+
+
+def _starts(d: Path) -> list[tuple[int, int, int]]:
+    return [tuple(map(int, line.split())) for line in (d / "starts.txt").read_text().splitlines()]
+
+
+def test_unknown_runner_is_a_config_error_naming_the_key():
+    from raugment.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.runner"):
+        load_config(overrides=["train.runner=torchrun"])
+
+
+@pytest.mark.timeout(420)
+def test_worker_group_runner_trains_to_the_ray_train_result(ray_session, data, tmp_path):
+    _, dataset, manifest = data
+    arts = {}
+    for runner in ("ray_train", "worker_group"):
+        cfg = _cfg(tmp_path / runner, f"train.runner={runner}", "train.workers.num_workers=2",
+                   "train.max_epochs=2", "train.keep_ray_checkpoints=true")
+        arts[runner] = train.run(cfg, dataset, manifest)
+    ray_res, group_res = (train.read_results(arts[r]) for r in ("ray_train", "worker_group"))
+    for key in (S.TEST_TOP1, S.TEST_TOP5, S.VAL_TOP1_BEST, S.BEST_EPOCH, S.EPOCHS_RUN, "n_train"):
+        assert group_res[key] == ray_res[key], key
+    hist = [arts[r].read("history") for r in ("ray_train", "worker_group")]
+    for col in (S.TRAIN_LOSS, S.VAL_TOP1, S.TRAIN_IMAGES):
+        assert hist[1].column(col).to_pylist() == pytest.approx(hist[0].column(col).to_pylist(), rel=1e-6)
+    a, b = (load_classifier(arts[r].path / "model").state_dict() for r in ("ray_train", "worker_group"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # the worker_group runner checkpoints into the stage's own directory
+    assert (arts["worker_group"].path / train.CHECKPOINT_DIR / "latest" / train.CKPT_MODEL).exists()
+    assert not (arts["worker_group"].path / "ray").exists()
+
+
+@pytest.mark.timeout(420)
+def test_worker_group_is_started_once_for_many_classifiers(ray_session, data, tmp_path):
+    import ray.cloudpickle
+
+    from raugment.worker_group import GROUPS, keep_groups
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    _, dataset, manifest = data
+    started = GROUPS.started
+    pids_by_run = []
+    with keep_groups():
+        for seed in (0, 1, 2):
+            marks = tmp_path / f"seed{seed}"
+            marks.mkdir()
+            cfg = _cfg(tmp_path, "train.runner=worker_group", "train.workers.num_workers=2",
+                       "train.max_epochs=1", f"train.seed={seed}")
+            train.run(cfg, dataset, manifest, epoch_hook=partial(log_start, str(marks)))
+            pids_by_run.append({rank: pid for _, rank, pid in _starts(marks)})
+        idle = GROUPS.idle_pids()
+    assert GROUPS.started == started + 1                     # one group for three classifiers
+    assert pids_by_run[0] == pids_by_run[1] == pids_by_run[2]  # the same two processes each time
+    assert sorted(pids_by_run[0]) == [0, 1] and idle == [[pids_by_run[0][0], pids_by_run[0][1]]]
+    assert GROUPS.idle_pids() == []                          # the scope's end shut the group down
+    # outside a scope a run does not keep its group (its CPUs go back to Ray)
+    cfg = _cfg(tmp_path / "alone", "train.runner=worker_group", "train.max_epochs=1", "train.workers.num_workers=1")
+    train.run(cfg, dataset, manifest)
+    assert GROUPS.started == started + 2 and GROUPS.idle_pids() == []
+
+
+@pytest.mark.timeout(420)
+def test_worker_group_resumes_after_a_member_is_killed(ray_session, data, tmp_path):
+    import ray.cloudpickle
+
+    from raugment.worker_group import GROUPS
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    _, dataset, manifest = data
+    started = GROUPS.started
+    cfg = _cfg(tmp_path, "train.runner=worker_group", "train.workers.num_workers=2",
+               "train.workers.max_failures=1")
+    art = train.run(cfg, dataset, manifest, epoch_hook=partial(kill_group_member_once, str(tmp_path)))
+
+    starts = _starts(tmp_path)
+    assert (tmp_path / "killed").exists()
+    per_epoch = {e: sum(1 for s in starts if s[0] == e) for e in range(4)}
+    assert per_epoch[0] == per_epoch[1] == 2            # finished epochs were not redone
+    assert per_epoch[2] in (3, 4) and per_epoch[3] == 2  # epoch 2 started again on the new group
+    assert len({pid for e, r, pid in starts if r == 1}) == 2 and len({pid for e, r, pid in starts if r == 0}) == 2
+    assert GROUPS.started == started + 2                # the broken group was replaced once
+    results = train.read_results(art)
+    assert art.read("history").column(S.EPOCH).to_pylist() == [0, 1, 2, 3]
+    assert results[S.EPOCHS_RUN] == 4 and results[S.TEST_TOP1] > 0.5  # chance is 0.25
+    assert not (art.path / train.CHECKPOINT_DIR).exists()  # dropped once the best model is kept
+
+
+def fail_from(first_bad: int, marker_dir: str, epoch: int, rank: int) -> None:
+    """Epoch hook: log each epoch start; raise from epoch ``first_bad`` on."""
+    log_start(marker_dir, epoch, rank)
+    if epoch >= first_bad:
+        raise RuntimeError(f"epoch {epoch} is broken")
+
+
+def _failing_run(tmp_path, data, first_bad: int, max_failures: int):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    _, dataset, manifest = data
+    cfg = _cfg(tmp_path, "train.runner=worker_group", "train.workers.num_workers=1",
+               f"train.workers.max_failures={max_failures}")
+    with pytest.raises(Exception, match=f"epoch {first_bad} is broken"):
+        train.run(cfg, dataset, manifest, epoch_hook=partial(fail_from, first_bad, str(tmp_path)))
+    return cfg
+
+
+@pytest.mark.timeout(300)
+def test_worker_group_gives_up_after_max_failures(ray_session, data, tmp_path):
+    _failing_run(tmp_path, data, first_bad=0, max_failures=1)
+    assert len(_starts(tmp_path)) == 2  # the first try and one retry, no more
+
+
+@pytest.mark.timeout(420)
+def test_an_interrupted_worker_group_stage_resumes_from_its_own_checkpoint(ray_session, data, tmp_path):
+    """A stage that died half-way (here: out of retries at epoch 2) keeps its checkpoint; the next
+    run of the same stage key goes on from epoch 2."""
+    cfg = _failing_run(tmp_path, data, first_bad=2, max_failures=0)
+    _, dataset, manifest = data
+    art = train.run(cfg, dataset, manifest, epoch_hook=partial(log_start, str(tmp_path)))
+    assert [e for e, _, _ in _starts(tmp_path)] == [0, 1, 2, 2, 3]  # epochs 0 and 1 ran once
+    assert art.read("history").column(S.EPOCH).to_pylist() == [0, 1, 2, 3]
