@@ -10,6 +10,9 @@ How the environment is made (:func:`ensure_venv`), and why:
   ``pip install clip-retrieval==2.45.0`` with ``torch==2.14.1``/``torchvision==0.29.1`` held
   fixed (resolved 2026-11-24 with ``pip install --dry-run -c constraints``). Those two torch
   versions are the wheels on local disk; any other torch version downloads gigabytes.
+* One deliberate change to that set: ``setuptools==69.5.1`` instead of the resolved 84.x.
+  clip-anytorch (imported by clip back through all_clip) does ``from pkg_resources import
+  packaging``, and setuptools 84 no longer ships ``pkg_resources``; nothing declares the bound.
 * It is installed with ``pip install --no-deps -r lock.txt``: the resolver took 4.5 min on this
   machine to find that set (it backtracks through clip-retrieval's many upper bounds), and with
   ``--no-deps`` nothing can drag in a different torch or numpy.
