@@ -160,6 +160,9 @@ def test_knn_service_hits_match_the_local_backend(served):
     assert len(prompts) == NUM_CLASSES
     local = LocalRetriever(local_cfg, str(index_dir)).query(prompts, K)
     remote = KnnServiceRetriever(knn_cfg).query(prompts, K)
+    diffs = [abs(a[schema.CLIP_SIMILARITY] - b[schema.CLIP_SIMILARITY]) for lh, rh in zip(local, remote)
+             for a, b in zip(lh, rh)]
+    log.warning("server vs local similarity: max |difference| %.2e over %d hits", max(diffs), len(diffs))
     for prompt, lh, rh in zip(prompts, local, remote):
         assert len(lh) == len(rh) == K, prompt
         assert [h[schema.URL] for h in rh] == [h[schema.URL] for h in lh], prompt

@@ -62,7 +62,7 @@ LOCK = HERE / "lock.txt"
 REPO = HERE.parent.parent
 DEFAULT_VENV = REPO / ".venv-clip-retrieval"
 STAMP = ".raugment-installed"
-INSTALL_TIMEOUT_S = 1800
+INSTALL_TIMEOUT_S = 2400
 
 
 def _venv_python(venv: Path) -> Path:
