@@ -42,8 +42,14 @@ def _retrieve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _index_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["build"], help="'build': build a local CLIP kNN index")
-    p.add_argument("--out", help="directory of the index (default: a stage directory under run.root)")
+    p.add_argument("action", choices=["build", "export-clip-back"],
+                   help="'build': build a local CLIP kNN index; 'export-clip-back': write an index in the "
+                        "layout clip-retrieval's `clip back` serves (indices.json + image.index + metadata/)")
+    p.add_argument("--out", help="directory of the index (default: a stage directory under run.root), "
+                                 "or of the clip back layout")
+    p.add_argument("--index", help="export-clip-back: the index directory (default: retrieve.index)")
+    p.add_argument("--name", help="export-clip-back: the index name clients send as indice_name "
+                                  "(default: raugment)")
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:

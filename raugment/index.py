@@ -381,8 +381,55 @@ def open_index(path: str | Path, device: str = "cpu") -> LocalIndex:
                       info=json.loads((p / INFO_FILE).read_text()))
 
 
+# --------------------------------------------------------------------------------------------
+# clip-retrieval's ``clip back`` layout
+# --------------------------------------------------------------------------------------------
+
+CLIP_BACK_INDICES = "indices.json"
+CLIP_BACK_COLUMNS = [schema.URL, schema.CAPTION, schema.AESTHETIC_SCORE, schema.NSFW_SCORE, schema.POOL_LABEL]
+
+
+def export_clip_back(index_dir: str | Path, out: str | Path, name: str = "raugment") -> Path:
+    """Write an index in the layout clip-retrieval's ``clip back`` reads; returns the indices JSON.
+
+    ``clip back --indices_paths <out>/indices.json`` loads ``<out>/<name>/image.index`` (a faiss
+    index it queries with ``search_and_reconstruct``, so IVF types get a direct map here) and
+    ``<out>/<name>/metadata/*.parquet`` (row i = faiss id i, read in sorted file order). The JSON
+    names our metadata columns in ``columns_to_return`` so the server returns them under our
+    names. The CLIP that embeds text queries is the server's ``--clip_model``; it must be the
+    index's model (``index_info.json``), which the caller arranges.
+    """
+    faiss = require("faiss")
+    src, out = Path(index_dir), Path(out)
+    if not (src / INDEX_FILE).is_file():
+        raise ValueError(f"{src} is not a raugment index (no {INDEX_FILE}); build one with `raugment index build`")
+    if not name or "/" in name:
+        raise ValueError(f"clip back index name {name!r} must be non-empty and contain no '/'")
+    from raugment.storage import write_parquet_atomic, write_text_atomic
+
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    index = faiss.read_index(str(src / INDEX_FILE))
+    try:
+        index.reconstruct(0)
+    except RuntimeError:  # IVF indexes reconstruct only with a direct map
+        faiss.extract_index_ivf(index).make_direct_map()
+    faiss.write_index(index, str(folder / "image.index"))
+    write_parquet_atomic(pq.read_table(src / f"{METADATA}.parquet"), folder / METADATA / "part-00000.parquet")
+    spec = {name: {"indice_folder": str(folder.resolve()), "columns_to_return": CLIP_BACK_COLUMNS}}
+    path = write_text_atomic(json.dumps(spec, indent=2), out / CLIP_BACK_INDICES)
+    log.info("clip back layout of %s written to %s (index %r)", src, out, name)
+    return path
+
+
 def cli(cfg: Config, args: Any) -> int:
-    """``raugment index build [--out DIR]``."""
+    """``raugment index build [--out DIR]`` / ``raugment index export-clip-back --index DIR --out DIR``."""
+    if args.action == "export-clip-back":
+        index_dir = getattr(args, "index", None) or cfg.retrieve.index
+        if not index_dir or not getattr(args, "out", None):
+            raise ConfigError("raugment index export-clip-back needs --index DIR (or retrieve.index) and --out DIR")
+        export_clip_back(index_dir, args.out, getattr(args, "name", None) or "raugment")
+        return 0
     if getattr(args, "out", None):
         from raugment.cluster import init_ray
 

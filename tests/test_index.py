@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -123,3 +125,36 @@ def test_index_stage_embeds_a_captioned_pool_with_ray(ray_session, tmp_path):
     direct = enc.embed_images([decode_image(b) for b in table.column(schema.IMAGE).to_pylist()])
     np.testing.assert_allclose(open_index(art.path).vectors(range(15)), direct, atol=3e-3)
     assert run(cfg).path == art.path                                                       # complete key: skipped
+
+
+def test_export_clip_back_layout_is_what_clip_back_reads(laion_index, tmp_path):
+    """indices.json -> <name>/image.index (search_and_reconstruct) + <name>/metadata/*.parquet, row i = faiss id i."""
+    import faiss
+
+    from raugment import cli
+    from raugment.index import CLIP_BACK_COLUMNS, export_clip_back
+
+    path, info, emb, labels, directions = laion_index
+    out = tmp_path / "clip_back"
+    assert cli.main(["index", "export-clip-back", "--index", str(path), "--out", str(out), "--name", "pool"]) == 0
+    spec = json.loads((out / "indices.json").read_text())
+    assert spec == {"pool": {"indice_folder": str((out / "pool").resolve()), "columns_to_return": CLIP_BACK_COLUMNS}}
+    served = faiss.read_index(str(out / "pool" / "image.index"))
+    _, ids, recon = served.search_and_reconstruct(directions, 5)     # the call clip back makes
+    want = open_index(path)
+    np.testing.assert_array_equal(ids, want.search(directions, 5)[1])
+    np.testing.assert_allclose(recon[0], want.vectors(ids[0]), atol=2e-3)
+    meta = pq.read_table(sorted((out / "pool" / "metadata").glob("*.parquet"))[0]).to_pylist()
+    assert [meta[i] for i in ids[1]] == want.rows(ids[1])
+    # IVF types reconstruct only with a direct map, which the export adds.
+    emb40, labels40, _ = known_embeddings(n_per_class=40)
+    build_index(IndexConfig(source="embeddings", path=str(write_laion_layout(tmp_path / "l40", emb40, labels40, 1)),
+                            index_type="IVF4,Flat"), tmp_path / "ivf")
+    export_clip_back(tmp_path / "ivf", tmp_path / "ivf_out")
+    ivf = faiss.read_index(str(tmp_path / "ivf_out" / "raugment" / "image.index"))
+    np.testing.assert_allclose(ivf.reconstruct(7), open_index(tmp_path / "ivf").vectors([7])[0], atol=2e-3)
+    with pytest.raises(ValueError, match="not a raugment index"):
+        export_clip_back(tmp_path, tmp_path / "x")
+    with pytest.raises(ValueError, match="no '/'"):
+        export_clip_back(path, tmp_path / "x", name="a/b")
+    assert cli.main(["index", "export-clip-back", "--out", str(tmp_path / "y")]) == 2   # no index named

@@ -251,7 +251,8 @@ def known_index(tmp_path):
 
 
 def knn_server(index_dir, directions, seen):
-    """A tiny /knn-service answering from the known index, as clip back does (cut to num_images)."""
+    """A tiny /knn-service answering from the known index, shaped as clip back 2.45 answers:
+    ``num_result_ids`` rows, metadata (url, caption, ...) only on the first ``num_images``."""
     from raugment.index import open_index
 
     idx = open_index(index_dir)
@@ -266,9 +267,10 @@ def knn_server(index_dir, directions, seen):
             seen.append(body)
             scores, ids = idx.search(enc.embed_texts([body["text"]]), body["num_result_ids"])
             rows = idx.rows(ids[0])
-            out = [{"id": int(i), "similarity": float(s), "url": r[schema.URL], "caption": r[schema.CAPTION],
-                    "NSFW": "NSFW" if r[schema.NSFW_SCORE] else "UNLIKELY"}
-                   for i, s, r in zip(ids[0], scores[0], rows)][: body["num_images"]]
+            out = [{"id": int(i), "similarity": float(s)} for i, s in zip(ids[0], scores[0])]
+            for item, r in zip(out[: body["num_images"]], rows):
+                item.update({"url": r[schema.URL], "caption": r[schema.CAPTION],
+                             "NSFW": "NSFW" if r[schema.NSFW_SCORE] else "UNLIKELY"})
             data = json.dumps(out).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")

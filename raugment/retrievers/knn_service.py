@@ -51,28 +51,48 @@ def build_request(cfg: Config, prompt: str, k: int) -> dict[str, Any]:
     }
 
 
+def _field(item: dict[str, Any], *names: str) -> Any:
+    """The first of ``names`` present in ``item`` with a value; NaN counts as missing.
+
+    ``clip back`` reads metadata with pandas, so a null float (or a null in a string column that
+    pandas widened) comes back as NaN, which its JSON writer emits as the bare token ``NaN``.
+    """
+    for name in names:
+        value = item.get(name)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        return value
+    return None
+
+
 def _nsfw(item: dict[str, Any]) -> float | None:
-    if item.get("punsafe") is not None:
-        return float(item["punsafe"])
-    tag = item.get("NSFW", item.get("nsfw"))
+    tag = _field(item, "punsafe", schema.NSFW_SCORE, "NSFW", "nsfw")
     return _NSFW_TAGS.get(tag) if isinstance(tag, str) else (None if tag is None else float(tag))
 
 
 def parse_response(items: Any) -> list[dict[str, Any]]:
-    """Service results -> backend hit dicts, most similar first."""
+    """Service results -> backend hit dicts, most similar first.
+
+    Rows without a url are skipped: ``clip back`` returns up to ``num_result_ids`` rows but fills
+    metadata only for the first ``num_images``; the rest carry just ``id`` and ``similarity``.
+    Metadata is read under LAION's spellings or raugment's own (an index exported with
+    ``raugment index export-clip-back`` serves ``aesthetic_score``/``nsfw_score``/``pool_label``).
+    """
     if isinstance(items, dict) and "error" in items:
         raise KnnServiceError(f"knn service error: {items['error']}")
     if not isinstance(items, list):
         raise KnnServiceError(f"knn service answered {type(items).__name__}, expected a list of results")
     hits = []
     for item in items:
-        if not isinstance(item, dict) or not item.get("url"):
+        if not isinstance(item, dict) or not _field(item, "url"):
             continue
-        aesthetic = item.get("aesthetic", item.get("aesthetic_score", item.get("AESTHETIC_SCORE")))
-        hits.append({schema.URL: str(item["url"]), schema.CAPTION: item.get("caption"),
+        aesthetic = _field(item, "aesthetic", schema.AESTHETIC_SCORE, "AESTHETIC_SCORE")
+        label = _field(item, schema.POOL_LABEL)
+        caption = _field(item, "caption")
+        hits.append({schema.URL: str(item["url"]), schema.CAPTION: None if caption is None else str(caption),
                      schema.CLIP_SIMILARITY: float(item.get("similarity", float("nan"))),
                      schema.AESTHETIC_SCORE: None if aesthetic is None else float(aesthetic),
-                     schema.NSFW_SCORE: _nsfw(item), schema.POOL_LABEL: item.get("pool_label"),
+                     schema.NSFW_SCORE: _nsfw(item), schema.POOL_LABEL: None if label is None else str(label),
                      "embedding": None})
     hits.sort(key=lambda h: math.inf if math.isnan(h[schema.CLIP_SIMILARITY]) else -h[schema.CLIP_SIMILARITY])
     return hits
