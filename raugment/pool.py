@@ -301,13 +301,12 @@ class _Handler(BaseHTTPRequestHandler):
 
 def train_small_clip(pool_dir: str | Path, out_dir: str | Path, seed: int = 0, minutes: float = 1.0,
                      max_steps: int | None = None, batch_size: int = 64, lr: float = 2e-3,
-                     num_threads: int | None = None, model_cfg: dict[str, Any] | None = None) -> Path:
+                     num_threads: int | None = None) -> Path:
     """Contrastively train the tiny open_clip on the pool's (image, caption) pairs; save it for ``load_clip``.
 
     Training stops after ``minutes`` of wall time or ``max_steps`` steps, whichever comes first
     (give ``max_steps`` for a result that does not depend on machine load). ``num_threads`` limits
-    torch's threads while training (on a crowded machine one thread is often faster). ``model_cfg``
-    is an open_clip model config (default ``models.clip.TINY_MODEL_CFG``).
+    torch's threads while training (on a crowded machine one thread is often faster).
     """
     import torch
 
@@ -315,14 +314,13 @@ def train_small_clip(pool_dir: str | Path, out_dir: str | Path, seed: int = 0, m
     if num_threads:
         torch.set_num_threads(num_threads)
     try:
-        return _train_small_clip(pool_dir, out_dir, seed, minutes, max_steps, batch_size, lr, model_cfg)
+        return _train_small_clip(pool_dir, out_dir, seed, minutes, max_steps, batch_size, lr)
     finally:
         torch.set_num_threads(threads)
 
 
 def _train_small_clip(pool_dir: str | Path, out_dir: str | Path, seed: int, minutes: float,
-                      max_steps: int | None, batch_size: int, lr: float,
-                      model_cfg: dict[str, Any] | None = None) -> Path:
+                      max_steps: int | None, batch_size: int, lr: float) -> Path:
     import torch
 
     from raugment.imageio import decode_image
@@ -330,17 +328,13 @@ def _train_small_clip(pool_dir: str | Path, out_dir: str | Path, seed: int, minu
 
     table = read_pool(pool_dir)
     captions = table.column(schema.CAPTION).to_pylist()
-    model_cfg = model_cfg or TINY_MODEL_CFG
     torch.manual_seed(seed)
-    model = build_clip_model(model_cfg, seed=seed)
+    model = build_clip_model(TINY_MODEL_CFG, seed=seed)
     # The preprocessing and tokenizer of the saved format, so training sees what loading gives.
-    tmp = save_clip(model, model_cfg, Path(out_dir))
+    tmp = save_clip(model, TINY_MODEL_CFG, Path(out_dir))
     enc = load_clip(str(tmp))
     pixels = torch.stack([enc.preprocess(decode_image(b)) for b in table.column(schema.IMAGE).to_pylist()])
     tokens = enc.tokenizer(captions)
-    codes = {c: i for i, c in enumerate(sorted(set(captions)))}
-    cap_ids = torch.tensor([codes[c] for c in captions])
-    same = (cap_ids[:, None] == cap_ids[None, :]).float()
     model.train()
     # The 49,408-row token table dominates a CPU step; fixed random token vectors are distinct
     # enough for the transformer above them to learn the pool's few words.
@@ -357,10 +351,7 @@ def _train_small_clip(pool_dir: str | Path, out_dir: str | Path, seed: int, minu
         img = model.encode_image(x, normalize=True)
         txt = model.encode_text(tokens[idx], normalize=True)
         logits = model.logit_scale.exp() * img @ txt.T
-        # A pool repeats captions ("#redcircle" many times): pairs with the same caption are all
-        # positives (soft targets), not negatives that the loss would push apart.
-        target = same[idx][:, idx]
-        target = target / target.sum(1, keepdim=True)
+        target = torch.arange(len(idx))
         loss = (torch.nn.functional.cross_entropy(logits, target)
                 + torch.nn.functional.cross_entropy(logits.T, target)) / 2
         opt.zero_grad()
@@ -371,4 +362,4 @@ def _train_small_clip(pool_dir: str | Path, out_dir: str | Path, seed: int, minu
         step += 1
     model.eval()
     log.info("trained small CLIP for %d steps (last loss %.3f)", step, float(loss.detach()))
-    return save_clip(model, model_cfg, out_dir)
+    return save_clip(model, TINY_MODEL_CFG, out_dir)
