@@ -31,8 +31,12 @@ def _study_args(p: argparse.ArgumentParser) -> None:
 
 
 def _models_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["tiny"], help="'tiny': write tiny random-weight bundles")
-    p.add_argument("out", help="directory to write the bundles into")
+    p.add_argument("what", choices=["tiny", "train-mini"],
+                   help="'tiny': write tiny random-weight bundles; 'train-mini': build the mini-world and "
+                        "train its small CLIP and diffusion model (cached: a second call skips)")
+    p.add_argument("out", help="directory to write the bundles (or the mini_models artifacts) into")
+    p.add_argument("--seed", type=int, default=None,
+                   help="train-mini: the world's seed (default dataset.seed)")
 
 
 def _retrieve_args(p: argparse.ArgumentParser) -> None:
@@ -92,7 +96,8 @@ COMMANDS: dict[str, tuple[str, str, ArgAdder]] = {
     "report": ("raugment.report", "write the study report", _report_args),
     "run": ("raugment.study", "run a whole study (resumable)", _study_args),
     "demo": ("raugment.demo", "run the embedded offline demo study", _demo_args),
-    "models": ("raugment.models.tiny", "write tiny random-weight model bundles", _models_args),
+    "models": ("raugment.models.tiny", "write tiny random-weight bundles or train the mini-world's models",
+               _models_args),
 }
 
 

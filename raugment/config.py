@@ -690,6 +690,9 @@ class ReportConfig:
     thumb_size: int = 64
     histogram_bins: int = 20
     upper_bound: Optional[dict[str, float]] = None  # row label -> top-1 %, e.g. {"20% ImageNet": 70.2}
+    # A `raugment models train-mini` artifact (the demo sets it): its CLIP's precision@n and its
+    # models' training cost go into the report.
+    mini_models: Optional[str] = None
 
     def validate(self, key: str) -> None:
         _positive(self.samples_per_cell, f"{key}.samples_per_cell")
@@ -781,6 +784,36 @@ class StudyConfig:
 
 
 @dataclass
+class MiniConfig:
+    """The mini-world and its small trained models (``raugment models train-mini``, the demo).
+
+    The world's labelled classes and test split are the synthetic dataset's (``dataset.synthetic``,
+    ``dataset.seed``); this section sets the captioned pool drawn around them and the training of
+    the small CLIP and the small diffusion model on that pool.
+    """
+
+    pool_per_class: int = 100       # captioned pool images per class
+    distractors: int = 60           # pool images of other colour/shape pairs
+    near_duplicates: int = 2        # per class: slightly altered copies of test images put in the pool
+    heldout_per_class: int = 30     # a second pool (another seed) the CLIP never sees: precision@n
+    precision_n: int = 20           # n of precision@n
+    clip_steps: int = 150           # a step count, not a time limit: the same model on any machine
+    clip_batch_size: int = 64
+    clip_lr: float = 2e-3
+    diffusion: bool = True          # False trains only the CLIP (tests, CLIP-only experiments)
+    diffusion_steps: int = 150      # UNet steps of raugment.models.mini_diffusion (its default)
+    num_threads: int = 1            # torch threads while training
+
+    def validate(self, key: str) -> None:
+        for name in ("pool_per_class", "heldout_per_class", "precision_n", "clip_steps", "clip_batch_size",
+                     "diffusion_steps", "num_threads"):
+            _positive(getattr(self, name), f"{key}.{name}")
+        _positive(self.clip_lr, f"{key}.clip_lr")
+        if self.distractors < 0 or self.near_duplicates < 0:
+            raise ConfigError(f"{key}.distractors and {key}.near_duplicates must be >= 0")
+
+
+@dataclass
 class Config:
     """The whole configuration; each stage reads its own section."""
 
@@ -800,6 +833,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    mini: MiniConfig = field(default_factory=MiniConfig)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,18 +1,21 @@
 """``raugment demo`` (``make demo``): a small study that runs offline on 2 CPUs in a few minutes.
 
-It runs the study of ``jobs/configs/demo.yaml`` — baseline, retrieval from a local captioned pool
-through a local CLIP index and an HTTP server on 127.0.0.1, simple and CLIP-template prompts with
-a tiny random-weight Stable Diffusion, FT conditioning, two ratios, two resampled sets — and
-writes the full report. Before the study it prepares, once per run root, what a real study would
-download: tiny model bundles (``raugment models tiny``), the captioned pool, and a small CLIP
-trained briefly on that pool (a random CLIP embeds every image alike, so retrieval would be noise).
+It runs the study of ``jobs/configs/demo.yaml`` on the mini-world (:mod:`raugment.miniworld`) —
+baseline, retrieval from the world's captioned pool through a local CLIP index and an HTTP server
+on 127.0.0.1, simple and CLIP-template prompts and FT conditioning with the world's small
+diffusion model, two ratios, three resampled sets — and writes the full report. Before the study
+it prepares, once per run root, what a real study would download: tiny model bundles (``raugment
+models tiny``: aesthetic head, safety checker) and the mini-world with its trained small CLIP and
+diffusion model (``raugment models train-mini``, a content-addressed artifact under
+``<root>/assets``).
 
 Everything lands under the run root (default ``runs/demo``); a second run skips every finished
 stage and says so. The pool server keeps its port across runs (saved in the root), because the
 server's address is part of the retrieval stage's config.
 
-The accuracies are meaningless (random-weight generator, tiny CNN, a few epochs): the demo shows
-that the machinery works, not what the paper found.
+The accuracies are those of a toy world with tiny models: they show how the methods compare on
+this world (the report says how well the small CLIP retrieves and how recognisable the generated
+images are), not what the paper found on ImageNet.
 """
 
 from __future__ import annotations
@@ -24,16 +27,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from raugment import pool as pool_module
 from raugment.config import Config, load_config, read_yaml, with_overrides
 from raugment.pool import PoolServer
 
 log = logging.getLogger(__name__)
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "demo.yaml"
-POOL_PER_CLASS = 100
-POOL_DISTRACTORS = 60
-CLIP_STEPS = 100
 PORT_FILE = "pool_port"
 
 
@@ -51,33 +50,37 @@ def demo_config_path() -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
-def prepare_assets(root: Path, class_names: list[str], seed: int = 0) -> dict[str, Path]:
-    """Write (once) the tiny bundles, the pool and the pool-trained CLIP under ``root/assets``."""
+def prepare_assets(root: Path, cfg: Config) -> dict[str, Path]:
+    """Write (once) the tiny bundles and the mini-world with its trained models under ``root/assets``.
+
+    The mini-world (``raugment models train-mini``: captioned pool, small CLIP, small diffusion
+    model) is a content-addressed artifact under ``root/assets/mini_models/<key>``, so a changed
+    ``mini`` or ``dataset.synthetic`` section trains again and an unchanged one is skipped. The tiny
+    random bundles are still what the aesthetic filters and the safety checker load.
+    """
+    from raugment.miniworld import train_mini
     from raugment.models.tiny import write_tiny_bundles
 
     assets = root / "assets"
-    paths = dict(write_tiny_bundles(assets / "models", seed=seed))
-    pool_dir = assets / "pool"
-    if not (pool_dir / pool_module.POOL_FILE).exists():
-        pool_module.build_pool(pool_dir, class_names, per_class=POOL_PER_CLASS, distractors=POOL_DISTRACTORS,
-                        seed=seed)
-    clip_dir = assets / "pool_clip"
-    if not (clip_dir / ".complete").exists():
-        t0 = time.perf_counter()
-        pool_module.train_small_clip(pool_dir, clip_dir, seed=seed, minutes=3.0, max_steps=CLIP_STEPS)
-        (clip_dir / ".complete").write_text("ok\n")
-        log.info("demo: trained the pool CLIP in %.1f s", time.perf_counter() - t0)
-    paths.update(pool=pool_dir, pool_clip=clip_dir)
+    paths = dict(write_tiny_bundles(assets / "models", seed=cfg.run.seed))
+    t0 = time.perf_counter()
+    mini = train_mini(assets, cfg)
+    log.info("demo: mini-world models ready in %.1f s (%s)", time.perf_counter() - t0, mini.path)
+    paths.update(mini=mini.path, pool=mini.pool, pool_clip=mini.clip)
+    if mini.diffusion is not None:
+        paths["mini_sd"] = mini.diffusion
     return paths
 
 
 def asset_overrides(paths: dict[str, Path], url: str) -> dict[str, Any]:
     """Dotted config keys pointing every stage at the demo's models, pool and server."""
     sd, clip = str(paths["sd"].resolve()), str(paths["pool_clip"].resolve())
+    # The generator is the mini-world's trained diffusion model when there is one.
+    gen = str(paths.get("mini_sd", paths["sd"]).resolve())
     aesthetic = str(paths["aesthetic"].resolve())
-    return {
-        "generate.model": sd,
-        "finetune.model": sd,
+    out = {
+        "generate.model": gen,
+        "finetune.model": gen,
         "finetune.feature_weights": None,
         "index.path": str(paths["pool"].resolve()),
         "index.clip_model": clip,
@@ -89,6 +92,9 @@ def asset_overrides(paths: dict[str, Path], url: str) -> dict[str, Any]:
         "filter.clip_model": clip,
         "filter.clip_pretrained": None,
     }
+    if "mini" in paths:
+        out["report.mini_models"] = str(paths["mini"].resolve())
+    return out
 
 
 @contextlib.contextmanager
@@ -126,14 +132,12 @@ def run(config_path: str | None = None, overrides: list[str] | None = None,
         root: str | None = None) -> tuple[Path, int]:
     """Run the demo study and its report; returns ``report.html`` and how many stage runs failed."""
     from raugment import study
-    from raugment.synthetic import SYNTHETIC_CLASSES
 
     t0 = time.perf_counter()
     cfg = build_config(config_path, overrides, root)
     run_root = Path(cfg.run.root)
     run_root.mkdir(parents=True, exist_ok=True)
-    names = list(SYNTHETIC_CLASSES[: cfg.dataset.synthetic.num_classes])
-    paths = prepare_assets(run_root, names, seed=cfg.run.seed)
+    paths = prepare_assets(run_root, cfg)
     with serve_pool(paths["pool"], run_root / "assets" / PORT_FILE) as url:
         result, rep = study.run(with_overrides(cfg, asset_overrides(paths, url)))
     html = rep.path / "report.html"
@@ -146,8 +150,8 @@ def cli(cfg: Config, args) -> int:
     html, failed = run(getattr(args, "config", None), getattr(args, "overrides", None),
                        getattr(args, "out", None))
     print(f"demo report: {html}")
-    print("(tiny random-weight models: the demo's accuracy numbers are meaningless; "
-          "jobs/configs/imagenet10.yaml runs the real study)")
+    print("(a toy world with small models trained on it: the numbers compare the methods on this world, "
+          "not on ImageNet; jobs/configs/imagenet10.yaml runs the real study)")
     if failed:
         print(f"{failed} stage runs failed; the report lists them", file=sys.stderr)
     return 1 if failed else 0

@@ -64,7 +64,8 @@ def _caption(name: str, rng: np.random.Generator) -> str:
 
 def build_pool(out_dir: str | Path, classes: Sequence[str], per_class: int = 40, distractors: int = 40,
                seed: int = 0, *, size: int = 32, fault_rate: float = 0.12, noisy_caption_rate: float = 0.1,
-               aesthetic_rate: float = 0.5, nsfw_rate: float = 0.04) -> Path:
+               aesthetic_rate: float = 0.5, nsfw_rate: float = 0.04,
+               extra: Sequence[tuple[str, Any]] = ()) -> Path:
     """Draw and caption a pool of images; writes ``pool.parquet`` (``schema.POOL``) + ``pool.json``.
 
     Args:
@@ -78,6 +79,8 @@ def build_pool(out_dir: str | Path, classes: Sequence[str], per_class: int = 40,
         noisy_caption_rate: share of rows captioned as another class (labels stay true).
         aesthetic_rate: share of rows with an aesthetic score (the rest need the predictor).
         nsfw_rate: share of rows tagged NSFW.
+        extra: ``(class name, PIL image)`` pairs appended as ordinary captioned rows (never faulty),
+            e.g. the mini-world's near-duplicates of test images.
     """
     from raugment.imageio import encode_image, stable_id
     from raugment.synthetic import COLOURS, SHAPES, draw_named
@@ -88,9 +91,11 @@ def build_pool(out_dir: str | Path, classes: Sequence[str], per_class: int = 40,
     others = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in set(classes)]
     names = [n for n in classes for _ in range(per_class)]
     names += [others[int(rng.integers(len(others)))] for _ in range(distractors)] if others else []
+    given = [None] * len(names) + [img for _, img in extra]
+    names += [name for name, _ in extra]
     rows: list[dict[str, Any]] = []
     for i, name in enumerate(names):
-        img = draw_named(name, rng, size)
+        img = draw_named(name, rng, size) if given[i] is None else given[i]
         capt_name = name
         if rng.random() < noisy_caption_rate:
             capt_name = list(classes)[int(rng.integers(len(classes)))]
@@ -113,7 +118,8 @@ def build_pool(out_dir: str | Path, classes: Sequence[str], per_class: int = 40,
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(schema.to_table(rows, schema.POOL), out / POOL_FILE)
     info = {"classes": list(classes), "per_class": per_class, "distractors": distractors, "seed": seed,
-            "size": size, "rows": len(rows), "faults": n_faults}
+            "size": size, "rows": len(rows), "faults": n_faults,
+            "extra_ids": [r[schema.ID] for r in rows[len(rows) - len(extra):]] if extra else []}
     (out / INFO_FILE).write_text(json.dumps(info, indent=2))
     log.info("built pool of %d images (%d with faulty URLs) in %s", len(rows), n_faults, out)
     return out

@@ -151,6 +151,8 @@ def _stage_stats(root: Path, rel: str | None) -> dict[str, Any]:
     out = {"counts": stats.get("counts", {}), "failures": stats.get("failures", {})}
     if isinstance(stats.get("shortfall"), dict):  # retrieval: classes that missed their quota
         out["shortfall"] = stats["shortfall"]
+    if stats.get("precision_at_n") is not None:  # retrieval: share of selected images of the class
+        out["precision_at_n"] = stats["precision_at_n"]
     return out
 
 
@@ -208,6 +210,63 @@ def _checkpoints(runs: list[dict], root: Path) -> dict[str, Any]:
     return out
 
 
+def _recognisability(runs: list[dict], root: Path) -> dict[str, Any]:
+    """Per generating method: top-1 of the real-data (baseline, first set) classifier on the
+    method's generated images, before filtering; chance = 1 / number of classes.
+
+    It answers "does the generator draw the class it was asked for?" apart from whether the images
+    help training. Empty without a baseline run or a generating method.
+    """
+    import numpy as np
+
+    from raugment.imageio import decode_image
+    from raugment.loader import build_transform
+    from raugment.models.classifier import load_classifier, read_bundle_config
+    from raugment.train import MODEL_DIR
+
+    base = [r for r in runs if r[S.METHOD] == BASELINE]
+    if not base:
+        return {}
+    model_dir = root / base[0][S.ARTIFACTS]["train"] / MODEL_DIR
+    if not (model_dir / "config.json").exists():
+        return {}
+    out: dict[str, Any] = {}
+    model = None
+    for method in sorted({r[S.METHOD] for r in runs} - {BASELINE}):
+        source = next(r[S.ARTIFACTS].get("source") for r in runs if r[S.METHOD] == method)
+        if not source or Path(source).parts[0] != "generate":
+            continue
+        import torch
+
+        if model is None:
+            meta = read_bundle_config(model_dir)
+            model = load_classifier(model_dir)
+            transform = build_transform(int(meta.get("image_size", 32)), train=False)
+            num_classes = int(meta["num_classes"])
+        table = Artifact.open(root / source).read("images", columns=[S.LABEL, S.IMAGE])
+        labels = np.array(table.column(S.LABEL).to_pylist())
+        if not len(labels):
+            continue
+        with torch.no_grad():
+            x = torch.stack([transform(decode_image(b)) for b in table.column(S.IMAGE).to_pylist()])
+            pred = model(x).argmax(1).numpy()
+        out[method] = {"images": int(len(labels)), "top1": float(np.mean(pred == labels)),
+                       "chance": 1.0 / num_classes, "classifier": str(model_dir.relative_to(root))}
+    return out
+
+
+def _mini_models(path: str | None) -> dict[str, Any]:
+    """``mini_models.json`` of a ``raugment models train-mini`` artifact (``report.mini_models``)."""
+    if not path:
+        return {}
+    from raugment.miniworld import INFO_FILE
+
+    info = _read_json(Path(path) / INFO_FILE)
+    return {"path": str(path), "clip": info.get("clip", {}), "diffusion": info.get("diffusion", {}),
+            "pool_rows": info.get("pool", {}).get("rows"),
+            "near_duplicates": len(info.get("pool", {}).get("extra_ids", []))}
+
+
 def _costs(plan: dict[str, Any], root: Path) -> list[dict[str, Any]]:
     """Measured wall/CPU/GPU hours per (dataset, method, stage), each stage run counted once."""
     rows: dict[tuple, dict[str, Any]] = {}
@@ -237,7 +296,8 @@ def collect(root: str | Path, study: Artifact, cfg: ReportConfig) -> dict[str, A
     plan = _read_json(study.path / "plan.json")
     data: dict[str, Any] = {"title": cfg.title, "study": str(study.path.relative_to(root)),
                             "upper_bound": dict(cfg.upper_bound or {}), "datasets": {},
-                            "costs": _costs(plan, root), "failed": plan.get("failed", [])}
+                            "costs": _costs(plan, root), "failed": plan.get("failed", []),
+                            "mini_models": _mini_models(cfg.mini_models)}
     for ds in sorted({r[S.DATASET] for r in runs}):
         ds_runs = [r for r in runs if r[S.DATASET] == ds]
         ratios = sorted({r[S.RATIO] for r in ds_runs if r[S.METHOD] != BASELINE})
@@ -252,6 +312,7 @@ def collect(root: str | Path, study: Artifact, cfg: ReportConfig) -> dict[str, A
             "drops": _drops(ds_runs, root),
             "audit": _audit(ds_runs, root),
             "checkpoints": _checkpoints(ds_runs, root),
+            "recognisability": _recognisability(ds_runs, root),
         }
     return data
 
@@ -405,6 +466,8 @@ def _counts_text(stats: dict[str, Any]) -> str:
     short = stats.get("shortfall") or {}
     if short:
         text += f"; {len(short)} classes short of quota by {sum(short.values())} images"
+    if stats.get("precision_at_n") is not None:
+        text += f"; precision@n {stats['precision_at_n']:.3f}"
     return text
 
 
@@ -472,6 +535,16 @@ def _dataset_sections(doc: _Doc, ds: dict[str, Any], slug: str, ctx: dict[str, A
     doc.heading("Accuracy (Table 1)", 3)
     doc.table(*_accuracy_rows(ds, ctx["upper_bound"]))
 
+    doc.heading("Are generated images recognisable?", 3)
+    if ds.get("recognisability"):
+        doc.para("Top-1 of the classifier trained on real images only (the baseline, first set) on each "
+                 "generating method's images, before filtering. Chance is 1 / number of classes.")
+        doc.table(["method", "generated images", "top-1 (%)", "chance (%)"],
+                  [[m, d["images"], f"{100 * d['top1']:.1f}", f"{100 * d['chance']:.1f}"]
+                   for m, d in ds["recognisability"].items()])
+    else:
+        doc.para("No baseline classifier or no generating method: not measured.")
+
     doc.heading("Per-class improvement (Figure 5A)", 3)
     if ds["per_class"]:
         png = plot_improvement(ds["per_class"], cfg.histogram_bins, figs / f"improvement_{slug}.png")
@@ -529,6 +602,21 @@ def _checkpoint_section(doc: _Doc, checkpoints: dict[str, Any]) -> None:
     doc.table(["method", "checkpoint", "epoch", "val top-1 of its scoring classifier (%)", "used"], rows)
 
 
+def _mini_models_section(doc: _Doc, mini: dict[str, Any]) -> None:
+    doc.heading("The mini-world's small models")
+    clip, held = mini["clip"], mini["clip"].get("heldout", {})
+    rows = [["CLIP precision@n (held-out pool, query \"A photo of {w(name)}.\")",
+             f"{held.get('precision_at_n', float('nan')):.3f} (n = {held.get('n')})"],
+            ["CLIP training", f"{clip.get('steps')} steps, {clip.get('train_cpu_s')} s CPU"],
+            ["pool images (near-duplicates of test images)", f"{mini['pool_rows']} ({mini['near_duplicates']})"]]
+    if mini.get("diffusion"):
+        d = mini["diffusion"]
+        rows.append(["diffusion model training", f"{d.get('steps')} steps, {d.get('train_cpu_s')} s CPU"])
+    doc.table(["", "value"], rows)
+    if held.get("per_class"):
+        doc.table(["class", "CLIP precision@n"], [[k, f"{v:.2f}"] for k, v in held["per_class"].items()])
+
+
 def _cost_sections(doc: _Doc, costs: list[dict[str, Any]]) -> None:
     doc.heading("Measured cost per method and stage")
     doc.table(["dataset", "method", "stage", "runs", "wall h", "CPU h", "GPU h"],
@@ -553,6 +641,8 @@ def render(data: dict[str, Any], root: str | Path, out: str | Path, cfg: ReportC
     doc = _Doc(data["title"])
     doc.para(f"Study index: {data['study']}. Accuracies are test top-1 in percent, mean ± standard "
              "error over resampled sets (n = number of classifiers).")
+    if data.get("mini_models"):
+        _mini_models_section(doc, data["mini_models"])
     for ds_name, ds in data["datasets"].items():
         doc.heading(f"Dataset: {ds_name}")
         _dataset_sections(doc, ds, "".join(ch if ch.isalnum() else "_" for ch in ds_name), ctx)

@@ -171,7 +171,16 @@ def write_imagefolder(out: str | Path, cfg: SyntheticConfig, seed: int = 0) -> P
                 continue
             folder = out / split / folder_name(label)
             folder.mkdir(parents=True, exist_ok=True)
-            rng = np.random.default_rng([seed, split_code, label])
-            for i in range(n):
-                draw(label, rng, cfg.size).save(folder / f"{i:05d}.png")
+            for i, img in enumerate(split_images(label, n, split_code, cfg.size, seed)):
+                img.save(folder / f"{i:05d}.png")
     return out
+
+
+def split_images(label: int, n: int, split_code: int, size: int, seed: int = 0) -> list[Image.Image]:
+    """The first ``n`` images of class ``label`` in split ``split_code`` (0 train, 1 test), as written.
+
+    :func:`write_imagefolder` writes exactly these, so other code (the mini-world's near-duplicates
+    of test images) can redraw a split's images without reading the dataset.
+    """
+    rng = np.random.default_rng([seed, split_code, label])
+    return [draw(label, rng, size) for _ in range(n)]

@@ -50,3 +50,19 @@ def tiny_sd(session_dir) -> Path:
     from raugment.models.tiny import write_tiny_bundles
 
     return write_tiny_bundles(session_dir / "models", parts=["sd"])["sd"]
+
+
+@pytest.fixture(scope="session")
+def mini_world(tmp_path_factory):
+    """The demo's mini-world and its trained small CLIP (``raugment.miniworld.train_mini``), once per
+    session: the demo's ``mini`` settings, without the diffusion model (its tests train their own).
+
+    Returns ``(config, root, MiniModels)``.
+    """
+    from raugment import demo
+    from raugment.config import with_overrides
+    from raugment.miniworld import train_mini
+
+    root = tmp_path_factory.mktemp("mini")
+    cfg = with_overrides(demo.build_config(None, None, str(root / "runs")), {"mini.diffusion": False})
+    return cfg, root, train_mini(root, cfg)

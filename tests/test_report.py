@@ -166,3 +166,39 @@ def test_checkpoint_section_says_which_checkpoint_each_finetuned_method_used(tmp
     empty = _Doc("t")
     _checkpoint_section(empty, {})  # no fine-tuned method: no section
     assert "Checkpoint selection" not in empty.finish()[1]
+
+
+def test_recognisability_and_mini_models_sections(fixture_root, tmp_path):
+    """The baseline classifier's top-1 on generated images, and the mini CLIP's precision@n."""
+    import torch
+
+    from raugment.models.classifier import build_model, save_classifier
+    from raugment.report import collect, render
+
+    root = tmp_path / "root"
+    shutil.copytree(fixture_root, root)
+    # A baseline classifier that always answers class 1: its top-1 is the share of label-1 images.
+    model = build_model("tiny_cnn", 3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        list(model.parameters())[-1][1] = 5.0
+    save_classifier(model, "tiny_cnn", 3, root / "train" / "baseline-0-0" / "model", extra={"image_size": 32})
+    mini = tmp_path / "mini"
+    mini.mkdir()
+    (mini / "mini_models.json").write_text(json.dumps(
+        {"clip": {"steps": 150, "train_cpu_s": 20.5,
+                  "heldout": {"precision_at_n": 0.875, "n": 20, "per_class": {"circle": 0.875}}},
+         "pool": {"rows": 468, "extra_ids": ["a", "b"]}}))
+    cfg = ReportConfig(title="t", samples_per_cell=2, grid_classes=2, mini_models=str(mini))
+    data = collect(root, Artifact.open(root / "study" / "s0"), cfg)
+    labels = Artifact.open(root / "generate" / "simple0").read("images").column("label").to_pylist()
+    rec = data["datasets"]["default"]["recognisability"]
+    assert set(rec) == {"simple"}  # retrieval does not generate
+    assert rec["simple"]["images"] == len(labels) and rec["simple"]["chance"] == pytest.approx(1 / 3)
+    assert rec["simple"]["top1"] == pytest.approx(labels.count(1) / len(labels))
+    assert data["mini_models"]["clip"]["heldout"]["precision_at_n"] == 0.875
+    render(data, root, tmp_path / "out", cfg)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Are generated images recognisable?" in md and "0.875 (n = 20)" in md
+    assert f"| simple | {len(labels)} | {100 * labels.count(1) / len(labels):.1f} | 33.3 |" in md

@@ -49,6 +49,11 @@ def write_tiny_bundles(out: str | Path, parts: list[str] | None = None, seed: in
 
 
 def cli(cfg, args) -> int:
+    """``raugment models tiny DIR`` / ``raugment models train-mini DIR`` (see :mod:`raugment.miniworld`)."""
+    if getattr(args, "what", "tiny") == "train-mini":
+        from raugment import miniworld
+
+        return miniworld.cli(cfg, args)
     written = write_tiny_bundles(args.out, seed=cfg.run.seed)
     for part, path in written.items():
         log.info("%s: %s", part, path)
