@@ -278,3 +278,29 @@ def test_training_modules_import_without_torch_or_ray():
             "raugment.evaluate, raugment.stats; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_fit_resolves_auto_gpu_options_for_its_device(data, tmp_path, monkeypatch):
+    """On a CPU context "auto" means no autocast, contiguous tensors and no torch.compile; an
+    explicit ``train.compile=true`` compiles the training model (torch.compile faked here)."""
+    _, dataset, manifest = data
+    seen = {"amp": [], "compiled": 0}
+    real_autocast = train._autocast_factory
+
+    def autocast(amp, device):
+        seen["amp"].append(amp)
+        return real_autocast(amp, device)
+
+    def fake_compile(model, **kw):
+        seen["compiled"] += 1
+        return model
+
+    monkeypatch.setattr(train, "_autocast_factory", autocast)
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    spec = train.build_spec(_cfg(tmp_path, "train.max_epochs=1"), dataset, manifest)
+    assert spec.train.amp == "auto"
+    train.fit(spec, train.LocalContext(tmp_path / "auto"))
+    assert seen == {"amp": ["none"], "compiled": 0}
+    spec = train.build_spec(_cfg(tmp_path, "train.max_epochs=1", "train.compile=true"), dataset, manifest)
+    train.fit(spec, train.LocalContext(tmp_path / "compiled"))
+    assert seen["compiled"] == 1
