@@ -247,8 +247,6 @@ class GenerateConfig:
         if on_gpu(self.device) and self.pool.num_gpus <= 0:
             raise ConfigError(f"{key}.device={self.device} but {key}.pool.num_gpus=0: Ray hides the GPUs "
                               f"from actors without one; set {key}.pool.num_gpus (e.g. 1) or device=auto")
-        if self.device == "cpu" and self.dtype == "float16":
-            raise ConfigError(f"{key}.dtype=float16 does not run on the CPU; use auto or float32")
 
     def run_device(self) -> str:
         """The device the generation actors use: ``device``, or for ``auto`` the GPU exactly when

@@ -583,12 +583,19 @@ def run(cfg: Config, dataset: Artifact, finetune: Optional[Artifact] = None) -> 
 
         done = stage.done_ids(IMAGES)
         actors: list[Any] = []
+
+        def pool() -> list[Any]:
+            if not actors:
+                init_ray(cfg.cluster, progress=cfg.run.progress)
+                check_resources(cfg)
+                actors.extend(start_pool(g, method, str(stage.path), finetune_path,
+                                         min(g.pool.concurrency, len(classes))))
+            return actors
+
         if len(done) < len(classes) * g.images_per_class:
             # Start the pool before planning: actor start-up (process, torch/diffusers import,
             # pipeline load) runs while the driver plans and writes the prompts table.
-            init_ray(cfg.cluster, progress=cfg.run.progress)
-            check_resources(cfg)
-            actors = start_pool(g, method, str(stage.path), finetune_path, min(g.pool.concurrency, len(classes)))
+            pool()
         try:
             t0 = time.perf_counter()
             planned = method.plan(classes, g, dataset=dataset, finetune=finetune)
@@ -599,7 +606,7 @@ def run(cfg: Config, dataset: Artifact, finetune: Optional[Artifact] = None) -> 
             log.info("generate: %s, %d classes x %d images; %d already done, %d to make on %d actors",
                      method.name, len(classes), g.images_per_class, len(done), len(missing), len(actors))
             if missing:
-                summary = generate_on_pool(actors, missing)
+                summary = generate_on_pool(pool(), missing)
                 info = ray.get([a.info.remote() for a in actors])
                 seconds = float(sum(s["seconds"] for s in summary))
                 start_s = float(sum(i["start_s"] for i in info))
