@@ -270,7 +270,7 @@ def test_one_pool_serves_every_class_with_one_pipeline_load_per_actor(ray_sessio
                                                              "generate.pool.batch_size": 2}))
     art = generate.run(cfg, dataset)
     stats = art.stats
-    assert stats["classes"] == 2 and stats["actors"] == 1 and stats["pipeline_loads"] == 1
+    assert stats["counts"]["classes"] == 2 and stats["actors"] == 1 and stats["pipeline_loads"] == 1
     assert stats["actor_start_s"] > 0 and stats["actor_s"] > 0
     images = art.read("images")
     assert Counter(images.column("label").to_pylist()) == {0: 5, 1: 5}
