@@ -60,7 +60,7 @@ def plain_loop(cfg, rows, device: str) -> tuple[float, float]:
     from raugment.imageio import encode_image
     from raugment.models.diffusion import load_pipeline
 
-    g = cfg.generate
+    g = cfg.generate.resolved(device)  # the "auto" GPU options, as the stage's actors resolve them
     t0 = time.perf_counter()
     pipe = load_pipeline(g.model, dtype=g.dtype, device=device, scheduler=g.scheduler, sdpa=g.sdpa,
                          channels_last=g.channels_last, compile=g.compile, vae_slicing=g.vae_slicing)
@@ -92,7 +92,7 @@ def parse_args() -> argparse.Namespace:
                    help="random-weight architecture written when --model is not given (sd14 = full size)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the GPU's dense half-precision peak, for the fraction of the ceiling (H100 SXM)")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="auto", help="auto = float16 on a GPU, float32 on a CPU")
     p.add_argument("--num-gpus", type=float, default=0.0)
     p.add_argument("--num-cpus", type=float, default=0.5)
     p.add_argument("--plain-in", default=None, help=argparse.SUPPRESS)  # child: run the plain loop only

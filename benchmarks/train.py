@@ -16,7 +16,8 @@ ratios taken within this run.
 ``train.runner`` — ``ray_train`` (a ``TorchTrainer`` per classifier) and ``worker_group`` (one
 long-lived group for all, as in a study) — and their wall-time ratio, in one run.
 
-``--gpu`` (on a machine with CUDA): ResNet-50 at 224 px, bf16 autocast and channels_last, images
+``--gpu`` (on a machine with CUDA): ResNet-50 at 224 px with the GPU defaults that ``auto``
+resolves to (bf16 autocast, channels_last, torch.compile; the plain loop uses the same), images
 per second per GPU from raugment's shards (CPU decode, or ``--gpu-decode`` nvJPEG) and from
 synthetic in-memory tensors, so the data path's cost is visible.
 
@@ -56,7 +57,7 @@ def train_cfg(cfg, args):
         "train.model": args.model, "train.image_size": args.size, "train.batch_size": args.batch,
         "train.max_epochs": args.epochs, "train.stop_patience": args.epochs + 1,
         "train.lr_patience": args.epochs + 1, "train.lr": 0.01, "train.loader_workers": args.loader_workers,
-        "train.amp": "bf16" if args.gpu else "none", "train.channels_last": args.gpu,
+        # amp / channels_last / compile stay "auto": the defaults are what is measured
         "train.gpu_decode": args.gpu_decode, "train.workers.num_workers": 1,
         "train.workers.cpus_per_worker": float(args.cpus), "train.workers.use_gpu": args.gpu,
         "cluster.include_dashboard": False})
@@ -69,15 +70,26 @@ def train_phase_rate(history) -> float:
 
 
 def plain_loop(spec, args, device: str) -> float:
-    """The baseline: a minimal PyTorch loop over the same loader and model; images/s after epoch 1."""
+    """The baseline: a minimal PyTorch loop over the same loader and model; images/s after epoch 1.
+
+    It uses the same GPU options as raugment resolves for ``device`` (on a GPU: bf16 autocast,
+    channels-last, torch.compile; on a CPU: none), so the ratio compares like with like.
+    """
+    import contextlib
+
     import torch
 
     from raugment import loader
     from raugment.models.classifier import build_model
 
+    opts = spec.train.resolved(device)
+    mem = torch.channels_last if opts.channels_last else torch.contiguous_format
+    autocast = ((lambda: torch.autocast(device, dtype=torch.bfloat16)) if opts.amp == "bf16"
+                else contextlib.nullcontext)
     torch.manual_seed(0)
-    model = build_model(args.model, spec.num_classes).to(device)
+    model = build_model(args.model, spec.num_classes).to(device, memory_format=mem)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    step_model = torch.compile(model) if opts.compile else model
     ds = loader.build_dataset(spec.train_units, loader.build_transform(args.size, True), shuffle=True)
     dl = loader.make_loader(ds, args.batch, args.loader_workers, pin_memory=device == "cuda")
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -87,8 +99,9 @@ def plain_loop(spec, args, device: str) -> float:
         model.train()
         t0, n = time.perf_counter(), 0
         for x, y in dl:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = loss_fn(model(x), y)
+            x, y = x.to(device, non_blocking=True, memory_format=mem), y.to(device, non_blocking=True)
+            with autocast():
+                loss = loss_fn(step_model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -164,6 +177,7 @@ def synthetic_gpu_rate(args, num_classes: int) -> float:
 
     model = build_model(args.model, num_classes).cuda().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model = torch.compile(model)  # the training defaults on a GPU: bf16, channels-last, compiled
     x = torch.randn(args.batch, 3, args.size, args.size, device="cuda").to(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (args.batch,), device="cuda")
     steps, warm = 30, 5
@@ -189,7 +203,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--cpus", type=int, default=1, help="CPUs of the Ray worker = torch threads of the plain loop")
     p.add_argument("--loader-workers", type=int, default=0)
-    p.add_argument("--gpu", action="store_true", help="CUDA: ResNet-50 224 px defaults, bf16, channels_last")
+    p.add_argument("--gpu", action="store_true",
+                   help="CUDA: ResNet-50 224 px; bf16, channels_last, torch.compile (the GPU defaults)")
     p.add_argument("--gpu-decode", action="store_true", help="decode JPEG on the GPU (nvJPEG)")
     p.add_argument("--runners", type=int, default=0,
                    help="compare train.runner ray_train vs worker_group over this many classifiers")

@@ -54,6 +54,22 @@ def check_local_model(ref: Optional[str], key: str, marker: str, hint: str = "")
         raise ConfigError(f"{key}: {ref!r} has no {marker}{'; ' + hint if hint else ''}")
 
 
+# GPU options that default to "auto": resolved from the device a stage's workers will run on
+# (``"cuda..."`` -> the GPU setting, anything else -> the CPU one) by each section's
+# ``resolved(device)``, so one config is fast on a GPU and exact on a CPU.
+AUTO = "auto"
+AutoBool = Union[bool, Literal["auto"]]
+
+
+def on_gpu(device: str) -> bool:
+    """Whether a torch device string names a GPU (``cuda``, ``cuda:1``)."""
+    return str(device).startswith("cuda")
+
+
+def _auto(value: Any, device: str, gpu: Any, cpu: Any) -> Any:
+    return (gpu if on_gpu(device) else cpu) if value == AUTO else value
+
+
 # --------------------------------------------------------------------------------------------
 # Shared pieces
 # --------------------------------------------------------------------------------------------
@@ -200,7 +216,10 @@ class GenerateConfig:
     seed. ``pool`` is the actor pool: ``batch_size`` is the diffusion batch per pipeline call,
     ``num_gpus``/``num_cpus``/``concurrency`` only say where it runs (they are not part of the
     output's key, so a resumed run may use other resources). ``dtype``, ``sdpa``,
-    ``channels_last``, ``compile`` and ``vae_slicing`` are the GPU options. A sample flagged by the
+    ``channels_last``, ``compile`` and ``vae_slicing`` are the GPU options; ``dtype`` and
+    ``channels_last`` default to ``auto``: float16 + channels-last on a GPU, float32 on a CPU (see
+    :meth:`resolved`; SDPA is on everywhere). ``device: auto`` is the GPU when the pool asks for
+    one (``pool.num_gpus > 0``; Ray hides GPUs from actors that do not), else the CPU. A sample flagged by the
     safety checker is replaced by a new seed, at most ``max_attempts_per_image`` tries per image.
     ``conditioning``: a fine-tuning stage directory for the personalised methods, used when no
     fine-tuning artifact is passed to ``generate.run`` (the CLI otherwise runs that stage).
@@ -218,10 +237,10 @@ class GenerateConfig:
     guidance_scale: float = 7.5
     scheduler: str = "pndm"
     boomerang_strength: float = 0.2
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = "auto"
     sdpa: bool = True
-    channels_last: bool = False
+    channels_last: AutoBool = "auto"
     compile: bool = False
     vae_slicing: bool = False
     safety_checker: bool = True
@@ -250,6 +269,27 @@ class GenerateConfig:
             raise ConfigError(f"{key}.scheduler {self.scheduler!r} is not one of {sorted(SCHEDULERS)}")
         if not 1 <= self.quality <= 100:
             raise ConfigError(f"{key}.quality must be in [1, 100], got {self.quality}")
+        if self.device != AUTO and not (self.device == "cpu" or on_gpu(self.device)):
+            raise ConfigError(f"{key}.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if on_gpu(self.device) and self.pool.num_gpus <= 0:
+            raise ConfigError(f"{key}.device={self.device} but {key}.pool.num_gpus=0: Ray hides the GPUs "
+                              f"from actors without one; set {key}.pool.num_gpus (e.g. 1) or device=auto")
+
+    def run_device(self) -> str:
+        """The device the generation actors use: ``device``, or for ``auto`` the GPU exactly when
+        the pool asks for GPUs."""
+        if self.device != AUTO:
+            return self.device
+        return "cuda" if self.pool.num_gpus > 0 else "cpu"
+
+    def resolved(self, device: Optional[str] = None) -> "GenerateConfig":
+        """A copy with ``device``, ``dtype`` and ``channels_last`` concrete for ``device``
+        (default :meth:`run_device`): GPU -> float16 (SD v1's published half-precision weights)
+        and a channels-last UNet; CPU -> float32 (half precision is slow or unsupported there)."""
+        device = device or self.run_device()
+        return dataclasses.replace(self, device=device,
+                                   dtype=_auto(self.dtype, device, "float16", "float32"),
+                                   channels_last=_auto(self.channels_last, device, True, False))
 
 
 @dataclass
@@ -599,6 +639,10 @@ class TrainConfig:
     ``workers`` as long-lived Ray actors with one DDP process group, reused by every classifier
     of a study (start-up paid once); ``ray_train`` starts a Ray Train ``TorchTrainer`` per
     classifier (Tune sweeps always use it: they report through Ray Train callbacks).
+
+    GPU options ``amp``, ``channels_last`` and ``compile`` (``torch.compile`` of the model) default
+    to ``auto``: bf16 autocast + channels-last + compile when the workers use GPUs
+    (``workers.use_gpu``), none of them on CPU (see :meth:`resolved`).
     """
 
     model: str = "resnet50"
@@ -613,8 +657,9 @@ class TrainConfig:
     image_size: int = 224
     crop_scale_min: float = 0.08
     eval_crop: float = 0.875
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    channels_last: bool = False
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
+    channels_last: AutoBool = "auto"
+    compile: AutoBool = "auto"
     gpu_decode: bool = False
     loader_workers: int = 4
     shuffle_buffer: int = 4096
@@ -647,6 +692,19 @@ class TrainConfig:
             raise ConfigError(f"{key}.loader_workers must be >= 0 (0 = decode in the train worker)")
         if not self.seeds:
             raise ConfigError(f"{key}.seeds must list at least one seed, e.g. [0]")
+
+    def run_device(self) -> str:
+        """``"cuda"`` when the workers use GPUs, else ``"cpu"`` (Ray Train's device per worker)."""
+        return "cuda" if self.workers.use_gpu else "cpu"
+
+    def resolved(self, device: Optional[str] = None) -> "TrainConfig":
+        """A copy with ``amp``, ``channels_last`` and ``compile`` concrete for ``device`` (default
+        :meth:`run_device`): GPU -> bf16, channels-last, compiled (ResNet-50's fast path on
+        Ampere/Hopper; bf16 needs no loss scaling); CPU -> float32, contiguous, eager."""
+        device = device or self.run_device()
+        return dataclasses.replace(self, amp=_auto(self.amp, device, "bf16", "none"),
+                                   channels_last=_auto(self.channels_last, device, True, False),
+                                   compile=_auto(self.compile, device, True, False))
 
 
 @dataclass
@@ -867,6 +925,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
+        if all(a is bool or typing.get_origin(a) is Literal for a in args if a is not type(None)):
+            choices = [c for a in args for c in ((True, False) if a is bool else typing.get_args(a))]
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
     if origin is Literal:
         if value not in args:

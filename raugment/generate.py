@@ -2,21 +2,27 @@
 
 Dataflow of ``run(cfg, dataset, finetune=None)`` (stage ``generate``)::
 
+    pool of ClassGenerator actors started first (pipeline loaded once per actor, while the driver plans)
     classes table ──method.plan()──> prompts.parquet  (one row per image slot: class, index,
                                                        prompt, seed; deterministic)
-    missing slots, one work row per class ──Ray Data map_batches(ClassGenerator, actor pool)──>
+    missing slots, one call per class, next class to the next free actor (ActorPool, ray.wait) ──>
         images/part-c<label>-*.parquet   (schema.IMAGES, source "generated", split "added")
         failures/part-c<label>-*.parquet (flagged samples "nsfw", exhausted slots "nsfw_unfillable")
 
-* **Sharded by class.** Each work row holds one class's missing slots, so one actor owns a class's
+* **One pool per stage run.** ``generate.pool.concurrency`` actors (at most one per class) serve
+  every class of the method; start-up (process, torch/diffusers import, pipeline load) is paid
+  once per actor and overlaps planning. Plain Ray actors, not a Ray Data job: the work is a
+  handful of long calls, so a streaming executor would only add its own start-up.
+* **Sharded by class.** Each call holds one class's missing slots, so one actor owns a class's
   quota: N GPUs work on N classes at once and NSFW replacement is decided in one place.
 * **Deterministic.** A slot is (class, method, index) with seed ``slot_seed(cfg.seed, method,
   class_id, index)``; its id is ``item_id("gen-<method>", class_id, index, seed)``. A sample the
   safety checker flags is dropped and the slot is retried with the next attempt's seed (attempt
   ``k`` -> ``slot_seed(..., k)``) up to ``max_attempts_per_image`` times; a slot still unfilled is
   recorded ("nsfw_unfillable") and its class reported in ``stats.json`` (``unfilled_classes``).
-* **Resumable.** Actors write each finished batch as a shard themselves (names start with the
-  class label), so a killed run keeps every batch it finished; a re-run (or a Ray task retry)
+* **Resumable.** Actors write shards themselves (names start with the class label; one shard per
+  ``SHARD_IMAGES`` images or ``SHARD_SECONDS``, and at the class's end), so a killed run keeps
+  what it flushed; a re-run (or a retried call after an actor restart)
   reads the class's shards, skips slots already done and continues flagged slots at their next
   attempt. Failure rows have ids ``<slot id>#<attempt>``, so none is recorded twice.
 * **Provenance.** Every image row has method, prompt, seed, model id/revision, NSFW score and
@@ -59,8 +65,6 @@ PROMPTS = "prompts"
 NSFW = "nsfw"
 NSFW_UNFILLABLE = "nsfw_unfillable"
 INIT_IMAGE = "init_image"   # plan-row key (not a column): bytes of the img2img input
-ROWS = "rows"               # work-table column: JSON list of one class's missing slots
-INIT_IMAGES = "init_images"  # work-table column: their img2img inputs (empty for text2img)
 
 Row = dict[str, Any]
 
@@ -363,20 +367,28 @@ def write_class_shard(stage_dir: str | Path, table_name: str, label: int, rows: 
 
 
 # --------------------------------------------------------------------------------------------
-# Ray wrapper
+# Ray wrapper: one persistent actor pool per stage run
 # --------------------------------------------------------------------------------------------
 
 
-class ClassGenerator:
-    """Ray Data callable class: one diffusers pipeline per actor; a batch = whole classes.
+# A class's finished batches are buffered and written as one shard once this many images are
+# waiting (or SHARD_SECONDS have passed, or the class is done): fewer, larger shards for the
+# readers downstream, while a kill loses at most a minute of work (a resumed run redoes it).
+SHARD_IMAGES = 256
+SHARD_SECONDS = 60.0
 
-    ``__call__`` takes work rows (one per class: its missing slots), generates them with
-    :func:`generate_class`, writes each finished batch as shards into the stage directory and
-    returns one summary row per class.
+
+class ClassGenerator:
+    """One generation actor: the pipeline is loaded once, in ``__init__``, then serves classes.
+
+    The stage starts a pool of these (:func:`start_pool`) before it plans, so actor start-up
+    (process, torch/diffusers import, pipeline load) overlaps the driver's planning and is paid
+    once per actor for the whole stage run, whatever the number of classes.
     """
 
     def __init__(self, cfg: GenerateConfig, method: GenerationMethod, stage_dir: str,
                  finetune_path: Optional[str] = None):
+        t0 = time.perf_counter()
         from raugment.cluster import pick_device
         from raugment.models.diffusion import SafetyScores, load_pipeline
 
@@ -392,67 +404,87 @@ class ClassGenerator:
         # provenance names an input artifact as "<stage>/<key>", like manifests do
         self.conditioning = (f"{Path(finetune_path).parent.name}/{Path(finetune_path).name}" if finetune_path
                              else cfg.conditioning)
+        self.loads = 1  # pipeline loads of this actor (tests check the pool never reloads)
+        self.start_s = time.perf_counter() - t0
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        summary: dict[str, list] = {schema.LABEL: [], "images": [], NSFW: [], NSFW_UNFILLABLE: [], "seconds": []}
-        for work in batch.to_pylist():
-            label = int(work[schema.LABEL])
-            rows = json.loads(work[ROWS])
-            for row, data in zip(rows, work[INIT_IMAGES] or [None] * len(rows)):
-                if data is not None:
-                    row[INIT_IMAGE] = data
-            # a retried task (actor restart) or a re-run must not redo finished slots
-            done, next_attempt = class_progress(self.stage_dir, label)
-            rows = [r for r in rows if r[schema.ID] not in done]
-            counts = Counter()
-            t0 = time.perf_counter()
-            for images, failures in generate_class(
-                    self.pipe, self.method, rows, self.cfg, scores=self.scores,
-                    conditioning=self.conditioning, start_attempts=next_attempt):
-                write_class_shard(self.stage_dir, FAILURES, label, failures, schema.FAILURES)
-                write_class_shard(self.stage_dir, IMAGES, label, images, schema.IMAGES)
-                counts["images"] += len(images)
-                counts.update(f[schema.REASON] for f in failures)
-            for key in ("images", NSFW, NSFW_UNFILLABLE):
-                summary[key].append(counts[key])
-            summary[schema.LABEL].append(label)
-            summary["seconds"].append(time.perf_counter() - t0)
-            log.info("generate: class %d done (%d images, %d flagged)", label, counts["images"], counts[NSFW])
-        return pa.table(summary)
+    def info(self) -> dict[str, float]:
+        """Start-up seconds (imports + pipeline load) and pipeline loads of this actor."""
+        return {"start_s": self.start_s, "loads": self.loads}
+
+    def generate(self, label: int, rows: list[Row]) -> dict[str, Any]:
+        """Fill one class's missing ``rows`` (planned rows); write shards; a summary of the class.
+
+        Slots already on disk are skipped first: a retried call (actor restart) or a re-run never
+        redoes them.
+        """
+        done, next_attempt = class_progress(self.stage_dir, label)
+        rows = [r for r in rows if r[schema.ID] not in done]
+        counts: Counter = Counter()
+        images: list[Row] = []
+        failures: list[Row] = []
+        t0 = last_flush = time.perf_counter()
+
+        def flush() -> None:
+            # failures first: an image on disk marks its slot done, so its flagged attempts must
+            # already be recorded
+            write_class_shard(self.stage_dir, FAILURES, label, failures, schema.FAILURES)
+            write_class_shard(self.stage_dir, IMAGES, label, images, schema.IMAGES)
+            images.clear()
+            failures.clear()
+
+        for batch_images, batch_failures in generate_class(
+                self.pipe, self.method, rows, self.cfg, scores=self.scores,
+                conditioning=self.conditioning, start_attempts=next_attempt):
+            images += batch_images
+            failures += batch_failures
+            counts["images"] += len(batch_images)
+            counts.update(f[schema.REASON] for f in batch_failures)
+            if len(images) >= SHARD_IMAGES or time.perf_counter() - last_flush >= SHARD_SECONDS:
+                flush()
+                last_flush = time.perf_counter()
+        flush()
+        log.info("generate: class %d done (%d images, %d flagged)", label, counts["images"], counts[NSFW])
+        return {schema.LABEL: label, "images": counts["images"], NSFW: counts[NSFW],
+                NSFW_UNFILLABLE: counts[NSFW_UNFILLABLE], "seconds": time.perf_counter() - t0}
 
 
-def work_tables(rows: Sequence[Row]) -> list[pa.Table]:
-    """One single-row table per class (its own block, so classes spread over the actors)."""
+def class_work(rows: Sequence[Row]) -> list[tuple[int, list[Row]]]:
+    """Missing slots grouped by class, classes in label order: one pool call each."""
     by_class: dict[int, list[Row]] = defaultdict(list)
     for row in rows:
         by_class[int(row[schema.LABEL])].append(row)
-    tables = []
-    for label in sorted(by_class):
-        slots = by_class[label]
-        plain = [{k: v for k, v in r.items() if k != INIT_IMAGE} for r in slots]
-        inits = [r.get(INIT_IMAGE) for r in slots]
-        tables.append(pa.table({schema.LABEL: pa.array([label], pa.int32()),
-                                ROWS: [json.dumps(plain)],
-                                INIT_IMAGES: pa.array([inits if any(x is not None for x in inits) else []],
-                                                      pa.list_(pa.binary()))}))
-    return tables
+    return sorted(by_class.items())
 
 
-def generate_on_ray(cfg: GenerateConfig, method: GenerationMethod, rows: Sequence[Row], stage_dir: str,
-                    finetune_path: Optional[str]) -> pa.Table:
-    """Run :class:`ClassGenerator` over the missing slots on a Ray Data actor pool."""
-    import ray.data
+def start_pool(cfg: GenerateConfig, method: GenerationMethod, stage_dir: str, finetune_path: Optional[str],
+               size: int) -> list[Any]:
+    """Start ``size`` :class:`ClassGenerator` actors (returns at once; they load in the background).
 
-    from raugment.cluster import actor_pool_args
+    Resources come from ``cfg.pool``; an actor that dies is restarted and its call retried (the
+    call skips what the dead attempt finished).
+    """
+    import ray
 
-    args = actor_pool_args(cfg.pool)
-    args["batch_size"] = 1  # one class per call; cfg.pool.batch_size is the diffusion batch
-    ds = ray.data.from_arrow(work_tables(rows))
-    out = ds.map_batches(ClassGenerator, batch_format="pyarrow",
-                         fn_constructor_kwargs={"cfg": cfg, "method": method, "stage_dir": stage_dir,
-                                                "finetune_path": finetune_path},
-                         **args)
-    return pa.concat_tables(list(out.iter_batches(batch_size=None, batch_format="pyarrow")))
+    actor = ray.remote(ClassGenerator).options(num_cpus=cfg.pool.num_cpus, num_gpus=cfg.pool.num_gpus,
+                                               max_restarts=2, max_task_retries=2)
+    return [actor.remote(cfg, method, stage_dir, finetune_path) for _ in range(size)]
+
+
+def generate_on_pool(actors: Sequence[Any], rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """Run every class's missing slots on the pool: each actor takes the next class as soon as it
+    is free (``ray.wait``, no polling); one summary per class."""
+    from ray.util import ActorPool
+
+    pool = ActorPool(list(actors))
+    return list(pool.map_unordered(lambda a, work: a.generate.remote(*work), class_work(rows)))
+
+
+def stop_pool(actors: Sequence[Any]) -> None:
+    """Free the pool's CPUs/GPUs for the next stage."""
+    import ray
+
+    for actor in actors:
+        ray.kill(actor)
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,7 +571,8 @@ def run(cfg: Config, dataset: Artifact, finetune: Optional[Artifact] = None) -> 
     """
     from raugment.cluster import init_ray
 
-    g = cfg.generate
+    # "auto" options resolved for the device the actors will use; the key holds resolved values
+    g = cfg.generate.resolved()
     method = check_config(cfg)
     if method.needs_finetune and finetune is None and not g.conditioning:
         raise ConfigError(f"generate.method={g.method} needs a fine-tuning artifact: pass one to "
@@ -550,24 +583,46 @@ def run(cfg: Config, dataset: Artifact, finetune: Optional[Artifact] = None) -> 
     inputs: dict[str, Artifact] = {"dataset": dataset}
     if finetune is not None:
         inputs["finetune"] = finetune
+    finetune_path = str(finetune.path) if finetune is not None else None
 
     def body(stage: StageRun) -> None:
-        planned = method.plan(classes, g, dataset=dataset, finetune=finetune)
-        prompts = [{k: r[k] for k in schema.PROMPTS.names if k in r} for r in planned]
-        stage.write_single(schema.to_table(prompts, schema.PROMPTS), PROMPTS)
+        import ray
+
         done = stage.done_ids(IMAGES)
-        missing = [r for r in planned if r[schema.ID] not in done]
-        log.info("generate: %s, %d classes x %d images; %d already done, %d to make",
-                 method.name, len(classes), g.images_per_class, len(done), len(missing))
-        if missing:
-            init_ray(cfg.cluster, progress=cfg.run.progress)
-            check_resources(cfg)
-            summary = generate_on_ray(g, method, missing, str(stage.path),
-                                      str(finetune.path) if finetune is not None else None)
-            seconds = float(sum(summary.column("seconds").to_pylist()))
-            if g.pool.num_gpus > 0:
-                stage.stats.gpu_s += seconds * g.pool.num_gpus
-            stage.stats.extra["actor_s"] = round(seconds, 3)
+        actors: list[Any] = []
+
+        def pool() -> list[Any]:
+            if not actors:
+                init_ray(cfg.cluster, progress=cfg.run.progress)
+                check_resources(cfg)
+                actors.extend(start_pool(g, method, str(stage.path), finetune_path,
+                                         min(g.pool.concurrency, len(classes))))
+            return actors
+
+        if len(done) < len(classes) * g.images_per_class:
+            # Start the pool before planning: actor start-up (process, torch/diffusers import,
+            # pipeline load) runs while the driver plans and writes the prompts table.
+            pool()
+        try:
+            t0 = time.perf_counter()
+            planned = method.plan(classes, g, dataset=dataset, finetune=finetune)
+            prompts = [{k: r[k] for k in schema.PROMPTS.names if k in r} for r in planned]
+            stage.write_single(schema.to_table(prompts, schema.PROMPTS), PROMPTS)
+            missing = [r for r in planned if r[schema.ID] not in done]
+            stage.stats.extra["plan_s"] = round(time.perf_counter() - t0, 3)
+            log.info("generate: %s, %d classes x %d images; %d already done, %d to make on %d actors",
+                     method.name, len(classes), g.images_per_class, len(done), len(missing), len(actors))
+            if missing:
+                summary = generate_on_pool(pool(), missing)
+                info = ray.get([a.info.remote() for a in actors])
+                seconds = float(sum(s["seconds"] for s in summary))
+                start_s = float(sum(i["start_s"] for i in info))
+                if g.pool.num_gpus > 0:  # the GPUs are held from actor start to the last class
+                    stage.stats.gpu_s += (seconds + start_s) * g.pool.num_gpus
+                stage.stats.extra.update(actor_s=round(seconds, 3), actor_start_s=round(start_s, 3),
+                                         actors=len(actors), pipeline_loads=int(sum(i["loads"] for i in info)))
+        finally:
+            stop_pool(actors)
         summarize(stage, planned, g.max_attempts_per_image)
 
     return run_stage(cfg.run.root, STAGE, key_section(g), inputs, body, resumable=True)

@@ -33,7 +33,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Protocol, Sequence
 
@@ -316,10 +316,15 @@ def fit(spec: LoopSpec, ctx: LoopContext) -> dict[str, Any]:
     from raugment.evaluate import overall
     from raugment.models.classifier import build_model
 
+    # "auto" GPU options become concrete for this rank's device (bf16 + channels-last + compile on
+    # a GPU, none on a CPU); the stage key holds the same resolution (see result_section).
+    spec = replace(spec, train=spec.train.resolved(ctx.device.type))
     cfg = spec.train
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     net = build_model(cfg.model, spec.num_classes).to(ctx.device, memory_format=_memory_format(cfg))
     model = ctx.prepare_model(net)
+    if cfg.compile:  # the training step only; state dicts and evaluation use the plain ``net``
+        model = torch.compile(model)
     # augmentation randomness (crops, flips, loader worker seeds) must differ between ranks
     torch.manual_seed(cfg.seed * 100_003 + 1 + ctx.rank)
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -631,7 +636,11 @@ def result_section(cfg: TrainConfig) -> dict[str, Any]:
     """The train settings that can change a run's result (its stage key); resource and
     bookkeeping fields (loader processes, checkpoint retention, retries, repeat lists) are left out
     so changing them reuses finished runs (the runners give the same result for a seed)."""
-    data = to_dict(cfg)
+    # "auto" GPU options are keyed by their resolved values: bf16 autocast, channels-last and
+    # compiled kernels change a run's floating-point results, so a GPU run and a CPU run of the
+    # same config must not share a directory, while an explicit setting equal to what "auto"
+    # resolves to shares it. ``workers.use_gpu`` (kept in the key) fixes the device either way.
+    data = to_dict(cfg.resolved())
     for key in ("loader_workers", "checkpoints_to_keep", "keep_ray_checkpoints", "runner", "seeds",
                 "repeat_sets"):
         data.pop(key)

@@ -42,7 +42,7 @@ def test_unknown_key_named(data, needle):
     ({"train": {"lr": "fast"}}, r"train\.lr: expected a number"),
     ({"train": {"batch_size": 2.5}}, r"train\.batch_size: expected an integer"),
     ({"train": {"batch_size": True}}, r"train\.batch_size: expected an integer"),
-    ({"train": {"channels_last": "yes"}}, r"train\.channels_last: expected true/false"),
+    ({"train": {"channels_last": "yes"}}, r"train\.channels_last: 'yes' is not one of \[True, False, 'auto'\]"),
     ({"train": {"amp": "fp8"}}, r"train\.amp: 'fp8' is not one of"),
     ({"study": {"ratios": "100"}}, r"study\.ratios: expected a list"),
 ])
@@ -98,3 +98,70 @@ def test_config_import_is_light():
             "bad=[m for m in ('torch','ray') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ---- "auto" GPU options: resolved by the device the stage's workers run on --------------------
+
+
+def test_generate_auto_options_resolve_by_device():
+    from raugment.generate import key_section
+
+    gpu = load_config(None, [])  # default pool: one GPU per actor
+    cpu = load_config(None, ["generate.pool.num_gpus=0"])
+    assert (gpu.generate.dtype, gpu.generate.channels_last) == ("auto", "auto")
+    g, c = gpu.generate.resolved(), cpu.generate.resolved()
+    assert (g.device, g.dtype, g.channels_last, g.sdpa) == ("cuda", "float16", True, True)
+    assert (c.device, c.dtype, c.channels_last, c.sdpa) == ("cpu", "float32", False, True)
+    # explicit settings are kept; an explicit device wins over the pool's GPUs
+    pinned = load_config(None, ["generate.dtype=bfloat16", "generate.channels_last=false"]).generate.resolved()
+    assert (pinned.dtype, pinned.channels_last) == ("bfloat16", False)
+    assert load_config(None, ["generate.device=cpu"]).generate.resolved().dtype == "float32"
+    # the key holds resolved values: auto on CPU shares the directory of explicit float32, a GPU
+    # run (float16 changes the images) gets its own
+    explicit = load_config(None, ["generate.pool.num_gpus=0", "generate.dtype=float32",
+                                  "generate.channels_last=false"]).generate.resolved()
+    assert key_section(c) == key_section(explicit) and key_section(c) != key_section(g)
+
+
+def test_train_auto_options_resolve_by_device():
+    cfg = load_config(None, [])
+    assert (cfg.train.amp, cfg.train.channels_last, cfg.train.compile) == ("auto", "auto", "auto")
+    assert cfg.train.run_device() == "cpu"
+    cpu, gpu = cfg.train.resolved("cpu"), cfg.train.resolved("cuda:0")
+    assert (cpu.amp, cpu.channels_last, cpu.compile) == ("none", False, False)
+    assert (gpu.amp, gpu.channels_last, gpu.compile) == ("bf16", True, True)
+    assert load_config(None, ["train.workers.use_gpu=true"]).train.resolved().amp == "bf16"
+    assert load_config(None, ["train.amp=fp16"]).train.resolved("cuda").amp == "fp16"
+
+
+def test_train_key_holds_resolved_gpu_options():
+    from raugment.train import result_section
+
+    auto = load_config(None, [])
+    explicit = load_config(None, ["train.amp=none", "train.channels_last=false", "train.compile=false"])
+    on_gpu = load_config(None, ["train.workers.use_gpu=true"])
+    assert result_section(auto.train) == result_section(explicit.train)
+    assert result_section(on_gpu.train)["amp"] == "bf16" and result_section(auto.train)["amp"] == "none"
+
+
+def test_pick_device_auto_follows_cuda(monkeypatch):
+    """The in-process path (no Ray pool): ``auto`` follows torch's view of the GPU (faked here)."""
+    import torch
+
+    from raugment.cluster import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert Config().generate.resolved(pick_device("auto")).dtype == "float16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert Config().generate.resolved(pick_device("auto")).dtype == "float32"
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["generate.device=cuda", "generate.pool.num_gpus=0"], r"generate\.device=cuda but generate\.pool\.num_gpus=0"),
+    (["generate.device=tpu"], r"generate\.device must be auto, cpu, cuda"),
+    (["generate.dtype=half"], r"generate\.dtype: 'half' is not one of"),
+    (["train.compile=maybe"], r"train\.compile: 'maybe' is not one of \[True, False, 'auto'\]"),
+])
+def test_bad_gpu_options_named(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, overrides)

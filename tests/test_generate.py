@@ -261,3 +261,26 @@ def test_job_script_exact_quota_nsfw_provenance_and_skip(ray_session, tmp_path, 
     from raugment import dataset as dataset_stage
 
     assert generate.run(cfg, dataset_stage.run(cfg)).path == stage_dir
+
+
+def test_one_pool_serves_every_class_with_one_pipeline_load_per_actor(ray_session, dataset, tmp_path, tiny_sd):
+    """Start-up is paid per actor, not per class or batch; quotas are exact; "auto" options are
+    resolved (CPU: float32) before they reach provenance; one right-sized shard per class."""
+    cfg = load_config(None, _overrides(tmp_path, tiny_sd, **{"generate.images_per_class": 5,
+                                                             "generate.pool.batch_size": 2}))
+    art = generate.run(cfg, dataset)
+    stats = art.stats
+    assert stats["counts"]["classes"] == 2 and stats["actors"] == 1 and stats["pipeline_loads"] == 1
+    assert stats["actor_start_s"] > 0 and stats["actor_s"] > 0
+    images = art.read("images")
+    assert Counter(images.column("label").to_pylist()) == {0: 5, 1: 5}
+    assert len(set(images.column("id").to_pylist())) == 10
+    assert {json.loads(p)["dtype"] for p in images.column("params").to_pylist()} == {"float32"}
+    shards = sorted(f.name for f in (art.path / "images").glob("part-*.parquet"))
+    assert [name[:len("part-c000000-")] for name in shards] == ["part-c000000-", "part-c000001-"]
+    # an interrupted run whose images were all written: the re-run starts no actor at all
+    (art.path / "_SUCCESS").unlink()
+    again = generate.run(cfg, dataset)
+    assert again.path == art.path and "actors" not in again.stats
+    assert again.stats["counts"]["images"] == 10 and sorted(again.read("images").column("id").to_pylist()) == \
+        sorted(images.column("id").to_pylist())

@@ -418,3 +418,29 @@ def test_an_interrupted_worker_group_stage_resumes_from_its_own_checkpoint(ray_s
     art = train.run(cfg, dataset, manifest, epoch_hook=partial(log_start, str(tmp_path)))
     assert [e for e, _, _ in _starts(tmp_path)] == [0, 1, 2, 2, 3]  # epochs 0 and 1 ran once
     assert art.read("history").column(S.EPOCH).to_pylist() == [0, 1, 2, 3]
+
+
+def test_fit_resolves_auto_gpu_options_for_its_device(data, tmp_path, monkeypatch):
+    """On a CPU context "auto" means no autocast, contiguous tensors and no torch.compile; an
+    explicit ``train.compile=true`` compiles the training model (torch.compile faked here)."""
+    _, dataset, manifest = data
+    seen = {"amp": [], "compiled": 0}
+    real_autocast = train._autocast_factory
+
+    def autocast(amp, device):
+        seen["amp"].append(amp)
+        return real_autocast(amp, device)
+
+    def fake_compile(model, **kw):
+        seen["compiled"] += 1
+        return model
+
+    monkeypatch.setattr(train, "_autocast_factory", autocast)
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    spec = train.build_spec(_cfg(tmp_path, "train.max_epochs=1"), dataset, manifest)
+    assert spec.train.amp == "auto"
+    train.fit(spec, train.LocalContext(tmp_path / "auto"))
+    assert seen == {"amp": ["none"], "compiled": 0}
+    spec = train.build_spec(_cfg(tmp_path, "train.max_epochs=1", "train.compile=true"), dataset, manifest)
+    train.fit(spec, train.LocalContext(tmp_path / "compiled"))
+    assert seen["compiled"] == 1

@@ -111,6 +111,8 @@ def load_pipeline(model: str, *, revision: Optional[str] = None, kind: PipelineK
     Returns:
         A diffusers pipeline on ``device`` with its progress bar disabled.
     """
+    if not isinstance(channels_last, bool):  # an unresolved "auto" (GenerateConfig.resolved)
+        raise ValueError(f"channels_last must be true or false here, got {channels_last!r}")
     diffusers = require("diffusers")
     if kind not in PIPELINE_CLASSES:
         raise ValueError(f"pipeline kind {kind!r} is not one of {list(PIPELINE_CLASSES)}")
