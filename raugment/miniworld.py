@@ -5,7 +5,8 @@ train and held-out test splits) + a larger captioned pool of the same world (:fu
 build_pool`: class images, distractors of other colour/shape pairs, noisy captions, fault URLs)
 that also holds slightly altered copies of some *test* images (so the leakage audit has real
 leaks to find) + a second, held-out pool (another seed, no faults) on which the small CLIP's
-precision@n is measured. Every image is drawn by :mod:`raugment.synthetic`.
+precision@n is measured + a larger training-only pool (a third seed, no faults, never served) that
+the CLIP trains on together with the served pool. Every image is drawn by :mod:`raugment.synthetic`.
 
 ``raugment models train-mini OUT_DIR`` (:func:`train_mini`) builds the world and trains the small
 models on its pool — a CLIP (open_clip format) and a text-conditioned diffusion model (diffusers
@@ -34,9 +35,10 @@ log = logging.getLogger(__name__)
 STAGE = "mini_models"
 INFO_FILE = "mini_models.json"
 POOL_DIR, HELDOUT_DIR, CLIP_DIR, DIFFUSION_DIR = "pool", "heldout", "clip", "diffusion"
+CLIP_TRAIN_DIR = "clip_train"
 # Offsets of the pools' seeds from the world seed: the held-out pool never shares a draw with the
 # training pool, and neither with the dataset (whose generators are seeded by (seed, split, class)).
-_POOL_SEED, _HELDOUT_SEED = 1000, 2000
+_POOL_SEED, _HELDOUT_SEED, _CLIP_TRAIN_SEED = 1000, 2000, 3000
 
 
 @dataclass(frozen=True)
@@ -95,10 +97,14 @@ def near_duplicates(syn: SyntheticConfig, per_class: int, seed: int) -> list[tup
 
 
 def build_world(out: str | Path, mini: MiniConfig, syn: SyntheticConfig, seed: int = 0) -> dict[str, Path]:
-    """Write the world's captioned pool and held-out pool under ``out``; returns their directories.
+    """Write the world's captioned pool, held-out pool and CLIP training pool under ``out``.
+
+    Returns:
+        ``{"pool": ..., "heldout": ...}`` directories, plus ``"clip_train"`` when the ``mini``
+        section asks for a training-only pool.
 
     Args:
-        out: directory to write (``pool/``, ``heldout/``).
+        out: directory to write (``pool/``, ``heldout/``, ``clip_train/``).
         mini: pool sizes (``mini`` section).
         syn: the labelled dataset's section; its test images are the ones near-duplicated.
         seed: the dataset's seed (``dataset.seed``); the pools' seeds are derived from it.
@@ -114,7 +120,13 @@ def build_world(out: str | Path, mini: MiniConfig, syn: SyntheticConfig, seed: i
     heldout = build_pool(out / HELDOUT_DIR, names, per_class=mini.heldout_per_class,
                          distractors=mini.distractors, seed=seed + _HELDOUT_SEED, size=syn.size,
                          fault_rate=0.0, noisy_caption_rate=0.0)
-    return {"pool": pool, "heldout": heldout}
+    paths = {"pool": pool, "heldout": heldout}
+    if mini.clip_train_per_class:
+        # Captions as noisy as the served pool's: it is the same world, only larger.
+        paths["clip_train"] = build_pool(out / CLIP_TRAIN_DIR, names, per_class=mini.clip_train_per_class,
+                                         distractors=mini.clip_train_distractors,
+                                         seed=seed + _CLIP_TRAIN_SEED, size=syn.size, fault_rate=0.0)
+    return paths
 
 
 def clip_precision(clip_dir: str | Path, pool_dir: str | Path, names: Sequence[str], n: int) -> dict[str, Any]:
@@ -167,9 +179,9 @@ def train_mini(root: str | Path, cfg: Config) -> MiniModels:
         paths = build_world(run.path, mini, cfg.dataset.synthetic, seed)
         t0 = time.process_time()
         w0 = time.perf_counter()
-        train_small_clip(paths["pool"], run.path / CLIP_DIR, seed=seed, minutes=float("inf"),
-                         max_steps=mini.clip_steps, batch_size=mini.clip_batch_size, lr=mini.clip_lr,
-                         num_threads=mini.num_threads)
+        train_small_clip([p for k, p in paths.items() if k != "heldout"], run.path / CLIP_DIR, seed=seed,
+                         minutes=float("inf"), max_steps=mini.clip_steps, batch_size=mini.clip_batch_size,
+                         lr=mini.clip_lr, num_threads=mini.num_threads, shift=mini.clip_shift)
         info: dict[str, Any] = {
             "classes": names,
             "clip": {"steps": mini.clip_steps, "train_cpu_s": round(time.process_time() - t0, 2),

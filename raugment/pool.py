@@ -299,14 +299,21 @@ class _Handler(BaseHTTPRequestHandler):
 # --------------------------------------------------------------------------------------------
 
 
-def train_small_clip(pool_dir: str | Path, out_dir: str | Path, seed: int = 0, minutes: float = 1.0,
-                     max_steps: int | None = None, batch_size: int = 64, lr: float = 2e-3,
-                     num_threads: int | None = None) -> Path:
+def train_small_clip(pool_dir: str | Path | Sequence[str | Path], out_dir: str | Path, seed: int = 0,
+                     minutes: float = 1.0, max_steps: int | None = None, batch_size: int = 64, lr: float = 2e-3,
+                     num_threads: int | None = None, weight_decay: float = 0.05, shift: int = 0) -> Path:
     """Contrastively train the tiny open_clip on the pool's (image, caption) pairs; save it for ``load_clip``.
 
     Training stops after ``minutes`` of wall time or ``max_steps`` steps, whichever comes first
     (give ``max_steps`` for a result that does not depend on machine load). ``num_threads`` limits
     torch's threads while training (on a crowded machine one thread is often faster).
+
+    Args:
+        pool_dir: one pool directory, or several whose rows are trained on together.
+        weight_decay: AdamW's decoupled weight decay.
+        shift: image augmentation besides the horizontal flip: each training image is moved by up
+            to ``shift`` pixels along each axis (edge pixels repeated). Colour is never altered: it
+            is half of every class name.
     """
     import torch
 
@@ -314,19 +321,32 @@ def train_small_clip(pool_dir: str | Path, out_dir: str | Path, seed: int = 0, m
     if num_threads:
         torch.set_num_threads(num_threads)
     try:
-        return _train_small_clip(pool_dir, out_dir, seed, minutes, max_steps, batch_size, lr)
+        return _train_small_clip(pool_dir, out_dir, seed, minutes, max_steps, batch_size, lr, weight_decay, shift)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_small_clip(pool_dir: str | Path, out_dir: str | Path, seed: int, minutes: float,
-                      max_steps: int | None, batch_size: int, lr: float) -> Path:
+def _shift(x, gen, shift: int):
+    """Move each image of the batch ``x`` (N, C, H, W) by its own random offset in ``[-shift, shift]``²."""
+    import torch
+
+    h, w = x.shape[-2:]
+    pad = torch.nn.functional.pad(x, (shift, shift, shift, shift), mode="replicate")
+    off = torch.randint(0, 2 * shift + 1, (len(x), 2), generator=gen)
+    return torch.stack([p[:, dy:dy + h, dx:dx + w] for p, (dy, dx) in zip(pad, off.tolist())])
+
+
+def _train_small_clip(pool_dir: str | Path | Sequence[str | Path], out_dir: str | Path, seed: int, minutes: float,
+                      max_steps: int | None, batch_size: int, lr: float, weight_decay: float, shift: int) -> Path:
     import torch
 
     from raugment.imageio import decode_image
     from raugment.models.clip import TINY_MODEL_CFG, build_clip_model, load_clip, save_clip
 
-    table = read_pool(pool_dir)
+    import pyarrow as pa
+
+    dirs = [pool_dir] if isinstance(pool_dir, (str, Path)) else list(pool_dir)
+    table = pa.concat_tables([read_pool(d).select([schema.IMAGE, schema.CAPTION]) for d in dirs])
     captions = table.column(schema.CAPTION).to_pylist()
     torch.manual_seed(seed)
     model = build_clip_model(TINY_MODEL_CFG, seed=seed)
@@ -339,7 +359,8 @@ def _train_small_clip(pool_dir: str | Path, out_dir: str | Path, seed: int, minu
     # The 49,408-row token table dominates a CPU step; fixed random token vectors are distinct
     # enough for the transformer above them to learn the pool's few words.
     model.token_embedding.weight.requires_grad_(False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.05)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                            weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     deadline = time.monotonic() + 60.0 * minutes
     step, n, loss = 0, len(captions), torch.zeros(())
@@ -348,6 +369,8 @@ def _train_small_clip(pool_dir: str | Path, out_dir: str | Path, seed: int, minu
         x = pixels[idx]
         flip = torch.rand(len(idx), generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        if shift:
+            x = _shift(x, gen, shift)
         img = model.encode_image(x, normalize=True)
         txt = model.encode_text(tokens[idx], normalize=True)
         logits = model.logit_scale.exp() * img @ txt.T

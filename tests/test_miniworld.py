@@ -8,24 +8,28 @@ from raugment.cli import main
 from raugment.config import ConfigError, MiniConfig, SyntheticConfig, load_config, section_hash
 from raugment.pool import read_pool
 
-SMALL = MiniConfig(pool_per_class=5, distractors=4, near_duplicates=2, heldout_per_class=3)
+SMALL = MiniConfig(pool_per_class=5, distractors=4, near_duplicates=2, heldout_per_class=3,
+                   clip_train_per_class=2, clip_train_distractors=1)
 SYN = SyntheticConfig(num_classes=2, train_per_class=4, test_per_class=3)
 
 
 def _tables(out):
-    return read_pool(out["pool"]), read_pool(out["heldout"])
+    return read_pool(out["pool"]), read_pool(out["heldout"]), read_pool(out["clip_train"])
 
 
 def test_world_is_deterministic_for_a_seed(tmp_path):
     a = _tables(miniworld.build_world(tmp_path / "a", SMALL, SYN, seed=0))
     b = _tables(miniworld.build_world(tmp_path / "b", SMALL, SYN, seed=0))
     c = _tables(miniworld.build_world(tmp_path / "c", SMALL, SYN, seed=1))
-    assert a[0].equals(b[0]) and a[1].equals(b[1])
+    assert all(x.equals(y) for x, y in zip(a, b))
     assert a[0].column(schema.IMAGE).to_pylist() != c[0].column(schema.IMAGE).to_pylist()
-    # pool: 2 classes x 5 + 4 distractors + 2 classes x 2 near-duplicates; held-out: 2 x 3 + 4
-    assert a[0].num_rows == 18 and a[1].num_rows == 10
-    # the held-out pool shares no image with the training pool
-    assert not set(a[0].column(schema.IMAGE).to_pylist()) & set(a[1].column(schema.IMAGE).to_pylist())
+    # pool: 2 classes x 5 + 4 distractors + 2 classes x 2 near-duplicates; held-out: 2 x 3 + 4;
+    # CLIP training pool: 2 x 2 + 1
+    assert a[0].num_rows == 18 and a[1].num_rows == 10 and a[2].num_rows == 5
+    # the held-out pool shares no image with either pool the CLIP trains on
+    held = set(a[1].column(schema.IMAGE).to_pylist())
+    assert not held & set(a[0].column(schema.IMAGE).to_pylist())
+    assert not held & set(a[2].column(schema.IMAGE).to_pylist())
 
 
 def test_near_duplicates_are_leaks_of_test_images(tmp_path):
@@ -54,14 +58,15 @@ def test_trained_clip_finds_the_classes_on_the_heldout_pool(mini_world, tmp_path
 
     cfg, _, models = mini_world
     held = models.info["clip"]["heldout"]
-    # The goal is 0.8; the demo's settings measure 0.69 on this held-out pool (0.875 on the
-    # training pool; chance 0.17), so this checks the level reached, not the goal (see demo.yaml).
-    assert held["n"] == cfg.mini.precision_n and held["precision_at_n"] >= 0.6
+    # The goal is 0.8 (chance 0.17). demo.yaml's settings, chosen on validation seeds 7 and 8
+    # (0.80, 0.79), measure 0.7625 on this held-out pool (seed 0): the goal is NOT met yet, so this
+    # checks the level reached, with a margin of a few images for float differences across machines.
+    assert held["n"] == cfg.mini.precision_n and held["precision_at_n"] >= 0.7
     names = miniworld.class_names(cfg.dataset.synthetic)
     assert miniworld.clip_precision(models.clip, models.heldout, names, held["n"]) == held
     # the untrained CLIP of the same architecture is far worse: the score measures the training
     random = miniworld.clip_precision(write_tiny_clip(tmp_path / "r"), models.heldout, names, held["n"])
-    assert random["precision_at_n"] < held["precision_at_n"] - 0.3  # measured: 0.225 vs 0.69
+    assert random["precision_at_n"] < held["precision_at_n"] - 0.3  # measured: 0.225 vs 0.7625
 
 
 def test_train_mini_second_call_is_a_pure_skip(mini_world, capsys):
@@ -105,6 +110,7 @@ def test_train_mini_calls_the_diffusion_trainer_with_the_pool(tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "raugment.models.mini_diffusion", module)
     cfg = load_config(None, ["mini.pool_per_class=3", "mini.distractors=2", "mini.heldout_per_class=2",
                              "mini.precision_n=2", "mini.clip_steps=1", "mini.diffusion_steps=7",
+                             "mini.clip_train_per_class=2", "mini.clip_train_distractors=1",
                              "dataset.synthetic.num_classes=2", "dataset.seed=5"])
     models = miniworld.train_mini(tmp_path, cfg)
     assert calls == [(models.pool, 5, 7, 32, 1)]

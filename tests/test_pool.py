@@ -88,3 +88,34 @@ def test_train_small_clip_saves_a_loadable_model_that_changed(pool, tmp_path):
     moved = [n for n, p in trained.model.state_dict().items()
              if p.dtype.is_floating_point and not np.allclose(p.numpy(), untrained.state_dict()[n].numpy())]
     assert moved and "token_embedding.weight" not in moved  # trained, with the token table frozen
+
+
+def test_train_small_clip_on_two_pools_with_shift_is_deterministic(pool, tmp_path):
+    import torch
+
+    from raugment.models.clip import load_clip
+
+    def weights(name):
+        path = train_small_clip([pool, pool], tmp_path / name, seed=1, max_steps=2, num_threads=1, shift=2)
+        return load_clip(str(path)).model.state_dict()
+
+    a, b = weights("a"), weights("b")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    plain = load_clip(str(train_small_clip(pool, tmp_path / "c", seed=1, max_steps=2, num_threads=1))).model
+    assert not all(torch.equal(a[n], plain.state_dict()[n]) for n in a)  # the shift changed what it saw
+
+
+def test_shift_moves_images_without_changing_their_pixels():
+    import torch
+
+    from raugment.pool import _shift
+
+    x = torch.rand(16, 3, 8, 8)
+    out = _shift(x, torch.Generator().manual_seed(0), 2)
+    pad = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
+    offsets = []
+    for i in range(len(x)):
+        hits = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(out[i], pad[i, :, dy:dy + 8, dx:dx + 8])]
+        assert hits  # a translated copy: no value is invented or recoloured
+        offsets.append(hits[0])
+    assert len(set(offsets)) > 1  # each image draws its own offset
