@@ -221,6 +221,9 @@ class GenerateConfig:
     :meth:`resolved`; SDPA is on everywhere). ``device: auto`` is the GPU when the pool asks for
     one (``pool.num_gpus > 0``; Ray hides GPUs from actors that do not), else the CPU. A sample flagged by the
     safety checker is replaced by a new seed, at most ``max_attempts_per_image`` tries per image.
+    ``shard_images``: a class's slots are made in chunks of this many (by slot index), each
+    written as one shard once complete, so a kill loses at most the chunks in progress and a
+    resumed run writes the same shards, from the same batches, as an uninterrupted one.
     ``conditioning``: a fine-tuning stage directory for the personalised methods, used when no
     fine-tuning artifact is passed to ``generate.run`` (the CLI otherwise runs that stage).
     """
@@ -245,6 +248,7 @@ class GenerateConfig:
     vae_slicing: bool = False
     safety_checker: bool = True
     max_attempts_per_image: int = 10
+    shard_images: int = 256
     conditioning: Optional[str] = None
     image_format: Literal["JPEG", "PNG", "WEBP"] = "JPEG"
     quality: int = 90
@@ -257,6 +261,7 @@ class GenerateConfig:
         _positive(self.steps, f"{key}.steps")
         _positive(self.num_sets, f"{key}.num_sets")
         _positive(self.max_attempts_per_image, f"{key}.max_attempts_per_image")
+        _positive(self.shard_images, f"{key}.shard_images")
         for dim in ("height", "width"):
             v = getattr(self, dim)
             if v <= 0 or v % 8:

@@ -6,7 +6,9 @@ also have cosine >= that value. Pairs come from a FAISS binary range search, nev
 
 Which copy stays: the **highest-ranked**, meaning the lowest ``rank`` (retrieval: most similar to
 the prompt; generation: made first), rows without a rank after all ranked ones, ties broken by
-source order (inputs in the order given, then their files, then rows).
+the input's position (inputs in the order given), then by image id — never by the order of rows
+or shards inside an input, which follows how a stage happened to write them (worker timing, a
+resumed run) and would make the kept set differ between two runs of the same study.
 
 How clusters are resolved: **greedy by rank**, not union-find. Walking images from the highest to
 the lowest rank, an image is kept unless it is a near-duplicate of an image already kept; then its
@@ -59,10 +61,13 @@ class DedupPlan:
     distance: np.ndarray
 
 
-def priority_order(ranks: Sequence[int | None]) -> np.ndarray:
-    """Row indices from highest- to lowest-ranked (lowest rank first, no rank last, then source order)."""
+def priority_order(ranks: Sequence[int | None], ties: Sequence[Any] | None = None) -> np.ndarray:
+    """Row indices from highest- to lowest-ranked: lowest rank first, no rank last, then by ``ties``
+    (e.g. (input position, id) pairs; row order when not given)."""
     r = np.array([NO_RANK if x is None else int(x) for x in ranks], dtype=np.int64)
-    return np.argsort(r, kind="stable")
+    if ties is None:
+        return np.argsort(r, kind="stable")
+    return np.array(sorted(range(len(r)), key=lambda i: (r[i], ties[i])), dtype=np.int64)
 
 
 def greedy_by_rank(n: int, q: np.ndarray, r: np.ndarray, d: np.ndarray, order: np.ndarray) -> DedupPlan:
@@ -102,7 +107,8 @@ def confirm_by_cosine(q: np.ndarray, r: np.ndarray, embeddings: np.ndarray, min_
 
 
 def plan_dedup(codes: np.ndarray, ranks: Sequence[int | None], max_distance: int,
-               embeddings: np.ndarray | None = None, min_cosine: float | None = None) -> DedupPlan:
+               embeddings: np.ndarray | None = None, min_cosine: float | None = None,
+               ties: Sequence[Any] | None = None) -> DedupPlan:
     """The pure core: pHash codes (+ optional embeddings) and ranks -> which rows stay.
 
     Args:
@@ -112,6 +118,7 @@ def plan_dedup(codes: np.ndarray, ranks: Sequence[int | None], max_distance: int
         embeddings: (n, d) L2-normalised CLIP embeddings for the second test (rows not in any pHash
             pair are never read, so they may be zeros).
         min_cosine: the second test's threshold; ``None`` skips it.
+        ties: per-row key that orders rows of equal rank (default: row order).
     """
     from raugment.hashing import self_pairs
 
@@ -121,7 +128,7 @@ def plan_dedup(codes: np.ndarray, ranks: Sequence[int | None], max_distance: int
             raise ValueError("plan_dedup: min_cosine needs embeddings")
         ok = confirm_by_cosine(q, r, embeddings, min_cosine)
         q, r, d = q[ok], r[ok], d[ok]
-    return greedy_by_rank(len(codes), q, r, d, priority_order(ranks))
+    return greedy_by_rank(len(codes), q, r, d, priority_order(ranks, ties))
 
 
 # ---- the stage -------------------------------------------------------------------------------
@@ -154,7 +161,7 @@ def run(cfg: Config, added: Sequence[Artifact]) -> Artifact:
 
     Args:
         cfg: the whole config; reads ``dedup`` (and ``cluster`` to reach Ray).
-        added: artifacts with an ``images`` table, in source order (it breaks rank ties).
+        added: artifacts with an ``images`` table, in priority order (it breaks rank ties).
     """
     from raugment.hashing import image_files
 
@@ -172,7 +179,8 @@ def run(cfg: Config, added: Sequence[Artifact]) -> Artifact:
         from raugment.hashing import hash_artifacts, to_codes
 
         files = [f for a in added for f in image_files(a)]
-        offsets = np.concatenate([[0], np.cumsum(_row_counts(files))]).astype(np.int64)
+        counts = _row_counts(files)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         light = hash_artifacts(added, section.hash_side, section.pool, LIGHT_COLUMNS,
                                local_max_rows=section.local_rows, cluster=cfg.cluster)
         if light.num_rows != offsets[-1]:
@@ -182,6 +190,10 @@ def run(cfg: Config, added: Sequence[Artifact]) -> Artifact:
         valid = np.flatnonzero(phash.is_valid().to_numpy(zero_copy_only=False))
         codes = to_codes(phash.take(pa.array(valid)))
         ranks = light.column(S.RANK).take(pa.array(valid)).to_pylist()
+        # equal ranks: the input's position, then the id (never the row order inside an input)
+        source = np.repeat([i for i, a in enumerate(added) for _ in image_files(a)], counts)
+        ids = light.column(S.ID).to_pylist()
+        ties = [(int(source[v]), ids[v]) for v in valid]
         embeddings = None
         if section.clip_cosine is not None:
             from raugment.hashing import self_pairs
@@ -189,7 +201,7 @@ def run(cfg: Config, added: Sequence[Artifact]) -> Artifact:
             q, r, _ = self_pairs(codes, section.max_distance)
             involved = valid[np.unique(np.concatenate([q, r]))]
             embeddings = _embed_rows(cfg, files, offsets, involved, n)[valid]
-        plan = plan_dedup(codes, ranks, section.max_distance, embeddings, section.clip_cosine)
+        plan = plan_dedup(codes, ranks, section.max_distance, embeddings, section.clip_cosine, ties)
 
         keep = np.zeros(n, dtype=bool)
         keep[valid[plan.keep]] = True

@@ -20,11 +20,14 @@ Dataflow of ``run(cfg, dataset, finetune=None)`` (stage ``generate``)::
   safety checker flags is dropped and the slot is retried with the next attempt's seed (attempt
   ``k`` -> ``slot_seed(..., k)``) up to ``max_attempts_per_image`` times; a slot still unfilled is
   recorded ("nsfw_unfillable") and its class reported in ``stats.json`` (``unfilled_classes``).
-* **Resumable.** Actors write shards themselves (names start with the class label; one shard per
-  ``SHARD_IMAGES`` images or ``SHARD_SECONDS``, and at the class's end), so a killed run keeps
-  what it flushed; a re-run (or a retried call after an actor restart)
-  reads the class's shards, skips slots already done and continues flagged slots at their next
-  attempt. Failure rows have ids ``<slot id>#<attempt>``, so none is recorded twice.
+* **Resumable, and the same after a resume.** A class's slots are cut into chunks of
+  ``generate.shard_images`` by slot index; an actor makes a whole chunk (NSFW replacements
+  included) and writes it as one ``images`` shard and one ``failures`` shard named by class and
+  chunk. A killed run keeps its finished chunks; a re-run (or a retried call after an actor
+  restart) skips them and redoes an unfinished chunk from its first slot, with the same batches
+  and seeds, so a resumed study trains on exactly the shards an uninterrupted one writes (shard
+  boundaries never depend on timing or on where a kill landed). Failure rows have ids
+  ``<slot id>#<attempt>``.
 * **Provenance.** Every image row has method, prompt, seed, model id/revision, NSFW score and
   ``params`` (scheduler, steps, guidance, size, dtype, attempt, base seed, conditioning, and the
   method's own fields).
@@ -38,7 +41,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections import Counter, defaultdict, deque
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -284,22 +286,17 @@ def generate_batch(pipe: Any, method: GenerationMethod, rows: Sequence[Row], see
 
 
 def generate_class(pipe: Any, method: GenerationMethod, rows: Sequence[Row], cfg: GenerateConfig, *,
-                   scores: Any = None, conditioning: Optional[str] = None,
-                   start_attempts: Optional[dict[str, int]] = None) -> Iterator[tuple[list[Row], list[Row]]]:
-    """Fill a class's slots, replacing flagged samples; yields (image rows, failure rows) per batch.
+                   scores: Any = None, conditioning: Optional[str] = None) -> Iterator[tuple[list[Row], list[Row]]]:
+    """Fill slots of one class, replacing flagged samples; yields (image rows, failure rows) per batch.
 
     A flagged sample's slot goes back to the queue with its next attempt, so later batches stay
     full; a slot flagged ``cfg.max_attempts_per_image`` times yields a ``nsfw_unfillable`` row.
 
     Args:
         pipe: a loaded pipeline of ``method.kind`` (``method.setup`` already called).
-        rows: the slots still missing (planned rows, see :class:`GenerationMethod`).
-        start_attempts: slot id -> first attempt to make (resume after flagged attempts).
+        rows: the slots to make (planned rows, see :class:`GenerationMethod`), in slot order.
     """
-    starts = start_attempts or {}
-    # a slot whose attempts were all flagged in an earlier run is already recorded as unfillable
-    queue = deque((row, starts.get(row[schema.ID], 0)) for row in rows
-                  if starts.get(row[schema.ID], 0) < cfg.max_attempts_per_image)
+    queue = deque((row, 0) for row in rows)
     while queue:
         items = [queue.popleft() for _ in range(min(cfg.pool.batch_size, len(queue)))]
         rows_now = [row for row, _ in items]
@@ -333,49 +330,41 @@ def generate_class(pipe: Any, method: GenerationMethod, rows: Sequence[Row], cfg
 
 
 # --------------------------------------------------------------------------------------------
-# Progress on disk (shards are named by class, so an actor can read just its own)
+# Progress on disk: one images shard and one failures shard per (class, chunk of slots)
 # --------------------------------------------------------------------------------------------
 
 
-def shard_prefix(label: int) -> str:
-    """File-name prefix of a class's shards (``part-c000042-``)."""
-    return f"part-c{int(label):06d}-"
+def chunk_of(row: Row, shard_images: int) -> int:
+    """The chunk of a planned slot: its index within the class // ``generate.shard_images``."""
+    return int(row[schema.INDEX]) // shard_images
 
 
-def class_progress(stage_dir: str | Path, label: int) -> tuple[set[str], dict[str, int]]:
-    """(ids of finished slots, slot id -> next attempt after flagged ones) for one class."""
-    stage_dir = Path(stage_dir)
-    done: set[str] = set()
-    for f in sorted((stage_dir / IMAGES).glob(shard_prefix(label) + "*.parquet")):
-        done.update(pq.read_table(f, columns=[schema.ID]).column(schema.ID).to_pylist())
-    next_attempt: dict[str, int] = {}
-    for f in sorted((stage_dir / FAILURES).glob(shard_prefix(label) + "*.parquet")):
-        t = pq.read_table(f, columns=[schema.ID, schema.REASON])
-        for fid, reason in zip(t.column(schema.ID).to_pylist(), t.column(schema.REASON).to_pylist()):
-            if reason == NSFW:
-                slot, _, attempt = fid.rpartition("#")
-                next_attempt[slot] = max(next_attempt.get(slot, 0), int(attempt) + 1)
-    return done, next_attempt
+def shard_name(label: int, chunk: int) -> str:
+    """File name of a (class, chunk) shard, the same in ``images/`` and ``failures/``."""
+    return f"part-c{int(label):06d}-k{int(chunk):06d}.parquet"
 
 
-def write_class_shard(stage_dir: str | Path, table_name: str, label: int, rows: list[Row],
-                      table_schema: pa.Schema) -> None:
-    """Write ``rows`` (if any) as one new shard of ``table_name`` for class ``label``, atomically."""
-    if rows:
-        name = f"{shard_prefix(label)}{uuid.uuid4().hex[:12]}.parquet"
-        write_parquet_atomic(schema.to_table(rows, table_schema), Path(stage_dir) / table_name / name)
+def done_chunks(stage_dir: str | Path) -> set[tuple[int, int]]:
+    """(label, chunk) of every finished chunk: its ``images`` shard (written last) exists."""
+    done = set()
+    for f in (Path(stage_dir) / IMAGES).glob("part-c*-k*.parquet"):
+        label, chunk = f.stem[len("part-c"):].split("-k")
+        done.add((int(label), int(chunk)))
+    return done
+
+
+def write_chunk(stage_dir: str | Path, label: int, chunk: int, images: list[Row], failures: list[Row]) -> None:
+    """Write a finished chunk atomically: failures first, then images (possibly empty), whose
+    shard marks the chunk done; a rewrite after a crash replaces both with identical content."""
+    for table_name, rows, table_schema in ((FAILURES, failures, schema.FAILURES), (IMAGES, images, schema.IMAGES)):
+        if rows or table_name == IMAGES:
+            write_parquet_atomic(schema.to_table(rows, table_schema),
+                                 Path(stage_dir) / table_name / shard_name(label, chunk))
 
 
 # --------------------------------------------------------------------------------------------
 # Ray wrapper: one persistent actor pool per stage run
 # --------------------------------------------------------------------------------------------
-
-
-# A class's finished batches are buffered and written as one shard once this many images are
-# waiting (or SHARD_SECONDS have passed, or the class is done): fewer, larger shards for the
-# readers downstream, while a kill loses at most a minute of work (a resumed run redoes it).
-SHARD_IMAGES = 256
-SHARD_SECONDS = 60.0
 
 
 class ClassGenerator:
@@ -412,37 +401,30 @@ class ClassGenerator:
         return {"start_s": self.start_s, "loads": self.loads}
 
     def generate(self, label: int, rows: list[Row]) -> dict[str, Any]:
-        """Fill one class's missing ``rows`` (planned rows); write shards; a summary of the class.
+        """Make one class's unfinished chunks of ``rows`` (planned rows); a summary of the class.
 
-        Slots already on disk are skipped first: a retried call (actor restart) or a re-run never
-        redoes them.
+        Chunks already on disk are skipped first: a retried call (actor restart) or a re-run never
+        redoes them; an unfinished chunk is made again from its first slot.
         """
-        done, next_attempt = class_progress(self.stage_dir, label)
-        rows = [r for r in rows if r[schema.ID] not in done]
+        done = done_chunks(self.stage_dir)
+        size = self.cfg.shard_images
+        chunks: dict[int, list[Row]] = defaultdict(list)
+        for row in sorted(rows, key=lambda r: int(r[schema.INDEX])):
+            if (label, chunk_of(row, size)) not in done:
+                chunks[chunk_of(row, size)].append(row)
         counts: Counter = Counter()
-        images: list[Row] = []
-        failures: list[Row] = []
-        t0 = last_flush = time.perf_counter()
-
-        def flush() -> None:
-            # failures first: an image on disk marks its slot done, so its flagged attempts must
-            # already be recorded
-            write_class_shard(self.stage_dir, FAILURES, label, failures, schema.FAILURES)
-            write_class_shard(self.stage_dir, IMAGES, label, images, schema.IMAGES)
-            images.clear()
-            failures.clear()
-
-        for batch_images, batch_failures in generate_class(
-                self.pipe, self.method, rows, self.cfg, scores=self.scores,
-                conditioning=self.conditioning, start_attempts=next_attempt):
-            images += batch_images
-            failures += batch_failures
-            counts["images"] += len(batch_images)
-            counts.update(f[schema.REASON] for f in batch_failures)
-            if len(images) >= SHARD_IMAGES or time.perf_counter() - last_flush >= SHARD_SECONDS:
-                flush()
-                last_flush = time.perf_counter()
-        flush()
+        t0 = time.perf_counter()
+        for chunk, chunk_rows in sorted(chunks.items()):
+            images: list[Row] = []
+            failures: list[Row] = []
+            for batch_images, batch_failures in generate_class(
+                    self.pipe, self.method, chunk_rows, self.cfg, scores=self.scores,
+                    conditioning=self.conditioning):
+                images += batch_images
+                failures += batch_failures
+            write_chunk(self.stage_dir, label, chunk, images, failures)
+            counts["images"] += len(images)
+            counts.update(f[schema.REASON] for f in failures)
         log.info("generate: class %d done (%d images, %d flagged)", label, counts["images"], counts[NSFW])
         return {schema.LABEL: label, "images": counts["images"], NSFW: counts[NSFW],
                 NSFW_UNFILLABLE: counts[NSFW_UNFILLABLE], "seconds": time.perf_counter() - t0}
@@ -588,7 +570,7 @@ def run(cfg: Config, dataset: Artifact, finetune: Optional[Artifact] = None) -> 
     def body(stage: StageRun) -> None:
         import ray
 
-        done = stage.done_ids(IMAGES)
+        done = done_chunks(stage.path)
         actors: list[Any] = []
 
         def pool() -> list[Any]:
@@ -599,7 +581,8 @@ def run(cfg: Config, dataset: Artifact, finetune: Optional[Artifact] = None) -> 
                                          min(g.pool.concurrency, len(classes))))
             return actors
 
-        if len(done) < len(classes) * g.images_per_class:
+        chunks = {(int(c[schema.LABEL]), k) for c in classes for k in range(-(-g.images_per_class // g.shard_images))}
+        if not chunks <= done:
             # Start the pool before planning: actor start-up (process, torch/diffusers import,
             # pipeline load) runs while the driver plans and writes the prompts table.
             pool()
@@ -608,10 +591,11 @@ def run(cfg: Config, dataset: Artifact, finetune: Optional[Artifact] = None) -> 
             planned = method.plan(classes, g, dataset=dataset, finetune=finetune)
             prompts = [{k: r[k] for k in schema.PROMPTS.names if k in r} for r in planned]
             stage.write_single(schema.to_table(prompts, schema.PROMPTS), PROMPTS)
-            missing = [r for r in planned if r[schema.ID] not in done]
+            missing = [r for r in planned if (int(r[schema.LABEL]), chunk_of(r, g.shard_images)) not in done]
             stage.stats.extra["plan_s"] = round(time.perf_counter() - t0, 3)
-            log.info("generate: %s, %d classes x %d images; %d already done, %d to make on %d actors",
-                     method.name, len(classes), g.images_per_class, len(done), len(missing), len(actors))
+            log.info("generate: %s, %d classes x %d images; %d slots already done, %d to make on %d actors",
+                     method.name, len(classes), g.images_per_class, len(planned) - len(missing), len(missing),
+                     len(actors))
             if missing:
                 summary = generate_on_pool(pool(), missing)
                 info = ray.get([a.info.remote() for a in actors])

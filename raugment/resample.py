@@ -88,7 +88,9 @@ def resample_sets(pool: pa.Table, target_counts: Mapping[int, int], ratio: float
         need = needs[label]
         if need == 0:
             continue
-        members = by_class[label]
+        # by id, not by row order: the pool's row order follows how its shards were written
+        # (worker timing, a resumed run), and the sets must depend only on what the pool holds
+        members = sorted(by_class[label], key=lambda i: cols[schema.ID][i])
         rng = np.random.default_rng([seed, label])
         order = _class_order([cols[schema.ID][i] for i in members],
                              [ranks[i] for i in members] if ranks is not None else None, rng)

@@ -29,6 +29,16 @@ def test_keeps_highest_ranked_copy_ties_by_source_order_unranked_last():
     assert plan.distance.tolist() == [3, -1, 5, -1, 1, -1, 1]
 
 
+def test_equal_ranks_are_broken_by_the_tie_key_not_by_row_order():
+    a = _base(7)
+    codes = np.stack([a, _flip(a, [3]), _flip(a, [11])])
+    ties = [(0, "img-b"), (0, "img-a"), (1, "img-0")]  # (input position, id)
+    for perm in ([0, 1, 2], [2, 1, 0], [1, 2, 0]):
+        plan = dedup.plan_dedup(codes[perm], [5, 5, 5], max_distance=4, ties=[ties[i] for i in perm])
+        kept = [ties[i][1] for i, k in zip(perm, plan.keep) if k]
+        assert kept == ["img-a"]  # first input, smallest id, wherever its row sits
+
+
 def test_greedy_does_not_chain_like_union_find():
     a = _base(3)
     b = _flip(a, range(0, 5))

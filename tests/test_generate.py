@@ -169,17 +169,38 @@ def test_unfillable_class_is_reported_not_silent(dataset, tmp_path, sd_flag_all)
     stage.prepare(resumable=True)
     for label in (0, 1):
         rows = [r for r in planned if r["label"] == label]
-        for images, failures in generate.generate_class(pipe, method, rows, cfg.generate):
+        failures = []
+        for images, batch_failures in generate.generate_class(pipe, method, rows, cfg.generate):
             assert not images
-            generate.write_class_shard(stage.path, "failures", label, failures, schema.FAILURES)
+            failures += batch_failures
+        generate.write_chunk(stage.path, label, 0, [], failures)
     generate.summarize(stage, planned, cfg.generate.max_attempts_per_image)
     assert dict(stage.stats.failures) == {"nsfw": 8, "nsfw_unfillable": 4}
     assert stage.stats.extra["unfilled_classes"] == {"n01491361": 2, "n03180011": 2}
-    # a re-run continues flagged slots at their next attempt: nothing left to try here
-    done, next_attempt = generate.class_progress(stage.path, 0)
-    assert not done and set(next_attempt.values()) == {2}
-    rows = [r for r in planned if r["label"] == 0]
-    assert list(generate.generate_class(pipe, method, rows, cfg.generate, start_attempts=next_attempt)) == []
+    # the chunks are done (an empty images shard marks them): a re-run has nothing left to try
+    assert generate.done_chunks(stage.path) == {(0, 0), (1, 0)}
+
+
+def test_a_redone_chunk_is_written_as_an_uninterrupted_run_writes_it(ray_session, dataset, tmp_path, tiny_sd):
+    """Shard boundaries come from slot indices only: a chunk lost in a kill is made again from its
+    first slot with the same batches, so the resumed stage holds the same shards, row for row."""
+    # (tiny_sd: the scripted flag-every-n checker counts samples per process, so it would flag
+    # other samples in a re-run by design)
+    cfg = load_config(None, _overrides(tmp_path, tiny_sd, **{"generate.images_per_class": 5,
+                                                             "generate.shard_images": 2,
+                                                             "generate.pool.batch_size": 2}))
+    art = generate.run(cfg, dataset)
+    names = sorted(f.name for f in (art.path / "images").glob("*.parquet"))
+    assert names == [f"part-c{c:06d}-k{k:06d}.parquet" for c in (0, 1) for k in (0, 1, 2)]
+    first = {n: pq.read_table(art.path / "images" / n) for n in names}
+    # a kill in the middle of chunk 1 of class 0: its images shard was never written
+    (art.path / "_SUCCESS").unlink()
+    (art.path / "images" / names[1]).unlink()
+    again = generate.run(cfg, dataset)
+    assert sorted(f.name for f in (again.path / "images").glob("*.parquet")) == names
+    for n in names:
+        assert pq.read_table(again.path / "images" / n).equals(first[n]), n
+    assert again.stats["counts"]["images"] == 10 and again.stats["failures"] == art.stats["failures"]
 
 
 _KILLED_RUN = """

@@ -68,6 +68,14 @@ def test_deterministic_and_seed_dependent():
     assert a.column("id").to_pylist() != c.column("id").to_pylist()
 
 
+def test_sets_do_not_depend_on_the_pools_row_order():
+    # a pool's row order follows how its shards were written (worker timing, a resumed run)
+    pool, targets = _pool({0: 30, 1: 30}), {0: 5, 1: 5}
+    shuffled = pool.take(pa.array(list(reversed(range(pool.num_rows)))))
+    assert resample_sets(pool, targets, 100, 3, seed=1, artifact="x").equals(
+        resample_sets(shuffled, targets, 100, 3, seed=1, artifact="x"))
+
+
 def test_rank_orders_the_draw():
     table = resample_sets(_pool({0: 20}, rank=True), {0: 4}, 100, 2, seed=0, artifact="x")
     sets = _sets(table)
