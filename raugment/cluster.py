@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 # Stages call init_ray lazily, some from the study's training threads: start Ray only once.
 _INIT_LOCK = threading.Lock()
+# Whether init_ray joined an existing cluster (which may scale up) rather than starting one here.
+_JOINED = False
 
 
 def init_ray(cfg: ClusterConfig, progress: bool = True, runtime_env: dict | None = None) -> None:
@@ -40,8 +42,10 @@ def init_ray(cfg: ClusterConfig, progress: bool = True, runtime_env: dict | None
 def _start(cfg: ClusterConfig, progress: bool, runtime_env: dict | None) -> None:
     import ray
 
+    global _JOINED
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    _JOINED = bool(address)
     if address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
@@ -62,38 +66,73 @@ def _start(cfg: ClusterConfig, progress: bool, runtime_env: dict | None) -> None
     ctx.enable_progress_bars = progress
 
 
-def _resource_requests(section: Any, key: str) -> Iterator[tuple[str, float, float]]:
-    """(dotted key, CPUs, GPUs) of every actor pool / worker group in a config section."""
+def _resource_requests(section: Any, key: str) -> Iterator[tuple[str, float, float, bool]]:
+    """(dotted key, CPUs, GPUs, GPU optional) of every actor pool / worker group in a config section."""
     if isinstance(section, ActorPoolConfig):
-        yield key, section.num_cpus, section.num_gpus
+        yield key, section.num_cpus, section.num_gpus, section.gpu_fallback
     elif isinstance(section, WorkersConfig):
         n = section.num_workers
-        yield key, n * section.cpus_per_worker, n * section.gpus_per_worker if section.use_gpu else 0.0
+        yield key, n * section.cpus_per_worker, n * section.gpus_per_worker if section.use_gpu else 0.0, False
     elif dataclasses.is_dataclass(section):
         for f in dataclasses.fields(section):
             yield from _resource_requests(getattr(section, f.name), f"{key}.{f.name}")
+
+
+def local_gpu_count(cfg: ClusterConfig) -> int:
+    """GPUs a local cluster started here will have, without starting Ray or importing torch:
+    ``cluster.num_gpus`` when set, else the NVIDIA devices this process may use
+    (``CUDA_VISIBLE_DEVICES`` when set, else ``/dev/nvidia<N>``)."""
+    if cfg.num_gpus is not None:
+        return int(cfg.num_gpus)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and not d.strip().startswith("-")])
+    import glob
+
+    return len(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def _joined(cfg: ClusterConfig) -> bool:
+    """Whether this process joins an existing cluster (which may scale) rather than starting one."""
+    return bool(cfg.address or os.environ.get("RAY_ADDRESS"))
+
+
+def _gpu_error(key: str, gpus: float, have: float, where: str) -> ConfigError:
+    if have <= 0:
+        fix = ("set its num_gpus to 0 to run on CPU (slow for diffusion and ResNet-50)"
+               if not key.endswith("workers") else "set use_gpu=false to run on CPU")
+        return ConfigError(f"{key} asks for {gpus:g} GPUs but {where} has none; {fix}, or run where "
+                           "there is a GPU")
+    return ConfigError(f"{key} asks for {gpus:g} GPUs but {where} has {have:g}; lower its num_gpus / "
+                       "workers, or join a cluster with more GPUs")
 
 
 def check_resources(cfg: Config, stage: str) -> None:
     """A stage asking a local cluster of known size for more than it has would wait forever:
     say so before starting anything. Clusters joined by address are not checked (they scale).
 
+    GPUs follow one policy everywhere (see :func:`available_gpus`): a pool with
+    ``gpu_fallback`` runs on CPU when there is no GPU; any other GPU request that the local
+    cluster cannot meet is an error here.
+
     Raises:
         ConfigError: naming the resource key, what it asks and what ``cluster`` offers.
     """
     c = cfg.cluster
     section = getattr(cfg, stage, None)
-    if c.address or os.environ.get("RAY_ADDRESS") or section is None:
+    if _joined(c) or section is None:
         return
-    for key, cpus, gpus in _resource_requests(section, stage):
+    gpus_here: int | None = None
+    for key, cpus, gpus, optional in _resource_requests(section, stage):
         if c.num_cpus is not None and cpus > c.num_cpus:
             raise ConfigError(f"{key} asks for {cpus:g} CPUs but cluster.num_cpus={c.num_cpus}; lower it "
                               "(fractions such as 0.5 are fine) or raise cluster.num_cpus")
-        # A GPU request on a cluster without GPUs is each stage's call (retrieval's pools fall back
-        # to CPU, see available_gpus); more GPUs than a GPU cluster has can never be met.
-        if c.num_gpus and gpus > c.num_gpus:
-            raise ConfigError(f"{key} asks for {gpus:g} GPUs but cluster.num_gpus={c.num_gpus}; lower its "
-                              "num_gpus / workers, or join a cluster with more GPUs")
+        if gpus <= 0:
+            continue
+        gpus_here = local_gpu_count(c) if gpus_here is None else gpus_here
+        if gpus > gpus_here and not (optional and gpus_here == 0):
+            where = f"cluster.num_gpus={c.num_gpus}" if c.num_gpus is not None else "this machine"
+            raise _gpu_error(key, gpus, gpus_here, where)
 
 
 def actor_pool_args(pool: ActorPoolConfig) -> dict[str, Any]:
@@ -129,22 +168,23 @@ def pick_device(preference: str = "auto") -> str:
 
 
 def available_gpus(pool: ActorPoolConfig, key: str) -> float:
-    """The GPUs per actor to ask for: ``pool.num_gpus`` when the cluster has GPUs, else 0 (CPU).
+    """The GPUs per actor to ask Ray for, by the one GPU policy (see :func:`check_resources`).
 
-    An actor asking for a GPU that no node has would wait forever, so a GPU request on a GPU-less
-    cluster runs on CPU instead (logged); asking for more than the cluster has is a config error.
+    A GPU request on a cluster without GPUs: 0 (CPU, logged) when ``pool.gpu_fallback``; else an
+    error on a local cluster (its actors would wait forever), and the request as it is on a joined
+    cluster (an autoscaler may add GPU nodes). More GPUs than a GPU cluster has is an error.
     """
     import ray
 
     if pool.num_gpus <= 0:
         return 0.0
     have = ray.cluster_resources().get("GPU", 0)
-    if have <= 0:
+    if have <= 0 and pool.gpu_fallback:
         log.info("%s.num_gpus=%s but the Ray cluster has no GPU: its actors run on CPU", key, pool.num_gpus)
         return 0.0
-    if pool.num_gpus > have:
-        from raugment.config import ConfigError
-
+    if have <= 0 and not _JOINED:
+        raise _gpu_error(key, pool.num_gpus, 0, "this Ray cluster")
+    if 0 < have < pool.num_gpus:
         raise ConfigError(f"{key}.num_gpus={pool.num_gpus} but this Ray cluster has {have} GPUs; "
                           f"set {key}.num_gpus to at most {have}")
     return float(pool.num_gpus)

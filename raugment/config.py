@@ -77,16 +77,20 @@ def _auto(value: Any, device: str, gpu: Any, cpu: Any) -> Any:
 
 @dataclass
 class ActorPoolConfig:
-    """Resources of one Ray Data actor pool (``map_batches`` with a callable class).
+    """Resources of one actor pool (Ray Data ``map_batches`` or an ``ActorGroup``).
 
     On a 2-CPU box an actor pool that holds every CPU starves its own read tasks (STACK-NOTES,
-    hang 1), hence fractional CPUs by default.
+    hang 1), hence fractional CPUs by default. ``gpu_fallback``: what a GPU request means on a
+    cluster without GPUs — run on CPU instead (logged; for light, optional GPU work such as
+    retrieval's scoring) or, when false, a config error naming the key before anything starts
+    (SD generation on a CPU would take days, so it must be asked for with ``num_gpus: 0``).
     """
 
     concurrency: int = 1
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     batch_size: int = 8
+    gpu_fallback: bool = False
 
     def validate(self, key: str) -> None:
         _positive(self.concurrency, f"{key}.concurrency")
@@ -262,6 +266,9 @@ class GenerateConfig:
         _positive(self.num_sets, f"{key}.num_sets")
         _positive(self.max_attempts_per_image, f"{key}.max_attempts_per_image")
         _positive(self.shard_images, f"{key}.shard_images")
+        if self.pool.gpu_fallback:
+            raise ConfigError(f"{key}.pool.gpu_fallback is not supported: the device decides the pipeline's "
+                              f"dtype and is part of the stage's key; set {key}.pool.num_gpus=0 to generate on CPU")
         for dim in ("height", "width"):
             v = getattr(self, dim)
             if v <= 0 or v % 8:
@@ -394,11 +401,12 @@ class RetrieveConfig:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     # Actors kept for the whole stage (every k round): CLIP + aesthetic predictor for hits that come
     # without an aesthetic score, and the safety checker. They use a GPU when num_gpus > 0 and the
-    # cluster has one (else CPU); fractional CPUs leave room beside the download actors on 2 CPUs.
-    score_pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(num_cpus=0.25, num_gpus=0.25,
-                                                                                batch_size=64))
-    safety_pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(num_cpus=0.25, num_gpus=0.25,
-                                                                                 batch_size=32))
+    # cluster has one, else the CPU (gpu_fallback); fractional CPUs leave room beside the download
+    # actors on 2 CPUs.
+    score_pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(
+        num_cpus=0.25, num_gpus=0.25, batch_size=64, gpu_fallback=True))
+    safety_pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(
+        num_cpus=0.25, num_gpus=0.25, batch_size=32, gpu_fallback=True))
 
     def validate(self, key: str) -> None:
         _positive(self.images_per_class, f"{key}.images_per_class")

@@ -504,17 +504,6 @@ def preflight(cfg: Config) -> None:
     check_config(cfg)
 
 
-def check_resources(cfg: Config) -> None:
-    """A pool asking for GPUs on a local cluster without any would wait forever: say so instead."""
-    import ray
-
-    need = cfg.generate.pool.num_gpus
-    have = ray.cluster_resources().get("GPU", 0)
-    if need > 0 and have < need and not cfg.cluster.address:
-        raise ConfigError(f"generate.pool.num_gpus={need} but this Ray cluster has {have} GPUs; "
-                          "set generate.pool.num_gpus=0 (and a fractional num_cpus) to run on CPU")
-
-
 def read_classes(dataset: Artifact) -> list[Row]:
     return dataset.read("classes", schema=schema.CLASSES).to_pylist()
 
@@ -551,7 +540,7 @@ def run(cfg: Config, dataset: Artifact, finetune: Optional[Artifact] = None) -> 
     Returns:
         The artifact with tables ``images``, ``failures`` and ``prompts.parquet``.
     """
-    from raugment.cluster import init_ray
+    from raugment.cluster import available_gpus, init_ray
 
     # "auto" options resolved for the device the actors will use; the key holds resolved values
     g = cfg.generate.resolved()
@@ -576,7 +565,7 @@ def run(cfg: Config, dataset: Artifact, finetune: Optional[Artifact] = None) -> 
         def pool() -> list[Any]:
             if not actors:
                 init_ray(cfg.cluster, progress=cfg.run.progress)
-                check_resources(cfg)
+                available_gpus(g.pool, "generate.pool")  # a GPU request with none here: an error, not a wait
                 actors.extend(start_pool(g, method, str(stage.path), finetune_path,
                                          min(g.pool.concurrency, len(classes))))
             return actors

@@ -231,6 +231,12 @@ CASES: list[tuple[str, list[str], Setup | None, list[str]]] = [
      ["train.workers asks for 4 CPUs", "cluster.num_cpus=2"]),
     ("more GPUs than the local cluster", ["cluster.num_gpus=1", "generate.pool.num_gpus=2"], None,
      ["generate.pool asks for 2 GPUs", "cluster.num_gpus=1"]),
+    ("generation on a GPU where there is none", ["generate.pool.num_gpus=1"], None,
+     ["generate.pool asks for 1 GPUs", "cluster.num_gpus=0 has none", "num_gpus to 0"]),
+    ("training on a GPU where there is none", ["train.workers.use_gpu=true"], None,
+     ["train.workers asks for 1 GPUs", "has none", "use_gpu=false"]),
+    ("GPU fallback asked of generation", ["generate.pool.gpu_fallback=true"], None,
+     ["generate.pool.gpu_fallback is not supported", "num_gpus=0"]),
     # the data itself (refused by the dataset stage's listing, which needs no Ray)
     ("no class folders", [], _no_class_folders, ["has no class folders"]),
     ("class with zero images", [], _empty_class, ["001.blue_square", "no training images"]),

@@ -205,3 +205,42 @@ def test_retrieve_stage_through_clip_back_matches_local(served):
     for a in arts:
         assert a.stats["counts"]["selected"] == QUOTA * NUM_CLASSES
     assert arts[0].read("images").column(schema.ID).to_pylist() == arts[1].read("images").column(schema.ID).to_pylist()
+
+
+def test_raugment_retrieve_command_through_clip_back_matches_local(served, tmp_path):
+    """``raugment retrieve`` as a user runs it (its own process, Ray, the download and scoring
+    actor pools) against the real server, and against the local index: the same candidates."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from raugment.config import to_dict
+    from raugment.pool import PoolServer
+    from raugment.storage import latest
+
+    root, pool, clip, index_dir, dataset, names, srv = served
+    with PoolServer(pool, faults=False) as pool_srv:
+        local_cfg, knn_cfg = _configs(served, pool_url=pool_srv.url)
+        runs = []
+        for name, section in (("local", local_cfg.retrieve), ("knn", knn_cfg.retrieve)):
+            retrieve_section = to_dict(section)
+            retrieve_section["download"]["pool"] = {"concurrency": 1, "num_cpus": 0.25}
+            cfg = {"run": {"root": str(tmp_path / name), "progress": False},
+                   "cluster": {"num_cpus": 2, "include_dashboard": False},
+                   "dataset": {"source": "synthetic", "synthetic": {"num_classes": NUM_CLASSES}},
+                   "retrieve": retrieve_section}
+            path = tmp_path / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(cfg))
+            out = subprocess.run([sys.executable, "-m", "raugment.cli", "retrieve", "--config", str(path)],
+                                 cwd=REPO, capture_output=True, text=True, timeout=900)
+            assert out.returncode == 0, out.stderr[-3000:]
+            runs.append(latest(tmp_path / name, "retrieve"))
+    cols = [schema.LABEL, schema.RANK, schema.URL, schema.CAPTION, schema.STATUS, schema.REASON]
+    local, knn = ([{c: r[c] for c in cols}
+                   for r in sorted(a.read("candidates").to_pylist(), key=lambda r: (r[schema.LABEL], r[schema.RANK]))]
+                  for a in runs)
+    assert {r[schema.LABEL] for r in local} == set(range(NUM_CLASSES))
+    assert knn == local
+    assert runs[0].stats["counts"]["selected"] == runs[1].stats["counts"]["selected"] == QUOTA * NUM_CLASSES
+    assert runs[1].stats["actors"], "the command's downloads and scoring ran on Ray actor pools"

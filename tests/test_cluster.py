@@ -106,17 +106,39 @@ def test_actor_groups_reuse_their_actors_and_retrieval_defaults_fit(ray_session)
             group.close()
 
 
-def test_gpus_only_when_the_cluster_has_them(monkeypatch):
+def test_one_gpu_policy_for_every_pool(monkeypatch):
+    """No GPU: a pool with gpu_fallback runs on CPU, any other request is an error on a local
+    cluster and waits for the autoscaler on a joined one; more than there is: an error."""
     import ray
 
-    from raugment.cluster import available_gpus
+    from raugment import cluster
+    from raugment.cluster import available_gpus, check_resources, local_gpu_count
     from raugment.config import ConfigError
 
-    pool = ActorPoolConfig(num_gpus=0.25)
+    optional = Config().retrieve.score_pool
+    assert optional.num_gpus > 0 and optional.gpu_fallback
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    assert available_gpus(pool, "retrieve.score_pool") == 0.0               # no GPU: run on CPU, never wait
+    monkeypatch.setattr(cluster, "_JOINED", False)
+    assert available_gpus(optional, "retrieve.score_pool") == 0.0          # no GPU: run on CPU, never wait
+    with pytest.raises(ConfigError, match="generate.pool asks for 1 GPUs but this Ray cluster has none"):
+        available_gpus(ActorPoolConfig(num_gpus=1), "generate.pool")
+    monkeypatch.setattr(cluster, "_JOINED", True)
+    assert available_gpus(ActorPoolConfig(num_gpus=1), "generate.pool") == 1.0  # GPU nodes may come
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
-    assert available_gpus(pool, "retrieve.score_pool") == 0.25
+    assert available_gpus(optional, "retrieve.score_pool") == 0.25
     assert available_gpus(ActorPoolConfig(num_gpus=0), "x") == 0.0
     with pytest.raises(ConfigError, match="retrieve.score_pool.num_gpus"):
-        available_gpus(ActorPoolConfig(num_gpus=2), "retrieve.score_pool")
+        available_gpus(ActorPoolConfig(num_gpus=2, gpu_fallback=True), "retrieve.score_pool")
+    # the same rule before Ray starts, from what the machine has
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    cfg = Config()
+    assert local_gpu_count(cfg.cluster) == 0
+    check_resources(cfg, "retrieve")                                         # fallback pools pass
+    with pytest.raises(ConfigError, match="generate.pool asks for 1 GPUs but this machine has none"):
+        check_resources(cfg, "generate")                                     # default: a GPU
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert local_gpu_count(cfg.cluster) == 2
+    check_resources(cfg, "generate")
+    cfg.cluster.num_gpus = 1
+    assert local_gpu_count(cfg.cluster) == 1
