@@ -181,7 +181,9 @@ def train_mini(root: str | Path, cfg: Config) -> MiniModels:
         w0 = time.perf_counter()
         train_small_clip([p for k, p in paths.items() if k != "heldout"], run.path / CLIP_DIR, seed=seed,
                          minutes=float("inf"), max_steps=mini.clip_steps, batch_size=mini.clip_batch_size,
-                         lr=mini.clip_lr, num_threads=mini.num_threads, shift=mini.clip_shift)
+                         lr=mini.clip_lr, num_threads=mini.num_threads, shift=mini.clip_shift,
+                         warmup_steps=mini.clip_warmup_steps, cosine=mini.clip_cosine,
+                         caption_positives=mini.clip_caption_positives)
         info: dict[str, Any] = {
             "classes": names,
             "clip": {"steps": mini.clip_steps, "train_cpu_s": round(time.process_time() - t0, 2),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
 import threading
 import time
@@ -301,7 +302,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 def train_small_clip(pool_dir: str | Path | Sequence[str | Path], out_dir: str | Path, seed: int = 0,
                      minutes: float = 1.0, max_steps: int | None = None, batch_size: int = 64, lr: float = 2e-3,
-                     num_threads: int | None = None, weight_decay: float = 0.05, shift: int = 0) -> Path:
+                     num_threads: int | None = None, weight_decay: float = 0.05, shift: int = 0,
+                     warmup_steps: int = 0, cosine: bool = False, caption_positives: bool = False) -> Path:
     """Contrastively train the tiny open_clip on the pool's (image, caption) pairs; save it for ``load_clip``.
 
     Training stops after ``minutes`` of wall time or ``max_steps`` steps, whichever comes first
@@ -314,14 +316,24 @@ def train_small_clip(pool_dir: str | Path | Sequence[str | Path], out_dir: str |
         shift: image augmentation besides the horizontal flip: each training image is moved by up
             to ``shift`` pixels along each axis (edge pixels repeated). Colour is never altered: it
             is half of every class name.
+        warmup_steps: the learning rate rises linearly from ``lr / warmup_steps`` to ``lr`` over
+            these first steps.
+        cosine: after the warm-up, decay the learning rate to 0 along a half cosine ending at
+            ``max_steps`` (which must then be given).
+        caption_positives: in the contrastive loss, count every image of the batch whose caption
+            is the same string as a text's caption as a match of that text (and vice versa), with
+            equal shares, instead of treating it as a negative. Uses only the captions.
     """
     import torch
 
+    if cosine and max_steps is None:
+        raise ValueError("train_small_clip: cosine=True decays over max_steps; give max_steps")
     threads = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(num_threads)
     try:
-        return _train_small_clip(pool_dir, out_dir, seed, minutes, max_steps, batch_size, lr, weight_decay, shift)
+        return _train_small_clip(pool_dir, out_dir, seed, minutes, max_steps, batch_size, lr, weight_decay, shift,
+                                 warmup_steps, cosine, caption_positives)
     finally:
         torch.set_num_threads(threads)
 
@@ -336,8 +348,27 @@ def _shift(x, gen, shift: int):
     return torch.stack([p[:, dy:dy + h, dx:dx + w] for p, (dy, dx) in zip(pad, off.tolist())])
 
 
+def lr_at(step: int, lr: float, warmup_steps: int = 0, cosine_steps: int | None = None) -> float:
+    """The learning rate of ``step`` (0-based): linear warm-up over ``warmup_steps``, then constant,
+    or a half cosine down to 0 at ``cosine_steps`` when given."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if cosine_steps is None:
+        return lr
+    done = (step - warmup_steps) / max(1, cosine_steps - warmup_steps)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
+
+
+def contrastive_targets(caption_ids):
+    """Soft targets (N, N) of a batch's image->text loss: each row's matches are the texts with the
+    same caption id, in equal shares. Symmetric, so the text->image loss uses the same matrix."""
+    same = (caption_ids[:, None] == caption_ids[None, :]).float()
+    return same / same.sum(1, keepdim=True)
+
+
 def _train_small_clip(pool_dir: str | Path | Sequence[str | Path], out_dir: str | Path, seed: int, minutes: float,
-                      max_steps: int | None, batch_size: int, lr: float, weight_decay: float, shift: int) -> Path:
+                      max_steps: int | None, batch_size: int, lr: float, weight_decay: float, shift: int,
+                      warmup_steps: int, cosine: bool, caption_positives: bool) -> Path:
     import torch
 
     from raugment.imageio import decode_image
@@ -361,6 +392,8 @@ def _train_small_clip(pool_dir: str | Path | Sequence[str | Path], out_dir: str 
     model.token_embedding.weight.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                             weight_decay=weight_decay)
+    # Rows with the same caption string share an id: their pairs are positives, not negatives.
+    caption_ids = torch.from_numpy(np.unique(np.array(captions), return_inverse=True)[1].reshape(-1))
     gen = torch.Generator().manual_seed(seed)
     deadline = time.monotonic() + 60.0 * minutes
     step, n, loss = 0, len(captions), torch.zeros(())
@@ -374,9 +407,11 @@ def _train_small_clip(pool_dir: str | Path | Sequence[str | Path], out_dir: str 
         img = model.encode_image(x, normalize=True)
         txt = model.encode_text(tokens[idx], normalize=True)
         logits = model.logit_scale.exp() * img @ txt.T
-        target = torch.arange(len(idx))
+        target = contrastive_targets(caption_ids[idx]) if caption_positives else torch.arange(len(idx))
         loss = (torch.nn.functional.cross_entropy(logits, target)
                 + torch.nn.functional.cross_entropy(logits.T, target)) / 2
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, lr, warmup_steps, max_steps if cosine else None)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -81,7 +81,8 @@ def _pool_ids(pool_dir: Path) -> list[str]:
 
 def test_assets_are_prepared_once(tmp_path):
     small = ["mini.pool_per_class=4", "mini.distractors=4", "mini.heldout_per_class=2", "mini.precision_n=2",
-             "mini.clip_steps=1", "mini.diffusion=false", "dataset.synthetic.num_classes=2"]
+             "mini.clip_steps=1", "mini.clip_train_per_class=2", "mini.clip_train_distractors=1",
+             "mini.diffusion=false", "dataset.synthetic.num_classes=2"]
     cfg = demo.build_config(None, small, str(tmp_path))
     paths = demo.prepare_assets(tmp_path, cfg)
     assert {"sd", "clip", "aesthetic", "classifier", "pool", "pool_clip", "mini"} <= set(paths)

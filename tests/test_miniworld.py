@@ -58,15 +58,16 @@ def test_trained_clip_finds_the_classes_on_the_heldout_pool(mini_world, tmp_path
 
     cfg, _, models = mini_world
     held = models.info["clip"]["heldout"]
-    # The goal is 0.8 (chance 0.17). demo.yaml's settings, chosen on validation seeds 7 and 8
-    # (0.80, 0.79), measure 0.7625 on this held-out pool (seed 0): the goal is NOT met yet, so this
-    # checks the level reached, with a margin of a few images for float differences across machines.
-    assert held["n"] == cfg.mini.precision_n and held["precision_at_n"] >= 0.7
+    # The goal is 0.8 (chance 0.17). demo.yaml's settings, chosen on validation seeds 7-10
+    # (0.8625, 0.7875, 0.825, 0.8125), measure 0.8125 on this held-out pool (seed 0), per class
+    # 0.75-0.85: one image above the goal.
+    assert held["n"] == cfg.mini.precision_n and held["precision_at_n"] >= 0.8
+    assert min(held["per_class"].values()) >= 0.7  # no class left behind (measured minimum 0.75)
     names = miniworld.class_names(cfg.dataset.synthetic)
     assert miniworld.clip_precision(models.clip, models.heldout, names, held["n"]) == held
     # the untrained CLIP of the same architecture is far worse: the score measures the training
     random = miniworld.clip_precision(write_tiny_clip(tmp_path / "r"), models.heldout, names, held["n"])
-    assert random["precision_at_n"] < held["precision_at_n"] - 0.3  # measured: 0.225 vs 0.7625
+    assert random["precision_at_n"] < held["precision_at_n"] - 0.3  # measured: 0.225 vs 0.8125
 
 
 def test_train_mini_second_call_is_a_pure_skip(mini_world, capsys):

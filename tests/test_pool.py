@@ -119,3 +119,46 @@ def test_shift_moves_images_without_changing_their_pixels():
         assert hits  # a translated copy: no value is invented or recoloured
         offsets.append(hits[0])
     assert len(set(offsets)) > 1  # each image draws its own offset
+
+
+def test_lr_at_warms_up_then_follows_a_half_cosine_to_zero():
+    from raugment.pool import lr_at
+
+    assert [lr_at(s, 1.0, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]  # then constant
+    cos = [lr_at(s, 2.0, 4, 12) for s in range(13)]
+    assert cos[:4] == [0.5, 1.0, 1.5, 2.0] and cos[4] == 2.0
+    assert cos[8] == pytest.approx(1.0) and cos[12] == pytest.approx(0.0)
+    assert all(a > b for a, b in zip(cos[4:], cos[5:]))
+    assert lr_at(3, 1.0) == 1.0  # no warm-up, no decay: the plain constant rate
+
+
+def test_contrastive_targets_share_a_text_among_equal_captions():
+    import torch
+
+    from raugment.pool import contrastive_targets
+
+    t = contrastive_targets(torch.tensor([4, 7, 4, 9]))
+    assert torch.equal(t, t.T) and torch.allclose(t.sum(1), torch.ones(4))
+    assert t[0].tolist() == [0.5, 0.0, 0.5, 0.0] and t[1].tolist() == [0.0, 1.0, 0.0, 0.0]
+    # all captions distinct: CLIP's usual diagonal targets
+    assert torch.equal(contrastive_targets(torch.arange(3)), torch.eye(3))
+
+
+def test_train_small_clip_schedule_and_caption_positives_change_training(pool, tmp_path):
+    import torch
+
+    from raugment.models.clip import load_clip
+
+    def weights(name, **kw):
+        path = train_small_clip(pool, tmp_path / name, seed=2, max_steps=3, num_threads=1, batch_size=128, **kw)
+        return load_clip(str(path)).model.state_dict()
+
+    plain = weights("plain")
+    both = dict(warmup_steps=2, cosine=True, caption_positives=True)
+    a, b = weights("a", **both), weights("b", **both)
+    assert all(torch.equal(a[n], b[n]) for n in a)  # deterministic for a seed
+    for name, kw in (("warm", {"warmup_steps": 2}), ("pos", {"caption_positives": True})):
+        other = weights(name, **kw)
+        assert not all(torch.equal(other[n], plain[n]) for n in plain), name
+    with pytest.raises(ValueError, match="max_steps"):
+        train_small_clip(pool, tmp_path / "x", cosine=True, num_threads=1)
