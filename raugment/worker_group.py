@@ -23,6 +23,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from raugment.cluster import release_idle_pools
 from raugment.config import WorkersConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -205,6 +206,7 @@ class GroupPool:
                     group.shutdown()
                     return idle
                 self._release_other_shapes(want)
+                release_idle_pools()  # idle generate/filter/index actors of a study may hold the CPUs
         except BaseException:
             group.shutdown()
             raise
