@@ -77,10 +77,14 @@ def _auto(value: Any, device: str, gpu: Any, cpu: Any) -> Any:
 
 @dataclass
 class ActorPoolConfig:
-    """Resources of one Ray Data actor pool (``map_batches`` with a callable class).
+    """Resources of one actor pool: a ``cluster.ActorGroup`` (generate, filter, index, retrieval's
+    pools: ``concurrency`` actors) or a Ray Data ``map_batches`` actor pool (Inception features);
+    ``batch_size`` is the items per model call.
 
     On a 2-CPU box an actor pool that holds every CPU starves its own read tasks (STACK-NOTES,
-    hang 1), hence fractional CPUs by default.
+    hang 1), hence fractional CPUs by default. Inside a study a group is kept between stage runs
+    of the same class and resources (``cluster.POOLS``) and given back before any stage that
+    needs the CPUs.
     """
 
     concurrency: int = 1
@@ -298,7 +302,7 @@ class IndexConfig:
 
     ``source="images"``: ``path`` is a Parquet file/directory of captioned images (url, caption,
     image bytes; optional aesthetic_score, nsfw_score, pool_label) or a folder of images with
-    ``<name>.txt`` captions; CLIP image embeddings are computed on a Ray Data actor pool.
+    ``<name>.txt`` captions; CLIP image embeddings are computed on an actor pool (``pool``).
     ``source="embeddings"``: ``path`` holds LAION's published layout, ``img_emb/*.npy`` +
     ``metadata/*.parquet`` (row i of the concatenated shards = embedding i); ``clip_model`` then
     only records which model made them (the text side must use the same one).
@@ -414,7 +418,8 @@ class FilterConfig:
     """Filters applied to added images (``raugment.filter``); each dropped row keeps its reason.
 
     Filters run in the order listed; a row is dropped for the first filter it fails (all scores
-    are still filled). Model-backed filters load their model once per actor of ``pool``.
+    are still filled). Model-backed filters load their model once per actor of ``pool`` (once per
+    study when consecutive filter runs have equal settings: the actors are kept in a study).
     """
 
     filters: list[str] = field(default_factory=lambda: ["min_size", "nsfw", "aesthetic"])
