@@ -315,7 +315,9 @@ class ActorGroup:
                 break
             if timeout_s is not None:
                 return False
-            POOLS.release_idle()
+            # Not ready yet: placed and still starting (imports take a while on a busy box), or
+            # not placed because idle pools hold the resources; only the latter gives them back.
+            release_idle_pools(self.resources[1], self.resources[2])
         return True
 
     @property
@@ -500,6 +502,16 @@ def keep_pools() -> contextlib.AbstractContextManager[ActorPools]:
     return POOLS.keep()
 
 
-def release_idle_pools() -> int:
-    """Give the resources of idle actor pools back (before Ray work that is not a leased pool)."""
+def release_idle_pools(need_cpus: float | None = None, need_gpus: float = 0.0) -> int:
+    """Give the resources of idle actor pools back (before Ray work that is not a leased pool).
+
+    With ``need_cpus`` (a waiting actor's request), only when the cluster has no room for it now:
+    an actor that is placed but still starting must not cost the study its warm pools.
+    """
+    if need_cpus is not None:
+        import ray
+
+        free = ray.available_resources()
+        if free.get("CPU", 0.0) >= need_cpus - 1e-9 and (need_gpus <= 0 or free.get("GPU", 0.0) >= need_gpus - 1e-9):
+            return 0
     return POOLS.release_idle()

@@ -206,7 +206,8 @@ class GroupPool:
                     group.shutdown()
                     return idle
                 self._release_other_shapes(want)
-                release_idle_pools()  # idle generate/filter/index actors of a study may hold the CPUs
+                # idle generate/filter/index actors of a study may hold the CPUs it waits for
+                release_idle_pools(workers.cpus_per_worker, workers.gpus_per_worker if workers.use_gpu else 0.0)
         except BaseException:
             group.shutdown()
             raise
