@@ -405,7 +405,57 @@ class ActorGroup:
         self.close()
 
 
-class ActorPools:
+class IdleScope:
+    """Things kept idle between uses inside a scope (actor pools here, worker groups in
+    :mod:`raugment.worker_group`): given back after a use, one is kept while a :meth:`keep`
+    scope is open (stopped at once outside one, or when broken), and all are stopped when the
+    outermost scope ends or :meth:`release_idle` is called. Subclasses say how to stop one."""
+
+    what = "groups"  # for the log
+
+    def __init__(self) -> None:
+        self._idle: list[Any] = []
+        self._lock = threading.Lock()
+        self._scopes = 0
+
+    def _stop(self, item: Any) -> None:
+        raise NotImplementedError
+
+    def _give_back(self, item: Any, reusable: bool) -> None:
+        """After a use: keep ``item`` idle inside a scope when it is reusable, else stop it."""
+        with self._lock:
+            keep = self._scopes > 0 and reusable
+            if keep:
+                self._idle.append(item)
+        if not keep:
+            self._stop(item)
+
+    @contextlib.contextmanager
+    def keep(self) -> Iterator[Any]:
+        """Keep things alive between uses until the outermost scope ends, then stop them."""
+        with self._lock:
+            self._scopes += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._scopes -= 1
+                last = self._scopes == 0
+            if last:
+                self.release_idle()
+
+    def release_idle(self) -> int:
+        """Stop everything idle (its CPUs/GPUs go back to Ray); how many there were."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for item in idle:
+            self._stop(item)
+        if idle:
+            log.info("%s: stopped %d idle one(s)", self.what, len(idle))
+        return len(idle)
+
+
+class ActorPools(IdleScope):
     """Idle :class:`ActorGroup`\ s by (class, resources); reused only inside a :meth:`keep` scope.
 
     A stage leases its group (:meth:`lease`); inside a scope (a study) the group goes back to the
@@ -414,10 +464,10 @@ class ActorPools:
     the loaded model). Outside a scope, or when the group failed, it is stopped after its lease.
     """
 
+    what = "actor pools"
+
     def __init__(self) -> None:
-        self._idle: list[ActorGroup] = []
-        self._lock = threading.Lock()
-        self._scopes = 0
+        super().__init__()
         self.started = 0  # groups started by this process
         self.reused = 0   # leases served by an idle group
 
@@ -457,36 +507,10 @@ class ActorPools:
         try:
             yield group
         finally:
-            with self._lock:
-                keep = self._scopes > 0 and not group.broken and bool(group.actors)
-                if keep:
-                    self._idle.append(group)
-            if not keep:
-                group.close()
+            self._give_back(group, not group.broken and bool(group.actors))
 
-    @contextlib.contextmanager
-    def keep(self) -> Iterator["ActorPools"]:
-        """Keep leased groups alive between stage runs until the outermost scope ends."""
-        with self._lock:
-            self._scopes += 1
-        try:
-            yield self
-        finally:
-            with self._lock:
-                self._scopes -= 1
-                last = self._scopes == 0
-            if last:
-                self.release_idle()
-
-    def release_idle(self) -> int:
-        """Stop every idle group (their CPUs/GPUs go back to Ray); how many there were."""
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for g in idle:
-            g.close()
-        if idle:
-            log.info("actor pools: stopped %d idle group(s)", len(idle))
-        return len(idle)
+    def _stop(self, group: ActorGroup) -> None:
+        group.close()
 
     def idle_pids(self) -> list[list[int]]:
         """Process ids of each idle group (tests, logs)."""
