@@ -175,8 +175,8 @@ def _spec_key(cls: type, args: tuple, kwargs: dict) -> str:
 class _Hosted:
     """A Ray actor that hosts one plain object and calls its methods (see :class:`ActorGroup`).
 
-    The object is built from a spec (class, args, kwargs) kept in the object store; every call
-    carries the key of the spec it wants, and the actor builds a new object first when its own
+    The object is built from a spec (class, args, kwargs): the first comes with the constructor,
+    later ones are fetched from the object store; every call carries the key of the spec it wants, and the actor builds a new object first when its own
     differs. So a group re-hosts a new object without a new process, and an actor that Ray
     restarted (which re-runs ``__init__`` with the first spec) catches up on its next call.
     """
@@ -262,12 +262,13 @@ class ActorGroup:
         self.broken = False
         self._pids: dict[str, int] = {}
         self._seen_builds: dict[tuple[str, int], int] = {}
-        self._spec_refs: list[Any] = []
         self.cls = cls
         self._set_spec(cls, args, kwargs)
         remote = ray.remote(_Hosted).options(num_cpus=pool.num_cpus, num_gpus=gpus, max_restarts=2,
                                              max_task_retries=2)
-        self.actors = [remote.remote(self._key, self._box) for _ in range(self.resources[0])]
+        # The first spec goes by value: Ray restarts an actor with its constructor arguments, and
+        # those must not depend on an object-store entry staying alive.
+        self.actors = [remote.remote(self._key, [(cls, args, kwargs)]) for _ in range(self.resources[0])]
         self._ready = [a.whoami.remote() for a in self.actors]
         self._pool: Any = None
 
@@ -276,10 +277,8 @@ class ActorGroup:
 
         self.cls = cls
         self._key = _spec_key(cls, args, kwargs)
-        ref = ray.put((cls, args, kwargs))
-        # Keep every spec's ref while the group lives: a restarted actor re-reads its first one.
-        self._spec_refs.append(ref)
-        self._box = [ref]  # in a list, so Ray passes the ref itself and the actor fetches it only when needed
+        # in a list, so Ray passes the ref itself and an actor fetches the spec only when it re-hosts
+        self._box = [ray.put((cls, args, kwargs))]
 
     def host(self, cls: type, *args: Any, **kwargs: Any) -> bool:
         """Host ``cls(*args, **kwargs)`` from now on; False when it is what the actors host already.
@@ -291,7 +290,6 @@ class ActorGroup:
         if key == self._key:
             return False
         self._set_spec(cls, args, kwargs)
-        self._spec_refs = self._spec_refs[:1] + [self._box[0]]
         for actor in self.actors:
             actor.info.remote(self._key, self._box)
         return True
