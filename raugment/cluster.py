@@ -328,22 +328,23 @@ class ActorGroup:
         """``obj.method(item)`` for each item across the actors; results in order, or as they finish."""
         from ray.util import ActorPool
 
-        self.wait_ready()
-        if self._pool is None:
-            self._pool = ActorPool(self.actors)
         key, box = self._key, self._box
 
         def submit(actor: Any, item: Any) -> Any:
             return actor.call.remote(key, box, method, item)
 
         try:
+            self.wait_ready()
+            if self._pool is None:
+                self._pool = ActorPool(self.actors)
             results = (self._pool.map(submit, list(items)) if ordered
                        else self._pool.map_unordered(submit, list(items)))
             for actor_id, result in results:
                 self.served[actor_id] = self.served.get(actor_id, 0) + 1
                 yield result
         except BaseException:
-            self.broken = True  # never hand a group out again mid-way through a failed map
+            # a failed (or abandoned) map: never hand the group out again with calls in flight
+            self.broken = True
             raise
 
     def info(self) -> list[dict[str, Any]]:
