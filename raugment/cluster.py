@@ -57,6 +57,8 @@ def _start(cfg: ClusterConfig, progress: bool, runtime_env: dict | None) -> None
             kwargs["_temp_dir"] = os.path.abspath(cfg.temp_dir)
         if cfg.object_store_memory:
             kwargs["object_store_memory"] = cfg.object_store_memory
+        # read by the raylet this starts (a joined cluster's raylets were started elsewhere)
+        os.environ["RAY_worker_niceness"] = str(cfg.worker_niceness)
         log.info("starting a local Ray (%s)", ", ".join(f"{k}={v}" for k, v in kwargs.items()))
         ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()

@@ -226,3 +226,24 @@ def test_a_group_ray_cannot_place_takes_the_cpus_of_idle_pools(ray_session):
         with POOLS.lease(_Gated, ActorPoolConfig(concurrency=1, num_cpus=cpus * 0.5), "/", 3) as next_:
             assert list(next_.map("scale", [[1]])) == [[3]]            # placed once the idle pool left
             assert big.actors == [] and POOLS.idle_pids() == []
+
+
+class _Nice:
+    def nice(self, _):
+        import os
+
+        return os.nice(0)
+
+
+@pytest.mark.timeout(240)
+def test_stage_actors_run_at_the_configured_niceness_not_rays_15(ray_session):
+    """Ray starts workers at nice 15 by default: on a shared box every other process would take the
+    CPU from the stage actors. A cluster started by init_ray uses cluster.worker_niceness (0)."""
+    from raugment.cluster import ActorGroup
+    from raugment.config import ClusterConfig, ConfigError, from_dict
+
+    assert ClusterConfig().worker_niceness == 0
+    with ActorGroup(_Nice, ActorPoolConfig(concurrency=1, num_cpus=0.25)) as group:
+        assert list(group.map("nice", [None])) == [0]
+    with pytest.raises(ConfigError, match="cluster.worker_niceness"):
+        from_dict({"cluster": {"worker_niceness": -5}})
