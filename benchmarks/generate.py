@@ -1,4 +1,4 @@
-"""Generation stage on a Ray Data actor pool vs. a plain diffusers loop (ratio in one run).
+"""Generation stage on its actor pool vs. a plain diffusers loop (ratios in one run).
 
 Both sides generate the same prompts (the stage's own plan: same seeds, same order within a
 class) with the same model, options and diffusion batch size, and encode each image as the stage
@@ -6,19 +6,24 @@ does. The plain loop is what one writes by hand: load the pipeline, loop over ba
 
 Figures, one line:
 
-* ``stage`` img/s: end to end, ``generate.run`` wall time (Ray Data planning, actor start with
+* ``stage`` img/s: end to end, ``generate.run`` wall time (planning, a fresh actor process with
   its torch/diffusers imports and model load, generation, shard writes, stats);
-* ``plain`` img/s: pipeline load + loop (run before and after the stage; the mean is used);
+* ``plain`` img/s: pipeline load + loop (run before and after the stage; the mean is used), and
+  the same with the loop's own torch/diffusers imports (what a hand-written script pays too);
+* start-up: stage wall time outside its generation loop vs. the plain loop's load (+ imports);
+* warm pool: the same stage again (other seeds) in the actors of the first run kept in a study
+  scope (``cluster.keep_pools``), as a study's later generation runs get them;
 * generation only: time inside the actor's generation loop (the stage's ``actor_s``) vs. the
   plain loop without its pipeline load, i.e. both without one-off start-up; that ratio shows
   what the stage costs per image (shard writes, bookkeeping), the end-to-end one what it costs
-  to start (Ray Data, an actor process importing torch/diffusers, model load), which a long
-  run amortises.
+  to start (an actor process importing torch/diffusers, model load), which a long run or a
+  study's warm pool amortises.
 
 On this CPU-only box both sides use one torch thread: an actor with ``num_cpus=0.5`` gets
-``OMP_NUM_THREADS=1`` from Ray, and the plain loop runs in a fresh interpreter started the same way. With ``--model`` and ``--num-gpus 1`` on a GPU machine it measures
-the real thing (``--arch sd14``: the full-size SD v1.4 architecture with random weights, at 512 px
-and 50 steps), adding the TFLOP/s reached and the fraction of the GPU's ceiling.
+``OMP_NUM_THREADS=1`` from Ray, and the plain loop runs in a fresh interpreter started the same
+way. With ``--model`` and ``--num-gpus 1`` on a GPU machine it measures the real thing
+(``--arch sd14``: the full-size SD v1.4 architecture with random weights, at 512 px and 50
+steps), adding the TFLOP/s reached and the fraction of the GPU's ceiling.
 
 Usage: ``python benchmarks/generate.py [--classes 4 --per-class 16 --steps 10 --size 64 --batch-size 8]``;
 on a GPU: ``--arch sd14 --size 512 --steps 50 --batch-size 32 --dtype float16 --num-gpus 1 --num-cpus 4``.
@@ -53,14 +58,20 @@ def fake_dataset(root: Path, classes: int):
     return run_stage(root, "dataset", {"bench": classes}, {}, body)
 
 
-def plain_loop(cfg, rows, device: str) -> tuple[float, float]:
-    """(seconds for load + generate + encode, seconds for generate + encode) of a plain loop."""
+def plain_loop(cfg, rows, device: str) -> tuple[float, float, float]:
+    """Seconds of a plain loop: (load + generate + encode, generate + encode, imports + load + generate + encode).
+
+    The imports are torch and diffusers (with transformers), which a hand-written script pays too.
+    """
+    t_imports = time.perf_counter()
+    import diffusers  # noqa: F401  (timed: load_pipeline would import it inside the load otherwise)
     import torch
 
     from raugment.imageio import encode_image
     from raugment.models.diffusion import load_pipeline
 
     g = cfg.generate.resolved(device)  # the "auto" GPU options, as the stage's actors resolve them
+    imports_s = time.perf_counter() - t_imports
     t0 = time.perf_counter()
     pipe = load_pipeline(g.model, dtype=g.dtype, device=device, scheduler=g.scheduler, sdpa=g.sdpa,
                          channels_last=g.channels_last, compile=g.compile, vae_slicing=g.vae_slicing)
@@ -77,7 +88,7 @@ def plain_loop(cfg, rows, device: str) -> tuple[float, float]:
             for img in out.images:
                 encode_image(img, g.image_format, g.quality)
     t2 = time.perf_counter()
-    return t2 - t0, t2 - t1
+    return t2 - t0, t2 - t1, t2 - t0 + imports_s
 
 
 def parse_args() -> argparse.Namespace:
@@ -115,7 +126,7 @@ def setup(args: argparse.Namespace, work: Path, model: str):
     return cfg, dataset, method.plan(generate.read_classes(dataset), cfg.generate, dataset=dataset, finetune=None)
 
 
-def run_plain(args: argparse.Namespace, work: Path, model: str, device: str) -> tuple[float, float]:
+def run_plain(args: argparse.Namespace, work: Path, model: str, device: str) -> tuple[float, float, float]:
     """The plain loop in a fresh interpreter with the thread count Ray gives the actor (a process
     that starts single-threaded, not the driver with Ray's threads beside it)."""
     env = dict(os.environ)
@@ -131,8 +142,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     from raugment import generate
-    from raugment.cluster import init_ray, pick_device
-    from raugment.config import ClusterConfig
+    from raugment.cluster import init_ray, keep_pools, pick_device
+    from raugment.config import ClusterConfig, with_overrides
     from raugment.models.diffusion import write_random_sd
 
     device = pick_device("cuda" if args.num_gpus > 0 else "cpu")
@@ -146,18 +157,30 @@ def main() -> None:
     n = len(rows)
     init_ray(ClusterConfig(temp_dir=tempfile.mkdtemp(prefix="rt-", dir="/tmp")), progress=False)
 
-    # plain, stage, plain again: the mean of the two plain runs cancels slow drift of a shared box
-    first = run_plain(args, work, model, device)
-    t0 = time.perf_counter()
-    art = generate.run(cfg, dataset)
-    stage_s = time.perf_counter() - t0
-    second = run_plain(args, work, model, device)
-    plain_s, plain_gen_s = (first[0] + second[0]) / 2, (first[1] + second[1]) / 2
+    # plain, stage, plain again: the mean of the two plain runs cancels slow drift of a shared box.
+    # Then the stage again in the warm actors that a study's later generation runs get (the first
+    # run's pool kept in a study scope; other seeds, same model settings).
+    with keep_pools():
+        first = run_plain(args, work, model, device)
+        t0 = time.perf_counter()
+        art = generate.run(cfg, dataset)
+        stage_s = time.perf_counter() - t0
+        second = run_plain(args, work, model, device)
+        t1 = time.perf_counter()
+        warm = generate.run(with_overrides(cfg, {"generate.seed": cfg.generate.seed + 1}), dataset)
+        warm_s = time.perf_counter() - t1
+    plain_s, plain_gen_s, plain_all_s = ((a + b) / 2 for a, b in zip(first, second))
     actor_s = art.stats["actor_s"]
-    assert art.stats["counts"]["images"] == n, art.stats
+    assert art.stats["counts"]["images"] == n == warm.stats["counts"]["images"], art.stats
+    assert warm.stats["actors_reused"] and warm.stats["pipeline_loads"] == 0, warm.stats
     print(f"generate: {n} images ({args.classes} classes), {args.size} px, {args.steps} steps, batch "
           f"{args.batch_size}, {device}: stage {n / stage_s:.2f} img/s end to end, plain loop "
-          f"{n / plain_s:.2f} img/s with load (ratio {plain_s / stage_s:.3f}); generation only: actor "
+          f"{n / plain_s:.2f} img/s with load (ratio {plain_s / stage_s:.3f}), {n / plain_all_s:.2f} img/s "
+          f"with its torch/diffusers imports too (ratio {plain_all_s / stage_s:.3f}); start-up: stage "
+          f"{stage_s - actor_s:.1f} s (actor build {art.stats['actor_start_s']:.1f} s, plan "
+          f"{art.stats['plan_s']:.2f} s), plain {plain_s - plain_gen_s:.1f} s load + "
+          f"{plain_all_s - plain_s:.1f} s imports; warm pool (a study's next run): {n / warm_s:.2f} img/s "
+          f"(ratio {plain_s / warm_s:.3f}); generation only: actor "
           f"{n / actor_s:.2f} img/s, plain {n / plain_gen_s:.2f} img/s (ratio {plain_gen_s / actor_s:.3f}; "
           f"plain runs {n / first[1]:.2f} and {n / second[1]:.2f} img/s)" + ceiling(args, n / actor_s, device))
 

@@ -9,6 +9,7 @@ and the dashboard is on so Tune can clean up the placement groups of early-stopp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -60,6 +61,8 @@ def _start(cfg: ClusterConfig, progress: bool, runtime_env: dict | None) -> None
             kwargs["_temp_dir"] = os.path.abspath(cfg.temp_dir)
         if cfg.object_store_memory:
             kwargs["object_store_memory"] = cfg.object_store_memory
+        # read by the raylet this starts (a joined cluster's raylets were started elsewhere)
+        os.environ["RAY_worker_niceness"] = str(cfg.worker_niceness)
         log.info("starting a local Ray (%s)", ", ".join(f"{k}={v}" for k, v in kwargs.items()))
         ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()
@@ -190,83 +193,390 @@ def available_gpus(pool: ActorPoolConfig, key: str) -> float:
     return float(pool.num_gpus)
 
 
-class _Hosted:
-    """A Ray actor that builds one plain object and calls its methods (see :class:`ActorGroup`)."""
+# While a new group waits for Ray to place its actors, look this often for idle groups to give back
+# (their CPUs may be exactly what it waits for), as worker_group does for training groups.
+PLACEMENT_POLL_S = 2.0
 
-    def __init__(self, cls: type, args: tuple, kwargs: dict):
+# Stages that may run while leased pools sit idle: they use no Ray, lease pools themselves, run
+# ActorGroups (whose placement gives idle pools back when it stalls) or release idle pools before
+# their own Ray Data work (hashing). Before any other stage (training, fine-tuning, tuning, a new
+# stage) a study gives every idle pool back, so none can hold the CPUs that stage waits for.
+POOL_SAFE_STAGES = ("generate", "filter", "index", "retrieve", "dedup", "audit", "assemble", "select",
+                    "report")
+
+
+def _spec_key(cls: type, args: tuple, kwargs: dict) -> str:
+    """Equal class + constructor arguments -> equal key (compared on the driver, before re-hosting)."""
+    import hashlib
+
+    import cloudpickle
+
+    return hashlib.sha256(cloudpickle.dumps((cls, args, kwargs))).hexdigest()[:16]
+
+
+class _Hosted:
+    """A Ray actor that hosts one plain object and calls its methods (see :class:`ActorGroup`).
+
+    The object is built from a spec (class, args, kwargs): the first comes with the constructor,
+    later ones are fetched from the object store; every call carries the key of the spec it wants, and the actor builds a new object first when its own
+    differs. So a group re-hosts a new object without a new process, and an actor that Ray
+    restarted (which re-runs ``__init__`` with the first spec) catches up on its next call.
+    """
+
+    def __init__(self, key: str, box: list):
+        self.key: str | None = None
+        self.obj: Any = None
+        self.builds = 0       # objects built by this process (= model loads of their constructors)
+        self.build_s = 0.0    # seconds spent building them (imports + model loads)
+        self._host(key, box)
+
+    def _host(self, key: str, box: list) -> None:
+        if key == self.key:
+            return
+        import time
+
+        import ray
+
+        t0 = time.perf_counter()
+        spec = box[0]
+        cls, args, kwargs = ray.get(spec) if isinstance(spec, ray.ObjectRef) else spec
+        self.obj = None  # free the old object (and its model) before building the next
         self.obj = cls(*args, **kwargs)
+        self.key = key
+        self.builds += 1
+        self.build_s += time.perf_counter() - t0
 
     def whoami(self) -> tuple[str, int]:
         import ray
 
         return ray.get_runtime_context().get_actor_id(), os.getpid()
 
-    def call(self, method: str, item: Any) -> tuple[str, Any]:
+    def info(self, key: str, box: list) -> dict[str, Any]:
+        """The process's builds; the hosted object's own ``info()`` too when it has one."""
         import ray
 
+        self._host(key, box)
+        out = {"actor_id": ray.get_runtime_context().get_actor_id(), "pid": os.getpid(),
+               "builds": self.builds, "build_s": self.build_s}
+        if hasattr(self.obj, "info"):
+            out.update(self.obj.info())
+        return out
+
+    def call(self, key: str, box: list, method: str, item: Any) -> tuple[str, Any]:
+        import ray
+
+        self._host(key, box)
         return ray.get_runtime_context().get_actor_id(), getattr(self.obj, method)(item)
 
 
 class ActorGroup:
-    """``pool.concurrency`` Ray actors hosting ``cls(*args, **kwargs)``, started once, reused by every map.
+    """``size`` Ray actors (default ``pool.concurrency``) hosting ``cls(*args, **kwargs)``, reused by every map.
 
     Ray Data starts a fresh actor pool for every Dataset it executes, so a stage that maps again and
-    again (retrieval's k rounds) would pay process start-up and model loading every time; these
-    actors live until :meth:`close` (use the group as a context manager). ``ray.util.ActorPool``
-    hands each item to the next idle actor. Actors are restarted (and their call retried) up to
-    twice when their process dies, so methods must be safe to repeat.
+    again (retrieval's k rounds) or a study that runs a stage many times would pay process start-up
+    (torch/diffusers/open_clip imports) and model loading every time; these actors live until
+    :meth:`close` (or, leased from :data:`POOLS` inside :func:`keep_pools`, until the study ends).
+    Construction only asks Ray for the actors and returns: they start and build the object in the
+    background (overlapping whatever the caller does next); the first :meth:`map` waits for them.
+    :meth:`host` swaps in a new object (same processes). ``ray.util.ActorPool`` hands each item to
+    the next idle actor. Actors are restarted (and their call retried) up to twice when their
+    process dies, so methods must be safe to repeat.
 
     Attributes:
         name: label for logs and stats.
+        cls: the class hosted now.
+        resources: (actors, CPUs, GPUs per actor): groups of equal class and resources are interchangeable.
         actors: the actor handles.
-        started: actor id -> process id of every actor this group started.
         served: actor id -> number of calls it answered.
+        leases: how many times :data:`POOLS` has handed this group out (1 = started for its first lease).
     """
 
     def __init__(self, cls: type, pool: ActorPoolConfig, *args: Any, num_gpus: float | None = None,
-                 name: str | None = None, **kwargs: Any):
+                 name: str | None = None, size: int | None = None, **kwargs: Any):
         import ray
-        from ray.util import ActorPool
 
         self.name = name or cls.__name__
         self.batch_size = pool.batch_size
-        remote = ray.remote(_Hosted).options(
-            num_cpus=pool.num_cpus, num_gpus=pool.num_gpus if num_gpus is None else num_gpus,
-            max_restarts=2, max_task_retries=2)
-        self.actors = [remote.remote(cls, args, kwargs) for _ in range(pool.concurrency)]
-        self.started: dict[str, int] = dict(ray.get([a.whoami.remote() for a in self.actors]))
+        gpus = pool.num_gpus if num_gpus is None else num_gpus
+        self.resources = (size or pool.concurrency, pool.num_cpus, gpus)
         self.served: dict[str, int] = {}
-        self._pool = ActorPool(self.actors)
-        log.info("started %d %s actor(s)", len(self.actors), self.name)
+        self.leases = 1
+        self.broken = False
+        self._pids: dict[str, int] = {}
+        self._seen_builds: dict[tuple[str, int], int] = {}
+        self.cls = cls
+        self._set_spec(cls, args, kwargs)
+        remote = ray.remote(_Hosted).options(num_cpus=pool.num_cpus, num_gpus=gpus, max_restarts=2,
+                                             max_task_retries=2)
+        # The first spec goes by value: Ray restarts an actor with its constructor arguments, and
+        # those must not depend on an object-store entry staying alive.
+        self.actors = [remote.remote(self._key, [(cls, args, kwargs)]) for _ in range(self.resources[0])]
+        self._ready = [a.whoami.remote() for a in self.actors]
+        self._pool: Any = None
+
+    def _set_spec(self, cls: type, args: tuple, kwargs: dict) -> None:
+        import ray
+
+        self.cls = cls
+        self._key = _spec_key(cls, args, kwargs)
+        # in a list, so Ray passes the ref itself and an actor fetches the spec only when it re-hosts
+        self._box = [ray.put((cls, args, kwargs))]
+
+    def host(self, cls: type, *args: Any, **kwargs: Any) -> bool:
+        """Host ``cls(*args, **kwargs)`` from now on; False when it is what the actors host already.
+
+        Each actor builds the new object on its next call (in the background from here: an
+        ``info`` call is queued at once), so equal arguments keep the loaded model.
+        """
+        key = _spec_key(cls, args, kwargs)
+        if key == self._key:
+            return False
+        self._set_spec(cls, args, kwargs)
+        for actor in self.actors:
+            actor.info.remote(self._key, self._box)
+        return True
+
+    def wait_ready(self, timeout_s: float | None = None) -> bool:
+        """True once every actor runs (its pid is known); False if not within ``timeout_s``.
+
+        Without a timeout, waits; while Ray cannot place the actors, idle pools of :data:`POOLS`
+        are given back every ``PLACEMENT_POLL_S`` (they may hold the CPUs these actors need).
+        """
+        import ray
+
+        while self._ready:
+            ready, _ = ray.wait(self._ready, num_returns=len(self._ready),
+                                timeout=PLACEMENT_POLL_S if timeout_s is None else timeout_s)
+            if len(ready) == len(self._ready):
+                self._pids = dict(ray.get(self._ready))
+                self._ready = []
+                log.info("started %d %s actor(s) (pids %s)", len(self.actors), self.name,
+                         sorted(self._pids.values()))
+                break
+            if timeout_s is not None:
+                return False
+            # Not ready yet: placed and still starting (imports take a while on a busy box), or
+            # not placed because idle pools hold the resources; only the latter gives them back.
+            release_idle_pools(self.resources[1], self.resources[2])
+        return True
+
+    @property
+    def started(self) -> dict[str, int]:
+        """Actor id -> process id of every actor of this group (waits for them to start)."""
+        self.wait_ready()
+        return dict(self._pids)
 
     def map(self, method: str, items: Sequence[Any], ordered: bool = True) -> Iterator[Any]:
         """``obj.method(item)`` for each item across the actors; results in order, or as they finish."""
-        def submit(actor: Any, item: Any) -> Any:
-            return actor.call.remote(method, item)
+        from ray.util import ActorPool
 
-        results = self._pool.map(submit, list(items)) if ordered else self._pool.map_unordered(submit, list(items))
-        for actor_id, result in results:
-            self.served[actor_id] = self.served.get(actor_id, 0) + 1
-            yield result
+        key, box = self._key, self._box
+
+        def submit(actor: Any, item: Any) -> Any:
+            return actor.call.remote(key, box, method, item)
+
+        try:
+            self.wait_ready()
+            if self._pool is None:
+                self._pool = ActorPool(self.actors)
+            results = (self._pool.map(submit, list(items)) if ordered
+                       else self._pool.map_unordered(submit, list(items)))
+            for actor_id, result in results:
+                self.served[actor_id] = self.served.get(actor_id, 0) + 1
+                yield result
+        except BaseException:
+            # a failed (or abandoned) map: never hand the group out again with calls in flight
+            self.broken = True
+            raise
+
+    def info(self) -> list[dict[str, Any]]:
+        """Per actor: pid, objects built (``builds``; ``new_builds`` since the last ``info()``: a stage
+        calls it once at its end, so these are its model loads), build seconds, and the hosted
+        object's own ``info()`` if it has one."""
+        import ray
+
+        self.wait_ready()
+        out = ray.get([a.info.remote(self._key, self._box) for a in self.actors])
+        for i in out:
+            self._pids[i["actor_id"]] = i["pid"]  # a restarted actor has a new pid
+            seen = self._seen_builds.get((i["actor_id"], i["pid"]), 0)
+            i["new_builds"] = i["builds"] - seen
+            self._seen_builds[(i["actor_id"], i["pid"])] = i["builds"]
+        return out
+
+    def healthy(self, timeout_s: float = 30.0) -> bool:
+        """Every actor answers (a dead one past its restarts does not); refreshes the pids."""
+        import ray
+
+        if self.broken or not self.actors:
+            return False
+        try:
+            ready, _ = ray.wait([a.whoami.remote() for a in self.actors], num_returns=len(self.actors),
+                                timeout=timeout_s)
+            if len(ready) < len(self.actors):
+                return False
+            self._pids.update(dict(ray.get(ready)))
+            return True
+        except Exception:  # noqa: BLE001 - any actor error means: start a new group
+            return False
 
     def batches(self, items: Sequence[Any]) -> list[Sequence[Any]]:
         """``items`` cut into batches of ``pool.batch_size``."""
         return [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
 
     def stats(self) -> dict[str, Any]:
-        """Actors started (actor id -> pid) and calls served per actor id (a stage's ``stats.json`` records these)."""
-        return {"started": len(self.started), "pids": dict(self.started), "served": dict(self.served)}
+        """Actors started (actor id -> pid), calls served per actor id, leases (a stage's ``stats.json`` records these)."""
+        return {"started": len(self.started), "pids": dict(self.started), "served": dict(self.served),
+                "reused": self.leases > 1}
 
     def close(self) -> None:
         """Stop the actors."""
         import ray
 
         for actor in self.actors:
-            ray.kill(actor)
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
         self.actors = []
+        self._ready = []
 
     def __enter__(self) -> "ActorGroup":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class IdleScope:
+    """Things kept idle between uses inside a scope (actor pools here, worker groups in
+    :mod:`raugment.worker_group`): given back after a use, one is kept while a :meth:`keep`
+    scope is open (stopped at once outside one, or when broken), and all are stopped when the
+    outermost scope ends or :meth:`release_idle` is called. Subclasses say how to stop one."""
+
+    what = "groups"  # for the log
+
+    def __init__(self) -> None:
+        self._idle: list[Any] = []
+        self._lock = threading.Lock()
+        self._scopes = 0
+
+    def _stop(self, item: Any) -> None:
+        raise NotImplementedError
+
+    def _give_back(self, item: Any, reusable: bool) -> None:
+        """After a use: keep ``item`` idle inside a scope when it is reusable, else stop it."""
+        with self._lock:
+            keep = self._scopes > 0 and reusable
+            if keep:
+                self._idle.append(item)
+        if not keep:
+            self._stop(item)
+
+    @contextlib.contextmanager
+    def keep(self) -> Iterator[Any]:
+        """Keep things alive between uses until the outermost scope ends, then stop them."""
+        with self._lock:
+            self._scopes += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._scopes -= 1
+                last = self._scopes == 0
+            if last:
+                self.release_idle()
+
+    def release_idle(self) -> int:
+        """Stop everything idle (its CPUs/GPUs go back to Ray); how many there were."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for item in idle:
+            self._stop(item)
+        if idle:
+            log.info("%s: stopped %d idle one(s)", self.what, len(idle))
+        return len(idle)
+
+
+class ActorPools(IdleScope):
+    """Idle :class:`ActorGroup`\ s by (class, resources); reused only inside a :meth:`keep` scope.
+
+    A stage leases its group (:meth:`lease`); inside a scope (a study) the group goes back to the
+    idle list afterwards, and the next lease of the same class and resources gets the same
+    processes, re-hosting a new object when the constructor arguments differ (equal arguments keep
+    the loaded model). Outside a scope, or when the group failed, it is stopped after its lease.
+    """
+
+    what = "actor pools"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = 0  # groups started by this process
+        self.reused = 0   # leases served by an idle group
+
+    def _take(self, cls: type, resources: tuple) -> ActorGroup | None:
+        with self._lock:
+            group = next((g for g in self._idle if g.cls is cls and g.resources == resources), None)
+            if group is not None:
+                self._idle.remove(group)
+        return group
+
+    @contextlib.contextmanager
+    def lease(self, cls: type, pool: ActorPoolConfig, *args: Any, num_gpus: float | None = None,
+              name: str | None = None, size: int | None = None, **kwargs: Any) -> Iterator[ActorGroup]:
+        """An idle group of this class and resources (re-hosting ``cls(*args, **kwargs)``), or a new one.
+
+        Returns at once either way (a new group starts in the background; a reused one re-hosts
+        in the background when the arguments differ).
+        """
+        gpus = pool.num_gpus if num_gpus is None else num_gpus
+        group = self._take(cls, (size or pool.concurrency, pool.num_cpus, gpus))
+        while group is not None and not group.healthy():
+            log.warning("%s pool: an idle actor died; starting a new group", group.name)
+            group.close()
+            group = self._take(cls, (size or pool.concurrency, pool.num_cpus, gpus))
+        if group is not None:
+            group.host(cls, *args, **kwargs)
+            group.name = name or cls.__name__
+            group.leases += 1
+            group.served = {}
+            with self._lock:
+                self.reused += 1
+            log.info("%s pool: reusing %d warm actor(s)", group.name, len(group.actors))
+        else:
+            group = ActorGroup(cls, pool, *args, num_gpus=gpus, name=name, size=size, **kwargs)
+            with self._lock:
+                self.started += 1
+        try:
+            yield group
+        finally:
+            self._give_back(group, not group.broken and bool(group.actors))
+
+    def _stop(self, group: ActorGroup) -> None:
+        group.close()
+
+    def idle_pids(self) -> list[list[int]]:
+        """Process ids of each idle group (tests, logs)."""
+        with self._lock:
+            return [sorted(g._pids.values()) for g in self._idle]
+
+
+POOLS = ActorPools()
+
+
+def keep_pools() -> contextlib.AbstractContextManager[ActorPools]:
+    """Scope in which consecutive stage runs reuse their actor pools (a study)."""
+    return POOLS.keep()
+
+
+def release_idle_pools(need_cpus: float | None = None, need_gpus: float = 0.0) -> int:
+    """Give the resources of idle actor pools back (before Ray work that is not a leased pool).
+
+    With ``need_cpus`` (a waiting actor's request), only when the cluster has no room for it now:
+    an actor that is placed but still starting must not cost the study its warm pools.
+    """
+    if need_cpus is not None:
+        import ray
+
+        free = ray.available_resources()
+        if free.get("CPU", 0.0) >= need_cpus - 1e-9 and (need_gpus <= 0 or free.get("GPU", 0.0) >= need_gpus - 1e-9):
+            return 0
+    return POOLS.release_idle()

@@ -77,13 +77,17 @@ def _auto(value: Any, device: str, gpu: Any, cpu: Any) -> Any:
 
 @dataclass
 class ActorPoolConfig:
-    """Resources of one actor pool (Ray Data ``map_batches`` or an ``ActorGroup``).
+    """Resources of one actor pool: a ``cluster.ActorGroup`` (generate, filter, index, retrieval's
+    pools: ``concurrency`` actors) or a Ray Data ``map_batches`` actor pool (Inception features);
+    ``batch_size`` is the items per model call.
 
     On a 2-CPU box an actor pool that holds every CPU starves its own read tasks (STACK-NOTES,
-    hang 1), hence fractional CPUs by default. ``gpu_fallback``: what a GPU request means on a
-    cluster without GPUs — run on CPU instead (logged; for light, optional GPU work such as
-    retrieval's scoring) or, when false, a config error naming the key before anything starts
-    (SD generation on a CPU would take days, so it must be asked for with ``num_gpus: 0``).
+    hang 1), hence fractional CPUs by default. Inside a study a group is kept between stage runs
+    of the same class and resources (``cluster.POOLS``) and given back before any stage that
+    needs the CPUs. ``gpu_fallback``: what a GPU request means on a cluster without GPUs — run on
+    CPU instead (logged; for light, optional GPU work such as retrieval's scoring) or, when false,
+    a config error naming the key before anything starts (SD generation on a CPU would take days,
+    so it must be asked for with ``num_gpus: 0``).
     """
 
     concurrency: int = 1
@@ -140,6 +144,14 @@ class ClusterConfig:
     temp_dir: Optional[str] = None
     include_dashboard: bool = True
     object_store_memory: Optional[int] = None
+    # Niceness of the worker processes of a local cluster started here. Ray's own default (15)
+    # lets every other process of the machine, the driver included, take the CPU from the stage
+    # actors on a shared box (measured: a generation actor at a third of a plain loop's speed).
+    worker_niceness: int = 0
+
+    def validate(self, key: str) -> None:
+        if not 0 <= self.worker_niceness <= 19:
+            raise ConfigError(f"{key}.worker_niceness is a Unix nice value in [0, 19], got {self.worker_niceness}")
 
 
 @dataclass
@@ -310,7 +322,7 @@ class IndexConfig:
 
     ``source="images"``: ``path`` is a Parquet file/directory of captioned images (url, caption,
     image bytes; optional aesthetic_score, nsfw_score, pool_label) or a folder of images with
-    ``<name>.txt`` captions; CLIP image embeddings are computed on a Ray Data actor pool.
+    ``<name>.txt`` captions; CLIP image embeddings are computed on an actor pool (``pool``).
     ``source="embeddings"``: ``path`` holds LAION's published layout, ``img_emb/*.npy`` +
     ``metadata/*.parquet`` (row i of the concatenated shards = embedding i); ``clip_model`` then
     only records which model made them (the text side must use the same one).
@@ -427,7 +439,8 @@ class FilterConfig:
     """Filters applied to added images (``raugment.filter``); each dropped row keeps its reason.
 
     Filters run in the order listed; a row is dropped for the first filter it fails (all scores
-    are still filled). Model-backed filters load their model once per actor of ``pool``.
+    are still filled). Model-backed filters load their model once per actor of ``pool`` (once per
+    study when consecutive filter runs have equal settings: the actors are kept in a study).
     """
 
     filters: list[str] = field(default_factory=lambda: ["min_size", "nsfw", "aesthetic"])

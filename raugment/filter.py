@@ -5,7 +5,9 @@ Filters are registered by name in :data:`raugment.registry.FILTERS` (``nsfw``, `
 :class:`~raugment.config.FilterConfig` and a shared :class:`FilterContext` (which loads CLIP once
 for the two CLIP-based filters), called on a decoded batch; the arithmetic lives in pure
 ``*_scores`` functions. :func:`filter_batch` applies the configured filters to one Arrow batch, and
-:func:`run` maps it over the input artifact on an actor pool (``cfg.filter.pool``).
+:func:`run` maps it over spans of the input's shards on a leased :class:`~raugment.cluster.ActorGroup`
+(``cfg.filter.pool``; inside a study the same actors, and with equal settings the same loaded
+models, serve every filter run).
 
 Output (stage ``filter``): ``images`` with the kept rows (score columns and ``filters`` filled),
 ``dropped`` (schema ``DROPPED``) with one row per dropped image: ``reason`` = the first filter it
@@ -289,18 +291,55 @@ def split_batch(batch: pa.Table) -> tuple[pa.Table, pa.Table]:
     return S.conform(kept, S.IMAGES), S.conform(pa.table(dropped), S.DROPPED)
 
 
+# Rows per pool call: a call reads this many rows of one input file in its actor (the models see
+# them in batches of ``filter.pool.batch_size``); the driver writes a shard per FLUSH_ROWS results.
+SPAN_ROWS = 256
+FLUSH_ROWS = 1024
+
+
 class FilterBatch:
-    """Ray Data callable: builds the filters once per actor, then :func:`filter_batch` per block."""
+    """The object a filter actor hosts: builds the filters once (models loaded once), then filters
+    spans of input files read in the actor (no image bytes pass through the driver on the way in).
 
-    def __init__(self, cfg: FilterConfig, skip_ids: frozenset[str] = frozenset()):
+    Inside a study the same actors host it for every filter run; equal filter settings keep the
+    object, so its models are loaded once per study.
+    """
+
+    def __init__(self, cfg: FilterConfig):
         self.filters = build_filters(cfg)
-        self.skip_ids = skip_ids
+        self.batch_size = cfg.pool.batch_size
+        self._file: tuple[str, pa.Table] | None = None  # the last file read (spans of it come in a row)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.skip_ids:  # rows finished by an interrupted earlier attempt
-            keep = [i not in self.skip_ids for i in batch.column(S.ID).to_pylist()]
-            batch = batch.filter(pa.array(keep, pa.bool_()))
-        return filter_batch(batch, self.filters)
+    def span(self, work: tuple[str, int, int, frozenset]) -> pa.Table:
+        """``work`` = (Parquet file, first row, end row, ids to skip) -> :func:`filter_batch` of those rows."""
+        import pyarrow.parquet as pq
+
+        path, start, stop, skip = work
+        if self._file is None or self._file[0] != path:
+            self._file = (path, pq.read_table(path))
+        rows = self._file[1].slice(start, stop - start)
+        if skip:  # rows finished by an interrupted earlier attempt
+            rows = rows.filter(pa.array([i not in skip for i in rows.column(S.ID).to_pylist()], pa.bool_()))
+        parts = [filter_batch(rows.slice(i, self.batch_size), self.filters)
+                 for i in range(0, rows.num_rows, self.batch_size)]
+        return pa.concat_tables(parts) if parts else filter_batch(rows, self.filters)
+
+
+def plan_spans(files: Sequence[Any], done: frozenset[str],
+               span_rows: int | None = None) -> list[tuple[str, int, int, frozenset]]:
+    """Pool calls for the rows not done yet: (file, start, stop, done ids inside the span), in file order."""
+    import pyarrow.parquet as pq
+
+    span_rows = span_rows or SPAN_ROWS
+    work = []
+    for f in files:
+        ids = pq.read_table(f, columns=[S.ID]).column(S.ID).to_pylist()
+        for start in range(0, len(ids), span_rows):
+            span = ids[start:start + span_rows]
+            skip = frozenset(i for i in span if i in done)
+            if len(skip) < len(span):
+                work.append((str(f), start, start + len(span), skip))
+    return work
 
 
 # ---- statistics ------------------------------------------------------------------------------
@@ -334,24 +373,39 @@ def run(cfg: Config, added: Artifact) -> Artifact:
         raise ValueError(f"{added.path} has no images table; pass a generation or retrieval output")
 
     def body(run: StageRun) -> None:
-        from raugment.cluster import actor_pool_args, init_ray
+        from raugment.cluster import POOLS, init_ray
         from raugment.hashing import image_files
-
-        init_ray(cfg.cluster, progress=cfg.run.progress)
-        import ray.data
 
         done = frozenset(run.done_ids("images") | run.done_ids("dropped"))
         if done:
             log.info("filter: resuming, %d rows already written", len(done))
-        ds = ray.data.read_parquet([str(f) for f in image_files(added)])
-        ds = ds.map_batches(FilterBatch, fn_constructor_kwargs={"cfg": section, "skip_ids": done},
-                            batch_format="pyarrow", **actor_pool_args(section.pool))
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            kept, dropped = split_batch(batch)
-            if kept.num_rows:
-                run.write(kept, "images")
-            if dropped.num_rows:
-                run.write(dropped, "dropped")
+        work = plan_spans(image_files(added), done)
+        if not work:
+            return _finish_stats(run)
+        init_ray(cfg.cluster, progress=cfg.run.progress)
+        kept_rows: list[pa.Table] = []
+        dropped_rows: list[pa.Table] = []
+
+        def flush(final: bool = False) -> None:
+            # a few large shards instead of one per call; a kill loses at most FLUSH_ROWS rows of work
+            for name, parts in (("images", kept_rows), ("dropped", dropped_rows)):
+                if parts and (final or sum(t.num_rows for t in parts) >= FLUSH_ROWS):
+                    run.write(pa.concat_tables(parts), name)
+                    parts.clear()
+
+        with POOLS.lease(FilterBatch, section.pool, section, name="filter") as group:
+            for batch in group.map("span", work):
+                kept, dropped = split_batch(batch)
+                if kept.num_rows:
+                    kept_rows.append(kept)
+                if dropped.num_rows:
+                    dropped_rows.append(dropped)
+                flush()
+            flush(final=True)
+            info = group.info()
+            run.stats.extra.update(actors=len(info), actors_reused=group.leases > 1,
+                                   model_loads=int(sum(i["new_builds"] for i in info)),
+                                   pids=sorted(i["pid"] for i in info))
         _finish_stats(run)
 
     return run_stage(cfg.run.root, STAGE, section, {"added": added}, body, resumable=True)

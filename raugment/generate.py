@@ -38,6 +38,7 @@ Generation methods are classes registered in ``registry.GENERATORS``; see
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -367,12 +368,30 @@ def write_chunk(stage_dir: str | Path, label: int, chunk: int, images: list[Row]
 # --------------------------------------------------------------------------------------------
 
 
-class ClassGenerator:
-    """One generation actor: the pipeline is loaded once, in ``__init__``, then serves classes.
+# The pipeline a stateless method (one that leaves ``setup`` alone) last loaded in this process:
+# a pooled actor that serves the next stage run with the same model keeps it (no second load).
+_PIPELINE: dict[str, Any] = {}
 
-    The stage starts a pool of these (:func:`start_pool`) before it plans, so actor start-up
+
+def pipeline_key(cfg: GenerateConfig, kind: str) -> tuple:
+    """What ``load_pipeline`` is called with: equal keys load equal pipelines."""
+    return (cfg.model, cfg.revision, kind, cfg.dtype, cfg.device, cfg.scheduler, cfg.safety_checker, cfg.sdpa,
+            cfg.channels_last, cfg.compile, cfg.vae_slicing)
+
+
+def changes_pipeline(method: GenerationMethod) -> bool:
+    """True when ``method.setup`` changes the pipeline (personalised weights): it needs its own load."""
+    return type(method).setup is not GenerationMethod.setup
+
+
+class ClassGenerator:
+    """One generation actor's object: the pipeline is loaded once, in ``__init__``, then serves classes.
+
+    The stage leases a pool of these (:func:`generation_pool`) before it plans, so start-up
     (process, torch/diffusers import, pipeline load) overlaps the driver's planning and is paid
-    once per actor for the whole stage run, whatever the number of classes.
+    once per actor for the whole stage run, whatever the number of classes; inside a study the
+    processes serve the next generation run too, and a method that leaves the pipeline as loaded
+    (the prompt methods) keeps the loaded pipeline when the model settings are equal.
     """
 
     def __init__(self, cfg: GenerateConfig, method: GenerationMethod, stage_dir: str,
@@ -383,29 +402,44 @@ class ClassGenerator:
 
         self.cfg, self.method, self.stage_dir = cfg, method, stage_dir
         self.device = pick_device(cfg.device)
-        self.pipe = load_pipeline(cfg.model, revision=cfg.revision, kind=method.kind, dtype=cfg.dtype,
-                                  device=self.device, scheduler=cfg.scheduler,
-                                  safety_checker=cfg.safety_checker, sdpa=cfg.sdpa,
-                                  channels_last=cfg.channels_last, compile=cfg.compile,
-                                  vae_slicing=cfg.vae_slicing)
+        key = pipeline_key(cfg, method.kind) + (self.device,)
+        shared = not changes_pipeline(method)
+        self.loads = 0  # pipeline loads of this object (0: the process's pipeline was reused)
+        if shared and _PIPELINE.get("key") == key:
+            self.pipe = _PIPELINE["pipe"]
+        else:
+            _PIPELINE.clear()  # one pipeline per process: free the last before loading the next
+            self.pipe = load_pipeline(cfg.model, revision=cfg.revision, kind=method.kind, dtype=cfg.dtype,
+                                      device=self.device, scheduler=cfg.scheduler,
+                                      safety_checker=cfg.safety_checker, sdpa=cfg.sdpa,
+                                      channels_last=cfg.channels_last, compile=cfg.compile,
+                                      vae_slicing=cfg.vae_slicing)
+            self.loads = 1
+            if shared:
+                _PIPELINE.update(key=key, pipe=self.pipe)
         method.setup(self.pipe, cfg, finetune_path)
         self.scores = SafetyScores(self.pipe.safety_checker) if self.pipe.safety_checker is not None else None
         # provenance names an input artifact as "<stage>/<key>", like manifests do
         self.conditioning = (f"{Path(finetune_path).parent.name}/{Path(finetune_path).name}" if finetune_path
                              else cfg.conditioning)
-        self.loads = 1  # pipeline loads of this actor (tests check the pool never reloads)
         self.start_s = time.perf_counter() - t0
 
+    def __del__(self) -> None:
+        # the safety-score hook stays on a shared pipeline's checker otherwise
+        if getattr(self, "scores", None) is not None:
+            self.scores.close()
+
     def info(self) -> dict[str, float]:
-        """Start-up seconds (imports + pipeline load) and pipeline loads of this actor."""
+        """Seconds to build this object (pipeline load; imports too in a fresh process) and its pipeline loads."""
         return {"start_s": self.start_s, "loads": self.loads}
 
-    def generate(self, label: int, rows: list[Row]) -> dict[str, Any]:
-        """Make one class's unfinished chunks of ``rows`` (planned rows); a summary of the class.
+    def generate(self, work: tuple[int, list[Row]]) -> dict[str, Any]:
+        """Make one class's unfinished chunks (``work`` = label, planned rows); a summary of the class.
 
         Chunks already on disk are skipped first: a retried call (actor restart) or a re-run never
         redoes them; an unfinished chunk is made again from its first slot.
         """
+        label, rows = work
         done = done_chunks(self.stage_dir)
         size = self.cfg.shard_images
         chunks: dict[int, list[Row]] = defaultdict(list)
@@ -438,35 +472,24 @@ def class_work(rows: Sequence[Row]) -> list[tuple[int, list[Row]]]:
     return sorted(by_class.items())
 
 
-def start_pool(cfg: GenerateConfig, method: GenerationMethod, stage_dir: str, finetune_path: Optional[str],
-               size: int) -> list[Any]:
-    """Start ``size`` :class:`ClassGenerator` actors (returns at once; they load in the background).
+def generation_pool(cfg: GenerateConfig, method: GenerationMethod, stage_dir: str, finetune_path: Optional[str],
+                    size: int):
+    """Lease ``size`` actors hosting a :class:`ClassGenerator` (``cluster.POOLS``; returns at once).
 
     Resources come from ``cfg.pool``; an actor that dies is restarted and its call retried (the
-    call skips what the dead attempt finished).
+    call skips what the dead attempt finished). Inside a study scope the processes come from
+    (and go back to) the study's idle pools.
     """
-    import ray
+    from raugment.cluster import POOLS
 
-    actor = ray.remote(ClassGenerator).options(num_cpus=cfg.pool.num_cpus, num_gpus=cfg.pool.num_gpus,
-                                               max_restarts=2, max_task_retries=2)
-    return [actor.remote(cfg, method, stage_dir, finetune_path) for _ in range(size)]
+    return POOLS.lease(ClassGenerator, cfg.pool, cfg, method, stage_dir, finetune_path, size=size,
+                       name=f"generate-{method.name}")
 
 
-def generate_on_pool(actors: Sequence[Any], rows: Sequence[Row]) -> list[dict[str, Any]]:
+def generate_on_pool(group: Any, rows: Sequence[Row]) -> list[dict[str, Any]]:
     """Run every class's missing slots on the pool: each actor takes the next class as soon as it
     is free (``ray.wait``, no polling); one summary per class."""
-    from ray.util import ActorPool
-
-    pool = ActorPool(list(actors))
-    return list(pool.map_unordered(lambda a, work: a.generate.remote(*work), class_work(rows)))
-
-
-def stop_pool(actors: Sequence[Any]) -> None:
-    """Free the pool's CPUs/GPUs for the next stage."""
-    import ray
-
-    for actor in actors:
-        ray.kill(actor)
+    return list(group.map("generate", class_work(rows), ordered=False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,45 +580,45 @@ def run(cfg: Config, dataset: Artifact, finetune: Optional[Artifact] = None) -> 
     finetune_path = str(finetune.path) if finetune is not None else None
 
     def body(stage: StageRun) -> None:
-        import ray
-
         done = done_chunks(stage.path)
-        actors: list[Any] = []
+        with contextlib.ExitStack() as scope:
+            group: Any = None
 
-        def pool() -> list[Any]:
-            if not actors:
-                init_ray(cfg.cluster, progress=cfg.run.progress)
-                available_gpus(g.pool, "generate.pool")  # a GPU request with none here: an error, not a wait
-                actors.extend(start_pool(g, method, str(stage.path), finetune_path,
-                                         min(g.pool.concurrency, len(classes))))
-            return actors
+            def pool() -> Any:
+                nonlocal group
+                if group is None:
+                    init_ray(cfg.cluster, progress=cfg.run.progress)
+                    available_gpus(g.pool, "generate.pool")  # a GPU request with none here: an error, not a wait
+                    group = scope.enter_context(generation_pool(g, method, str(stage.path), finetune_path,
+                                                                min(g.pool.concurrency, len(classes))))
+                return group
 
-        chunks = {(int(c[schema.LABEL]), k) for c in classes for k in range(-(-g.images_per_class // g.shard_images))}
-        if not chunks <= done:
-            # Start the pool before planning: actor start-up (process, torch/diffusers import,
-            # pipeline load) runs while the driver plans and writes the prompts table.
-            pool()
-        try:
+            chunks = {(int(c[schema.LABEL]), k) for c in classes
+                      for k in range(-(-g.images_per_class // g.shard_images))}
+            if not chunks <= done:
+                # Lease the pool before planning: actor start-up (process, torch/diffusers import,
+                # pipeline load) runs while the driver plans and writes the prompts table.
+                pool()
+
             t0 = time.perf_counter()
             planned = method.plan(classes, g, dataset=dataset, finetune=finetune)
             prompts = [{k: r[k] for k in schema.PROMPTS.names if k in r} for r in planned]
             stage.write_single(schema.to_table(prompts, schema.PROMPTS), PROMPTS)
             missing = [r for r in planned if (int(r[schema.LABEL]), chunk_of(r, g.shard_images)) not in done]
             stage.stats.extra["plan_s"] = round(time.perf_counter() - t0, 3)
-            log.info("generate: %s, %d classes x %d images; %d slots already done, %d to make on %d actors",
-                     method.name, len(classes), g.images_per_class, len(planned) - len(missing), len(missing),
-                     len(actors))
+            log.info("generate: %s, %d classes x %d images; %d slots already done, %d to make",
+                     method.name, len(classes), g.images_per_class, len(planned) - len(missing), len(missing))
             if missing:
                 summary = generate_on_pool(pool(), missing)
-                info = ray.get([a.info.remote() for a in actors])
+                info = group.info()
                 seconds = float(sum(s["seconds"] for s in summary))
                 start_s = float(sum(i["start_s"] for i in info))
                 if g.pool.num_gpus > 0:  # the GPUs are held from actor start to the last class
                     stage.stats.gpu_s += (seconds + start_s) * g.pool.num_gpus
                 stage.stats.extra.update(actor_s=round(seconds, 3), actor_start_s=round(start_s, 3),
-                                         actors=len(actors), pipeline_loads=int(sum(i["loads"] for i in info)))
-        finally:
-            stop_pool(actors)
+                                         actors=len(info), actors_reused=group.leases > 1,
+                                         pipeline_loads=int(sum(i["loads"] for i in info)),
+                                         pids=sorted(i["pid"] for i in info))
         summarize(stage, planned, g.max_attempts_per_image)
 
     return run_stage(cfg.run.root, STAGE, key_section(g), inputs, body, resumable=True)

@@ -130,10 +130,11 @@ def hash_artifacts(artifacts: Iterable["Artifact"], side: int, pool: "ActorPoolC
     else:
         import ray.data
 
-        from raugment.cluster import init_ray
+        from raugment.cluster import init_ray, release_idle_pools
 
         if cluster is not None:
             init_ray(cluster)
+        release_idle_pools()  # Ray Data tasks would wait for ever on CPUs held by idle pools (hang 1)
         ds = ray.data.read_parquet(files, columns=wanted)
         # Row order is the contract (dedup's tie-break is source order), so ask Ray Data to keep it.
         ds.context.execution_options.preserve_order = True

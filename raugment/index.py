@@ -1,9 +1,9 @@
 """Stage "index": a local CLIP kNN index (faiss) + Parquet metadata over a captioned image pool.
 
 Built from (a) captioned images — a Parquet file/directory with url, caption and image bytes, or a
-folder of images with ``<name>.txt`` captions — whose CLIP image embeddings are computed on a Ray
-Data actor pool, or (b) embeddings already computed in LAION's published layout (``img_emb/*.npy``
-+ ``metadata/*.parquet``). The output directory holds::
+folder of images with ``<name>.txt`` captions — whose CLIP image embeddings are computed on a
+leased Ray actor pool (``cluster.POOLS``), or (b) embeddings already computed in LAION's published
+layout (``img_emb/*.npy`` + ``metadata/*.parquet``). The output directory holds::
 
     index.faiss        faiss index over L2-normalised embeddings, inner product = cosine
     embeddings.npy     the embeddings themselves (float16), row i = faiss id i
@@ -39,8 +39,6 @@ EMBEDDINGS_FILE = "embeddings.npy"
 METADATA = "metadata"
 INFO_FILE = "index_info.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
-ROW = "row"
-EMBEDDING = "embedding"
 
 # LAION / img2dataset column spellings -> ours
 _ALIASES = {
@@ -148,51 +146,46 @@ def source_key(path: str | Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Embedding (Ray Data actor pool) and building
+# Embedding (a leased actor pool) and building
 # --------------------------------------------------------------------------------------------
 
 
-class EmbedImagesBatch:
-    """Ray Data callable class: ``row`` + ``image`` bytes -> ``row`` + ``embedding`` (NaN if undecodable)."""
+class ImageEmbedder:
+    """The object an index actor hosts: CLIP loaded once; encoded images -> embeddings (NaN rows if undecodable)."""
 
     def __init__(self, model: str, pretrained: str | None, device: str):
         from raugment.models.clip import load_clip
 
         self.encoder = load_clip(model, pretrained, device)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def embed(self, images: list[bytes]) -> np.ndarray:
         from raugment.imageio import ImageDecodeError, decode_image
 
-        images, ok = [], []
-        for data in batch.column(schema.IMAGE).to_pylist():
+        decoded, ok = [], []
+        for data in images:
             try:
-                images.append(decode_image(data))
+                decoded.append(decode_image(data))
                 ok.append(True)
             except ImageDecodeError:
                 ok.append(False)
-        emb = np.full((batch.num_rows, self.encoder.dim), np.nan, dtype=np.float32)
-        if images:
-            emb[np.asarray(ok)] = self.encoder.embed_images(images)
-        flat = pa.array(emb.reshape(-1), pa.float32())
-        return pa.table({ROW: batch.column(ROW),
-                         EMBEDDING: pa.FixedSizeListArray.from_arrays(flat, self.encoder.dim)})
+        emb = np.full((len(images), self.encoder.dim), np.nan, dtype=np.float32)
+        if decoded:
+            emb[np.asarray(ok)] = self.encoder.embed_images(decoded)
+        return emb
 
 
 def embed_images_ray(images: pa.Array, cfg: IndexConfig) -> np.ndarray:
-    """CLIP image embeddings of encoded ``images`` on a Ray Data actor pool (row order kept)."""
-    import ray.data
+    """CLIP image embeddings of encoded ``images`` on a leased actor pool (``index.pool``; row order kept).
 
-    from raugment.cluster import actor_pool_args
+    Inside a study the actors come from (and go back to) the study's idle pools, so the CLIP
+    import is paid once per study.
+    """
+    from raugment.cluster import POOLS
 
-    table = pa.table({ROW: pa.array(np.arange(len(images)), pa.int64()), schema.IMAGE: images})
-    ds = ray.data.from_arrow(table)
-    out = ds.map_batches(EmbedImagesBatch, batch_format="pyarrow",
-                         fn_constructor_kwargs={"model": cfg.clip_model, "pretrained": cfg.clip_pretrained,
-                                                "device": cfg.device},
-                         **actor_pool_args(cfg.pool)).to_arrow_refs()
-    parts = [ray.get(ref) for ref in out]
-    result = pa.concat_tables(parts).sort_by(ROW)
-    return np.asarray(result.column(EMBEDDING).combine_chunks().flatten(), np.float32).reshape(len(images), -1)
+    with POOLS.lease(ImageEmbedder, cfg.pool, cfg.clip_model, cfg.clip_pretrained, cfg.device,
+                     name="index") as group:
+        parts = list(group.map("embed", group.batches(images.to_pylist())))
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
 def build_faiss_index(embeddings: np.ndarray, index_type: str = "Flat") -> Any:

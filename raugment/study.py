@@ -32,6 +32,7 @@ from raugment.planner import (DatasetSize, InputRef, Node, Plan, apply_measured,
                               dataset_configs, dataset_nodes, format_plan, node_id, plan_to_dict,
                               topological)
 from raugment.storage import SUCCESS, Artifact, StageRun, run_stage, write_text_atomic
+from raugment.cluster import POOL_SAFE_STAGES, keep_pools, release_idle_pools
 from raugment.worker_group import keep_groups, release_idle
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,8 @@ class Executor:
                 for dep in node.input_ids():
                     if dep in running:
                         running.pop(dep).result()
+                if node.stage not in POOL_SAFE_STAGES:  # idle actor pools must not hold its CPUs
+                    release_idle_pools()
                 if parallel > 1 and node.stage in parallel_stages:
                     running[node.id] = pool.submit(self._one, node, counter, len(todo))
                 else:
@@ -339,7 +342,9 @@ def run(cfg: Config, report: bool = True) -> tuple[Artifact, Artifact | None]:
     log.info("study plan: %d stage runs, %d classifiers", len(plan.nodes), len(plan.runs))
     ex = Executor(root, first.state, keep_going=cfg.study.keep_going)
     ex.done.update(first.done)
-    with keep_groups():  # trainings reuse worker groups; they are shut down before the report
+    # trainings reuse worker groups, generate/filter/index runs their actor pools; all are shut
+    # down before the report
+    with keep_groups(), keep_pools():
         ex.run(list(plan.nodes.values()), cfg.study.parallel, cfg.study.parallel_stages)
     study = write_index(cfg, plan, ex.done, ex.failed)
     log.info("study index: %s", study.path)

@@ -19,10 +19,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from raugment.cluster import IdleScope, release_idle_pools
 from raugment.config import WorkersConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -166,13 +166,13 @@ class WorkerGroup:
         self.actors = []
 
 
-class GroupPool:
+class GroupPool(IdleScope):
     """Idle groups by resource shape; a group is reused only inside a :meth:`keep` scope."""
 
+    what = "worker groups"
+
     def __init__(self) -> None:
-        self._idle: list[WorkerGroup] = []
-        self._lock = threading.Lock()
-        self._scopes = 0
+        super().__init__()
         self.started = 0  # groups started by this process (tests, logs)
 
     def _take(self, want: tuple) -> WorkerGroup | None:
@@ -205,6 +205,8 @@ class GroupPool:
                     group.shutdown()
                     return idle
                 self._release_other_shapes(want)
+                # idle generate/filter/index actors of a study may hold the CPUs it waits for
+                release_idle_pools(workers.cpus_per_worker, workers.gpus_per_worker if workers.use_gpu else 0.0)
         except BaseException:
             group.shutdown()
             raise
@@ -219,36 +221,10 @@ class GroupPool:
         try:
             yield group
         finally:
-            with self._lock:
-                keep = self._scopes > 0 and not group.broken
-                if keep:
-                    self._idle.append(group)
-            if not keep:
-                group.shutdown()
+            self._give_back(group, not group.broken)
 
-    @contextlib.contextmanager
-    def keep(self) -> Iterator["GroupPool"]:
-        """Keep groups alive between runs until the outermost scope ends, then shut them down."""
-        with self._lock:
-            self._scopes += 1
-        try:
-            yield self
-        finally:
-            with self._lock:
-                self._scopes -= 1
-                last = self._scopes == 0
-            if last:
-                self.release_idle()
-
-    def release_idle(self) -> int:
-        """Shut down every idle group (their CPUs go back to Ray); how many there were."""
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for g in idle:
-            g.shutdown()
-        if idle:
-            log.info("worker groups: shut down %d idle group(s)", len(idle))
-        return len(idle)
+    def _stop(self, group: WorkerGroup) -> None:
+        group.shutdown()
 
     def idle_pids(self) -> list[list[int]]:
         with self._lock:

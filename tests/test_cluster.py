@@ -142,3 +142,130 @@ def test_one_gpu_policy_for_every_pool(monkeypatch):
     check_resources(cfg, "generate")
     cfg.cluster.num_gpus = 1
     assert local_gpu_count(cfg.cluster) == 1
+
+
+class _Gated:
+    """Builds only once ``gate`` exists (so a test can tell whether starting a group waited for it)."""
+
+    def __init__(self, gate, factor):
+        import time
+        from pathlib import Path
+
+        while not Path(gate).exists():
+            time.sleep(0.05)
+        self.factor = factor
+
+    def scale(self, xs):
+        return [x * self.factor for x in xs]
+
+
+@pytest.mark.timeout(240)
+def test_starting_a_group_does_not_wait_for_its_actors(ray_session, tmp_path):
+    from raugment.cluster import ActorGroup
+
+    gate = tmp_path / "gate"
+    group = ActorGroup(_Gated, ActorPoolConfig(concurrency=1, num_cpus=0.25), str(gate), 2)  # would hang if it waited
+    try:
+        assert not group.wait_ready(timeout_s=0.5)      # still building
+        gate.touch()
+        assert list(group.map("scale", [[1, 2]])) == [[2, 4]]
+        assert group.wait_ready(timeout_s=0)
+    finally:
+        group.close()
+
+
+@pytest.mark.timeout(300)
+def test_pools_are_reused_inside_a_scope_and_released_outside(ray_session):
+    from raugment.cluster import POOLS, keep_pools
+
+    pool = ActorPoolConfig(concurrency=2, num_cpus=0.25, batch_size=2)
+    items = [[1, 2], [3, 4], [5, 6]]
+    started = POOLS.started
+    with keep_pools():
+        with POOLS.lease(_Scale, pool, 3, name="a") as first:
+            assert [y for part in first.map("scale", items) for y in part] == [3, 6, 9, 12, 15, 18]
+            info1 = first.info()
+        assert len(POOLS.idle_pids()) == 1
+        with POOLS.lease(_Scale, pool, 3, name="b") as second:          # equal args: same object, no build
+            assert second is first and second.leases == 2
+            assert list(second.map("scale", [[7]])) == [[21]]
+            info2 = second.info()
+        with POOLS.lease(_Scale, pool, 5, name="c") as third:           # other args: same processes, new object
+            assert list(third.map("scale", [[7]])) == [[35]]
+            info3 = third.info()
+        with POOLS.lease(_Scale, ActorPoolConfig(concurrency=1, num_cpus=0.25), 3) as other:  # other resources
+            assert other is not first
+            other_pids = set(other.started.values())
+        assert POOLS.started == started + 2
+        pids = {i["pid"] for i in info1}
+        assert len(pids) == 2 and pids == {i["pid"] for i in info2} == {i["pid"] for i in info3}
+        assert not pids & other_pids
+        assert [i["new_builds"] for i in info1] == [1, 1]             # one build per actor at start
+        assert [i["new_builds"] for i in info2] == [0, 0]             # equal args: the model stays loaded
+        assert [i["new_builds"] for i in info3] == [1, 1]             # re-hosted once per actor
+        assert len(POOLS.idle_pids()) == 2
+    assert POOLS.idle_pids() == [] and first.actors == [] and other.actors == []  # scope over: stopped
+    # outside a scope a lease stops its actors at once
+    with POOLS.lease(_Scale, pool, 3) as alone:
+        assert list(alone.map("scale", [[1]])) == [[3]]
+    assert alone.actors == [] and POOLS.idle_pids() == []
+
+
+@pytest.mark.timeout(300)
+def test_a_dead_actor_is_restarted_and_its_call_retried(ray_session):
+    import os
+    import signal
+    import time
+
+    from raugment.cluster import POOLS, keep_pools
+
+    pool = ActorPoolConfig(concurrency=1, num_cpus=0.25)
+    with keep_pools():
+        with POOLS.lease(_Scale, pool, 2) as group:
+            assert list(group.map("scale", [[1]])) == [[2]]
+            (pid,) = group.started.values()
+        os.kill(pid, signal.SIGKILL)                                   # dies while idle
+        time.sleep(1.0)
+        with POOLS.lease(_Scale, pool, 4) as again:                   # re-hosted in the restarted process
+            assert again is group
+            assert list(again.map("scale", [[1], [2]])) == [[4], [8]]
+            (new_pid,) = again.started.values()
+            assert new_pid != pid
+
+
+@pytest.mark.timeout(300)
+def test_a_group_ray_cannot_place_takes_the_cpus_of_idle_pools(ray_session):
+    """Idle pools of a study must never make a new group wait for ever (2 CPUs here)."""
+    import ray
+
+    from raugment.cluster import POOLS, keep_pools
+
+    cpus = ray.cluster_resources()["CPU"]
+    with keep_pools():
+        with POOLS.lease(_Scale, ActorPoolConfig(concurrency=1, num_cpus=cpus * 0.75), 2) as big:
+            assert list(big.map("scale", [[1]])) == [[2]]
+        assert len(POOLS.idle_pids()) == 1
+        with POOLS.lease(_Gated, ActorPoolConfig(concurrency=1, num_cpus=cpus * 0.5), "/", 3) as next_:
+            assert list(next_.map("scale", [[1]])) == [[3]]            # placed once the idle pool left
+            assert big.actors == [] and POOLS.idle_pids() == []
+
+
+class _Nice:
+    def nice(self, _):
+        import os
+
+        return os.nice(0)
+
+
+@pytest.mark.timeout(240)
+def test_stage_actors_run_at_the_configured_niceness_not_rays_15(ray_session):
+    """Ray starts workers at nice 15 by default: on a shared box every other process would take the
+    CPU from the stage actors. A cluster started by init_ray uses cluster.worker_niceness (0)."""
+    from raugment.cluster import ActorGroup
+    from raugment.config import ClusterConfig, ConfigError, from_dict
+
+    assert ClusterConfig().worker_niceness == 0
+    with ActorGroup(_Nice, ActorPoolConfig(concurrency=1, num_cpus=0.25)) as group:
+        assert list(group.map("nice", [None])) == [0]
+    with pytest.raises(ConfigError, match="cluster.worker_niceness"):
+        from_dict({"cluster": {"worker_niceness": -5}})

@@ -210,3 +210,43 @@ def test_filter_command_filters_then_dedups(tmp_path, ray_session):
     assert filtered.read("dropped").column(S.ID).to_pylist() == ["tiny"]
     assert sorted(deduped.read("images").column(S.ID).to_pylist()) == ["keep", "other"]
     assert deduped.read("dropped").to_pylist()[0][S.DUPLICATE_OF] == "keep"
+
+
+@pytest.mark.ray
+def test_filter_runs_in_a_study_scope_share_actors_and_models_with_the_same_tables(tmp_path, ray_session,
+                                                                                   tiny_sd, monkeypatch):
+    """Two filter runs in one scope: the second reuses the first one's actor process and its loaded
+    safety checker; spans and shard flushes cut the input, and the tables equal fresh runs'."""
+    from raugment.cluster import POOLS, keep_pools
+
+    monkeypatch.setattr(F, "SPAN_ROWS", 3)    # several calls per input shard
+    monkeypatch.setattr(F, "FLUSH_ROWS", 1)   # a shard per call with rows
+    inputs = [make_artifact(tmp_path / f"in{k}", "generate",
+                            [row(f"{k}-{i}", png(draw(50 + 10 * k + i, 24 if i % 4 == 0 else 48)), label=i % 2, rank=i)
+                             for i in range(9)], shards=2) for k in range(2)]
+
+    def cfg(root):
+        c = Config()
+        c.run.root, c.run.progress = str(root), False
+        c.filter = FilterConfig(filters=["min_size", "nsfw"], min_side=MIN_SIDE, safety_model=str(tiny_sd),
+                                device="cpu", pool=ActorPoolConfig(concurrency=1, num_cpus=0.5, batch_size=2))
+        return c
+
+    def tables(art):
+        return {name: sorted(art.read(name).to_pylist(), key=lambda r: r[S.ID]) for name in ("images", "dropped")}
+
+    with keep_pools():
+        scoped = [F.run(cfg(tmp_path / "scope"), a) for a in inputs]
+    first, second = (a.stats for a in scoped)
+    assert first["model_loads"] == 1 and not first["actors_reused"]
+    assert second["pids"] == first["pids"] and second["actors_reused"] and second["model_loads"] == 0
+    assert POOLS.idle_pids() == []
+    assert len(scoped[0].files("images")) + len(scoped[0].files("dropped")) >= 3   # flushed as it went
+    for k, (art, added) in enumerate(zip(scoped, inputs)):
+        fresh = F.run(cfg(tmp_path / "alone"), added)
+        assert fresh.stats["pids"] != first["pids"]
+        got = tables(art)
+        assert got == tables(fresh)
+        too_small = {r[S.ID] for r in got["dropped"] if r[S.REASON] == "min_size"}
+        assert too_small == {f"{k}-{i}" for i in (0, 4, 8)}
+        assert len(got["images"]) + len(got["dropped"]) == 9

@@ -305,3 +305,36 @@ def test_one_pool_serves_every_class_with_one_pipeline_load_per_actor(ray_sessio
     assert again.path == art.path and "actors" not in again.stats
     assert again.stats["counts"]["images"] == 10 and sorted(again.read("images").column("id").to_pylist()) == \
         sorted(images.column("id").to_pylist())
+
+
+def _images_by_id(art: Artifact) -> dict[str, bytes]:
+    t = art.read("images", columns=["id", "image"])
+    return dict(zip(t.column("id").to_pylist(), t.column("image").to_pylist()))
+
+
+def test_a_study_scope_reuses_the_actors_and_the_pipeline_with_identical_images(ray_session, dataset,
+                                                                                tmp_path, tiny_sd):
+    """Two generation runs in one scope (as in a study): the second gets the first one's warm actor
+    process and its loaded pipeline; the images are byte for byte those of runs in fresh actors."""
+    from raugment.cluster import POOLS, keep_pools
+
+    def cfg(root: Path, method: str):
+        return load_config(None, _overrides(root, tiny_sd, **{"generate.method": method,
+                                                              "generate.images_per_class": 3}))
+
+    with keep_pools():
+        simple = generate.run(cfg(tmp_path / "scope", "simple"), dataset)
+        templates = generate.run(cfg(tmp_path / "scope", "clip_templates"), dataset)
+        assert len(POOLS.idle_pids()) == 1                      # kept for the next stage run
+    assert POOLS.idle_pids() == []                               # given back when the scope ends
+    first, second = simple.stats, templates.stats
+    assert first["pipeline_loads"] == 1 and not first["actors_reused"]
+    assert second["pids"] == first["pids"] and second["actors_reused"]
+    assert second["pipeline_loads"] == 0                         # same model settings: no second load
+    # fresh actors outside any scope make the same images
+    alone_simple = generate.run(cfg(tmp_path / "alone", "simple"), dataset)
+    alone_templates = generate.run(cfg(tmp_path / "alone", "clip_templates"), dataset)
+    assert alone_templates.stats["pipeline_loads"] == 1 and alone_templates.stats["pids"] != first["pids"]
+    assert _images_by_id(simple) == _images_by_id(alone_simple)
+    assert _images_by_id(templates) == _images_by_id(alone_templates)
+    assert len(_images_by_id(templates)) == 6

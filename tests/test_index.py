@@ -111,7 +111,12 @@ def test_index_stage_embeds_a_captioned_pool_with_ray(ray_session, tmp_path):
     cfg = from_dict({"run": {"root": str(tmp_path / "runs"), "progress": False},
                      "index": {"path": str(pool / "pool.parquet"), "clip_model": str(clip), "clip_pretrained": None,
                                "device": "cpu", "pool": {"batch_size": 4}}})
-    art = run(cfg)
+    from raugment.cluster import POOLS, keep_pools
+
+    with keep_pools():                       # in a study the CLIP actor stays for the next stage run
+        art = run(cfg)
+        assert [len(pids) for pids in POOLS.idle_pids()] == [1]
+    assert POOLS.idle_pids() == []
     assert art.complete and art.stats["counts"]["indexed"] == 15
     table = read_pool(pool)
     meta = art.read("metadata")

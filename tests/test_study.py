@@ -442,6 +442,11 @@ def test_real_checkpoint_selection_on_tiny_models(ray_session, tiny_sd, tmp_path
     assert {Path(json.loads(p)["snapshot"]).name for p in params} == {f"epoch_{chosen['epoch']:03d}"}
     md = (rep.path / "report.md").read_text()
     assert "Checkpoint selection (fine-tuned methods)" in md and "| chosen |" in md
+    # consecutive generation runs of the study share the actor process (cluster.POOLS); each
+    # personalised run loads its own pipeline (its setup changes the weights)
+    gens = [json.loads(f.read_text()) for f in root.glob("generate/*/stats.json")]
+    assert len(gens) == 3 and any(g["actors_reused"] for g in gens)
+    assert len({g["pids"][0] for g in gens}) < 3 and all(g["pipeline_loads"] == 1 for g in gens)
 
 
 @pytest.mark.slow
