@@ -292,9 +292,12 @@ def split_batch(batch: pa.Table) -> tuple[pa.Table, pa.Table]:
 
 
 # Rows per pool call: a call reads this many rows of one input file in its actor (the models see
-# them in batches of ``filter.pool.batch_size``); the driver writes a shard per FLUSH_ROWS results.
+# them in batches of ``filter.pool.batch_size``). Output shards hold the results of a fixed row
+# range of one input file (SHARD_ROWS, a multiple of SPAN_ROWS), named by it: a resumed run
+# redoes only unfinished ranges and writes the same shards an uninterrupted run writes, so what
+# trains on them never depends on where a kill landed.
 SPAN_ROWS = 256
-FLUSH_ROWS = 1024
+SHARD_ROWS = 1024
 
 
 class FilterBatch:
@@ -310,36 +313,40 @@ class FilterBatch:
         self.batch_size = cfg.pool.batch_size
         self._file: tuple[str, pa.Table] | None = None  # the last file read (spans of it come in a row)
 
-    def span(self, work: tuple[str, int, int, frozenset]) -> pa.Table:
-        """``work`` = (Parquet file, first row, end row, ids to skip) -> :func:`filter_batch` of those rows."""
+    def span(self, work: tuple[str, int, int]) -> pa.Table:
+        """``work`` = (Parquet file, first row, end row) -> :func:`filter_batch` of those rows."""
         import pyarrow.parquet as pq
 
-        path, start, stop, skip = work
+        path, start, stop = work
         if self._file is None or self._file[0] != path:
             self._file = (path, pq.read_table(path))
         rows = self._file[1].slice(start, stop - start)
-        if skip:  # rows finished by an interrupted earlier attempt
-            rows = rows.filter(pa.array([i not in skip for i in rows.column(S.ID).to_pylist()], pa.bool_()))
         parts = [filter_batch(rows.slice(i, self.batch_size), self.filters)
                  for i in range(0, rows.num_rows, self.batch_size)]
         return pa.concat_tables(parts) if parts else filter_batch(rows, self.filters)
 
 
-def plan_spans(files: Sequence[Any], done: frozenset[str],
-               span_rows: int | None = None) -> list[tuple[str, int, int, frozenset]]:
-    """Pool calls for the rows not done yet: (file, start, stop, done ids inside the span), in file order."""
+def output_shard(file_index: int, start: int, shard_rows: int) -> str:
+    """Name of the output shard holding input file ``file_index``'s rows around ``start``."""
+    return f"f{file_index:05d}-r{start // shard_rows:06d}"
+
+
+def plan_spans(files: Sequence[Any], done: set[str], span_rows: int | None = None,
+               shard_rows: int | None = None) -> list[tuple[str, list[tuple[str, int, int]]]]:
+    """(output shard, its pool calls) for every output shard not written yet, in file order; a call
+    is (file, start, stop) and covers rows of one shard only."""
     import pyarrow.parquet as pq
 
     span_rows = span_rows or SPAN_ROWS
-    work = []
-    for f in files:
-        ids = pq.read_table(f, columns=[S.ID]).column(S.ID).to_pylist()
-        for start in range(0, len(ids), span_rows):
-            span = ids[start:start + span_rows]
-            skip = frozenset(i for i in span if i in done)
-            if len(skip) < len(span):
-                work.append((str(f), start, start + len(span), skip))
-    return work
+    shard_rows = max(shard_rows or SHARD_ROWS, span_rows) // span_rows * span_rows
+    plan: dict[str, list[tuple[str, int, int]]] = {}
+    for k, f in enumerate(files):
+        n = pq.ParquetFile(str(f)).metadata.num_rows
+        for start in range(0, n, span_rows):
+            shard = output_shard(k, start, shard_rows)
+            if shard not in done:
+                plan.setdefault(shard, []).append((str(f), start, min(n, start + span_rows)))
+    return list(plan.items())
 
 
 # ---- statistics ------------------------------------------------------------------------------
@@ -376,32 +383,35 @@ def run(cfg: Config, added: Artifact) -> Artifact:
         from raugment.cluster import POOLS, init_ray
         from raugment.hashing import image_files
 
-        done = frozenset(run.done_ids("images") | run.done_ids("dropped"))
+        # an output shard is done once its "dropped" part (written last, possibly empty) exists
+        done = {f.stem[len("part-"):] for f in (run.path / "dropped").glob("part-*.parquet")}
         if done:
-            log.info("filter: resuming, %d rows already written", len(done))
-        work = plan_spans(image_files(added), done)
-        if not work:
+            log.info("filter: resuming, %d output shards already written", len(done))
+        plan = plan_spans(image_files(added), done)
+        if not plan:
             return _finish_stats(run)
         init_ray(cfg.cluster, progress=cfg.run.progress)
+        work = [call for _, calls in plan for call in calls]
+        ends: dict[int, str] = {}  # index of a shard's last call -> the shard
+        position = 0
+        for shard, calls in plan:
+            position += len(calls)
+            ends[position - 1] = shard
         kept_rows: list[pa.Table] = []
         dropped_rows: list[pa.Table] = []
 
-        def flush(final: bool = False) -> None:
-            # a few large shards instead of one per call; a kill loses at most FLUSH_ROWS rows of work
-            for name, parts in (("images", kept_rows), ("dropped", dropped_rows)):
-                if parts and (final or sum(t.num_rows for t in parts) >= FLUSH_ROWS):
-                    run.write(pa.concat_tables(parts), name)
-                    parts.clear()
-
         with POOLS.lease(FilterBatch, section.pool, section, name="filter") as group:
-            for batch in group.map("span", work):
+            for i, batch in enumerate(group.map("span", work)):  # in order: shards fill one by one
                 kept, dropped = split_batch(batch)
-                if kept.num_rows:
-                    kept_rows.append(kept)
-                if dropped.num_rows:
-                    dropped_rows.append(dropped)
-                flush()
-            flush(final=True)
+                kept_rows.append(kept)
+                dropped_rows.append(dropped)
+                if i in ends:  # the shard's last call: kept rows (if any), then the marker
+                    kept = pa.concat_tables(kept_rows)
+                    if kept.num_rows:
+                        run.write(kept, "images", shard=ends[i])
+                    run.write(pa.concat_tables(dropped_rows), "dropped", shard=ends[i])
+                    kept_rows.clear()
+                    dropped_rows.clear()
             info = group.info()
             run.stats.extra.update(actors=len(info), actors_reused=group.leases > 1,
                                    model_loads=int(sum(i["new_builds"] for i in info)),

@@ -22,8 +22,8 @@ Dataflow of ``run(cfg, dataset, finetune=None)`` (stage ``generate``)::
   recorded ("nsfw_unfillable") and its class reported in ``stats.json`` (``unfilled_classes``).
 * **Resumable, and the same after a resume.** A class's slots are cut into chunks of
   ``generate.shard_images`` by slot index; an actor makes a whole chunk (NSFW replacements
-  included) and writes it as one ``images`` shard and one ``failures`` shard named by class and
-  chunk. A killed run keeps its finished chunks; a re-run (or a retried call after an actor
+  included) and writes it as one ``images`` shard and then one ``failures`` shard (the chunk's
+  done marker, empty when nothing was flagged), both named by class and chunk. A killed run keeps its finished chunks; a re-run (or a retried call after an actor
   restart) skips them and redoes an unfinished chunk from its first slot, with the same batches
   and seeds, so a resumed study trains on exactly the shards an uninterrupted one writes (shard
   boundaries never depend on timing or on where a kill landed). Failure rows have ids
@@ -346,21 +346,22 @@ def shard_name(label: int, chunk: int) -> str:
 
 
 def done_chunks(stage_dir: str | Path) -> set[tuple[int, int]]:
-    """(label, chunk) of every finished chunk: its ``images`` shard (written last) exists."""
+    """(label, chunk) of every finished chunk: its ``failures`` shard (written last, possibly
+    empty) exists."""
     done = set()
-    for f in (Path(stage_dir) / IMAGES).glob("part-c*-k*.parquet"):
+    for f in (Path(stage_dir) / FAILURES).glob("part-c*-k*.parquet"):
         label, chunk = f.stem[len("part-c"):].split("-k")
         done.add((int(label), int(chunk)))
     return done
 
 
 def write_chunk(stage_dir: str | Path, label: int, chunk: int, images: list[Row], failures: list[Row]) -> None:
-    """Write a finished chunk atomically: failures first, then images (possibly empty), whose
-    shard marks the chunk done; a rewrite after a crash replaces both with identical content."""
-    for table_name, rows, table_schema in ((FAILURES, failures, schema.FAILURES), (IMAGES, images, schema.IMAGES)):
-        if rows or table_name == IMAGES:
-            write_parquet_atomic(schema.to_table(rows, table_schema),
-                                 Path(stage_dir) / table_name / shard_name(label, chunk))
+    """Write a finished chunk atomically: its images (when there are any), then its failures, whose
+    shard (empty when nothing was flagged) marks the chunk done; a rewrite after a crash between
+    the two replaces the images shard with identical content."""
+    if images:
+        write_parquet_atomic(schema.to_table(images, schema.IMAGES), Path(stage_dir) / IMAGES / shard_name(label, chunk))
+    write_parquet_atomic(schema.to_table(failures, schema.FAILURES), Path(stage_dir) / FAILURES / shard_name(label, chunk))
 
 
 # --------------------------------------------------------------------------------------------

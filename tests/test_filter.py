@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from planted import draw, make_artifact, png, row
@@ -165,11 +166,12 @@ def test_filter_stage_drops_exactly_planted_rows_and_resumes(tmp_path, ray_sessi
                               clip_model=str(clip_dir), clip_pretrained=None, device="cpu",
                               pool=ActorPoolConfig(concurrency=1, num_cpus=0.5, batch_size=4))
 
-    # an earlier attempt was killed after writing one shard: its row must not be filtered twice
+    # an earlier attempt was killed while writing the first output shard (images part, no
+    # "dropped" marker): the shard is made again and replaced, no row appears twice
     earlier = StageRun(cfg.run.root, F.STAGE, F.resolve_config(cfg), {"added": added})
     earlier.prepare(resumable=True)
     earlier.write(S.to_table([dict(rows[0], filters=["min_size", "nsfw", "aesthetic", "clip_similarity"])]),
-                  "images")
+                  "images", shard=F.output_shard(0, 0, F.SHARD_ROWS))
 
     out = F.run(cfg, added)
     assert out.path == earlier.path
@@ -220,7 +222,7 @@ def test_filter_runs_in_a_study_scope_share_actors_and_models_with_the_same_tabl
     from raugment.cluster import POOLS, keep_pools
 
     monkeypatch.setattr(F, "SPAN_ROWS", 3)    # several calls per input shard
-    monkeypatch.setattr(F, "FLUSH_ROWS", 1)   # a shard per call with rows
+    monkeypatch.setattr(F, "SHARD_ROWS", 3)   # an output shard per call
     inputs = [make_artifact(tmp_path / f"in{k}", "generate",
                             [row(f"{k}-{i}", png(draw(50 + 10 * k + i, 24 if i % 4 == 0 else 48)), label=i % 2, rank=i)
                              for i in range(9)], shards=2) for k in range(2)]
@@ -250,3 +252,32 @@ def test_filter_runs_in_a_study_scope_share_actors_and_models_with_the_same_tabl
         too_small = {r[S.ID] for r in got["dropped"] if r[S.REASON] == "min_size"}
         assert too_small == {f"{k}-{i}" for i in (0, 4, 8)}
         assert len(got["images"]) + len(got["dropped"]) == 9
+
+
+@pytest.mark.ray
+def test_a_resumed_filter_writes_the_shards_an_uninterrupted_run_writes(tmp_path, ray_session, monkeypatch):
+    """Output shards are fixed row ranges of the input files: finished ones are kept as they are,
+    an unfinished one is made again whole, and the result equals an uninterrupted run's."""
+    monkeypatch.setattr(F, "SPAN_ROWS", 2)
+    monkeypatch.setattr(F, "SHARD_ROWS", 4)   # two calls per output shard
+    rows = [row(f"r{i}", png(draw(70 + i, 24 if i % 3 == 0 else 48)), label=i % 2, rank=i) for i in range(10)]
+    added = make_artifact(tmp_path / "in", "generate", rows, shards=2)   # 5 + 5 rows
+    cfg = Config()
+    cfg.run.root, cfg.run.progress = str(tmp_path / "runs"), False
+    cfg.filter = FilterConfig(filters=["min_size"], min_side=MIN_SIDE,
+                              pool=ActorPoolConfig(concurrency=1, num_cpus=0.5, batch_size=2))
+    art = F.run(cfg, added)
+    names = {t: sorted(f.name for f in (art.path / t).glob("part-*.parquet")) for t in ("images", "dropped")}
+    assert names["dropped"] == [f"part-f{k:05d}-r{g:06d}.parquet" for k in (0, 1) for g in (0, 1)]
+    first = {(t, n): pq.read_table(art.path / t / n) for t, ns in names.items() for n in ns}
+    kept_before = (art.path / "dropped" / names["dropped"][0]).stat().st_mtime_ns
+    # killed in the middle of the last output shard: neither of its parts was written
+    (art.path / "_SUCCESS").unlink()
+    for t in ("images", "dropped"):
+        (art.path / t / "part-f00001-r000001.parquet").unlink(missing_ok=True)
+    again = F.run(cfg, added)
+    assert {t: sorted(f.name for f in (again.path / t).glob("part-*.parquet")) for t in names} == names
+    for (t, n), table in first.items():
+        assert pq.read_table(again.path / t / n).equals(table), (t, n)
+    assert (again.path / "dropped" / names["dropped"][0]).stat().st_mtime_ns == kept_before  # not redone
+    assert again.stats["counts"] == {"input": 10, "kept": 6, "dropped": 4}

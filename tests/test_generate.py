@@ -177,7 +177,7 @@ def test_unfillable_class_is_reported_not_silent(dataset, tmp_path, sd_flag_all)
     generate.summarize(stage, planned, cfg.generate.max_attempts_per_image)
     assert dict(stage.stats.failures) == {"nsfw": 8, "nsfw_unfillable": 4}
     assert stage.stats.extra["unfilled_classes"] == {"n01491361": 2, "n03180011": 2}
-    # the chunks are done (an empty images shard marks them): a re-run has nothing left to try
+    # the chunks are done (their failures shards mark them): a re-run has nothing left to try
     assert generate.done_chunks(stage.path) == {(0, 0), (1, 0)}
 
 
@@ -193,8 +193,10 @@ def test_a_redone_chunk_is_written_as_an_uninterrupted_run_writes_it(ray_session
     names = sorted(f.name for f in (art.path / "images").glob("*.parquet"))
     assert names == [f"part-c{c:06d}-k{k:06d}.parquet" for c in (0, 1) for k in (0, 1, 2)]
     first = {n: pq.read_table(art.path / "images" / n) for n in names}
-    # a kill in the middle of chunk 1 of class 0: its images shard was never written
+    assert sorted(f.name for f in (art.path / "failures").glob("*.parquet")) == names  # the done markers
+    # a kill in the middle of chunk 1 of class 0: none of its shards was written
     (art.path / "_SUCCESS").unlink()
+    (art.path / "failures" / names[1]).unlink()
     (art.path / "images" / names[1]).unlink()
     again = generate.run(cfg, dataset)
     assert sorted(f.name for f in (again.path / "images").glob("*.parquet")) == names
