@@ -34,6 +34,9 @@ Everything else (tokenizer = CLIP's real BPE, PNDM scheduler with SD v1.4's conf
 safety checker that flags nothing) is the tiny bundle's. Training is deterministic for a seed and
 step count (one torch thread). :func:`recognisability` measures what matters: a classifier trained
 on real images classifies the generated images, per prompt builder and per class, against chance.
+Measured at the defaults (demo pool, seed 0, 16 images per class, 20 PNDM steps, guidance 4):
+0.41 (simple_nows) and 0.48 (CLIP templates) on 4 classes, chance 0.25 (CLIP's random text init
+with a 150-step VAE: 0.38 / 0.36 at 300 UNet steps). ``benchmarks/mini_diffusion.py`` measures it.
 """
 
 from __future__ import annotations
