@@ -52,6 +52,8 @@ def test_bad_input_is_refused_before_work(tmp_path, small_pool):
         md.train_mini_diffusion(small_pool, tmp_path / "out", size=40)
     with pytest.raises(ValueError, match="max_steps"):
         md.train_mini_diffusion(small_pool, tmp_path / "out", max_steps=0)
+    with pytest.raises(ValueError, match="text_init must be one of bag, random"):
+        md.train_mini_diffusion(small_pool, tmp_path / "out", text_init="clip")
     assert not (tmp_path / "out").exists()
 
 
@@ -65,6 +67,30 @@ def test_deterministic_for_seed_and_steps(small_pool, tmp_path):
     md.train_mini_diffusion(small_pool, tmp_path / "a", seed=4, max_steps=2, vae_steps=2)
     assert _same(_weights(tmp_path / "a"), _weights(c))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
+
+
+def test_bag_of_words_init_tells_the_class_prompts_apart(tmp_path):
+    """CLIP's random init encodes the demo's class prompts almost alike; the bag of words does not."""
+    import torch
+
+    from raugment.models.diffusion import build_random_sd, write_clip_tokenizer
+    from raugment.prompts import simple_nows_prompt
+
+    pipe = build_random_sd(write_clip_tokenizer(tmp_path / "tok"), "tiny", seed=0)
+    te, tok = pipe.text_encoder, pipe.tokenizer
+    probe = [simple_nows_prompt(name) for name in CLASSES]
+    assert md.prompt_similarity(te, tok, probe) > 0.95
+    md.bag_of_words_init(te, tok, seed=0)
+    assert md.prompt_similarity(te, tok, probe) < 0.7
+    # every padding position holds the whole prompt (its bag of words: order barely counts) ...
+    ids = tok(["a red circle", "circle a red", "a blue circle", ""], padding="max_length", max_length=77,
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        h = torch.nn.functional.normalize(te(ids).last_hidden_state, dim=-1)
+    assert float((h[0, 10:] @ h[0, -1]).min()) > 0.99
+    assert float(h[0, -1] @ h[1, -1]) > 0.99
+    assert float(h[0, -1] @ h[2, -1]) < 0.9  # ... and one word changes it
+    assert float(h[3].abs().max()) == 0.0  # "" (classifier-free guidance's prompt) encodes to zeros
 
 
 def test_bundle_loads_through_the_sd_path(mini_sd):
@@ -99,10 +125,47 @@ def test_bundle_loads_through_the_sd_path(mini_sd):
     assert float(dist.std.max()) < 1e-5  # a point distribution: fine-tuning's cached latents are exact
     # the scaled pool latents have about unit spread, as SD's scaling_factor intends
     assert 0.01 < float(dist.mean.std()) * info["scaling_factor"] < 100
+    # the saved text encoder is the bag of words the UNet was trained with (recorded cosine)
+    from raugment.prompts import simple_nows_prompt
+
+    assert info["text_init"] == "bag"
+    probe = [simple_nows_prompt(name) for name in CLASSES]
+    cosine = md.prompt_similarity(comps["text_encoder"], comps["tokenizer"], probe)
+    assert cosine == pytest.approx(info["class_prompt_cosine"], abs=1e-3) and cosine < 0.7
 
 
-@pytest.mark.xfail(strict=True, reason="measured 2026-11-24: at the default 300 UNet steps the images barely follow "
-                   "their prompt: 0.375 (simple_nows) and 0.359 (clip_templates) on 4 classes, chance 0.25, goal 0.5")
+@pytest.mark.parametrize("name", ["ft_conditioning", "ft_cluster_conditioning", "imagic", "textual_inversion",
+                                  "pseudoword_dm"])
+def test_personalisation_methods_fine_tune_the_mini_model(mini_sd, name):
+    """Methods 5-9 train on the mini bundle as on SD v1.4: the loss falls on a repeated batch."""
+    import torch
+
+    from raugment.models.diffusion import load_components
+    from raugment.personalise.methods import CondRow, build_personaliser, get_method
+
+    comps = load_components(str(mini_sd))
+    rows = [CondRow(0, 0, "red circle", 0, 2), CondRow(1, 1, "blue square", 0, 2)]
+    method = get_method(name)
+    net = build_personaliser(method, comps, method.init_table(comps, rows))
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, 4, 8, 8, generator=g)
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.randint(0, 1000, (4,), generator=g)
+    ids = method.prompt_ids(comps, 4, np.random.default_rng(0))
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3 if method.trains_unet else 2e-2)
+    losses = []
+    for _ in range(8):
+        loss = net(latents, noise, t, torch.tensor([0, 1, 0, 1]), ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+@pytest.mark.xfail(strict=True, reason="measured 2026-11-24 (seed 0, n=16/class, 20 PNDM steps, guidance 4): "
+                   "0.406 (simple_nows) and 0.484 (clip_templates) on 4 classes, chance 0.25, goal 0.5; was 0.375 / "
+                   "0.359 with CLIP's random text init and a 150-step VAE")
 def test_generated_images_are_recognised_above_chance(mini_sd):
     """A classifier trained on real draws classifies prompted generations far above chance."""
     from raugment.loader import build_transform
