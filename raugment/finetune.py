@@ -4,9 +4,10 @@
 GPU) on a table of learned rows indexed by class (and k-means cluster). ``finetune.runner`` says
 where that run goes: ``worker_group`` (default) leases a long-lived
 :class:`~raugment.worker_group.WorkerGroup` (no Ray Train start-up; inside a study the group is
-kept like the classifiers' ones, see :func:`~raugment.worker_group.keep_groups`) and checkpoints into ``<stage dir>/checkpoint/latest``;
-``ray_train`` starts a Ray Train ``TorchTrainer``. Both run the same loop
-(:class:`raugment.personalise.loop.WorkerLoop`) and give the same result for a seed.
+kept like the classifiers' ones, see :func:`~raugment.worker_group.keep_groups`) and checkpoints
+into ``<stage dir>/checkpoint/latest``; ``ray_train`` starts a Ray Train ``TorchTrainer``. Both
+run the same loop (:class:`raugment.personalise.loop.WorkerLoop`) and give the same result for a
+seed.
 
 * ``ft_conditioning`` ⑤ / ``ft_cluster_conditioning`` ⑥ / ``imagic`` ⑦ learn ``[rows, 77, d]``
   conditionings initialised from the text encoding of the no-whitespace simple prompt;
