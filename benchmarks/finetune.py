@@ -113,6 +113,7 @@ def runners_line(args) -> str:
     from raugment import dataset, finetune
     from raugment.config import load_config, with_overrides
     from raugment.models.tiny import write_tiny_bundles
+    from train import runners_figures, time_runners  # benchmarks/train.py (this script's directory)
 
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -128,18 +129,14 @@ def runners_line(args) -> str:
         f"finetune.patience={args.epochs}", "finetune.workers.num_workers=1",
         f"finetune.workers.cpus_per_worker={args.cpus}", "finetune.feature_weights=null"])
     data = dataset.run(cfg)
-    walls = {"ray_train": 0.0, "worker_group": 0.0}
-    for seed in range(args.runners):
-        for runner in walls:
-            t0 = time.perf_counter()
-            finetune.run(with_overrides(cfg, {"finetune.runner": runner, "finetune.seed": seed,
-                                              "run.root": str(root / runner)}), data)
-            walls[runner] += time.perf_counter() - t0
-    n = args.runners
-    return (f"finetune runners: {n} runs ft_conditioning tiny SD {args.resolution}px epochs={args.epochs} "
-            f"workers=1x{args.cpus} CPU | ray_train {walls['ray_train']:.1f} s ({walls['ray_train'] / n:.1f} s each) | "
-            f"worker_group {walls['worker_group']:.1f} s ({walls['worker_group'] / n:.1f} s each) | "
-            f"ray_train/worker_group {walls['ray_train'] / walls['worker_group']:.2f}x")
+
+    def one(runner: str, seed: int) -> None:
+        finetune.run(with_overrides(cfg, {"finetune.runner": runner, "finetune.seed": seed,
+                                          "run.root": str(root / runner)}), data)
+
+    walls = time_runners(one, args.runners)  # no keep_groups: a study releases the group after the stage
+    return (f"finetune runners: {args.runners} runs ft_conditioning tiny SD {args.resolution}px "
+            f"epochs={args.epochs} workers=1x{args.cpus} CPU | {runners_figures(walls, args.runners)}")
 
 
 def main() -> None:
