@@ -11,7 +11,13 @@ and frozen-UNet methods are why.
 ``--full-size`` builds Stable Diffusion v1.4's architecture (UNet 860 M, VAE, CLIP ViT-L/14 text
 encoder) with random weights for GPU figures; the default is the tiny bundle.
 
+``--runners N``: instead, N fine-tuning stage runs (``finetune.run``, ft_conditioning, seeds
+0..N-1) with each ``finetune.runner`` -- ``ray_train`` (a ``TorchTrainer`` per run) and
+``worker_group`` (a group leased per run and shut down after it, as between the stages of a
+study) -- alternating run by run, and their wall-time ratio, in one run.
+
 Usage: ``python benchmarks/finetune.py [--model runs/models/sd] [--device cpu] [--rounds 10]``
+       ``python benchmarks/finetune.py --runners 3 [--epochs 2]``
 """
 
 from __future__ import annotations
@@ -95,6 +101,44 @@ def method_step(name: str, comps: dict, mean, std, t, rows, args):
     return step
 
 
+def runners_line(args) -> str:
+    """N fine-tunings per runner through the stage on a synthetic dataset; wall time and ratio.
+
+    The runners alternate run by run (the machine's load drifts). The tiny SD bundle is written
+    when ``--model`` does not exist. Every run is a fresh stage key (its own root).
+    """
+    import logging
+    import os
+
+    from raugment import dataset, finetune
+    from raugment.config import load_config, with_overrides
+    from raugment.models.tiny import write_tiny_bundles
+    from train import runners_figures, time_runners  # benchmarks/train.py (this script's directory)
+
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    root = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
+    model = Path(args.model)
+    if not (model / "model_index.json").exists():
+        model = write_tiny_bundles(root / "models", parts=["sd"])["sd"]
+    cfg = load_config(None, [
+        f"run.root={root}", "run.progress=false", "cluster.include_dashboard=false",
+        "dataset.synthetic.num_classes=4", "dataset.synthetic.train_per_class=40", "dataset.fraction=0.5",
+        "dataset.synthetic.test_per_class=2", f"finetune.model={model}", f"finetune.resolution={args.resolution}",
+        f"finetune.batch_size={args.batch}", f"finetune.max_epochs={args.epochs}",
+        f"finetune.patience={args.epochs}", "finetune.workers.num_workers=1",
+        f"finetune.workers.cpus_per_worker={args.cpus}", "finetune.feature_weights=null"])
+    data = dataset.run(cfg)
+
+    def one(runner: str, seed: int) -> None:
+        finetune.run(with_overrides(cfg, {"finetune.runner": runner, "finetune.seed": seed,
+                                          "run.root": str(root / runner)}), data)
+
+    walls = time_runners(one, args.runners)  # no keep_groups: a study releases the group after the stage
+    return (f"finetune runners: {args.runners} runs ft_conditioning tiny SD {args.resolution}px "
+            f"epochs={args.epochs} workers=1x{args.cpus} CPU | {runners_figures(walls, args.runners)}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="runs/models/sd", help="diffusers bundle (tiny: raugment models tiny runs/models)")
@@ -105,8 +149,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--runners", type=int, default=0,
+                   help="compare finetune.runner ray_train vs worker_group over this many stage runs")
+    p.add_argument("--epochs", type=int, default=2, help="--runners: epochs per run")
+    p.add_argument("--cpus", type=float, default=0.5, help="--runners: CPUs of the one worker")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.runners:
+        print(runners_line(args))
+        return
     from raugment.models.diffusion import load_components
 
     def fresh() -> dict:

@@ -141,17 +141,31 @@ def runners_line(cfg, data, manifest, args, root: Path) -> str:
     from raugment.config import with_overrides
     from raugment.worker_group import keep_groups
 
-    walls = {"ray_train": 0.0, "worker_group": 0.0}
+    def one(runner: str, seed: int) -> None:
+        train.run(with_overrides(cfg, {"train.runner": runner, "train.seed": seed,
+                                       "run.root": str(root / runner)}), data, manifest)
+
     with keep_groups():
-        for seed in range(args.runners):
-            for runner in walls:
-                t0 = time.perf_counter()
-                train.run(with_overrides(cfg, {"train.runner": runner, "train.seed": seed,
-                                               "run.root": str(root / runner)}), data, manifest)
-                walls[runner] += time.perf_counter() - t0
-    n = args.runners
-    return (f"train runners: {n} classifiers model={args.model} size={args.size} epochs={args.epochs} "
-            f"workers=1x{args.cpus} CPU | ray_train {walls['ray_train']:.1f} s ({walls['ray_train'] / n:.1f} s each) | "
+        walls = time_runners(one, args.runners)
+    return (f"train runners: {args.runners} classifiers model={args.model} size={args.size} epochs={args.epochs} "
+            f"workers=1x{args.cpus} CPU | {runners_figures(walls, args.runners)}")
+
+
+def time_runners(run_one, n: int) -> dict[str, float]:
+    """Wall seconds of ``run_one(runner, seed)`` per runner over seeds 0..n-1, alternating runner
+    by runner (the machine's load drifts). Also used by ``benchmarks/finetune.py``."""
+    walls = {"ray_train": 0.0, "worker_group": 0.0}
+    for seed in range(n):
+        for runner in walls:
+            t0 = time.perf_counter()
+            run_one(runner, seed)
+            walls[runner] += time.perf_counter() - t0
+    return walls
+
+
+def runners_figures(walls: dict[str, float], n: int) -> str:
+    """The figures of :func:`time_runners`: totals, per run, and the ray_train / worker_group ratio."""
+    return (f"ray_train {walls['ray_train']:.1f} s ({walls['ray_train'] / n:.1f} s each) | "
             f"worker_group {walls['worker_group']:.1f} s ({walls['worker_group'] / n:.1f} s each) | "
             f"ray_train/worker_group {walls['ray_train'] / walls['worker_group']:.2f}x")
 

@@ -522,7 +522,7 @@ class AuditConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Personalisation of the diffusion model (paper 3.1, methods 5-9), one Ray Train job.
+    """Personalisation of the diffusion model (paper 3.1, methods 5-9), one DDP training run.
 
     ``method`` is a name in ``FINETUNERS`` (ft_conditioning, ft_cluster_conditioning, imagic,
     textual_inversion, pseudoword_dm). ``batch_size`` is per worker; the learning rates ``lr``
@@ -533,6 +533,12 @@ class FinetuneConfig:
     best validation loss, the epochs in ``keep_epochs``, and Imagic's first ``imagic_epochs``.
     ``clusters`` is k of FT cluster conditioning (k-means on Inception-v3 features with
     ``feature_weights``: a torchvision weights name, a ``.safetensors`` file, or null = random).
+
+    ``runner`` picks where the loop runs (same results for the same seed, so it is not part of
+    the stage key): ``worker_group`` leases ``workers`` as a long-lived Ray actor group with one
+    DDP process group (no Ray Train start-up; checkpoints in the stage directory, a failed group
+    rebuilt up to ``workers.max_failures`` times); ``ray_train`` starts a Ray Train
+    ``TorchTrainer`` for the run.
     """
 
     method: str = "ft_conditioning"
@@ -560,6 +566,7 @@ class FinetuneConfig:
     feature_size: int = 299
     feature_pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(batch_size=32))
     keep_train_state: bool = False
+    runner: Literal["worker_group", "ray_train"] = "worker_group"
     workers: WorkersConfig = field(default_factory=WorkersConfig)
 
     def validate(self, key: str) -> None:

@@ -1,7 +1,13 @@
 """Stage ``finetune``: personalise Stable Diffusion to the training images (paper 3.1, methods 5-9).
 
-``run(cfg, dataset) -> Artifact`` trains every class in **one** Ray Train ``TorchTrainer`` job
-(DDP; gloo on CPU, NCCL on GPU) on a table of learned rows indexed by class (and k-means cluster):
+``run(cfg, dataset) -> Artifact`` trains every class in **one** DDP run (gloo on CPU, NCCL on
+GPU) on a table of learned rows indexed by class (and k-means cluster). ``finetune.runner`` says
+where that run goes: ``worker_group`` (default) leases a long-lived
+:class:`~raugment.worker_group.WorkerGroup` (no Ray Train start-up; inside a study the group is
+kept like the classifiers' ones, see :func:`~raugment.worker_group.keep_groups`) and checkpoints
+into ``<stage dir>/checkpoint/latest``; ``ray_train`` starts a Ray Train ``TorchTrainer``. Both
+run the same loop (:class:`raugment.personalise.loop.WorkerLoop`) and give the same result for a
+seed.
 
 * ``ft_conditioning`` ⑤ / ``ft_cluster_conditioning`` ⑥ / ``imagic`` ⑦ learn ``[rows, 77, d]``
   conditionings initialised from the text encoding of the no-whitespace simple prompt;
@@ -15,7 +21,7 @@ generated images train the best classifier; in a study the scores come from ordi
 assemble -> train runs per candidate, and the ``select`` stage (:mod:`raugment.select`) records
 the choice for the generator.
 
-The parts live in :mod:`raugment.personalise` (policy, methods, Ray Train loop, outputs).
+The parts live in :mod:`raugment.personalise` (policy, methods, the worker loop, outputs).
 """
 
 from __future__ import annotations
@@ -44,9 +50,11 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 STAGE = "finetune"
-TRAIN_DIR = "ray_train"
+TRAIN_DIR = "ray_train"  # runner ray_train: Ray Train's storage path in the stage directory
+CHECKPOINT_DIR = "checkpoint"  # runner worker_group: the resumable state in ``checkpoint/latest``
 
-__all__ = ["run", "cli", "plan_rows", "build_trainer", "select_checkpoint", "list_checkpoints", "CheckpointRef"]
+__all__ = ["run", "cli", "plan_rows", "build_trainer", "loop_config", "result_section", "select_checkpoint",
+           "list_checkpoints", "CheckpointRef"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,8 +151,37 @@ def _write_plan(run: StageRun, cfg: Config, method: Any, dataset: Artifact) -> N
 # --------------------------------------------------------------------------------------------
 
 
+def result_section(cfg: Config) -> dict[str, Any]:
+    """The ``finetune`` settings that make the stage key.
+
+    ``runner`` is left out: both runners run the same :class:`~raugment.personalise.loop.WorkerLoop`
+    with the same seeding (``torch.manual_seed(finetune.seed)`` at the start of every rank, per
+    epoch and per rank generators, the same thread count for the same ``cpus_per_worker``, DDP
+    wrapping only the learned parts in both), and their contexts differ only in where a
+    checkpoint goes, so a seed gives the same tables and snapshots (``tests/test_finetune.py``
+    checks it). Every other field stays, so keys of configs without ``runner`` are unchanged.
+    """
+    from raugment.config import to_dict
+
+    data = to_dict(cfg.finetune)
+    data.pop("runner")
+    return data
+
+
+def loop_config(cfg: Config, run: StageRun, dataset: Artifact, extra: Optional[dict[str, Any]] = None
+                ) -> dict[str, Any]:
+    """What every rank's :class:`~raugment.personalise.loop.WorkerLoop` reads (absolute paths)."""
+    from raugment.config import to_dict
+
+    section = to_dict(cfg.finetune)
+    if Path(cfg.finetune.model).exists():  # workers run in another directory: pass local paths whole
+        section["model"] = str(Path(cfg.finetune.model).resolve())
+    return {"finetune": section, "out": str(run.path.resolve()),
+            "images": [str(f.resolve()) for f in dataset.files("images")], **(extra or {})}
+
+
 def build_trainer(cfg: Config, run: StageRun, dataset: Artifact, extra: Optional[dict[str, Any]] = None):
-    """The ``TorchTrainer`` of one fine-tuning run.
+    """The ``TorchTrainer`` of one fine-tuning run (runner ``ray_train``).
 
     Its name and storage path are fixed by the stage key, so re-running a killed stage resumes
     the same Ray Train run from its last checkpoint (Train V2 resumes by name + storage path),
@@ -154,32 +191,51 @@ def build_trainer(cfg: Config, run: StageRun, dataset: Artifact, extra: Optional
     from ray.train.torch import TorchTrainer
 
     from raugment.cluster import scaling_config
-    from raugment.config import to_dict
     from raugment.personalise.loop import train_loop_per_worker
 
-    section = to_dict(cfg.finetune)
-    if Path(cfg.finetune.model).exists():  # workers run in another directory: pass local paths whole
-        section["model"] = str(Path(cfg.finetune.model).resolve())
-    loop_config = {"finetune": section, "out": str(run.path.resolve()),
-                   "images": [str(f.resolve()) for f in dataset.files("images")], **(extra or {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=loop_config(cfg, run, dataset, extra),
         scaling_config=scaling_config(cfg.finetune.workers),
         run_config=RunConfig(name=f"finetune-{run.key}", storage_path=str((run.path / TRAIN_DIR).resolve()),
                              failure_config=FailureConfig(max_failures=cfg.finetune.workers.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)))
 
 
-def _finish(run: StageRun, cfg: Config, result: Any, train_s: float) -> None:
-    """Tables and stats once the trainer is done; the history comes from the last checkpoint."""
+def _fit_ray_train(cfg: Config, run: StageRun, dataset: Artifact, extra: Optional[dict[str, Any]]) -> dict:
+    """Runner ``ray_train``: the progress of the trainer's last checkpoint."""
     from raugment.personalise.loop import PROGRESS
 
-    refs = list_checkpoints(run.path)
-    if not refs or result.checkpoint is None:
-        raise RuntimeError(f"fine-tuning wrote no checkpoint under {run.path}")
+    result = build_trainer(cfg, run, dataset, extra).fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"fine-tuning wrote no checkpoint under {run.path / TRAIN_DIR}")
     with result.checkpoint.as_directory() as d:
-        progress = json.loads((Path(d) / PROGRESS).read_text())
+        return json.loads((Path(d) / PROGRESS).read_text())
+
+
+def _fit_group(cfg: Config, run: StageRun, dataset: Artifact, extra: Optional[dict[str, Any]]) -> dict:
+    """Runner ``worker_group``: the loop on a leased group, resuming from (and checkpointing to)
+    ``<stage dir>/checkpoint/latest``; a failed run is retried on a new group up to
+    ``finetune.workers.max_failures`` times. The progress of the last checkpoint."""
+    from raugment.personalise.loop import PROGRESS, finetune_member
+    from raugment.worker_group import run_with_retries
+
+    checkpoint = (run.path / CHECKPOINT_DIR).resolve()
+    run_with_retries(cfg.finetune.workers, finetune_member, loop_config(cfg, run, dataset, extra),
+                     str(checkpoint), what=f"fine-tuning {run.key}")
+    latest = checkpoint / "latest" / PROGRESS
+    if not latest.exists():
+        raise RuntimeError(f"fine-tuning wrote no checkpoint under {checkpoint}")
+    return json.loads(latest.read_text())
+
+
+def _finish(run: StageRun, cfg: Config, progress: dict, train_s: float) -> None:
+    """Tables and stats once training is done; the history comes from the last checkpoint."""
+    refs = list_checkpoints(run.path)
+    if not refs:
+        raise RuntimeError(f"fine-tuning wrote no snapshot under {run.path}")
     run.write_single(checkpoints_table(refs, run.path), CHECKPOINTS)
     write_selected(run.path, BEST_VAL)
     items = Artifact(STAGE, run.key, run.path).read(ITEMS, columns=[schema.LABEL, schema.SPLIT])
@@ -199,12 +255,14 @@ def _finish(run: StageRun, cfg: Config, result: Any, train_s: float) -> None:
         "step_s_mean": float(np.mean([e["step_s"] for e in epochs.values()])),
         "early_stopped": progress["stopped"], "history": progress["history"],
         "checkpoints": {r.name: r.epoch for r in refs}, "latents_cached": cfg.finetune.cache_latents,
+        "runner": cfg.finetune.runner, "train_s": train_s,
     })
     workers = cfg.finetune.workers
     if workers.use_gpu:
         run.stats.gpu_s += train_s * workers.num_workers * workers.gpus_per_worker
     if not cfg.finetune.keep_train_state:  # the full optimizer state is only needed to resume
-        shutil.rmtree(run.path / TRAIN_DIR, ignore_errors=True)
+        for name in (TRAIN_DIR, CHECKPOINT_DIR):
+            shutil.rmtree(run.path / name, ignore_errors=True)
 
 
 def run(cfg: Config, dataset: Artifact, *, fail_after_epoch: Optional[int] = None) -> Artifact:
@@ -214,7 +272,8 @@ def run(cfg: Config, dataset: Artifact, *, fail_after_epoch: Optional[int] = Non
         cfg: the whole config; this stage reads ``finetune`` (and ``cluster`` to reach Ray).
         dataset: a ``dataset`` stage artifact.
         fail_after_epoch: fault injection for tests and drills: a worker raises once, right after
-            reporting this epoch, and the run must resume from its checkpoint.
+            reporting this epoch, and the run must resume from its checkpoint (both runners
+            retry up to ``finetune.workers.max_failures`` times).
 
     Returns:
         The ``finetune`` artifact (layout in :mod:`raugment.personalise.outputs`).
@@ -233,10 +292,13 @@ def run(cfg: Config, dataset: Artifact, *, fail_after_epoch: Optional[int] = Non
         fault = ({"fail_after_epoch": fail_after_epoch, "fail_marker": str(run.path.resolve() / ".failed-once")}
                  if fail_after_epoch else None)
         t0 = time.perf_counter()
-        result = build_trainer(cfg, run, dataset, fault).fit()
-        _finish(run, cfg, result, time.perf_counter() - t0)
+        fit = _fit_ray_train if cfg.finetune.runner == "ray_train" else _fit_group
+        progress = fit(cfg, run, dataset, fault)
+        _finish(run, cfg, progress, time.perf_counter() - t0)
 
-    return run_stage(cfg.run.root, STAGE, cfg.finetune, {"dataset": dataset}, body, resumable=True)
+    # resumable with either runner: the plan, the latent cache, the snapshots and the training
+    # state (Ray Train's storage path or checkpoint/latest) all live in the stage directory
+    return run_stage(cfg.run.root, STAGE, result_section(cfg), {"dataset": dataset}, body, resumable=True)
 
 
 def cli(cfg: Config, args: "argparse.Namespace") -> int:

@@ -35,7 +35,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Protocol, Sequence
 
 import pyarrow as pa
 
@@ -165,6 +165,9 @@ class LoopSpec:
 @dataclass
 class TrainState:
     """What a checkpoint holds; enough to resume without redoing a finished epoch."""
+
+    # the file whose presence makes a checkpoint directory complete (the contexts' state_type contract)
+    MARKER: ClassVar[str] = CKPT_STATE
 
     model: dict
     best: dict | None
@@ -400,17 +403,25 @@ def fit(spec: LoopSpec, ctx: LoopContext) -> dict[str, Any]:
 
 
 class LocalContext:
-    """Run :func:`fit` in this process (no Ray): checkpoints go to ``checkpoint_dir/latest``."""
+    """Run :func:`fit` in this process (no Ray): checkpoints go to ``checkpoint_dir/latest``.
+
+    ``state_type`` is what a checkpoint holds (default :class:`TrainState`): any class with
+    ``write(directory)``, ``read(directory)`` and a ``MARKER`` file name, so other loops (the
+    fine-tuning one) run on the same contexts.
+    """
 
     rank = 0
     world_size = 1
+    state_type: Any = TrainState
 
-    def __init__(self, checkpoint_dir: str | Path, device: str = "cpu"):
+    def __init__(self, checkpoint_dir: str | Path, device: str = "cpu", state_type: Any = None):
         import torch
 
         self.device = torch.device(device)
         self.checkpoint_dir = Path(checkpoint_dir)
         self.reports: list[dict[str, Any]] = []
+        if state_type is not None:
+            self.state_type = state_type
 
     def prepare_model(self, model):
         return model
@@ -418,9 +429,9 @@ class LocalContext:
     def all_reduce(self, tensor):
         return tensor
 
-    def load_checkpoint(self) -> TrainState | None:
+    def load_checkpoint(self) -> Any:
         latest = self.checkpoint_dir / "latest"
-        return TrainState.read(latest) if (latest / CKPT_STATE).exists() else None
+        return self.state_type.read(latest) if (latest / self.state_type.MARKER).exists() else None
 
     def report(self, metrics: dict[str, Any], state: TrainState | None) -> None:
         self.reports.append(metrics)
@@ -446,10 +457,12 @@ class GroupContext(LocalContext):
     waits for it, so a rank that dies in the next epoch never loses a finished one.
     """
 
-    def __init__(self, member, checkpoint_dir: str | Path):
+    def __init__(self, member, checkpoint_dir: str | Path, state_type: Any = None):
         self.rank, self.world_size, self.device = member.rank, member.world_size, member.device
         self.checkpoint_dir = Path(checkpoint_dir)
         self.reports = []
+        if state_type is not None:
+            self.state_type = state_type
 
     def prepare_model(self, model):
         if self.world_size == 1:
@@ -475,9 +488,12 @@ def fit_member(member, spec: LoopSpec, checkpoint_dir: str) -> dict[str, Any]:
 
 
 class RayContext:
-    """:class:`LoopContext` of a Ray Train worker (DDP over gloo on CPU, NCCL on GPU)."""
+    """:class:`LoopContext` of a Ray Train worker (DDP over gloo on CPU, NCCL on GPU).
 
-    def __init__(self):
+    ``state_type``: what a checkpoint holds, as for :class:`LocalContext`.
+    """
+
+    def __init__(self, state_type: Any = TrainState):
         import ray.train
         import ray.train.torch
 
@@ -485,6 +501,7 @@ class RayContext:
         self.rank = tctx.get_world_rank()
         self.world_size = tctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.state_type = state_type
 
     def prepare_model(self, model):
         import ray.train.torch
@@ -494,14 +511,14 @@ class RayContext:
     def all_reduce(self, tensor):
         return _all_reduce(tensor, self.world_size)
 
-    def load_checkpoint(self) -> TrainState | None:
+    def load_checkpoint(self) -> Any:
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as d:
-            return TrainState.read(d)
+            return self.state_type.read(d)
 
     def report(self, metrics: dict[str, Any], state: TrainState | None) -> None:
         import ray.train

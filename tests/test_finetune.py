@@ -1,4 +1,4 @@
-"""The finetune stage on Ray Train (tiny SD, synthetic data): resume, checkpoints, LR, generator."""
+"""The finetune stage on both runners (tiny SD, synthetic data): resume, checkpoints, LR, generator."""
 
 from __future__ import annotations
 
@@ -43,11 +43,12 @@ def tiny_cfg(root, tiny_sd, *overrides):
 
 @pytest.fixture(scope="module")
 def killed_run(ray_session, tiny_sd, tmp_path_factory):
-    """ft_conditioning whose worker dies once right after epoch 1 has been reported."""
+    """ft_conditioning on a worker group whose worker fails once right after epoch 1 has been
+    reported (the group is rebuilt: ``workers.max_failures`` defaults to 2)."""
     from raugment import dataset
 
     root = tmp_path_factory.mktemp("ft")
-    cfg = tiny_cfg(root, tiny_sd)
+    cfg = tiny_cfg(root, tiny_sd, "finetune.runner=worker_group")
     ds = dataset.run(cfg)
     art = finetune.run(cfg, ds, fail_after_epoch=1)
     return cfg, ds, art
@@ -100,7 +101,73 @@ def test_checkpoints_tables_and_latent_cache(killed_run):
     cached = sum(len(json.loads(safe_open(str(p), "pt").metadata()["ids"]))
                  for p in (art.path / "latents").glob("part-*.safetensors"))
     assert cached == len(items)  # encoded once: the restart reused the cache
-    assert not (art.path / finetune.TRAIN_DIR).exists()  # optimizer state dropped after success
+    # the training state (optimizer included) is dropped after success
+    assert not (art.path / finetune.CHECKPOINT_DIR).exists() and not (art.path / finetune.TRAIN_DIR).exists()
+
+
+def _snapshots(path):
+    return sorted(d.name for d in (path / "checkpoints").iterdir())
+
+
+@pytest.mark.timeout(600)
+def test_ray_train_runner_gives_the_same_artifact_under_the_same_key(killed_run, tmp_path):
+    """The same config on a Ray Train ``TorchTrainer`` (no failure) writes the same tables and
+    snapshots as the worker group that failed once and resumed: the runner is not in the key."""
+    from raugment import dataset
+    from raugment.config import with_overrides
+
+    cfg, _, group = killed_run
+    ray_cfg = with_overrides(cfg, {"finetune.runner": "ray_train", "run.root": str(tmp_path)})
+    ray_art = finetune.run(ray_cfg, dataset.run(ray_cfg))
+    assert ray_art.key == group.key and ray_art.path != group.path
+    assert ray_art.stats["runner"] == "ray_train" and group.stats["runner"] == "worker_group"
+    assert ray_art.stats["counts"]["restarts"] == 0
+    for name in ("conditionings", "items"):
+        assert ray_art.read(name).equals(group.read(name)), name
+    tables = [art.read("checkpoints").to_pydict() for art in (ray_art, group)]
+    for col in (schema.CHECKPOINT, schema.EPOCH, schema.SNAPSHOT):
+        assert tables[0][col] == tables[1][col], col
+    for col in (schema.TRAIN_LOSS, schema.VAL_LOSS):
+        assert tables[0][col] == pytest.approx(tables[1][col], rel=1e-6), col
+    histories = [art.stats["history"] for art in (ray_art, group)]
+    assert [h["epoch"] for h in histories[0]] == [h["epoch"] for h in histories[1]] == [1, 2, 3]
+    for key in ("train_loss", "val_loss"):
+        assert [h[key] for h in histories[0]] == pytest.approx([h[key] for h in histories[1]], rel=1e-6), key
+    assert _snapshots(ray_art.path) == _snapshots(group.path)
+    for ref in list_checkpoints(group.path):
+        a, b = (load_personalisation(art.path, ref.name).table for art in (ray_art, group))
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_unknown_runner_is_a_config_error_naming_the_key():
+    with pytest.raises(ConfigError, match=r"finetune\.runner"):
+        load_config(overrides=["finetune.runner=torchrun"])
+
+
+@pytest.mark.timeout(600)
+def test_an_interrupted_worker_group_stage_resumes_from_its_own_checkpoint(ray_session, tiny_sd, tmp_path):
+    """Out of retries after epoch 1 (``max_failures=0``), the stage stops with its checkpoint and
+    snapshot in the stage directory; the next run of the same key goes on from epoch 2 without
+    redoing epoch 1 or writing its snapshot twice."""
+    from raugment import dataset
+
+    cfg = tiny_cfg(tmp_path, tiny_sd, "finetune.max_epochs=2", "finetune.workers.max_failures=0")
+    ds = dataset.run(cfg)
+    with pytest.raises(Exception, match="injected failure after epoch 1"):
+        finetune.run(cfg, ds, fail_after_epoch=1)
+    (stage,) = (tmp_path / "finetune").iterdir()
+    assert json.loads((stage / finetune.CHECKPOINT_DIR / "latest" / "progress.json").read_text())["epoch"] == 1
+    assert _snapshots(stage) == ["epoch_001"]
+    first = (stage / "checkpoints" / "epoch_001" / "learned.safetensors").stat().st_mtime_ns
+    art = finetune.run(cfg, ds)
+    assert art.path == stage
+    ev = events(art)
+    assert [s["resume_after_epoch"] for s in ev if s["event"] == "start"] == [0, 1]
+    assert [e["epoch"] for e in ev if e["event"] == "epoch"] == [1, 2]  # epoch 1 ran once
+    assert _snapshots(stage) == ["epoch_001", "epoch_002"]
+    assert (stage / "checkpoints" / "epoch_001" / "learned.safetensors").stat().st_mtime_ns == first
+    assert [h["epoch"] for h in art.stats["history"]] == [1, 2] and art.stats["counts"]["restarts"] == 1
+    assert not (stage / finetune.CHECKPOINT_DIR).exists()
 
 
 def test_select_checkpoint_keeps_the_best_scorer_and_the_generator_follows(killed_run):

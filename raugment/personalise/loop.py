@@ -1,18 +1,24 @@
-"""The Ray Train worker loop of the fine-tuning stage (DDP over all classes at once).
+"""The worker loop of the fine-tuning stage (DDP over all classes at once), written once.
 
-One :func:`train_loop_per_worker` runs on every worker of a ``TorchTrainer``:
+:class:`WorkerLoop` runs on every rank against a :class:`raugment.train.LoopContext` (rank, world
+size, device, DDP wrapping, all-reduce, checkpoint load/report), so both runners of
+``finetune.runner`` run the same code: :func:`finetune_member` on a leased
+:class:`~raugment.worker_group.WorkerGroup` (:class:`raugment.train.GroupContext`: checkpoints in
+``<stage dir>/checkpoint/latest``) and :func:`train_loop_per_worker` on a Ray Train
+``TorchTrainer`` (:class:`raugment.train.RayContext`). Each rank:
 
-1. load the diffusion components through :func:`raugment.models.diffusion.load_components`;
-2. **cache VAE latents**: each rank encodes its share of the images not yet in ``latents/`` and
+1. loads the diffusion components through :func:`raugment.models.diffusion.load_components`;
+2. **caches VAE latents**: each rank encodes its share of the images not yet in ``latents/`` and
    stores the latent *distribution* (mean, std), so every step still draws a fresh latent sample
    as Stable Diffusion training does, without running the VAE encoder again;
-3. restore the full training state from ``ray.train.get_checkpoint()`` when a worker failure (or
-   a killed driver) restarted the run, and continue after the last finished epoch;
-4. train epochs: shuffled, padded so all ranks take the same number of batches; validation loss
+3. restores the full training state (:class:`FinetuneState`) from the context's last checkpoint
+   when a worker failure (or a killed driver) restarted the run, and continues after the last
+   finished epoch;
+4. trains epochs: shuffled, padded so all ranks take the same number of batches; validation loss
    on the held-out items with noise and timesteps fixed across epochs (comparable numbers);
 5. rank 0 writes the generator-facing snapshots (:mod:`raugment.personalise.outputs`) for epochs
-   the checkpoint policy keeps, then every rank reports; rank 0's report carries the resumable
-   training state (learned tensors as safetensors, optimizer state, progress).
+   the checkpoint policy keeps (atomically, so a repeated epoch replaces its snapshot), then
+   every rank reports; rank 0's report carries the resumable training state.
 """
 
 from __future__ import annotations
@@ -20,11 +26,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -148,14 +153,11 @@ def ensure_latent_cache(out: Path, ids: list[str], files: list[str], vae: Any, r
 # --------------------------------------------------------------------------------------------
 
 
-def _all_mean(total: float, count: int, device: Any) -> float:
-    """Mean over all ranks of per-rank sums."""
+def _all_mean(total: float, count: int, ctx: Any) -> float:
+    """Mean over all ranks of per-rank sums (``ctx.all_reduce`` sums over the group)."""
     import torch
-    import torch.distributed as dist
 
-    t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
+    t = ctx.all_reduce(torch.tensor([total, float(count)], dtype=torch.float64, device=ctx.device))
     return float(t[0] / t[1]) if t[1] > 0 else float("nan")
 
 
@@ -166,18 +168,30 @@ def _event(out: Path, rank: int, **fields: Any) -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``config`` is built by :func:`raugment.finetune.build_trainer`.
+    """Ray Train entry point (runner ``ray_train``). ``config`` is built by
+    :func:`raugment.finetune.loop_config`.
 
     Keys: ``finetune`` (the section as a dict), ``out`` (stage directory), ``images`` (dataset
     shard files); optionally ``fail_after_epoch`` + ``fail_marker`` (fault injection: the worker
     raises once, right after reporting that epoch).
     """
-    WorkerLoop(config).run()
+    from raugment.train import RayContext
+
+    WorkerLoop(config, RayContext(state_type=FinetuneState)).run()
+
+
+def finetune_member(member: Any, config: dict[str, Any], checkpoint_dir: str) -> None:
+    """Worker-group entry point (runner ``worker_group``): the same loop on one rank of a leased
+    group; checkpoints under ``checkpoint_dir/latest`` (the stage directory), so a retried or
+    re-run stage resumes after the last finished epoch."""
+    from raugment.train import GroupContext
+
+    WorkerLoop(config, GroupContext(member, checkpoint_dir, state_type=FinetuneState)).run()
 
 
 @dataclass
 class Progress:
-    """Where a run stands; saved in every Ray Train checkpoint (``progress.json``)."""
+    """Where a run stands; saved in every checkpoint (``progress.json``)."""
 
     epoch: int = 0
     stopped: bool = False
@@ -194,24 +208,54 @@ class Progress:
         return cls(data["epoch"], data["stopped"], [EpochRecord(**h) for h in data["history"]], data["stopper"])
 
 
-class WorkerLoop:
-    """One Ray Train worker's fine-tuning run (built once, then :meth:`run`)."""
+@dataclass
+class FinetuneState:
+    """What a fine-tuning checkpoint holds: enough to resume after the last finished epoch.
 
-    def __init__(self, config: dict[str, Any]):
+    The trainable tensors as safetensors, the optimizer state as a tensors-only torch file (read
+    with ``weights_only``), the progress as JSON, written last (:attr:`MARKER`).
+    """
+
+    MARKER: ClassVar[str] = PROGRESS
+
+    learned: dict[str, Any]
+    optimizer: dict[str, Any]
+    progress: Progress
+
+    def write(self, directory: str | Path) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        save_file(self.learned, str(d / STATE))
+        torch.save(self.optimizer, d / OPTIMIZER)
+        (d / PROGRESS).write_text(self.progress.to_json())
+
+    @classmethod
+    def read(cls, directory: str | Path) -> "FinetuneState":
+        import torch
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        return cls(load_file(str(d / STATE)), torch.load(d / OPTIMIZER, map_location="cpu", weights_only=True),
+                   Progress.from_json((d / PROGRESS).read_text()))
+
+
+class WorkerLoop:
+    """One rank's fine-tuning run (built once, then :meth:`run`) on a ``LoopContext``."""
+
+    def __init__(self, config: dict[str, Any], ctx: Any):
         import pyarrow.parquet as pq
-        import ray.train
-        import ray.train.torch
         import torch
 
         from raugment.config import FinetuneConfig, from_dict
         from raugment.models.diffusion import load_components
 
         self.config = config
+        self.ctx = ctx
         self.cfg: FinetuneConfig = from_dict(config["finetune"], FinetuneConfig)
         self.out = Path(config["out"])
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.rank, self.world, self.device = ctx.rank, ctx.world_size, ctx.device
         torch.manual_seed(self.cfg.seed)
         self.method = get_method(self.cfg.method)
         self.comps = load_components(self.cfg.model, revision=self.cfg.revision, device=str(self.device))
@@ -231,7 +275,7 @@ class WorkerLoop:
         self.model = build_personaliser(self.method, self.comps, self.method.init_table(self.comps, rows))
         self.optimizer = self._build_optimizer()
         self.progress = self._restore()
-        self.model = ray.train.torch.prepare_model(self.model)  # DDP when world > 1
+        self.model = ctx.prepare_model(self.model)  # DDP when world > 1 (the model is on its device)
         self.inner = getattr(self.model, "module", self.model)
         self.autocast = (torch.autocast("cuda", dtype=getattr(torch, self.cfg.dtype))
                          if self.device.type == "cuda" and self.cfg.dtype != "float32" else contextlib.nullcontext())
@@ -260,18 +304,12 @@ class WorkerLoop:
 
     def _restore(self) -> Progress:
         """Learned tensors, optimizer and progress from the last reported checkpoint, if any."""
-        import ray.train
-        import torch
-        from safetensors.torch import load_file
-
         progress = Progress(stopper=EarlyStopper(self.cfg.patience, self.cfg.min_delta).state())
-        resumed = ray.train.get_checkpoint()
+        resumed: FinetuneState | None = self.ctx.load_checkpoint()
         if resumed is not None:
-            with resumed.as_directory() as d:
-                load_trainable_state(self.model, self.method, load_file(str(Path(d) / STATE)))
-                self.optimizer.load_state_dict(torch.load(Path(d) / OPTIMIZER, map_location=self.device,
-                                                          weights_only=True))
-                progress = Progress.from_json((Path(d) / PROGRESS).read_text())
+            load_trainable_state(self.model, self.method, resumed.learned)
+            self.optimizer.load_state_dict(resumed.optimizer)  # moves the state to the parameters' device
+            progress = resumed.progress
         _event(self.out, self.rank, event="start", resume_after_epoch=progress.epoch, world_size=self.world,
                lr=self.lr, unet_lr=self.unet_lr)
         return progress
@@ -310,7 +348,7 @@ class WorkerLoop:
             self.optimizer.step()
             total += float(loss.detach())
         step_s = (time.perf_counter() - t0) / order.shape[0]
-        return _all_mean(total, order.shape[0], self.device), step_s, int(order.shape[0])
+        return _all_mean(total, order.shape[0], self.ctx), step_s, int(order.shape[0])
 
     def validation_loss(self) -> float:
         """Mean loss on the held-out items with the same noise and timesteps every epoch."""
@@ -325,7 +363,7 @@ class WorkerLoop:
             for start in range(0, len(mine), self.cfg.batch_size):
                 pos = mine[start:start + self.cfg.batch_size]
                 total += float(self.loss_on(pos, gen, rng, self.inner)) * len(pos)
-        return _all_mean(total, len(mine), self.device)
+        return _all_mean(total, len(mine), self.ctx)
 
     def save_snapshot(self, record: EpochRecord) -> None:
         """Rank 0: the generator-facing snapshot when the policy keeps this epoch; prune the rest."""
@@ -356,24 +394,12 @@ class WorkerLoop:
             metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": self.lr,
                        "unet_lr": self.unet_lr, "step_s": step_s, "steps": steps, "stopped": stopped}
             _event(self.out, self.rank, event="epoch", **metrics)
-            _report(metrics, self.progress.to_json(), self.model, self.method, self.optimizer, self.rank)
+            # every rank reports; rank 0's report carries the resumable state
+            state = (FinetuneState(trainable_state(self.model, self.method), self.optimizer.state_dict(),
+                                   self.progress) if self.rank == 0 else None)
+            self.ctx.report(metrics, state)
             marker = self.config.get("fail_marker")
             if self.config.get("fail_after_epoch") == epoch and not Path(marker).exists():
                 Path(marker).write_text("failed once\n")
                 raise RuntimeError(f"injected failure after epoch {epoch}")
 
-
-def _report(metrics: dict, progress: str, model: Any, method: Any, optimizer: Any, rank: int) -> None:
-    """Every rank reports; rank 0 attaches the resumable state."""
-    import ray.train
-    import torch
-    from safetensors.torch import save_file
-
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as d:
-        save_file(trainable_state(model, method), str(Path(d) / STATE))
-        torch.save(optimizer.state_dict(), Path(d) / OPTIMIZER)
-        (Path(d) / PROGRESS).write_text(progress)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
