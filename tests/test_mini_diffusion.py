@@ -163,27 +163,40 @@ def test_personalisation_methods_fine_tune_the_mini_model(mini_sd, name):
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
 
 
-@pytest.mark.xfail(strict=True, reason="measured 2026-11-24 (seed 0, n=16/class, 20 PNDM steps, guidance 4): "
-                   "0.406 (simple_nows) and 0.484 (clip_templates) on 4 classes, chance 0.25, goal 0.5; was 0.375 / "
-                   "0.359 with CLIP's random text init and a 150-step VAE")
-def test_generated_images_are_recognised_above_chance(mini_sd):
-    """A classifier trained on real draws classifies prompted generations far above chance."""
+@pytest.fixture(scope="module")
+def recognised(mini_sd):
+    """(the judge's accuracy on real draws, recognisability of the mini model's generations)."""
+    import torch
+
     from raugment.loader import build_transform
     from raugment.synthetic import draw_named
 
     judge = md.train_reference_classifier(CLASSES, seed=0)
     rng = np.random.default_rng(99)
-    import torch
-
     transform = build_transform(32, train=False)
     real = torch.stack([transform(draw_named(CLASSES[i % 4], rng, 32)) for i in range(80)])
     with torch.no_grad():
         real_acc = float((judge(real).argmax(1) == torch.arange(80) % 4).float().mean())
-    assert real_acc >= 0.9  # the judge itself knows the classes
+    return real_acc, md.recognisability(mini_sd, judge, CLASSES, ("simple_nows", "clip_templates"), n=16, seed=0)
 
-    res = md.recognisability(mini_sd, judge, CLASSES, ("simple_nows", "clip_templates"), n=16, seed=0)
+
+def test_generated_images_are_recognised_above_chance(recognised):
+    """A classifier trained on real draws classifies prompted generations above chance."""
+    real_acc, res = recognised
+    assert real_acc >= 0.9  # the judge itself knows the classes
     assert res["chance"] == 0.25
     assert set(res["prompts"]["simple_nows"]["per_class"]) == set(CLASSES)
+    # 64 images per prompt builder: at chance (0.25) the accuracy's s.d. is 0.054, so 0.35 is
+    # 1.8 s.d. above it (measured 2026-11-24: 0.406 simple_nows, 0.484 CLIP templates)
+    for builder in ("simple_nows", "clip_templates"):
+        assert res["prompts"][builder]["accuracy"] >= 0.35, (builder, res)
+
+
+@pytest.mark.xfail(strict=True, reason="the goal, not met: measured 2026-11-24 (seed 0, n=16/class, 20 PNDM "
+                   "steps, guidance 4): 0.406 (simple_nows) and 0.484 (clip_templates) on 4 classes, chance 0.25; "
+                   "was 0.375 / 0.359 with CLIP's random text init and a 150-step VAE")
+def test_generated_images_are_recognised_at_twice_chance(recognised):
+    _, res = recognised
     assert res["prompts"]["simple_nows"]["accuracy"] >= 2 * res["chance"], res
     assert res["prompts"]["clip_templates"]["accuracy"] >= 2 * res["chance"], res
 
