@@ -46,7 +46,7 @@ def _start(cfg: ClusterConfig, progress: bool, runtime_env: dict | None) -> None
     global _JOINED
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    _JOINED = bool(address)
+    _JOINED = _joined(cfg)
     if address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
@@ -304,7 +304,6 @@ class ActorGroup:
         self.broken = False
         self._pids: dict[str, int] = {}
         self._seen_builds: dict[tuple[str, int], int] = {}
-        self.cls = cls
         self._set_spec(cls, args, kwargs)
         remote = ray.remote(_Hosted).options(num_cpus=pool.num_cpus, num_gpus=gpus, max_restarts=2,
                                              max_task_retries=2)
@@ -521,18 +520,23 @@ class ActorPools(IdleScope):
 
     @contextlib.contextmanager
     def lease(self, cls: type, pool: ActorPoolConfig, *args: Any, num_gpus: float | None = None,
-              name: str | None = None, size: int | None = None, **kwargs: Any) -> Iterator[ActorGroup]:
+              name: str | None = None, size: int | None = None, key: str | None = None,
+              **kwargs: Any) -> Iterator[ActorGroup]:
         """An idle group of this class and resources (re-hosting ``cls(*args, **kwargs)``), or a new one.
 
         Returns at once either way (a new group starts in the background; a reused one re-hosts
-        in the background when the arguments differ).
+        in the background when the arguments differ). Without ``num_gpus``, the GPUs per actor
+        follow the one GPU policy (:func:`available_gpus`; ``key`` = the pool's config key, for
+        its error message).
         """
-        gpus = pool.num_gpus if num_gpus is None else num_gpus
-        group = self._take(cls, (size or pool.concurrency, pool.num_cpus, gpus))
+        if num_gpus is None:
+            num_gpus = available_gpus(pool, key or f"{name or cls.__name__}.pool")
+        resources = (size or pool.concurrency, pool.num_cpus, num_gpus)
+        group = self._take(cls, resources)
         while group is not None and not group.healthy():
             log.warning("%s pool: an idle actor died; starting a new group", group.name)
             group.close()
-            group = self._take(cls, (size or pool.concurrency, pool.num_cpus, gpus))
+            group = self._take(cls, resources)
         if group is not None:
             group.host(cls, *args, **kwargs)
             group.name = name or cls.__name__
@@ -542,7 +546,7 @@ class ActorPools(IdleScope):
                 self.reused += 1
             log.info("%s pool: reusing %d warm actor(s)", group.name, len(group.actors))
         else:
-            group = ActorGroup(cls, pool, *args, num_gpus=gpus, name=name, size=size, **kwargs)
+            group = ActorGroup(cls, pool, *args, num_gpus=num_gpus, name=name, size=size, **kwargs)
             with self._lock:
                 self.started += 1
         try:

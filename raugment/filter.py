@@ -400,7 +400,7 @@ def run(cfg: Config, added: Artifact) -> Artifact:
         kept_rows: list[pa.Table] = []
         dropped_rows: list[pa.Table] = []
 
-        with POOLS.lease(FilterBatch, section.pool, section, name="filter") as group:
+        with POOLS.lease(FilterBatch, section.pool, section, name="filter", key="filter.pool") as group:
             for i, batch in enumerate(group.map("span", work)):  # in order: shards fill one by one
                 kept, dropped = split_batch(batch)
                 kept_rows.append(kept)

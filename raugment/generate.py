@@ -477,14 +477,15 @@ def generation_pool(cfg: GenerateConfig, method: GenerationMethod, stage_dir: st
                     size: int):
     """Lease ``size`` actors hosting a :class:`ClassGenerator` (``cluster.POOLS``; returns at once).
 
-    Resources come from ``cfg.pool``; an actor that dies is restarted and its call retried (the
-    call skips what the dead attempt finished). Inside a study scope the processes come from
-    (and go back to) the study's idle pools.
+    Resources come from ``cfg.pool`` (a GPU request with no GPU here is an error, not a wait);
+    an actor that dies is restarted and its call retried (the call skips what the dead attempt
+    finished). Inside a study scope the processes come from (and go back to) the study's idle
+    pools.
     """
     from raugment.cluster import POOLS
 
     return POOLS.lease(ClassGenerator, cfg.pool, cfg, method, stage_dir, finetune_path, size=size,
-                       name=f"generate-{method.name}")
+                       name=f"generate-{method.name}", key="generate.pool")
 
 
 def generate_on_pool(group: Any, rows: Sequence[Row]) -> list[dict[str, Any]]:
@@ -564,7 +565,7 @@ def run(cfg: Config, dataset: Artifact, finetune: Optional[Artifact] = None) -> 
     Returns:
         The artifact with tables ``images``, ``failures`` and ``prompts.parquet``.
     """
-    from raugment.cluster import available_gpus, init_ray
+    from raugment.cluster import init_ray
 
     # "auto" options resolved for the device the actors will use; the key holds resolved values
     g = cfg.generate.resolved()
@@ -589,7 +590,6 @@ def run(cfg: Config, dataset: Artifact, finetune: Optional[Artifact] = None) -> 
                 nonlocal group
                 if group is None:
                     init_ray(cfg.cluster, progress=cfg.run.progress)
-                    available_gpus(g.pool, "generate.pool")  # a GPU request with none here: an error, not a wait
                     group = scope.enter_context(generation_pool(g, method, str(stage.path), finetune_path,
                                                                 min(g.pool.concurrency, len(classes))))
                 return group

@@ -183,7 +183,7 @@ def embed_images_ray(images: pa.Array, cfg: IndexConfig) -> np.ndarray:
     from raugment.cluster import POOLS
 
     with POOLS.lease(ImageEmbedder, cfg.pool, cfg.clip_model, cfg.clip_pretrained, cfg.device,
-                     name="index") as group:
+                     name="index", key="index.pool") as group:
         parts = list(group.map("embed", group.batches(images.to_pylist())))
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 

@@ -106,6 +106,23 @@ def test_actor_groups_reuse_their_actors_and_retrieval_defaults_fit(ray_session)
             group.close()
 
 
+def test_leased_pools_follow_the_gpu_policy(ray_session, monkeypatch):
+    """Every stage pool (generate, filter, index lease theirs) gets the policy from the lease: a GPU
+    request on a local cluster without GPUs is an error naming the key, before any actor starts."""
+    from raugment import cluster
+    from raugment.cluster import POOLS
+    from raugment.config import ConfigError
+
+    monkeypatch.setattr(cluster, "_JOINED", False)
+    started = POOLS.started
+    with pytest.raises(ConfigError, match="filter.pool asks for 1 GPUs but this Ray cluster has none"):
+        with POOLS.lease(_Scale, ActorPoolConfig(num_gpus=1), 2, name="filter", key="filter.pool"):
+            pass
+    assert POOLS.started == started
+    with POOLS.lease(_Scale, ActorPoolConfig(num_gpus=0.5, num_cpus=0.25, gpu_fallback=True), 2) as group:
+        assert group.resources[2] == 0.0 and list(group.map("scale", [[1, 2]])) == [[2, 4]]
+
+
 def test_one_gpu_policy_for_every_pool(monkeypatch):
     """No GPU: a pool with gpu_fallback runs on CPU, any other request is an error on a local
     cluster and waits for the autoscaler on a joined one; more than there is: an error."""
