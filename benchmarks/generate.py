@@ -6,18 +6,22 @@ does. The plain loop is what one writes by hand: load the pipeline, loop over ba
 
 Figures, one line:
 
-* ``stage`` img/s: end to end, ``generate.run`` wall time (planning, a fresh actor process with
-  its torch/diffusers imports and model load, generation, shard writes, stats);
-* ``plain`` img/s: pipeline load + loop (run before and after the stage; the mean is used), and
-  the same with the loop's own torch/diffusers imports (what a hand-written script pays too);
+* ``stage`` img/s: end to end, ``generate.run`` wall time (planning, a fresh actor with its model
+  load, generation, shard writes, stats). The actor's torch/diffusers imports are in it too,
+  unless the workers preloaded them (``--preload raugment.models.preload`` =
+  ``cluster.preload_modules``: Ray's workers import them when the cluster starts them, here
+  while the first plain loop runs);
+* ``plain`` img/s: pipeline load + loop (run before and after each stage run; the mean of the two
+  around it is used), and the same with the loop's own imports (torch +
+  ``raugment.models.preload``, the set a worker can preload; what a hand-written script pays too);
 * start-up: stage wall time outside its generation loop vs. the plain loop's load (+ imports);
 * warm pool: the same stage again (other seeds) in the actors of the first run kept in a study
   scope (``cluster.keep_pools``), as a study's later generation runs get them;
 * generation only: time inside the actor's generation loop (the stage's ``actor_s``) vs. the
   plain loop without its pipeline load, i.e. both without one-off start-up; that ratio shows
   what the stage costs per image (shard writes, bookkeeping), the end-to-end one what it costs
-  to start (an actor process importing torch/diffusers, model load), which a long run or a
-  study's warm pool amortises.
+  to start (an actor process importing torch/diffusers, model load), which a long run, a
+  study's warm pool or preloading workers amortises.
 
 On this CPU-only box both sides use one torch thread: an actor with ``num_cpus=0.5`` gets
 ``OMP_NUM_THREADS=1`` from Ray, and the plain loop runs in a fresh interpreter started the same
@@ -25,7 +29,8 @@ way. With ``--model`` and ``--num-gpus 1`` on a GPU machine it measures the real
 (``--arch sd14``: the full-size SD v1.4 architecture with random weights, at 512 px and 50
 steps), adding the TFLOP/s reached and the fraction of the GPU's ceiling.
 
-Usage: ``python benchmarks/generate.py [--classes 4 --per-class 16 --steps 10 --size 64 --batch-size 8]``;
+Usage: ``python benchmarks/generate.py [--classes 4 --per-class 16 --steps 10 --size 64 --batch-size 8]
+[--preload raugment.models.preload]``;
 on a GPU: ``--arch sd14 --size 512 --steps 50 --batch-size 32 --dtype float16 --num-gpus 1 --num-cpus 4``.
 """
 
@@ -64,8 +69,10 @@ def plain_loop(cfg, rows, device: str) -> tuple[float, float, float]:
     The imports are torch and diffusers (with transformers), which a hand-written script pays too.
     """
     t_imports = time.perf_counter()
-    import diffusers  # noqa: F401  (timed: load_pipeline would import it inside the load otherwise)
     import torch
+
+    import raugment.models.preload  # noqa: F401  (what cluster.preload_modules can import in workers:
+    # torch, diffusers' SD pipelines, transformers' CLIP; diffusers would import them lazily inside the load)
 
     from raugment.imageio import encode_image
     from raugment.models.diffusion import load_pipeline
@@ -106,6 +113,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", help="auto = float16 on a GPU, float32 on a CPU")
     p.add_argument("--num-gpus", type=float, default=0.0)
     p.add_argument("--num-cpus", type=float, default=0.5)
+    p.add_argument("--preload", default=None,
+                   help="cluster.preload_modules, comma-separated ('' = none; default: the config's default)")
     p.add_argument("--plain-in", default=None, help=argparse.SUPPRESS)  # child: run the plain loop only
     return p.parse_args()
 
@@ -155,34 +164,41 @@ def main() -> None:
     model = args.model or str(write_random_sd(work / "sd", args.arch))
     cfg, dataset, rows = setup(args, work, model)
     n = len(rows)
-    init_ray(ClusterConfig(temp_dir=tempfile.mkdtemp(prefix="rt-", dir="/tmp")), progress=False)
+    cluster = ClusterConfig(temp_dir=tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    if args.preload is not None:
+        cluster.preload_modules = [m for m in args.preload.split(",") if m]
+    init_ray(cluster, progress=False)
 
-    # plain, stage, plain again: the mean of the two plain runs cancels slow drift of a shared box.
-    # Then the stage again in the warm actors that a study's later generation runs get (the first
-    # run's pool kept in a study scope; other seeds, same model settings).
+    # plain, stage, plain, warm stage, plain: each stage run is compared with the mean of the plain
+    # runs on either side of it, which cancels slow drift of the box (its speed moves by ~10 %
+    # between minutes here). The warm run is the stage again in the actors that a study's later
+    # generation runs get (the first run's pool kept in a study scope; other seeds, same model).
     with keep_pools():
-        first = run_plain(args, work, model, device)
+        plain = [run_plain(args, work, model, device)]
         t0 = time.perf_counter()
         art = generate.run(cfg, dataset)
         stage_s = time.perf_counter() - t0
-        second = run_plain(args, work, model, device)
+        plain.append(run_plain(args, work, model, device))
         t1 = time.perf_counter()
         warm = generate.run(with_overrides(cfg, {"generate.seed": cfg.generate.seed + 1}), dataset)
         warm_s = time.perf_counter() - t1
-    plain_s, plain_gen_s, plain_all_s = ((a + b) / 2 for a, b in zip(first, second))
+        plain.append(run_plain(args, work, model, device))
+    plain_s, plain_gen_s, plain_all_s = ((a + b) / 2 for a, b in zip(plain[0], plain[1]))
+    plain_warm_s = (plain[1][0] + plain[2][0]) / 2
     actor_s = art.stats["actor_s"]
     assert art.stats["counts"]["images"] == n == warm.stats["counts"]["images"], art.stats
     assert warm.stats["actors_reused"] and warm.stats["pipeline_loads"] == 0, warm.stats
     print(f"generate: {n} images ({args.classes} classes), {args.size} px, {args.steps} steps, batch "
-          f"{args.batch_size}, {device}: stage {n / stage_s:.2f} img/s end to end, plain loop "
-          f"{n / plain_s:.2f} img/s with load (ratio {plain_s / stage_s:.3f}), {n / plain_all_s:.2f} img/s "
-          f"with its torch/diffusers imports too (ratio {plain_all_s / stage_s:.3f}); start-up: stage "
-          f"{stage_s - actor_s:.1f} s (actor build {art.stats['actor_start_s']:.1f} s, plan "
-          f"{art.stats['plan_s']:.2f} s), plain {plain_s - plain_gen_s:.1f} s load + "
-          f"{plain_all_s - plain_s:.1f} s imports; warm pool (a study's next run): {n / warm_s:.2f} img/s "
-          f"(ratio {plain_s / warm_s:.3f}); generation only: actor "
-          f"{n / actor_s:.2f} img/s, plain {n / plain_gen_s:.2f} img/s (ratio {plain_gen_s / actor_s:.3f}; "
-          f"plain runs {n / first[1]:.2f} and {n / second[1]:.2f} img/s)" + ceiling(args, n / actor_s, device))
+          f"{args.batch_size}, {device}, workers preload {cluster.preload_modules or 'nothing'}: stage "
+          f"{n / stage_s:.2f} img/s end to end, plain loop {n / plain_s:.2f} img/s with load (ratio "
+          f"{plain_s / stage_s:.3f}), {n / plain_all_s:.2f} img/s with its torch/diffusers imports too (ratio "
+          f"{plain_all_s / stage_s:.3f}); start-up: stage {stage_s - actor_s:.1f} s (actor build "
+          f"{art.stats['actor_start_s']:.1f} s, plan {art.stats['plan_s']:.2f} s), plain "
+          f"{plain_s - plain_gen_s:.1f} s load + {plain_all_s - plain_s:.1f} s imports; warm pool (a study's "
+          f"next run): {n / warm_s:.2f} img/s vs plain {n / plain_warm_s:.2f} (ratio {plain_warm_s / warm_s:.3f}); "
+          f"generation only: actor {n / actor_s:.2f} img/s, plain {n / plain_gen_s:.2f} img/s (ratio "
+          f"{plain_gen_s / actor_s:.3f}; plain runs {', '.join(f'{n / p[1]:.2f}' for p in plain)} img/s)"
+          + ceiling(args, n / actor_s, device))
 
 
 def ceiling(args, img_s: float, device: str) -> str:

@@ -49,6 +49,10 @@ def _start(cfg: ClusterConfig, progress: bool, runtime_env: dict | None) -> None
     _JOINED = _joined(cfg)
     if address:
         log.info("joining Ray cluster at %s", address)
+        if cfg.preload_modules:
+            log.info("cluster.preload_modules applies to a cluster started here; this one preloads what its "
+                     "nodes were started with (RAY_preload_python_modules=%s at `ray start`)",
+                     ",".join(cfg.preload_modules))
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:
         kwargs: dict[str, Any] = {"include_dashboard": cfg.include_dashboard, "log_to_driver": True,
@@ -61,6 +65,8 @@ def _start(cfg: ClusterConfig, progress: bool, runtime_env: dict | None) -> None
             kwargs["_temp_dir"] = os.path.abspath(cfg.temp_dir)
         if cfg.object_store_memory:
             kwargs["object_store_memory"] = cfg.object_store_memory
+        if cfg.preload_modules:
+            kwargs["_system_config"] = {"preload_python_modules": list(cfg.preload_modules)}
         # read by the raylet this starts (a joined cluster's raylets were started elsewhere)
         os.environ["RAY_worker_niceness"] = str(cfg.worker_niceness)
         log.info("starting a local Ray (%s)", ", ".join(f"{k}={v}" for k, v in kwargs.items()))
@@ -161,6 +167,25 @@ def scaling_config(workers: WorkersConfig):
                          resources_per_worker=per_worker)
 
 
+def match_torch_threads() -> int:
+    """Give torch the thread count Ray gives this task or actor (``OMP_NUM_THREADS``); returns it.
+
+    A fresh import reads that variable, but a worker that imported torch when it started
+    (``cluster.preload_modules``) fixed its thread count before Ray assigned it any CPUs (all of
+    the machine's cores). Every raugment actor and Ray entry point calls this first; without torch
+    imported, or outside Ray (no variable), it changes nothing.
+    """
+    import sys
+
+    torch = sys.modules.get("torch")
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if torch is None or not threads.isdigit() or int(threads) < 1:
+        return torch.get_num_threads() if torch is not None else 0
+    if torch.get_num_threads() != int(threads):
+        torch.set_num_threads(int(threads))
+    return int(threads)
+
+
 def pick_device(preference: str = "auto") -> str:
     """``"auto"`` -> ``"cuda"`` when a GPU is visible to this process, else ``"cpu"``."""
     if preference != "auto":
@@ -224,6 +249,7 @@ class _Hosted:
     """
 
     def __init__(self, key: str, box: list):
+        match_torch_threads()
         self.key: str | None = None
         self.obj: Any = None
         self.builds = 0       # objects built by this process (= model loads of their constructors)

@@ -68,8 +68,9 @@ class InceptionFeatures:
     def __init__(self, weights: Optional[str] = None, size: int = 299, device: str = "auto"):
         import torch
 
-        from raugment.cluster import pick_device
+        from raugment.cluster import match_torch_threads, pick_device
 
+        match_torch_threads()
         self.device = torch.device(pick_device(device))
         self.model = build_inception(weights).to(self.device)
         self.size = size

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import types
 import typing
@@ -148,10 +149,25 @@ class ClusterConfig:
     # lets every other process of the machine, the driver included, take the CPU from the stage
     # actors on a shared box (measured: a generation actor at a third of a plain loop's speed).
     worker_niceness: int = 0
+    # Python modules every worker process of a local cluster started here imports when it starts,
+    # before it takes work (Ray's ``preload_python_modules``): the workers Ray starts with the
+    # cluster pay them in the background, so the first actor that needs them (a generation pool:
+    # ``raugment.models.preload`` = torch + diffusers' SD pipelines + transformers' CLIP, ~6.5 s
+    # and ~0.8 GB per process) starts without the imports. Every later worker pays them too; a
+    # joined cluster takes them from ``RAY_preload_python_modules`` where its nodes were started.
+    preload_modules: list[str] = field(default_factory=list)
 
     def validate(self, key: str) -> None:
         if not 0 <= self.worker_niceness <= 19:
             raise ConfigError(f"{key}.worker_niceness is a Unix nice value in [0, 19], got {self.worker_niceness}")
+        for i, name in enumerate(self.preload_modules):
+            where = f"{key}.preload_modules[{i}]"
+            if not all(part.isidentifier() for part in name.split(".")):
+                raise ConfigError(f"{where}: {name!r} is not a Python module name (dotted identifiers, e.g. "
+                                  "torch or raugment.models.preload)")
+            if importlib.util.find_spec(name.split(".")[0]) is None:
+                raise ConfigError(f"{where}: no module {name.split('.')[0]!r} is installed here; fix the name, "
+                                  "install it, or remove it from the list")
 
 
 @dataclass

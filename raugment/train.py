@@ -533,6 +533,9 @@ class RayContext:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: ``config["spec"]`` is a :class:`LoopSpec`."""
+    from raugment.cluster import match_torch_threads
+
+    match_torch_threads()
     fit(config["spec"], RayContext())
 
 

@@ -207,6 +207,10 @@ CASES: list[tuple[str, list[str], Setup | None, list[str]]] = [
     ("global batch below workers", ["train.batch_size=1", "train.workers.num_workers=2"], None,
      ["train.batch_size=1", "train.workers.num_workers=2"]),
     ("resolution not a multiple of 8", ["finetune.resolution=100"], None, ["finetune.resolution"]),
+    ("preload entry not a module name", ["cluster.preload_modules=[torch, 'diffusers pipelines']"], None,
+     ["cluster.preload_modules[1]", "not a Python module name"]),
+    ("preload of a module not installed", ["cluster.preload_modules=[difusers]"], None,
+     ["cluster.preload_modules[0]", "'difusers'", "installed"]),
     # names and paths (refused by the study's pre-flight, before Ray)
     ("unknown method", ["study.methods=[magic]"], None, ["study.methods[0]", "'magic'", "known:"]),
     ("variant of an unknown method", ["study.methods=[v]", "study.variants={v: {method: nope}}"], None,

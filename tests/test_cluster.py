@@ -5,6 +5,13 @@ config.py took every CPU: an actor pool holding all CPUs starves its own read ta
 workers at 1 CPU each leave nothing for Ray Data ingest.
 """
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -286,3 +293,66 @@ def test_stage_actors_run_at_the_configured_niceness_not_rays_15(ray_session):
         assert list(group.map("nice", [None])) == [0]
     with pytest.raises(ConfigError, match="cluster.worker_niceness"):
         from_dict({"cluster": {"worker_niceness": -5}})
+
+
+def test_match_torch_threads_follows_the_cpus_ray_assigned(monkeypatch):
+    """A worker that imported torch before Ray assigned it CPUs (cluster.preload_modules) has the
+    machine's thread count; match_torch_threads gives torch the count of OMP_NUM_THREADS."""
+    import torch
+
+    from raugment.cluster import match_torch_threads
+
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    monkeypatch.setenv("OMP_NUM_THREADS", str(wanted))
+    try:
+        assert match_torch_threads() == wanted
+        assert torch.get_num_threads() == wanted
+        monkeypatch.delenv("OMP_NUM_THREADS")  # outside Ray: nothing to follow, nothing changed
+        torch.set_num_threads(before)
+        assert match_torch_threads() == before and torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
+
+
+PRELOAD_DRIVER = """
+import json, os, sys
+
+from raugment.cluster import ActorGroup, init_ray
+from raugment.config import ActorPoolConfig, ClusterConfig
+
+
+class Probe:
+    def __init__(self):
+        import torch  # already imported when the worker started
+
+        self.seen = {"probe": "preload_probe" in sys.modules, "threads": torch.get_num_threads(),
+                     "omp": os.environ.get("OMP_NUM_THREADS")}
+
+    def seen_at_start(self, _):
+        return self.seen
+
+
+init_ray(ClusterConfig(num_cpus=2, include_dashboard=False, temp_dir=sys.argv[1],
+                       preload_modules=["torch", "preload_probe"]), progress=False)
+with ActorGroup(Probe, ActorPoolConfig(concurrency=1, num_cpus=0.5)) as group:
+    print(json.dumps(list(group.map("seen_at_start", [None]))[0]))
+"""
+
+
+@pytest.mark.timeout(240)
+def test_preloaded_workers_start_actors_with_the_modules_imported(tmp_path):
+    """cluster.preload_modules reaches the workers of a cluster init_ray starts: an actor finds the
+    module imported before its constructor ran (nothing else imports it), and torch, imported
+    before Ray gave the actor its half CPU, runs on that actor's one thread."""
+    (tmp_path / "preload_probe.py").write_text("import time\nIMPORTED_AT = time.time()\n")
+    (tmp_path / "driver.py").write_text(PRELOAD_DRIVER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(tmp_path), str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p))
+    env.pop("OMP_NUM_THREADS", None)
+    temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    out = subprocess.run([sys.executable, str(tmp_path / "driver.py"), temp_dir], env=env, capture_output=True,
+                         text=True, timeout=200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen == {"probe": True, "threads": 1, "omp": "1"}
