@@ -168,22 +168,24 @@ def scaling_config(workers: WorkersConfig):
 
 
 def match_torch_threads() -> int:
-    """Give torch the thread count Ray gives this task or actor (``OMP_NUM_THREADS``); returns it.
+    """Give torch the thread count Ray gives this task or actor (``OMP_NUM_THREADS``); returns
+    torch's thread count (0 when torch is not imported).
 
     A fresh import reads that variable, but a worker that imported torch when it started
     (``cluster.preload_modules``) fixed its thread count before Ray assigned it any CPUs (all of
-    the machine's cores). Every raugment actor and Ray entry point calls this first; without torch
-    imported, or outside Ray (no variable), it changes nothing.
+    the machine's cores). Every raugment actor (``ActorGroup``'s hosts) and Ray Train worker
+    (``train.RayContext``) calls this first; without torch imported, or outside Ray (no
+    variable), it changes nothing.
     """
     import sys
 
     torch = sys.modules.get("torch")
+    if torch is None:
+        return 0
     threads = os.environ.get("OMP_NUM_THREADS", "")
-    if torch is None or not threads.isdigit() or int(threads) < 1:
-        return torch.get_num_threads() if torch is not None else 0
-    if torch.get_num_threads() != int(threads):
+    if threads.isdigit() and int(threads) >= 1 and torch.get_num_threads() != int(threads):
         torch.set_num_threads(int(threads))
-    return int(threads)
+    return torch.get_num_threads()
 
 
 def pick_device(preference: str = "auto") -> str:

@@ -178,7 +178,8 @@ def run(cfg: Config, added: Sequence[Artifact]) -> Artifact:
 
         from raugment.hashing import hash_artifacts, to_codes
 
-        files = [f for a in added for f in image_files(a)]
+        per_input = [image_files(a) for a in added]
+        files = [f for fs in per_input for f in fs]
         counts = _row_counts(files)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         light = hash_artifacts(added, section.hash_side, section.pool, LIGHT_COLUMNS,
@@ -191,7 +192,7 @@ def run(cfg: Config, added: Sequence[Artifact]) -> Artifact:
         codes = to_codes(phash.take(pa.array(valid)))
         ranks = light.column(S.RANK).take(pa.array(valid)).to_pylist()
         # equal ranks: the input's position, then the id (never the row order inside an input)
-        source = np.repeat([i for i, a in enumerate(added) for _ in image_files(a)], counts)
+        source = np.repeat([i for i, fs in enumerate(per_input) for _ in fs], counts)
         ids = light.column(S.ID).to_pylist()
         ties = [(int(source[v]), ids[v]) for v in valid]
         embeddings = None

@@ -414,7 +414,7 @@ class LocalContext:
     world_size = 1
     state_type: Any = TrainState
 
-    def __init__(self, checkpoint_dir: str | Path, device: str = "cpu", state_type: Any = None):
+    def __init__(self, checkpoint_dir: str | Path, device: "str | torch.device" = "cpu", state_type: Any = None):
         import torch
 
         self.device = torch.device(device)
@@ -458,11 +458,8 @@ class GroupContext(LocalContext):
     """
 
     def __init__(self, member, checkpoint_dir: str | Path, state_type: Any = None):
-        self.rank, self.world_size, self.device = member.rank, member.world_size, member.device
-        self.checkpoint_dir = Path(checkpoint_dir)
-        self.reports = []
-        if state_type is not None:
-            self.state_type = state_type
+        super().__init__(checkpoint_dir, member.device, state_type)
+        self.rank, self.world_size = member.rank, member.world_size
 
     def prepare_model(self, model):
         if self.world_size == 1:
@@ -497,6 +494,9 @@ class RayContext:
         import ray.train
         import ray.train.torch
 
+        from raugment.cluster import match_torch_threads
+
+        match_torch_threads()  # a preloaded torch: the worker's CPUs, not the machine's
         tctx = ray.train.get_context()
         self.rank = tctx.get_world_rank()
         self.world_size = tctx.get_world_size()
@@ -533,9 +533,6 @@ class RayContext:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: ``config["spec"]`` is a :class:`LoopSpec`."""
-    from raugment.cluster import match_torch_threads
-
-    match_torch_threads()
     fit(config["spec"], RayContext())
 
 

@@ -175,10 +175,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard files); optionally ``fail_after_epoch`` + ``fail_marker`` (fault injection: the worker
     raises once, right after reporting that epoch).
     """
-    from raugment.cluster import match_torch_threads
     from raugment.train import RayContext
 
-    match_torch_threads()
     WorkerLoop(config, RayContext(state_type=FinetuneState)).run()
 
 
