@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from raugment import dataset
 from raugment.config import load_config
+from raugment.stages.dataset import stage as dataset
 
 
 def make_tree(root: Path, n: int, classes: int = 4) -> None:

@@ -2,12 +2,12 @@
 
 Two measurements:
 
-* **hashing**: N ImageNet-sized JPEGs (500x375). raugment's :func:`raugment.hashing.phash_bytes`
+* **hashing**: N ImageNet-sized JPEGs (500x375). raugment's :func:`raugment.lib.hashing.phash_bytes`
   (safe decode, box-reduce to 64 px, ``imagehash.phash``) vs the plain
   ``imagehash.phash(Image.open(...))`` on the full image. Both decode; the plain one lets pHash's
   Lanczos resize run on the full image. Also checks the two hashes agree within a few bits.
 * **audit search**: A added x R reference 64-bit hashes at radius 10 (distance < 10): raugment's
-  FAISS binary range search (:func:`raugment.hashing.range_pairs`) vs a plain NumPy all-pairs
+  FAISS binary range search (:func:`raugment.lib.hashing.range_pairs`) vs a plain NumPy all-pairs
   XOR + ``np.bitwise_count`` over query chunks. ~1 % of the added hashes are planted near copies
   of references, so both must return the same non-empty pair set (checked). The FAISS time is
   extrapolated linearly in A x R to the paper's 10 % ImageNet case: 130k retrieved images against
@@ -25,7 +25,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from raugment.hashing import phash_bytes, range_pairs
+from raugment.lib.hashing import phash_bytes, range_pairs
 
 TARGET_ADDED, TARGET_REFERENCE = 130_000, 1_331_167  # retrieved for 10 % ImageNet; ImageNet train+val
 

@@ -89,10 +89,10 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=10.0)
     args = ap.parse_args()
 
-    from raugment.config import DownloadConfig
-    from raugment.download import download_urls
-    from raugment.pool import PoolServer, build_pool, read_pool
-    from raugment.synthetic import SYNTHETIC_CLASSES
+    from raugment.demo.corpus import PoolServer, build_pool, read_pool
+    from raugment.stages.dataset.synthetic import SYNTHETIC_CLASSES
+    from raugment.stages.retrieve.config import DownloadConfig
+    from raugment.stages.retrieve.download import download_urls
 
     work = Path(tempfile.mkdtemp(prefix="bench-dl-"))
     per_class = max(1, args.images // 5)

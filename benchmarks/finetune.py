@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raugment.personalise.methods import CondRow, build_personaliser, denoising_loss, encode_prompts, get_method
+from raugment.lib.finetuned.methods import CondRow, build_personaliser, denoising_loss, encode_prompts, get_method
 
 METHODS = ["ft_conditioning", "ft_cluster_conditioning", "imagic", "textual_inversion", "pseudoword_dm"]
 ROWS = [CondRow(0, 0, "tiger shark, Galeocerdo cuvieri"), CondRow(1, 1, "axolotl")]
@@ -110,10 +110,13 @@ def runners_line(args) -> str:
     import logging
     import os
 
-    from raugment import dataset, finetune
-    from raugment.config import load_config, with_overrides
-    from raugment.models.tiny import write_tiny_bundles
     from train import runners_figures, time_runners  # benchmarks/train.py (this script's directory)
+
+    from raugment.config import load_config
+    from raugment.core.config import with_overrides
+    from raugment.demo.tiny import write_tiny_bundles
+    from raugment.stages.dataset import stage as dataset
+    from raugment.stages.finetune import stage as finetune
 
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

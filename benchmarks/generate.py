@@ -52,8 +52,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 def fake_dataset(root: Path, classes: int):
     """A dataset artifact with only a classes table (prompt methods need nothing else)."""
-    from raugment import schema
-    from raugment.storage import run_stage
+    from raugment.core import schema
+    from raugment.core.storage import run_stage
 
     def body(run):
         run.write_single(schema.to_table(
@@ -72,9 +72,9 @@ def plain_loop(cfg, rows, device: str) -> tuple[float, float, float]:
     import torch
 
     import raugment.models.preload  # noqa: F401  (what cluster.preload_modules can import in workers:
-    # torch, diffusers' SD pipelines, transformers' CLIP; diffusers would import them lazily inside the load)
 
-    from raugment.imageio import encode_image
+    # torch, diffusers' SD pipelines, transformers' CLIP; diffusers would import them lazily inside the load)
+    from raugment.core.imageio import encode_image
     from raugment.models.diffusion import load_pipeline
 
     g = cfg.generate.resolved(device)  # the "auto" GPU options, as the stage's actors resolve them
@@ -121,8 +121,8 @@ def parse_args() -> argparse.Namespace:
 
 def setup(args: argparse.Namespace, work: Path, model: str):
     """(config, dataset artifact, planned rows) — the same in the parent and the plain-loop child."""
-    from raugment import generate
     from raugment.config import load_config
+    from raugment.stages.generate import stage as generate
 
     cfg = load_config(None, [
         f"run.root={work / 'runs'}", "run.progress=false", f"generate.model={model}",
@@ -150,10 +150,10 @@ def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from raugment import generate
-    from raugment.cluster import init_ray, keep_pools, pick_device
-    from raugment.config import ClusterConfig, with_overrides
+    from raugment.core.config import ClusterConfig, with_overrides
     from raugment.models.diffusion import write_random_sd
+    from raugment.runtime.cluster import init_ray, keep_pools, pick_device
+    from raugment.stages.generate import stage as generate
 
     device = pick_device("cuda" if args.num_gpus > 0 else "cpu")
     if args.plain_in:

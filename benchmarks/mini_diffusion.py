@@ -34,9 +34,9 @@ def reference_cpu_s() -> float:
 
 
 def main() -> None:
-    from raugment.models import mini_diffusion as md
-    from raugment.pool import build_pool
-    from raugment.synthetic import SYNTHETIC_CLASSES
+    from raugment.demo import mini_diffusion as md
+    from raugment.demo.corpus import build_pool
+    from raugment.stages.dataset.synthetic import SYNTHETIC_CLASSES
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=md.DEFAULT_STEPS, help="UNet training steps")

@@ -5,8 +5,8 @@
 The quota loop downloads once per k round. Before, every round ran ``download_dataset``: a Ray Data
 ``map_batches`` job whose actor pool starts (processes, imports) and stops with the job; that path
 is rebuilt here (:func:`ray_data_job`) and exists only in this benchmark. After, the stage keeps one
-:class:`raugment.download.DownloadPool` for all rounds. Both download the same fresh URL slice per
-round from the local pool server (``raugment.pool.PoolServer``, no faults, ``--latency-ms`` per
+:class:`raugment.stages.retrieve.download.DownloadPool` for all rounds. Both download the same fresh URL slice per
+round from the local pool server (``raugment.demo.corpus.PoolServer``, no faults, ``--latency-ms`` per
 image), with the same resources (``retrieve.download.pool`` defaults), interleaved round by round
 with an in-process ``download_urls`` of the slice (the work itself, no Ray) so that machine load
 hits all three alike. Overhead per round = round time - in-process time; the pool's start-up is
@@ -29,12 +29,12 @@ class _DownloadBatch:
     """The former Ray Data callable class: a batch with a ``url`` column -> DOWNLOADS rows."""
 
     def __init__(self, cfg):
-        from raugment.download import DownloadWorker
+        from raugment.stages.retrieve.download import DownloadWorker
 
         self.worker = DownloadWorker(cfg)
 
     def __call__(self, batch):
-        from raugment import schema
+        from raugment.core import schema
 
         return self.worker.download(batch.column(schema.URL).to_pylist())
 
@@ -43,8 +43,8 @@ def ray_data_job(urls: Sequence[str], cfg) -> Iterator:
     """The former per-round path: a new Ray Data job (and actor pool) for ``urls``."""
     import ray.data
 
-    from raugment import schema
-    from raugment.cluster import actor_pool_args
+    from raugment.core import schema
+    from raugment.runtime.cluster import actor_pool_args
 
     args = actor_pool_args(cfg.pool)
     args["batch_size"] = max(1, min(cfg.pool.batch_size, math.ceil(len(urls) / cfg.pool.concurrency)))
@@ -55,7 +55,7 @@ def ray_data_job(urls: Sequence[str], cfg) -> Iterator:
 
 
 def _ok(tables) -> int:
-    from raugment import schema
+    from raugment.core import schema
 
     return sum(r is None for t in tables for r in t.column(schema.REASON).to_pylist())
 
@@ -67,11 +67,12 @@ def main() -> None:
     ap.add_argument("--latency-ms", type=float, default=20.0)
     args = ap.parse_args()
 
-    from raugment.cluster import init_ray
-    from raugment.config import ClusterConfig, DownloadConfig
-    from raugment.download import DownloadPool, download_urls, results_table
-    from raugment.pool import PoolServer, build_pool, read_pool
-    from raugment.synthetic import SYNTHETIC_CLASSES
+    from raugment.core.config import ClusterConfig
+    from raugment.demo.corpus import PoolServer, build_pool, read_pool
+    from raugment.runtime.cluster import init_ray
+    from raugment.stages.dataset.synthetic import SYNTHETIC_CLASSES
+    from raugment.stages.retrieve.config import DownloadConfig
+    from raugment.stages.retrieve.download import DownloadPool, download_urls, results_table
 
     work = Path(tempfile.mkdtemp(prefix="bench-retrieve-"))
     need = 3 * args.rounds * args.urls + 1           # fresh URLs for each path and round, + warm-up

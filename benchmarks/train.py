@@ -4,7 +4,7 @@ All variants read the same assembled training set from raugment's own Parquet sh
 same DataLoader (decode + random-resized-crop + flip) and train the same model with SGD:
 
 * ``plain``   — a hand-written loop in this process (DataLoader -> forward -> backward -> step);
-* ``local``   — raugment's training loop (:func:`raugment.train.fit`) in this process, no Ray;
+* ``local``   — raugment's training loop (:func:`raugment.stages.train.stage.fit`) in this process, no Ray;
 * ``ray``     — the same loop on Ray Train (``TorchTrainer``, 1 worker, checkpoint every epoch).
 
 Images/s is measured over the training phase of each epoch (validation and checkpoints are
@@ -33,11 +33,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from raugment.runtime.contexts import LocalContext
+
 
 def make_data(root: Path, images: int, size: int, gpu: bool):
     """Dataset + baseline manifest through the real stages (synthetic source)."""
-    from raugment import assemble, dataset
     from raugment.config import load_config
+    from raugment.stages.assemble import stage as assemble
+    from raugment.stages.dataset import stage as dataset
 
     classes = 8
     per_class = max(2, images // classes) * 2  # half train, half val (subsample protocol, 50 %)
@@ -51,7 +54,7 @@ def make_data(root: Path, images: int, size: int, gpu: bool):
 
 
 def train_cfg(cfg, args):
-    from raugment.config import with_overrides
+    from raugment.core.config import with_overrides
 
     return with_overrides(cfg, {
         "train.model": args.model, "train.image_size": args.size, "train.batch_size": args.batch,
@@ -79,7 +82,7 @@ def plain_loop(spec, args, device: str) -> float:
 
     import torch
 
-    from raugment import loader
+    from raugment.lib import loader
     from raugment.models.classifier import build_model
 
     opts = spec.train.resolved(device)
@@ -114,9 +117,9 @@ def plain_loop(spec, args, device: str) -> float:
 
 
 def local_fit(spec, root: Path) -> tuple[float, float]:
-    from raugment import train
+    from raugment.stages.train import stage as train
 
-    ctx = train.LocalContext(root / "local-ckpt", device="cuda" if spec.train.workers.use_gpu else "cpu")
+    ctx = LocalContext(root / "local-ckpt", train.TrainState, device="cuda" if spec.train.workers.use_gpu else "cpu")
     t0 = time.perf_counter()
     train.fit(spec, ctx)
     wall = time.perf_counter() - t0
@@ -124,7 +127,7 @@ def local_fit(spec, root: Path) -> tuple[float, float]:
 
 
 def ray_fit(spec, cfg, root: Path) -> tuple[float, float]:
-    from raugment import train
+    from raugment.stages.train import stage as train
 
     t0 = time.perf_counter()
     state = train.fit_ray(spec, cfg, root / "ray", f"bench-{os.getpid()}-{time.time_ns()}")
@@ -137,9 +140,9 @@ def runners_line(cfg, data, manifest, args, root: Path) -> str:
     The runners alternate classifier by classifier (the machine's load drifts); the worker group
     lives for the whole benchmark, as in a study, so its start-up is counted once.
     """
-    from raugment import train
-    from raugment.config import with_overrides
-    from raugment.worker_group import keep_groups
+    from raugment.core.config import with_overrides
+    from raugment.runtime.worker_group import keep_groups
+    from raugment.stages.train import stage as train
 
     def one(runner: str, seed: int) -> None:
         train.run(with_overrides(cfg, {"train.runner": runner, "train.seed": seed,
@@ -231,8 +234,8 @@ def main() -> None:
 
     import torch
 
-    from raugment import train
-    from raugment.loader import count
+    from raugment.lib.loader import count
+    from raugment.stages.train import stage as train
 
     torch.set_num_threads(args.cpus)  # the Ray worker gets OMP_NUM_THREADS = its CPUs
     root = Path(args.root or tempfile.mkdtemp(prefix="bench-train-"))

@@ -13,7 +13,8 @@ import logging
 import sys
 from typing import Callable, Sequence
 
-from raugment.config import ConfigError, InputError, load_config
+from raugment.config import load_config
+from raugment.core.config import ConfigError, InputError
 
 log = logging.getLogger("raugment")
 
@@ -83,20 +84,20 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS: dict[str, tuple[str, str, ArgAdder]] = {
-    "dataset": ("raugment.dataset", "read a dataset and write its splits", _no_args),
-    "generate": ("raugment.generate", "generate images with a diffusion model", _no_args),
-    "finetune": ("raugment.finetune", "personalise the diffusion model (methods 5-9)", _no_args),
-    "index": ("raugment.index", "build a local CLIP kNN index", _index_args),
-    "retrieve": ("raugment.retrieve", "retrieve and download CLIP nearest neighbours", _retrieve_args),
-    "filter": ("raugment.filter", "filter and de-duplicate added images", _filter_args),
-    "audit": ("raugment.audit", "audit added images for test-set leakage", _audit_args),
-    "assemble": ("raugment.assemble", "assemble an augmented training set", _train_args),
-    "train": ("raugment.train", "train and evaluate a classifier with Ray Train", _train_args),
-    "tune": ("raugment.tune", "sweep config keys with Ray Tune", _train_args),
-    "report": ("raugment.report", "write the study report", _report_args),
-    "run": ("raugment.study", "run a whole study (resumable)", _study_args),
-    "demo": ("raugment.demo", "run the embedded offline demo study", _demo_args),
-    "models": ("raugment.models.tiny", "write tiny random-weight bundles or train the mini-world's models",
+    "dataset": ("raugment.stages.dataset.stage", "read a dataset and write its splits", _no_args),
+    "generate": ("raugment.stages.generate.stage", "generate images with a diffusion model", _no_args),
+    "finetune": ("raugment.stages.finetune.stage", "personalise the diffusion model (methods 5-9)", _no_args),
+    "index": ("raugment.stages.index.stage", "build a local CLIP kNN index", _index_args),
+    "retrieve": ("raugment.stages.retrieve.stage", "retrieve and download CLIP nearest neighbours", _retrieve_args),
+    "filter": ("raugment.stages.filter.stage", "filter and de-duplicate added images", _filter_args),
+    "audit": ("raugment.stages.audit.stage", "audit added images for test-set leakage", _audit_args),
+    "assemble": ("raugment.stages.assemble.stage", "assemble an augmented training set", _train_args),
+    "train": ("raugment.stages.train.stage", "train and evaluate a classifier with Ray Train", _train_args),
+    "tune": ("raugment.study.tune", "sweep config keys with Ray Tune", _train_args),
+    "report": ("raugment.stages.report.stage", "write the study report", _report_args),
+    "run": ("raugment.study.executor", "run a whole study (resumable)", _study_args),
+    "demo": ("raugment.demo.command", "run the embedded offline demo study", _demo_args),
+    "models": ("raugment.demo.tiny", "write tiny random-weight bundles or train the mini-world's models",
                _models_args),
 }
 

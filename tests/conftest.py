@@ -24,15 +24,15 @@ def ray_session():
     """A local Ray for the whole session, sized like the machine."""
     import ray
 
-    from raugment.cluster import init_ray
-    from raugment.config import ClusterConfig
+    from raugment.core.config import ClusterConfig
+    from raugment.runtime.cluster import init_ray
 
     # AF_UNIX socket paths must stay short: keep the temp dir near /tmp.
     temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
-    # Functions and classes defined in test modules are pickled by reference: put the tests
-    # directory on the workers' path so they can import them.
-    tests_dir = str(Path(__file__).resolve().parent)
-    path = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH", "")) if p)
+    # Functions and classes defined in test modules (package ``tests``) are pickled by reference:
+    # put the repository on the workers' path so they can import them.
+    repo = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
     init_ray(ClusterConfig(num_cpus=os.cpu_count() or 2, temp_dir=temp_dir), progress=False,
              runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield ray
@@ -47,21 +47,21 @@ def session_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd(session_dir) -> Path:
     """The tiny random-weight Stable Diffusion bundle (written once per session)."""
-    from raugment.models.tiny import write_tiny_bundles
+    from raugment.demo.tiny import write_tiny_bundles
 
     return write_tiny_bundles(session_dir / "models", parts=["sd"])["sd"]
 
 
 @pytest.fixture(scope="session")
 def mini_world(tmp_path_factory):
-    """The demo's mini-world and its trained small CLIP (``raugment.miniworld.train_mini``), once per
+    """The demo's mini-world and its trained small CLIP (``raugment.demo.miniworld.train_mini``), once per
     session: the demo's ``mini`` settings, without the diffusion model (its tests train their own).
 
     Returns ``(config, root, MiniModels)``.
     """
-    from raugment import demo
-    from raugment.config import with_overrides
-    from raugment.miniworld import train_mini
+    from raugment.core.config import with_overrides
+    from raugment.demo import command as demo
+    from raugment.demo.miniworld import train_mini
 
     root = tmp_path_factory.mktemp("mini")
     cfg = with_overrides(demo.build_config(None, None, str(root / "runs")), {"mini.diffusion": False})

@@ -23,7 +23,7 @@ import yaml
 from PIL import Image
 
 from raugment import cli
-from raugment.storage import SUCCESS, Artifact
+from raugment.core.storage import SUCCESS, Artifact
 
 COLOURS = {"000.red_circle": (220, 40, 40), "001.blue_square": (40, 80, 225)}
 
@@ -82,7 +82,7 @@ def tripwire(monkeypatch):
     def refuse(*_a, **_k):
         raise RayStarted("Ray would start here")
 
-    monkeypatch.setattr("raugment.cluster.init_ray", refuse)
+    monkeypatch.setattr("raugment.runtime.cluster.init_ray", refuse)
     monkeypatch.setattr(ray, "init", refuse)
 
 
@@ -310,7 +310,7 @@ def _artifact(tmp: Path) -> Path:
 
 
 def test_truncated_shard_in_input_artifact_is_named(tmp_path):
-    from raugment.config import InputError
+    from raugment.core.config import InputError
 
     d = _artifact(tmp_path)
     assert Artifact.open(d).read("images").num_rows == 3  # the control: intact shards read
@@ -325,7 +325,7 @@ def test_truncated_shard_in_input_artifact_is_named(tmp_path):
 
 def test_corrupt_shard_read_is_named(tmp_path):
     """A shard damaged after the artifact was opened is named when read."""
-    from raugment.config import InputError
+    from raugment.core.config import InputError
 
     d = _artifact(tmp_path)
     art = Artifact.open(d)

@@ -15,12 +15,14 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raugment.registry import MODELS
+from raugment.core.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 log = logging.getLogger(__name__)
+
+MODELS: Registry = Registry("classifier model")
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from raugment.extras import require
+from raugment.core.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def load_clip(name: str, pretrained: str | None = None, device: str = "cpu") -> 
         device: ``"cpu"``, ``"cuda"``, or ``"auto"``.
     """
     open_clip = require("open_clip")
-    from raugment.cluster import pick_device
+    from raugment.runtime.cluster import pick_device
 
     device = pick_device(device)
     ref = _model_ref(name)

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from raugment.extras import require
+from raugment.core.extras import require
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from raugment.extras import require
+from raugment.core.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def load_safety_checker(model: str, device: str = "cpu", revision: str | None = 
     transformers = require("transformers")
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-    from raugment.cluster import pick_device
+    from raugment.runtime.cluster import pick_device
 
     local = Path(model)
     if local.exists():

@@ -1,0 +1,458 @@
+"""Typed configuration machinery: sections as dataclasses, YAML + ``--set a.b=c`` overrides.
+
+Each stage package owns its section (``raugment/stages/<stage>/config.py``); ``raugment.config``
+lists them all in :class:`raugment.config.Config`. This module holds what every section uses: the
+errors, loading and validation, hashing, the resource sections (actor pools, worker groups), the
+``run`` and ``cluster`` sections, and :func:`with_plugins`, which adds the settings that a stage's
+plug-ins declare to its section. Standard library + PyYAML only: ``raugment --help`` and config
+validation never import torch or Ray. Unknown keys, wrong types and bad values raise
+:class:`ConfigError` naming the dotted key and the fix, before any work starts.
+
+A stage's output directory is keyed by the hash of its section (plus its inputs' keys), see
+:func:`section_hash` and :mod:`raugment.core.storage`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, TypeVar, Union
+
+import yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+class InputError(ValueError):
+    """An input file or directory is missing, unreadable or malformed; the message names it and the fix."""
+
+
+DIFFUSERS_HINT = "expected a diffusers model directory; `raugment models tiny DIR` writes a tiny one in DIR/sd"
+
+
+def looks_local(ref: str) -> bool:
+    """Whether a model reference is a local path rather than a hub id (``org/name``)."""
+    p = Path(ref).expanduser()
+    return p.exists() or p.is_absolute() or ref.startswith((".", "~")) or ref.count("/") > 1
+
+
+def check_local_model(ref: Optional[str], key: str, marker: str, hint: str = "") -> None:
+    """A model reference that points at the local file system must be there and hold ``marker``.
+
+    Hub ids (``org/name``) are not checked here: they resolve when the model is loaded.
+    """
+    if not ref or not looks_local(ref):
+        return
+    p = Path(ref).expanduser()
+    if not p.exists():
+        raise ConfigError(f"{key}: {ref!r} does not exist{'; ' + hint if hint else ''}")
+    if marker and p.is_dir() and not (p / marker).exists():
+        raise ConfigError(f"{key}: {ref!r} has no {marker}{'; ' + hint if hint else ''}")
+
+
+# GPU options that default to "auto": resolved from the device a stage's workers will run on
+# (``"cuda..."`` -> the GPU setting, anything else -> the CPU one) by each section's
+# ``resolved(device)``, so one config is fast on a GPU and exact on a CPU.
+AUTO = "auto"
+AutoBool = Union[bool, Literal["auto"]]
+
+
+def on_gpu(device: str) -> bool:
+    """Whether a torch device string names a GPU (``cuda``, ``cuda:1``)."""
+    return str(device).startswith("cuda")
+
+
+def resolve_auto(value: Any, device: str, gpu: Any, cpu: Any) -> Any:
+    """``value``, or for ``auto`` the GPU or CPU setting of ``device``."""
+    return (gpu if on_gpu(device) else cpu) if value == AUTO else value
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ActorPoolConfig:
+    """Resources of one actor pool: a ``cluster.ActorGroup`` (generate, filter, index, retrieval's
+    pools: ``concurrency`` actors) or a Ray Data ``map_batches`` actor pool (Inception features);
+    ``batch_size`` is the items per model call.
+
+    On a 2-CPU box an actor pool that holds every CPU starves its own read tasks (STACK-NOTES,
+    hang 1), hence fractional CPUs by default. Inside a study a group is kept between stage runs
+    of the same class and resources (``cluster.POOLS``) and given back before any stage that
+    needs the CPUs. ``gpu_fallback``: what a GPU request means on a cluster without GPUs — run on
+    CPU instead (logged; for light, optional GPU work such as retrieval's scoring) or, when false,
+    a config error naming the key before anything starts (SD generation on a CPU would take days,
+    so it must be asked for with ``num_gpus: 0``).
+    """
+
+    concurrency: int = 1
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    batch_size: int = 8
+    gpu_fallback: bool = False
+
+    def validate(self, key: str) -> None:
+        positive(self.concurrency, f"{key}.concurrency")
+        positive(self.batch_size, f"{key}.batch_size")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ConfigError(f"{key}: num_cpus/num_gpus must be >= 0")
+
+
+@dataclass
+class WorkersConfig:
+    """Resources of a Ray Train job. 0.5 CPU per worker leaves room for data ingest (hang 2)."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 1.0
+    max_failures: int = 2
+
+    def validate(self, key: str) -> None:
+        positive(self.num_workers, f"{key}.num_workers")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"{key}.cpus_per_worker must be > 0 (Ray refuses 0); try 0.5")
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    """Where outputs go and the study-wide seed."""
+
+    root: str = "runs"
+    seed: int = 0
+    log_level: str = "INFO"
+    progress: bool = True
+
+
+@dataclass
+class ClusterConfig:
+    """How to reach Ray. ``address=None`` starts (or joins, under ``ray job submit``) a cluster."""
+
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    num_gpus: Optional[int] = None
+    temp_dir: Optional[str] = None
+    include_dashboard: bool = True
+    object_store_memory: Optional[int] = None
+    # Niceness of the worker processes of a local cluster started here. Ray's own default (15)
+    # lets every other process of the machine, the driver included, take the CPU from the stage
+    # actors on a shared box (measured: a generation actor at a third of a plain loop's speed).
+    worker_niceness: int = 0
+    # Python modules every worker process of a local cluster started here imports when it starts,
+    # before it takes work (Ray's ``preload_python_modules``): the workers Ray starts with the
+    # cluster pay them in the background, so the first actor that needs them (a generation pool:
+    # ``raugment.models.preload`` = torch + diffusers' SD pipelines + transformers' CLIP, ~6.5 s
+    # and ~0.8 GB per process) starts without the imports. Every later worker pays them too; a
+    # joined cluster takes them from ``RAY_preload_python_modules`` where its nodes were started.
+    preload_modules: list[str] = field(default_factory=list)
+
+    def validate(self, key: str) -> None:
+        if not 0 <= self.worker_niceness <= 19:
+            raise ConfigError(f"{key}.worker_niceness is a Unix nice value in [0, 19], got {self.worker_niceness}")
+        for i, name in enumerate(self.preload_modules):
+            where = f"{key}.preload_modules[{i}]"
+            if not all(part.isidentifier() for part in name.split(".")):
+                raise ConfigError(f"{where}: {name!r} is not a Python module name (dotted identifiers, e.g. "
+                                  "torch or raugment.models.preload)")
+            if importlib.util.find_spec(name.split(".")[0]) is None:
+                raise ConfigError(f"{where}: no module {name.split('.')[0]!r} is installed here; fix the name, "
+                                  "install it, or remove it from the list")
+
+
+# --------------------------------------------------------------------------------------------
+# Plug-in settings: a plug-in declares its own keys; its stage's section carries them
+# --------------------------------------------------------------------------------------------
+
+S = TypeVar("S", bound="PluginSettings")
+
+
+class PluginSettings:
+    """Base of the config keys one plug-in declares (a dataclass; every field has a default).
+
+    A plug-in module defines ``@dataclass class Settings(PluginSettings)`` and names it on its
+    registered class (``settings = Settings``); :func:`with_plugins` adds those fields to its
+    stage's section, so they are written flat in YAML (``filter.aesthetic_threshold``), checked,
+    hashed and listed like the section's own keys. A ``validate(self, key)`` method checks them.
+    The plug-in reads them with ``Settings.of(section)``.
+    """
+
+    @classmethod
+    def of(cls: type[S], section: Any) -> S:
+        """``section`` typed as these settings (it carries them when its stage composed them)."""
+        if not isinstance(section, cls):
+            raise TypeError(f"{type(section).__name__} does not carry the keys of {cls.__qualname__}; "
+                            "declare the section with @with_plugins(<the plug-in registry>)")
+        return section
+
+
+def with_plugins(registry: Any) -> Callable[[type], type]:
+    """Class decorator for a stage's section: add the settings of every plug-in in ``registry``.
+
+    The result is a dataclass with the section's fields plus each plug-in's (same class name and
+    module, so it pickles by reference); ``validate`` runs the section's and every plug-in's.
+    Two plug-ins declaring the same key, or a plug-in repeating a section key, is an error at import.
+    """
+    def compose(base: type) -> type:
+        settings = list(registry.settings())
+        if not settings:
+            return base
+        owner = {f.name: base.__qualname__ for f in dataclasses.fields(base)}
+        for s in settings:
+            for f in dataclasses.fields(s):
+                if f.name in owner:
+                    raise TypeError(f"{s.__module__}.{s.__qualname__} declares {f.name!r}, which "
+                                    f"{owner[f.name]} declares already; rename one of them")
+                owner[f.name] = f"{s.__module__}.{s.__qualname__}"
+        parts = (base, *settings)
+
+        def validate(self: Any, key: str) -> None:
+            for part in parts:
+                check = part.__dict__.get("validate")
+                if check is not None:
+                    check(self, key)
+
+        composed = dataclasses.make_dataclass(base.__name__, [], bases=(*reversed(settings), base),
+                                              namespace={"validate": validate, "__section_base__": base,
+                                                         "__doc__": base.__doc__})
+        composed.__module__, composed.__qualname__ = base.__module__, base.__qualname__
+        return composed
+
+    return compose
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overriding, validating
+# --------------------------------------------------------------------------------------------
+
+
+def positive(value: int | float, key: str) -> None:
+    """A ConfigError naming ``key`` unless ``value`` > 0."""
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        if all(a is bool or typing.get_origin(a) is Literal for a in args if a is not type(None)):
+            choices = [c for a in args for c in ((True, False) if a is bool else typing.get_args(a))]
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = args or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        kt, vt = args or (Any, Any)
+        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r} (quote it in YAML)")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]!s}; known keys{' of ' + prefix if prefix else ''}: "
+            f"{', '.join(names)}"
+        )
+    kwargs = {}
+    for name in names:
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], f"{prefix}.{name}" if prefix else name)
+    obj = cls(**kwargs)
+    return obj
+
+
+def _validate(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _validate(value, f"{prefix}.{f.name}" if prefix else f.name)
+    if hasattr(obj, "validate"):
+        obj.validate(prefix)
+
+
+# section class -> its key in the whole config (``raugment.config`` fills this in)
+SECTION_NAMES: dict[type, str] = {}
+
+
+def section_name(cls: type) -> str:
+    """The key of section class ``cls`` in the whole config ("" for the whole config itself)."""
+    return SECTION_NAMES.get(getattr(cls, "__section_base__", cls), cls.__name__)
+
+
+def from_dict(data: dict | None, cls: type) -> Any:
+    """Build and validate a config (or one section, via ``cls``) from plain data."""
+    prefix = section_name(cls)
+    obj = _build(cls, dict(data or {}), prefix)
+    _validate(obj, prefix)
+    return obj
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain-data form of a config or section (what is saved and hashed)."""
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"train.lr=0.01"`` -> (["train", "lr"], 0.01). Values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """Apply ``a.b=c`` overrides to plain config data (returns a new dict)."""
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; a clear error if the file is missing or not a mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+    return data
+
+
+def load_data(path: str | Path | None = None, overrides: list[str] | None = None,
+              base: dict | None = None) -> dict:
+    """Plain config data: ``base`` <- YAML file <- overrides (not validated yet)."""
+    data: dict = copy.deepcopy(base or {})
+    if path is not None:
+        data = _deep_merge(data, read_yaml(path))
+    return apply_overrides(data, overrides)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def with_overrides(cfg: C, overrides: dict[str, Any]) -> C:
+    """A copy of ``cfg`` with dotted-key overrides given as a mapping (used by sweeps)."""
+    data = to_dict(cfg)
+    for key, value in overrides.items():
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if part not in node or not isinstance(node[part], dict):
+                raise ConfigError(f"unknown key {key!r}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"unknown key {key!r}")
+        node[parts[-1]] = value
+    return from_dict(data, type(cfg))
+
+
+def dump_yaml(cfg: Any) -> str:
+    """YAML text of a config or section."""
+    return yaml.safe_dump(to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg, sort_keys=False)
+
+
+def canonical_json(data: Any) -> str:
+    """Stable JSON for hashing: sorted keys, no whitespace, floats as repr."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def section_hash(section: Any, inputs: dict[str, str] | None = None, length: int = 12) -> str:
+    """Hash of a config section (dataclass or plain data) and its inputs' keys."""
+    payload = {"config": to_dict(section) if dataclasses.is_dataclass(section) else section,
+               "inputs": dict(sorted((inputs or {}).items()))}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:length]

@@ -1,0 +1,172 @@
+"""Where a training loop runs: one rank of a DDP group or a plain process (:class:`LoopContext`).
+
+The classifier loop (``stages/train``) and the fine-tuning loop (``stages/finetune``) are each
+written once against this small interface and run unchanged on every runner:
+
+* :class:`LocalContext` — this process, no Ray (benchmarks, quick tests);
+* :class:`GroupContext` — one rank of a long-lived :class:`~raugment.runtime.worker_group.WorkerGroup`
+  (checkpoints in the stage directory, shared by the ranks);
+* :class:`RayContext` — a Ray Train ``TorchTrainer`` worker (Ray Train's checkpoints).
+
+What a checkpoint holds is the loop's own :class:`CheckpointState` class.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from raugment.core.storage import atomic_dir
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+class CheckpointState(Protocol):
+    """What a loop checkpoints: written to and read from a directory; ``MARKER`` marks it complete."""
+
+    MARKER: ClassVar[str]
+
+    def write(self, directory: str | Path) -> None: ...
+
+    @classmethod
+    def read(cls, directory: str | Path) -> "CheckpointState": ...
+
+
+class LoopContext(Protocol):
+    """Where :func:`fit` runs: one rank of a DDP group (Ray) or a plain process."""
+
+    rank: int
+    world_size: int
+    device: "torch.device"
+
+    def prepare_model(self, model: "torch.nn.Module") -> "torch.nn.Module": ...
+
+    def all_reduce(self, tensor: "torch.Tensor") -> "torch.Tensor": ...
+
+    def load_checkpoint(self) -> CheckpointState | None: ...
+
+    def report(self, metrics: dict[str, Any], state: CheckpointState | None) -> None: ...
+
+
+class LocalContext:
+    """Run :func:`fit` in this process (no Ray): checkpoints go to ``checkpoint_dir/latest``.
+
+    ``state_type`` is what a checkpoint holds: a :class:`CheckpointState` class (the classifier's
+    ``TrainState``, the fine-tuning loop's ``FinetuneState``), so every loop runs on the same contexts.
+    """
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, checkpoint_dir: str | Path, state_type: type[CheckpointState],
+                 device: "str | torch.device" = "cpu"):
+        import torch
+
+        self.device = torch.device(device)
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.reports: list[dict[str, Any]] = []
+        self.state_type = state_type
+
+    def prepare_model(self, model):
+        return model
+
+    def all_reduce(self, tensor):
+        return tensor
+
+    def load_checkpoint(self) -> Any:
+        latest = self.checkpoint_dir / "latest"
+        return self.state_type.read(latest) if (latest / self.state_type.MARKER).exists() else None
+
+    def report(self, metrics: dict[str, Any], state: CheckpointState | None) -> None:
+        self.reports.append(metrics)
+        if state is not None:
+            with atomic_dir(self.checkpoint_dir / "latest") as tmp:
+                state.write(tmp)
+
+
+def _all_reduce(tensor: "torch.Tensor", world_size: int) -> "torch.Tensor":
+    """Sum over the default process group (in place); a no-op for one worker."""
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)
+    return tensor
+
+
+class GroupContext(LocalContext):
+    """:class:`LoopContext` of one rank of a :class:`~raugment.runtime.worker_group.WorkerGroup`.
+
+    The group's process group all-reduces; rank 0 writes the checkpoint to
+    ``checkpoint_dir/latest`` (the stage's own directory, shared by the ranks) and every rank
+    waits for it, so a rank that dies in the next epoch never loses a finished one.
+    """
+
+    def __init__(self, member: Any, checkpoint_dir: str | Path, state_type: type[CheckpointState]):
+        super().__init__(checkpoint_dir, state_type, member.device)
+        self.rank, self.world_size = member.rank, member.world_size
+
+    def prepare_model(self, model):
+        if self.world_size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def all_reduce(self, tensor):
+        return _all_reduce(tensor, self.world_size)
+
+    def report(self, metrics: dict[str, Any], state: CheckpointState | None) -> None:
+        super().report(metrics, state)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+class RayContext:
+    """:class:`LoopContext` of a Ray Train worker (DDP over gloo on CPU, NCCL on GPU).
+
+    ``state_type``: what a checkpoint holds, as for :class:`LocalContext`.
+    """
+
+    def __init__(self, state_type: type[CheckpointState]):
+        import ray.train
+        import ray.train.torch
+
+        from raugment.runtime.cluster import match_torch_threads
+
+        match_torch_threads()  # a preloaded torch: the worker's CPUs, not the machine's
+        tctx = ray.train.get_context()
+        self.rank = tctx.get_world_rank()
+        self.world_size = tctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.state_type = state_type
+
+    def prepare_model(self, model):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def all_reduce(self, tensor):
+        return _all_reduce(tensor, self.world_size)
+
+    def load_checkpoint(self) -> Any:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as d:
+            return self.state_type.read(d)
+
+    def report(self, metrics: dict[str, Any], state: CheckpointState | None) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if state is not None:
+                state.write(d)
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)

@@ -1,0 +1,33 @@
+"""Config of the ``assemble`` stage (section ``assemble``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from raugment.core.config import ConfigError, positive
+
+
+@dataclass
+class AssembleConfig:
+    """Original training split + added images at an augmentation ratio (percent).
+
+    ``sources`` names the added methods to mix (empty = every added artifact given); each class's
+    quota ``round(n_train * ratio / 100)`` is split evenly between them. Generated pools are
+    resampled into ``num_sets`` sets (``set_index`` picks one); retrieved pools give their top
+    ranks. ``leakage: remove`` drops the audit's candidate ids first.
+    """
+
+    sources: list[str] = field(default_factory=list)
+    ratio: float = 100.0
+    set_index: int = 0
+    num_sets: int = 5
+    leakage: Literal["keep", "remove"] = "keep"
+
+    def validate(self, key: str) -> None:
+        if not 0 <= self.ratio <= 2500:
+            raise ConfigError(f"{key}.ratio is a percentage in [0, 2500], got {self.ratio}")
+        positive(self.num_sets, f"{key}.num_sets")
+        if not 0 <= self.set_index < self.num_sets:
+            raise ConfigError(f"{key}.set_index must be in [0, {key}.num_sets={self.num_sets}), "
+                              f"got {self.set_index}")

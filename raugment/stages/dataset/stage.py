@@ -1,0 +1,619 @@
+"""The dataset stage: read a labelled dataset, split it by the paper's protocol, store it as shards.
+
+Paper section 3, "Dataset". Sources are registered in :data:`registry.DATASETS` by name:
+
+* ``imagefolder``: ``path/train/<class>/...`` plus ``path/test/<class>/...`` (or ``path/val``, as
+  ImageNet's val folder is our test split; or ``dataset.test_path``), or a flat ``path/<class>/...``.
+* ``parquet``: a file or a directory of Parquet files with image bytes and a class column.
+* ``synthetic``: draws the demo dataset (:mod:`raugment.stages.dataset.synthetic`) into an ImageFolder under the
+  run root once, then reads it like ``imagefolder``.
+
+Protocols (per class, on a seeded permutation of its sorted files; ``k = round_half_up(fraction * n)``,
+at least 1): ``subsample`` takes the first k as train and the next k as val, the rest becomes split
+"unused" (the leakage audit checks it); ``full`` keeps that same val and trains on everything else;
+``split_80_10_10`` makes 80 % train and two equal halves of the rest val and test.
+
+Work happens in two steps: a cheap plan from the file listing (every error in config or input is
+raised here, before any image is read), then shards of ``shard_size`` rows per split, each read by a
+thread pool and written as soon as it is full, so an ImageNet-size tree streams with bounded memory.
+Shard names are fixed by the plan, so a killed run resumes with the shards it has not yet written.
+Unreadable or corrupt files become rows of the ``failures`` table with a reason.
+
+Outputs: ``images`` (schema.IMAGES, split in train/val/test/unused, source and method "original"),
+``failures`` (schema.FAILURES) and ``classes.parquet`` (schema.CLASSES with n_train).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+import io
+import logging
+import os
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raugment.config import Config
+from raugment.core import schema as S
+from raugment.core.artifacts import SPLIT_ORDER
+from raugment.core.config import ConfigError, InputError, to_dict
+from raugment.core.imageio import ImageDecodeError, decode_image, encode_image, item_id, resize_max_side, stable_id
+from raugment.core.registry import Registry
+from raugment.core.stats import round_half_up
+from raugment.core.storage import Artifact, StageRun, read_parquet, read_parquet_schema, run_stage
+from raugment.stages.dataset.classnames import folder_class_name, is_synset_id, lookup
+from raugment.stages.dataset.config import DatasetConfig
+
+if TYPE_CHECKING:
+    import argparse
+
+log = logging.getLogger(__name__)
+
+DATASETS: Registry = Registry("dataset source")
+
+STAGE = "dataset"
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"})
+
+
+# --------------------------------------------------------------------------------------------
+# Listing a source
+# --------------------------------------------------------------------------------------------
+
+
+class Reader(Protocol):
+    """Reads the encoded bytes of items given by their refs (a source's stable item names)."""
+
+    def read(self, ref: str) -> bytes: ...
+
+
+@dataclass
+class Listing:
+    """What a source holds, before any image is read.
+
+    Attributes:
+        train: class id -> refs of its training-pool items (sorted).
+        test: class id -> refs of its test items, or None when the source has no test split.
+        reader: turns a ref into bytes.
+        names: class id -> a name the source itself provides (Parquet ``class_name``), if any.
+        ignored: files skipped because they are not images (by extension).
+    """
+
+    train: dict[str, list[str]]
+    test: dict[str, list[str]] | None
+    reader: Reader
+    names: dict[str, str] = field(default_factory=dict)
+    ignored: int = 0
+
+
+class FolderReader:
+    """Refs are ``<role>/<path relative to that role's root>``, roles "train" and "test"."""
+
+    def __init__(self, roots: dict[str, Path]):
+        self.roots = roots
+
+    def read(self, ref: str) -> bytes:
+        role, _, rel = ref.partition("/")
+        return (self.roots[role] / rel).read_bytes()
+
+
+def _list_class_folders(root: Path, key: str) -> dict[str, list[str]]:
+    """``root/<class>/**/<image>`` -> class folder name -> sorted paths relative to ``root``."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise ConfigError(f"{key}: {root} has no class folders; expected {root}/<class>/<image files>")
+    out: dict[str, list[str]] = {}
+    for name in classes:
+        files = []
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel_dir = os.path.relpath(dirpath, root)
+            files.extend(os.path.join(rel_dir, f) for f in filenames if not f.startswith("."))
+        out[name] = sorted(files)
+    return out
+
+
+def _keep_images(tree: dict[str, list[str]]) -> tuple[dict[str, list[str]], int]:
+    kept = {c: [f for f in fs if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS] for c, fs in tree.items()}
+    ignored = sum(len(fs) for fs in tree.values()) - sum(len(fs) for fs in kept.values())
+    return kept, ignored
+
+
+@DATASETS.register("imagefolder")
+def list_imagefolder(cfg: DatasetConfig, run_root: Path) -> Listing:
+    """List an ImageFolder tree (``train/`` + ``test/``|``val/``, or flat class folders)."""
+    root = Path(cfg.path or "")
+    if not root.is_dir():
+        raise ConfigError(f"dataset.path: {str(root)!r} is not a directory")
+    train_root = root / "train" if (root / "train").is_dir() else root
+    if cfg.test_path:
+        test_root: Path | None = Path(cfg.test_path)
+        if not test_root.is_dir():
+            raise ConfigError(f"dataset.test_path: {cfg.test_path!r} is not a directory")
+    elif train_root != root:
+        test_root = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    else:
+        test_root = None
+    train, ignored = _keep_images(_list_class_folders(train_root, "dataset.path"))
+    roots = {"train": train_root}
+    test = None
+    if test_root is not None:
+        test, ignored_test = _keep_images(_list_class_folders(test_root, "dataset.test_path"))
+        ignored += ignored_test
+        roots["test"] = test_root
+        test = {c: [f"test/{f}" for f in fs] for c, fs in test.items()}
+    train = {c: [f"train/{f}" for f in fs] for c, fs in train.items()}
+    return Listing(train=train, test=test, reader=FolderReader(roots), ignored=ignored)
+
+
+@DATASETS.register("synthetic")
+def list_synthetic(cfg: DatasetConfig, run_root: Path) -> Listing:
+    """Draw the synthetic ImageFolder under ``<run_root>/synthetic/<key>/`` (once), then list it."""
+    from raugment.stages.dataset import synthetic
+
+    synthetic.check_config(cfg.synthetic)
+    section = {"synthetic": to_dict(cfg.synthetic), "seed": cfg.seed}
+
+    def body(run: StageRun) -> None:
+        synthetic.write_imagefolder(run.path / "imagefolder", cfg.synthetic, seed=cfg.seed)
+        run.stats.add("train", sum(synthetic.class_sizes(cfg.synthetic)))
+        run.stats.add("test", cfg.synthetic.test_per_class * cfg.synthetic.num_classes)
+
+    art = run_stage(run_root, "synthetic", section, None, body)
+    folder = dataclasses.replace(cfg, source="imagefolder", path=str(art.path / "imagefolder"), test_path=None)
+    return list_imagefolder(folder, run_root)
+
+
+def _parquet_files(path: Path, key: str) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith("."))
+        if files:
+            return files
+    raise ConfigError(f"{key}: {str(path)!r} is neither a Parquet file nor a directory holding some")
+
+
+class ParquetReader:
+    """Refs are ``<file index>/<row:09d>`` into a fixed list of files; reads one row's image cell.
+
+    Rows are fetched through their row group; the last few row groups' image columns are cached
+    because the refs of a shard are sorted, so neighbouring items (read by different threads)
+    mostly share a row group.
+    """
+
+    def __init__(self, files: list[Path], image_column: str, cached_groups: int = 4):
+        self.files = files
+        self.image_column = image_column
+        self._starts = functools.lru_cache(maxsize=None)(self._row_group_starts)
+        self._column = functools.lru_cache(maxsize=cached_groups)(self._read_column)
+
+    def _row_group_starts(self, fi: int) -> list[int]:
+        meta = pq.ParquetFile(self.files[fi]).metadata
+        starts, total = [], 0
+        for g in range(meta.num_row_groups):
+            starts.append(total)
+            total += meta.row_group(g).num_rows
+        return starts
+
+    def _read_column(self, fi: int, group: int) -> pa.Array:
+        col = pq.ParquetFile(self.files[fi]).read_row_group(group, columns=[self.image_column]).column(0)
+        col = col.combine_chunks()
+        return col.field("bytes") if pa.types.is_struct(col.type) else col
+
+    def read(self, ref: str) -> bytes:
+        fi_s, _, row_s = ref.partition("/")
+        fi, row = int(fi_s), int(row_s)
+        starts = self._starts(fi)
+        group = bisect.bisect_right(starts, row) - 1
+        value = self._column(fi, group)[row - starts[group]].as_py()
+        if value is None:
+            raise ImageDecodeError("empty")
+        return value
+
+
+@DATASETS.register("parquet")
+def list_parquet(cfg: DatasetConfig, run_root: Path) -> Listing:
+    """List Parquet rows by class (and split, from ``split_column`` or ``test_path``)."""
+    files = _parquet_files(Path(cfg.path or ""), "dataset.path")
+    test_files = _parquet_files(Path(cfg.test_path), "dataset.test_path") if cfg.test_path else []
+    all_files = files + test_files
+    fix = "replace or remove that file under dataset.path / dataset.test_path"
+    first = read_parquet_schema(all_files[0], fix=fix)
+    if cfg.image_column not in first.names:
+        raise ConfigError(f"dataset.image_column: {cfg.image_column!r} is not a column of {all_files[0]} "
+                          f"(columns: {first.names})")
+    label_col = cfg.label_column or next((c for c in (S.LABEL, S.CLASS_ID, S.CLASS_NAME) if c in first.names), None)
+    if label_col is None or label_col not in first.names:
+        raise ConfigError(f"dataset.label_column: no class column in {all_files[0]}; name one of {first.names}")
+    split_col = cfg.split_column if cfg.split_column in first.names and not cfg.test_path else None
+    name_col = S.CLASS_NAME if S.CLASS_NAME in first.names and label_col != S.CLASS_NAME else None
+    # split value -> class id -> refs; files under test_path count as split "test"
+    by_value: dict[Any, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    names: dict[str, str] = {}
+    unlabelled = 0
+    for fi, f in enumerate(all_files):
+        missing = sorted({label_col, cfg.image_column} - set(read_parquet_schema(f, fix=fix).names))
+        if missing:
+            raise InputError(f"dataset.path: {f} lacks column(s) {missing} that {all_files[0]} has; "
+                             "every Parquet file of a dataset needs the same columns")
+        table = read_parquet(f, [label_col] + [c for c in (split_col, name_col) if c], fix=fix)
+        labels = table.column(label_col).to_pylist()
+        splits = table.column(split_col).to_pylist() if split_col else [None] * len(labels)
+        if fi >= len(files):
+            splits = ["test"] * len(labels)
+        class_names = table.column(name_col).to_pylist() if name_col else [None] * len(labels)
+        for row, (lab, sp, nm) in enumerate(zip(labels, splits, class_names)):
+            if lab is None:
+                unlabelled += 1
+                continue
+            by_value[None if sp is None else str(sp).lower()][str(lab)].append(f"{fi}/{row:09d}")
+            if nm:
+                names.setdefault(str(lab), nm)
+    train_values, test_value = _parquet_roles(set(by_value))
+    skipped = {v: sum(map(len, by_value[v].values())) for v in by_value if v not in train_values and v != test_value}
+    if skipped or unlabelled:
+        log.warning("dataset: skipped Parquet rows: %d without a class, by split value %s", unlabelled, skipped)
+    train: dict[str, list[str]] = defaultdict(list)
+    for v in train_values & set(by_value):
+        for cid, refs in by_value[v].items():
+            train[cid].extend(refs)
+    test = {cid: sorted(refs) for cid, refs in by_value[test_value].items()} if test_value else None
+    return Listing(train={cid: sorted(refs) for cid, refs in train.items()}, test=test,
+                   reader=ParquetReader(all_files, cfg.image_column), names=names)
+
+
+def _parquet_roles(values: set[Any]) -> tuple[set[Any], str | None]:
+    """Which split values form the training pool, and which one is the test split.
+
+    No split column (None) and "train" are the training pool. "test" is the test split; without
+    it "val" or "validation" is (ImageNet's val is our test split). Other values are skipped.
+    """
+    test = next((v for v in ("test", "val", "validation") if v in values), None)
+    return {None, "train"}, test
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: classes and splits (pure, cheap, every error before any image is read)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClassRow:
+    """One row of the ``classes`` table, before counting."""
+
+    label: int
+    class_id: str
+    class_name: str
+    hypernym: str | None = None
+    definition: str | None = None
+
+
+def _subsample(perm: list[str], fraction: float) -> dict[str, list[str]]:
+    k = max(1, round_half_up(fraction * len(perm)))
+    return {"train": perm[:k], "val": perm[k:2 * k], "unused": perm[2 * k:]}
+
+
+def _full(perm: list[str], fraction: float) -> dict[str, list[str]]:
+    parts = _subsample(perm, fraction)  # the same val as subsample; everything else trains
+    return {"train": parts["train"] + parts["unused"], "val": parts["val"]}
+
+
+def _split_80_10_10(perm: list[str], fraction: float) -> dict[str, list[str]]:
+    n = len(perm)
+    n_train = min(round_half_up(0.8 * n), n - 2)  # leave at least one each for val and test
+    n_val = (n - n_train) // 2
+    return {"train": perm[:n_train], "val": perm[n_train:n_train + n_val], "test": perm[n_train + n_val:]}
+
+
+@dataclass(frozen=True)
+class SplitProtocol:
+    """How one class's permuted training pool is split, and whether that makes the test split."""
+
+    split: Callable[[list[str], float], dict[str, list[str]]]
+    makes_test: bool
+
+
+PROTOCOLS: dict[str, SplitProtocol] = {
+    "subsample": SplitProtocol(_subsample, makes_test=False),
+    "full": SplitProtocol(_full, makes_test=False),
+    "split_80_10_10": SplitProtocol(_split_80_10_10, makes_test=True),
+}
+
+
+def split_class(refs: list[str], protocol: str, fraction: float, seed: int, class_id: str) -> dict[str, list[str]]:
+    """Split one class's refs by ``protocol`` on a permutation seeded by (seed, class id).
+
+    The permutation depends only on the seed, the class id and the class's own file list, so
+    adding or excluding other classes leaves a class's split unchanged, and ``subsample`` and
+    ``full`` with the same seed and fraction share the same val images.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng([seed, int(stable_id(class_id), 16)])
+    return PROTOCOLS[protocol].split([refs[i] for i in rng.permutation(len(refs))], fraction)
+
+
+def build_classes(class_ids: list[str], mode: str, source_names: dict[str, str]) -> list[ClassRow]:
+    """Labels in class-id order, named by ``mode``.
+
+    ``wordnet``: every id must be an ILSVRC-2012 synset. ``auto``: WordNet names when every id is
+    synset-shaped (ids outside the 1000-class table keep their folder name, with a warning),
+    else the source's own names or :func:`classnames.folder_class_name`. ``folder``: the latter.
+    """
+    use_wordnet = mode == "wordnet" or (mode == "auto" and all(is_synset_id(c) for c in class_ids))
+    rows = []
+    for label, cid in enumerate(class_ids):
+        info = None
+        if use_wordnet:
+            try:
+                info = lookup(cid)
+            except ValueError as exc:
+                if mode == "wordnet":
+                    raise ConfigError(f"dataset.class_names=wordnet: {exc}") from None
+                log.warning("dataset: %s is not in the ImageNet table; using its folder name", cid)
+        if info is not None:
+            rows.append(ClassRow(label, cid, info.name, info.hypernym, info.definition))
+        else:
+            rows.append(ClassRow(label, cid, source_names.get(cid) or folder_class_name(cid)))
+    return rows
+
+
+def _select_classes(listing: Listing, cfg: DatasetConfig) -> tuple[dict[str, list[str]], dict[str, list[str]] | None]:
+    """Training pool and test split without the excluded classes, checked for consistency."""
+    excluded = set(cfg.exclude_classes)
+    known = set(listing.train) | set(listing.test or {})
+    unknown = sorted(excluded - known)
+    if unknown:
+        raise ConfigError(f"dataset.exclude_classes: {unknown} are not classes of {cfg.path}; "
+                          f"class ids look like {sorted(known)[:3]}")
+    train = {c: refs for c, refs in listing.train.items() if c not in excluded}
+    test = {c: refs for c, refs in listing.test.items() if c not in excluded} if listing.test else None
+    if not train:
+        raise ConfigError("dataset.exclude_classes excludes every class")
+    empty = sorted(c for c, refs in train.items() if not refs)
+    if empty:
+        raise ConfigError(f"dataset.path: classes {empty[:5]} have no training images; remove them "
+                          "or list them in dataset.exclude_classes")
+    extra = sorted(set(test or {}) - set(train))
+    if extra:
+        raise ConfigError(f"dataset.test_path: test classes {extra[:5]} have no training images; "
+                          "list them in dataset.exclude_classes")
+    return train, test
+
+
+def plan_splits(listing: Listing, cfg: DatasetConfig) -> tuple[list[ClassRow], dict[str, dict[str, list[str]]]]:
+    """Classes and split -> class id -> refs, validated; raises ConfigError naming the key.
+
+    Raises:
+        ConfigError: unknown excluded classes, empty classes, a test split that is missing (or
+            present when the protocol makes its own), test classes absent from train, or a
+            protocol/fraction that leaves a class with no train, val or test images.
+    """
+    protocol = PROTOCOLS[cfg.protocol]
+    train, test = _select_classes(listing, cfg)
+    if protocol.makes_test and test is not None:
+        raise ConfigError(f"dataset.protocol={cfg.protocol} makes its own test split but the dataset has "
+                          "one; use protocol subsample/full, or a flat <class>/ tree")
+    if not protocol.makes_test and test is None:
+        raise ConfigError(f"dataset.protocol={cfg.protocol} needs a test split: add {cfg.path}/test "
+                          "(or val), set dataset.test_path, or use dataset.protocol=split_80_10_10")
+    # Numeric class ids (Parquet integer labels, folders "0".."9", "10") sort as numbers.
+    class_ids = sorted(train, key=int) if all(c.isdigit() for c in train) else sorted(train)
+    plan: dict[str, dict[str, list[str]]] = {s: {} for s in SPLIT_ORDER}
+    for cid in class_ids:
+        parts = split_class(train[cid], cfg.protocol, cfg.fraction, cfg.seed, cid)
+        short = [s for s in ("train", "val", "test") if s in parts and not parts[s]]
+        if short:
+            raise ConfigError(f"dataset.fraction={cfg.fraction} with dataset.protocol={cfg.protocol} leaves "
+                              f"class {cid!r} ({len(train[cid])} images) with no {'/'.join(short)} images; "
+                              "lower the fraction or exclude the class")
+        if "unused" in parts and len(parts["val"]) < len(parts["train"]):
+            log.warning("dataset: class %r has %d images: val gets %d, train %d", cid, len(train[cid]),
+                        len(parts["val"]), len(parts["train"]))
+        for split, refs in parts.items():
+            plan[split][cid] = refs
+        if test is not None:
+            plan["test"][cid] = test.get(cid, [])
+    classes = build_classes(class_ids, cfg.class_names, listing.names)
+    check_unique_names(classes)
+    return classes, plan
+
+
+def check_unique_names(classes: list[ClassRow]) -> None:
+    """Two classes with one name get the same prompts and the same retrieved images.
+
+    Names from folders or a Parquet name column must be unique (a typo or a copied folder);
+    WordNet names may repeat (ImageNet has two synsets called "crane"), which is only logged.
+
+    Raises:
+        ConfigError: naming the class ids that share a name.
+    """
+    by_name: dict[str, list[ClassRow]] = defaultdict(list)
+    for c in classes:
+        by_name[c.class_name].append(c)
+    for name, rows in by_name.items():
+        if len(rows) < 2:
+            continue
+        ids = [r.class_id for r in rows]
+        if all(r.definition for r in rows):  # WordNet synsets: distinct meanings, same lemma
+            log.warning("dataset: classes %s share the WordNet name %r; their prompts are alike", ids, name)
+            continue
+        raise ConfigError(f"dataset.path: classes {ids} have the same name {name!r}; prompts and retrieval "
+                          "could not tell them apart: rename one folder (or its class_name values)")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and encoding (pure core per item; thread pool per shard)
+# --------------------------------------------------------------------------------------------
+
+
+def prepare_image(data: bytes, max_side: int | None, image_format: str, quality: int) -> tuple[bytes, int, int]:
+    """Verify ``data`` and return (stored bytes, width, height).
+
+    The original bytes are kept when no resize is needed and they are already in
+    ``image_format`` (lossless and cheaper); otherwise the image is resized and re-encoded.
+
+    Raises:
+        ImageDecodeError: for data that is not a usable image.
+    """
+    from PIL import Image
+
+    img = decode_image(data)
+    out = resize_max_side(img, max_side)
+    if out is img and Image.open(io.BytesIO(data)).format == image_format:
+        return data, img.width, img.height
+    return encode_image(out, image_format, quality), out.width, out.height
+
+
+@dataclass
+class Shard:
+    """One output shard: its stable name, split, and (label, class, ref) items."""
+
+    name: str
+    split: str
+    items: list[tuple[int, str, str]]
+
+
+def build_shards(classes: list[ClassRow], plan: dict[str, dict[str, list[str]]], shard_size: int) -> list[Shard]:
+    """Chunks of ``shard_size`` items per split, in label order; names fixed by the plan."""
+    labels = {c.class_id: c.label for c in classes}
+    shards = []
+    for split in SPLIT_ORDER:
+        items = [(labels[cid], cid, ref) for cid in (c.class_id for c in classes) for ref in plan[split].get(cid, [])]
+        for i in range(0, len(items), shard_size):
+            shards.append(Shard(f"{split}-{i // shard_size:05d}", split, items[i:i + shard_size]))
+    return shards
+
+
+def read_shard(shard: Shard, reader: Reader, classes: list[ClassRow], cfg: DatasetConfig,
+               pool: ThreadPoolExecutor | None = None) -> tuple[pa.Table, pa.Table]:
+    """Read, verify and encode one shard -> (images table, failures table)."""
+    names = {c.label: c.class_name for c in classes}
+
+    def one(item: tuple[int, str, str]) -> dict[str, Any]:
+        label, cid, ref = item
+        iid = item_id("orig", cid, ref)
+        try:
+            data, w, h = prepare_image(reader.read(ref), cfg.max_side, cfg.image_format, cfg.quality)
+        except ImageDecodeError as exc:
+            return {S.ID: iid, S.LABEL: label, S.REASON: exc.reason, S.DETAIL: f"{ref}: {exc}"}
+        except OSError as exc:
+            return {S.ID: iid, S.LABEL: label, S.REASON: "unreadable", S.DETAIL: f"{ref}: {exc}"}
+        return {S.ID: iid, S.LABEL: label, S.CLASS_ID: cid, S.CLASS_NAME: names[label], S.SPLIT: shard.split,
+                S.SOURCE: "original", S.METHOD: "original", S.IMAGE: data, S.WIDTH: w, S.HEIGHT: h,
+                S.PARAMS: {"path": ref}}
+
+    results = list(pool.map(one, shard.items) if pool else map(one, shard.items))
+    images = [r for r in results if S.REASON not in r]
+    failures = [r for r in results if S.REASON in r]
+    return S.to_table(images, S.IMAGES), S.to_table(failures, S.FAILURES)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="dataset", unit="img", disable=not enabled)
+
+
+def _write_dataset(run: StageRun, cfg: Config, listing: Listing, classes: list[ClassRow],
+                   plan: dict[str, dict[str, list[str]]]) -> None:
+    dcfg = cfg.dataset
+    shards = build_shards(classes, plan, dcfg.shard_size)
+    done = {p.name for p in run.artifact.files("images")}
+    todo = [s for s in shards if f"part-{s.name}.parquet" not in done]
+    if len(todo) < len(shards):
+        log.info("dataset: resuming, %d of %d shards already written", len(shards) - len(todo), len(shards))
+    with ThreadPoolExecutor(max_workers=dcfg.read_threads) as pool, \
+            _progress(sum(len(s.items) for s in todo), cfg.run.progress) as bar:
+        for shard in todo:
+            images, failures = read_shard(shard, listing.reader, classes, dcfg, pool)
+            if failures.num_rows:  # failures first: an images shard marks the shard as done
+                run.write(failures, "failures", shard=shard.name)
+            run.write(images, "images", shard=shard.name)
+            bar.update(len(shard.items))
+    # Counts come from the shards on disk, so a resumed run reports the whole dataset.
+    written = run.artifact.read("images", columns=[S.LABEL, S.SPLIT], schema=S.IMAGES)
+    per_split = Counter(zip(written.column(S.SPLIT).to_pylist(), written.column(S.LABEL).to_pylist()))
+    for split in SPLIT_ORDER:
+        run.stats.add(split, sum(n for (s, _), n in per_split.items() if s == split))
+    fails = run.artifact.read("failures", columns=[S.REASON], schema=S.FAILURES)
+    for reason, n in Counter(fails.column(S.REASON).to_pylist()).items():
+        run.stats.fail(reason, n)
+    run.stats.add("classes", len(classes))
+    run.stats.extra.update({"ignored_files": listing.ignored, "protocol": dcfg.protocol, "fraction": dcfg.fraction})
+    table = S.to_table([{S.LABEL: c.label, S.CLASS_ID: c.class_id, S.CLASS_NAME: c.class_name,
+                         S.HYPERNYM: c.hypernym, S.DEFINITION: c.definition,
+                         S.COUNT_TRAIN: per_split.get(("train", c.label), 0)} for c in classes], S.CLASSES)
+    run.write_single(table, "classes")
+
+
+def preflight(cfg: Config) -> None:
+    """Cheap checks before a study starts Ray: the source is known and its paths exist.
+
+    The full listing (empty or duplicate classes, split sizes) runs in :func:`run`, which needs
+    no Ray either.
+    """
+    d = cfg.dataset
+    try:
+        DATASETS.get(d.source)
+    except ValueError as exc:
+        raise ConfigError(f"dataset.source: {exc}") from None
+    if d.source == "synthetic":
+        return
+    if not d.path:
+        raise ConfigError(f"dataset.path is required for dataset.source={d.source}: an ImageFolder "
+                          "tree or a Parquet file/directory")
+    for key, value in (("dataset.path", d.path), ("dataset.test_path", d.test_path)):
+        if value and not Path(value).exists():
+            raise ConfigError(f"{key}: {value!r} does not exist; point it at your copy of the data")
+
+
+def run(cfg: Config) -> Artifact:
+    """Run the dataset stage (key: hash of ``cfg.dataset``); skipped when already complete.
+
+    Listing and planning happen first, so config and input errors surface before any work.
+
+    Raises:
+        ConfigError: naming the ``dataset.<key>`` at fault.
+    """
+    try:
+        lister: Callable[[DatasetConfig, Path], Listing] = DATASETS.get(cfg.dataset.source)
+    except ValueError as exc:
+        raise ConfigError(f"dataset.source: {exc}") from None
+    root = Path(cfg.run.root)
+    probe = StageRun(root, STAGE, cfg.dataset)
+    if probe.complete:  # skip the listing too: it walks the whole tree
+        log.info("stage %s [%s] already complete, skipping (%s)", STAGE, probe.key, probe.path)
+        return probe.artifact
+    listing = lister(cfg.dataset, root)
+    classes, plan = plan_splits(listing, cfg.dataset)
+    return run_stage(root, STAGE, cfg.dataset, None,
+                     lambda r: _write_dataset(r, cfg, listing, classes, plan), resumable=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Readers for other stages
+# --------------------------------------------------------------------------------------------
+
+
+def cli(cfg: Config, args: "argparse.Namespace") -> int:
+    """``raugment dataset``: run the stage and log where it is and what it holds."""
+    art = run(cfg)
+    stats = art.stats
+    counts = stats.get("counts", {})
+    log.info("dataset: %s", art.path)
+    log.info("dataset: %d classes; %s; failures %s", counts.get("classes", 0),
+             ", ".join(f"{s}={counts.get(s, 0)}" for s in SPLIT_ORDER), stats.get("failures", {}) or "none")
+    return 0

@@ -1,0 +1,101 @@
+"""Config of the ``retrieve`` stage (section ``retrieve``, with its ``download`` subsection)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from raugment.core.config import ActorPoolConfig, ConfigError, positive
+
+
+@dataclass
+class DownloadConfig:
+    """Untrusted downloads (DESIGN section 8): Ray Data CPU actors, many requests in flight each.
+
+    Link-local (169.254.x, fe80::), multicast, unspecified and reserved addresses are always
+    refused; loopback and private ranges only when allowed (tests and the local demo allow
+    loopback). Every redirect hop is checked again.
+    """
+
+    pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(concurrency=2, num_cpus=0.25,
+                                                                          batch_size=64))
+    concurrency_per_actor: int = 32
+    timeout_s: float = 10.0
+    retries: int = 2
+    backoff_s: float = 0.5
+    max_bytes: int = 20_000_000
+    max_pixels: int = 40_000_000
+    max_redirects: int = 5
+    allow_loopback: bool = False
+    allow_private: bool = False
+    resize_max_side: Optional[int] = None
+    image_format: Literal["JPEG", "PNG", "WEBP"] = "JPEG"
+    quality: int = 90
+    user_agent: str = "raugment/0.1 (+research data augmentation)"
+
+    def validate(self, key: str) -> None:
+        positive(self.concurrency_per_actor, f"{key}.concurrency_per_actor")
+        positive(self.timeout_s, f"{key}.timeout_s")
+        positive(self.max_bytes, f"{key}.max_bytes")
+        positive(self.max_pixels, f"{key}.max_pixels")
+        if self.retries < 0 or self.max_redirects < 0 or self.backoff_s < 0:
+            raise ConfigError(f"{key}: retries, max_redirects and backoff_s must be >= 0")
+
+
+@dataclass
+class RetrieveConfig:
+    """CLIP kNN retrieval with quota-driven growth of k (paper 3.1, "Laion nearest neighbor").
+
+    Per class, k starts at ``k_start_factor * n`` and grows by ``k_step_factor * n`` up to
+    ``k_max_factor * n`` (paper: 1.4 n ... 10 x 1.4 n) until n images survive downloads and the
+    filters; the n most similar survivors are kept. n = ``images_per_class``, or
+    ``ratio`` percent of the class's training images when ``ratio`` is set.
+    """
+
+    backend: str = "local"
+    index: Optional[str] = None          # local index directory (default: the index stage's output)
+    url_base: Optional[str] = None       # joined with relative URLs of the index (local demo pool)
+    service_url: Optional[str] = None    # knn_service: e.g. http://127.0.0.1:1234/knn-service
+    indice_name: str = "laion5B-L-14"
+    result_ids_factor: float = 3.0       # knn_service: num_result_ids = factor * num_images
+    service_aesthetic_score: Optional[int] = None   # knn_service query steering only, not a filter
+    service_aesthetic_weight: Optional[float] = None
+    clip_model: Optional[str] = None     # None: the model the index was built with
+    clip_pretrained: Optional[str] = None
+    device: str = "auto"
+    prompt: str = "simple_nows"
+    images_per_class: int = 130
+    ratio: Optional[float] = None
+    k_start_factor: float = 1.4
+    k_step_factor: float = 1.4
+    k_max_factor: float = 14.0
+    aesthetic_threshold: Optional[float] = 5.0
+    aesthetic_model: Optional[str] = None   # LAION predictor weights; None = random (demo/tests only)
+    nsfw_threshold: float = 0.5             # index tag / safety score at or above this is dropped
+    drop_nsfw: bool = True
+    safety_model: Optional[str] = None      # SD safety checker on downloaded images (None: tag only)
+    deduplicate: bool = True
+    timeout_s: float = 30.0
+    retries: int = 3
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    # Actors kept for the whole stage (every k round): CLIP + aesthetic predictor for hits that come
+    # without an aesthetic score, and the safety checker. They use a GPU when num_gpus > 0 and the
+    # cluster has one, else the CPU (gpu_fallback); fractional CPUs leave room beside the download
+    # actors on 2 CPUs.
+    score_pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(
+        num_cpus=0.25, num_gpus=0.25, batch_size=64, gpu_fallback=True))
+    safety_pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(
+        num_cpus=0.25, num_gpus=0.25, batch_size=32, gpu_fallback=True))
+
+    def validate(self, key: str) -> None:
+        positive(self.images_per_class, f"{key}.images_per_class")
+        if self.k_start_factor < 1 or self.k_max_factor < self.k_start_factor or self.k_step_factor <= 0:
+            raise ConfigError(f"{key}: need 1 <= k_start_factor <= k_max_factor and k_step_factor > 0, got "
+                              f"k_start_factor={self.k_start_factor}, k_max_factor={self.k_max_factor}, "
+                              f"k_step_factor={self.k_step_factor} (paper: 1.4, 14, 1.4)")
+        if self.ratio is not None and not 0 < self.ratio <= 2500:
+            raise ConfigError(f"{key}.ratio is a percentage in (0, 2500], got {self.ratio}")
+        if self.result_ids_factor < 1:
+            raise ConfigError(f"{key}.result_ids_factor must be >= 1 (ask for more ids than images)")
+        if self.backend == "knn_service" and not self.service_url:
+            raise ConfigError(f"{key}.service_url is required when {key}.backend='knn_service'")

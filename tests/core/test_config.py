@@ -1,0 +1,168 @@
+import subprocess
+import sys
+
+import pytest
+
+from raugment.config import Config, from_dict, load_config
+from raugment.core.config import ConfigError, apply_overrides, section_hash, with_overrides
+from raugment.stages.train.config import TrainConfig
+
+
+def test_defaults_are_the_paper_recipe():
+    cfg = Config()
+    assert cfg.train.batch_size == 256 and cfg.train.lr == 0.1
+    assert cfg.train.max_epochs == 270 and cfg.train.lr_patience == 10 and cfg.train.stop_patience == 20
+    assert cfg.generate.model == "CompVis/stable-diffusion-v1-4" and cfg.generate.height == 512
+    assert cfg.generate.images_per_class == 390 and cfg.generate.num_sets == 5
+    assert cfg.retrieve.images_per_class == 130 and cfg.retrieve.aesthetic_threshold == 5.0
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 0.5\n  workers:\n    num_workers: 3\ngenerate:\n  method: clip_templates\n")
+    cfg = load_config(p, ["train.lr=0.01", "study.ratios=[100, 2500]", "cluster.address=auto"])
+    assert cfg.train.lr == 0.01
+    assert cfg.train.workers.num_workers == 3
+    assert cfg.generate.method == "clip_templates"
+    assert cfg.study.ratios == [100.0, 2500.0]
+    assert cfg.cluster.address == "auto"
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"train": {"lrr": 0.1}}, "train.lrr"),
+    ({"trian": {}}, "trian"),
+    ({"train": {"workers": {"num_worker": 2}}}, "train.workers.num_worker"),
+])
+def test_unknown_key_named(data, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")) as exc:
+        from_dict(data)
+    assert "known keys" in str(exc.value)
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"train": {"lr": "fast"}}, r"train\.lr: expected a number"),
+    ({"train": {"batch_size": 2.5}}, r"train\.batch_size: expected an integer"),
+    ({"train": {"batch_size": True}}, r"train\.batch_size: expected an integer"),
+    ({"train": {"channels_last": "yes"}}, r"train\.channels_last: 'yes' is not one of \[True, False, 'auto'\]"),
+    ({"train": {"amp": "fp8"}}, r"train\.amp: 'fp8' is not one of"),
+    ({"study": {"ratios": "100"}}, r"study\.ratios: expected a list"),
+])
+def test_wrong_type_named(data, needle):
+    with pytest.raises(ConfigError, match=needle):
+        from_dict(data)
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"train": {"lr": -1}}, r"train\.lr must be > 0"),
+    ({"assemble": {"ratio": 3000}}, r"assemble\.ratio"),
+    ({"generate": {"height": 500}}, r"generate\.height must be a positive multiple of 8"),
+    ({"dataset": {"fraction": 0}}, r"dataset\.fraction"),
+    ({"dataset": {"source": "imagefolder"}}, r"dataset\.path is required"),
+    ({"train": {"workers": {"cpus_per_worker": 0}}}, r"train\.workers\.cpus_per_worker"),
+])
+def test_bad_value_named(data, needle):
+    with pytest.raises(ConfigError, match=needle):
+        from_dict(data)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides({}, ["train.lr"])
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides({"train": {"lr": 1}}, ["train.lr.x=1"])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_section_hash_depends_on_section_and_inputs():
+    a = TrainConfig()
+    assert section_hash(a) == section_hash(TrainConfig())
+    assert section_hash(a) != section_hash(TrainConfig(lr=0.2))
+    assert section_hash(a, {"data": "k1"}) != section_hash(a, {"data": "k2"})
+    assert section_hash(a, {"x": "1", "y": "2"}) == section_hash(a, {"y": "2", "x": "1"})
+
+
+def test_with_overrides_dotted_keys():
+    cfg = with_overrides(Config(), {"train.lr": 0.03, "finetune.clusters": 5})
+    assert cfg.train.lr == 0.03 and cfg.finetune.clusters == 5
+    with pytest.raises(ConfigError, match="unknown key"):
+        with_overrides(Config(), {"train.nope": 1})
+    with pytest.raises(ConfigError, match="expected an integer"):
+        with_overrides(Config(), {"finetune.clusters": "five"})
+
+
+def test_config_import_is_light():
+    code = ("import sys, raugment.config, raugment.cli, raugment.core.registry, raugment.core.schema;"
+            "bad=[m for m in ('torch','ray') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ---- "auto" GPU options: resolved by the device the stage's workers run on --------------------
+
+
+def test_generate_auto_options_resolve_by_device():
+    from raugment.stages.generate.stage import key_section
+
+    gpu = load_config(None, [])  # default pool: one GPU per actor
+    cpu = load_config(None, ["generate.pool.num_gpus=0"])
+    assert (gpu.generate.dtype, gpu.generate.channels_last) == ("auto", "auto")
+    g, c = gpu.generate.resolved(), cpu.generate.resolved()
+    assert (g.device, g.dtype, g.channels_last, g.sdpa) == ("cuda", "float16", True, True)
+    assert (c.device, c.dtype, c.channels_last, c.sdpa) == ("cpu", "float32", False, True)
+    # explicit settings are kept; an explicit device wins over the pool's GPUs
+    pinned = load_config(None, ["generate.dtype=bfloat16", "generate.channels_last=false"]).generate.resolved()
+    assert (pinned.dtype, pinned.channels_last) == ("bfloat16", False)
+    assert load_config(None, ["generate.device=cpu"]).generate.resolved().dtype == "float32"
+    # the key holds resolved values: auto on CPU shares the directory of explicit float32, a GPU
+    # run (float16 changes the images) gets its own
+    explicit = load_config(None, ["generate.pool.num_gpus=0", "generate.dtype=float32",
+                                  "generate.channels_last=false"]).generate.resolved()
+    assert key_section(c) == key_section(explicit) and key_section(c) != key_section(g)
+
+
+def test_train_auto_options_resolve_by_device():
+    cfg = load_config(None, [])
+    assert (cfg.train.amp, cfg.train.channels_last, cfg.train.compile) == ("auto", "auto", "auto")
+    assert cfg.train.run_device() == "cpu"
+    cpu, gpu = cfg.train.resolved("cpu"), cfg.train.resolved("cuda:0")
+    assert (cpu.amp, cpu.channels_last, cpu.compile) == ("none", False, False)
+    assert (gpu.amp, gpu.channels_last, gpu.compile) == ("bf16", True, True)
+    assert load_config(None, ["train.workers.use_gpu=true"]).train.resolved().amp == "bf16"
+    assert load_config(None, ["train.amp=fp16"]).train.resolved("cuda").amp == "fp16"
+
+
+def test_train_key_holds_resolved_gpu_options():
+    from raugment.stages.train.stage import result_section
+
+    auto = load_config(None, [])
+    explicit = load_config(None, ["train.amp=none", "train.channels_last=false", "train.compile=false"])
+    on_gpu = load_config(None, ["train.workers.use_gpu=true"])
+    assert result_section(auto.train) == result_section(explicit.train)
+    assert result_section(on_gpu.train)["amp"] == "bf16" and result_section(auto.train)["amp"] == "none"
+
+
+def test_pick_device_auto_follows_cuda(monkeypatch):
+    """The in-process path (no Ray pool): ``auto`` follows torch's view of the GPU (faked here)."""
+    import torch
+
+    from raugment.runtime.cluster import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert Config().generate.resolved(pick_device("auto")).dtype == "float16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert Config().generate.resolved(pick_device("auto")).dtype == "float32"
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["generate.device=cuda", "generate.pool.num_gpus=0"], r"generate\.device=cuda but generate\.pool\.num_gpus=0"),
+    (["generate.device=tpu"], r"generate\.device must be auto, cpu, cuda"),
+    (["generate.dtype=half"], r"generate\.dtype: 'half' is not one of"),
+    (["train.compile=maybe"], r"train\.compile: 'maybe' is not one of \[True, False, 'auto'\]"),
+])
+def test_bad_gpu_options_named(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, overrides)

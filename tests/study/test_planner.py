@@ -1,0 +1,209 @@
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from raugment.config import load_config
+from raugment.core.config import ConfigError
+from raugment.study.planner import (
+    DEFAULT_COSTS,
+    DatasetSize,
+    apply_measured,
+    build_plan,
+    format_plan,
+    generation_quota,
+    retrieval_quota,
+)
+
+SIZE = DatasetSize(classes=10, train_images=900, max_per_class=130)
+
+
+def _cfg(*overrides):
+    return load_config(None, ["dataset.source=imagefolder", "dataset.path=/nowhere",
+                              "study.expected={classes: 10, train_images: 900, max_per_class: 130}",
+                              *overrides])
+
+
+def test_four_ratios_five_sets_share_every_common_artifact():
+    cfg = _cfg("study.methods=[retrieval, simple, clip_templates, ft_conditioning]",
+               "study.ratios=[100, 500, 1000, 2500]", "study.sets=5", "study.select_checkpoint=false")
+    plan = build_plan(cfg)
+    stages = Counter(n.stage for n in plan.nodes.values())
+    # one of each shared artifact: dataset, index, retrieval, one pool per generating method ...
+    assert stages["dataset"] == 1 and stages["index"] == 1 and stages["retrieve"] == 1
+    assert stages["generate"] == 3 and stages["finetune"] == 1
+    assert stages["filter"] == stages["dedup"] == stages["audit"] == 4
+    # ... and one assemble + one classifier per (method, ratio, set), baseline once per set
+    assert stages["assemble"] == stages["train"] == 4 * 4 * 5 + 5
+    assert len(plan.runs) == 85 and len({r.train for r in plan.runs}) == 85
+    # every run of a method reads the same added images, whatever its ratio and set
+    for method in ("retrieval", "simple", "clip_templates", "ft_conditioning"):
+        sources = {r.artifacts["source"] for r in plan.runs if r.method == method}
+        added = {r.artifacts["added"] for r in plan.runs if r.method == method}
+        assert len(sources) == 1 and len(added) == 1
+    # the shared pools are sized for the largest ratio
+    (ret,) = plan.by_stage("retrieve")
+    assert ret.cfg.retrieve.images_per_class == retrieval_quota(2500, SIZE) == 25 * 130
+    for gen in plan.by_stage("generate"):
+        assert gen.cfg.generate.images_per_class == generation_quota(2500, SIZE, 3.0) == 3 * 25 * 130
+        assert gen.cfg.generate.num_sets == 5
+    (ft,) = plan.by_stage("finetune")
+    ft_gen = next(g for g in plan.by_stage("generate") if g.labels["method"] == "ft_conditioning")
+    assert ft_gen.inputs["finetune"] == ft.id and ft_gen.cfg.generate.method == "ft_conditioning"
+    # inputs always come before their readers
+    seen = set()
+    for node in plan.nodes.values():
+        assert set(node.input_ids()) <= seen
+        seen.add(node.id)
+
+
+def test_node_ids_are_stable_when_the_study_grows():
+    small = build_plan(_cfg("study.methods=[simple]", "study.ratios=[100]", "study.sets=2"))
+    more = build_plan(_cfg("study.methods=[simple, clip_templates]", "study.ratios=[100]", "study.sets=3"))
+    # adding a method and a set keeps every earlier stage run: a re-run only adds work
+    assert set(small.nodes) < set(more.nodes)
+
+
+def test_sets_and_ratios_differ_only_where_they_matter():
+    plan = build_plan(_cfg("study.methods=[simple]", "study.ratios=[100, 500]", "study.sets=2"))
+    runs = [r for r in plan.runs if r.method == "simple"]
+    assert len({(r.ratio, r.set_index) for r in runs}) == 4
+    trains = [plan.nodes[r.train] for r in runs]
+    assert len({t.cfg.train.seed for t in trains}) == 2  # one classifier seed per set
+    assert {plan.nodes[r.assemble].cfg.assemble.ratio for r in runs} == {100.0, 500.0}
+    base = [r for r in plan.runs if r.method == "baseline"]
+    assert [r.ratio for r in base] == [0.0, 0.0] and all(not r.artifacts for r in base)
+
+
+def test_estimates_scale_with_ratio_and_follow_cost_overrides():
+    p100 = build_plan(_cfg("study.methods=[simple]", "study.ratios=[100]", "study.sets=1"))
+    p2500 = build_plan(_cfg("study.methods=[simple]", "study.ratios=[2500]", "study.sets=1"))
+    assert p2500.totals()["gpu_h"] > 10 * p100.totals()["gpu_h"]
+    gen = p100.by_stage("generate")[0]
+    expected = generation_quota(100, SIZE, 3.0) * 10 * DEFAULT_COSTS["generate.gpu_s_per_image"] / 3600
+    assert gen.gpu_h == pytest.approx(expected)
+    cheap = build_plan(_cfg("study.methods=[simple]", "study.ratios=[100]", "study.sets=1",
+                            "study.costs={generate.gpu_s_per_image: 0.01}"))
+    assert cheap.by_stage("generate")[0].gpu_h == pytest.approx(expected * 0.01 / DEFAULT_COSTS["generate.gpu_s_per_image"])
+    text = format_plan(p100)
+    assert "generate" in text and "1 classifiers" not in text and "2 classifiers" in text
+    assert "8 GPUs" in text
+
+
+def test_measured_stats_replace_estimates(tmp_path):
+    plan = build_plan(_cfg("study.methods=[simple]", "study.ratios=[100]", "study.sets=1"))
+    gen = plan.by_stage("generate")[0]
+    d = tmp_path / "generate" / "k"
+    d.mkdir(parents=True)
+    (d / "stats.json").write_text(json.dumps({"cpu_s": 7200.0, "gpu_s": 3600.0}))
+    (d / "_SUCCESS").write_text("")
+    assert apply_measured(plan, {gen.id: "generate/k", "unknown-node": "x/y"}, tmp_path) == 1
+    assert gen.cost == "measured" and gen.gpu_h == 1.0 and gen.cpu_h == 2.0 and gen.path == "generate/k"
+
+
+def test_nodes_that_met_in_one_artifact_are_measured_once(tmp_path):
+    plan = build_plan(_cfg("study.methods=[ft_conditioning]", "select.candidates=[best_val, epoch_002]"))
+    a, b = [n for n in plan.by_stage("train") if "checkpoint" in n.labels]
+    d = tmp_path / "train" / "k"
+    d.mkdir(parents=True)
+    (d / "stats.json").write_text(json.dumps({"cpu_s": 3600.0, "gpu_s": 0.0}))
+    (d / "_SUCCESS").write_text("")
+    assert apply_measured(plan, {a.id: "train/k", b.id: "train/k"}, tmp_path) == 2  # best_val was epoch 2
+    assert (a.cpu_h, b.cpu_h) == (1.0, 0.0) and a.path == b.path == "train/k"
+
+
+def test_variants_and_datasets_multiply_the_plan():
+    cfg = _cfg("study.methods=[ft_k5, simple]", "study.ratios=[100]", "study.sets=1",
+               "study.variants={ft_k5: {method: ft_cluster_conditioning, finetune.clusters: 5}}",
+               "study.datasets={a: {dataset.fraction: 0.1}, b: {dataset.fraction: 0.2}}")
+    plan = build_plan(cfg)
+    assert len(plan.by_stage("dataset")) == 2 and len(plan.by_stage("finetune")) == 2
+    ft = plan.by_stage("finetune")[0]
+    assert ft.cfg.finetune.method == "ft_cluster_conditioning" and ft.cfg.finetune.clusters == 5
+    assert {r.dataset for r in plan.runs} == {"a", "b"}
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["study.expected={}"], "study.expected"),
+    (["study.costs={generate.gpu_s_per_imag: 1.0}"], "study.costs.generate.gpu_s_per_imag"),
+    (["study.methods=[x]", "study.variants={x: {method: simple, generate.nope: 1}}"], "study.variants.x"),
+    (["study.ratios=[0]"], "study.ratios[0]"),
+])
+def test_bad_study_config_names_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[").replace("]", r"\]")):
+        build_plan(_cfg(*overrides))
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
+    root = tmp_path / "runs"
+    code = ("import sys; from raugment.cli import main;"
+            f"rc = main(['run', '--dry-run', '--set', 'run.root={root}', '--set', 'study.ratios=[100, 2500]']);"
+            "sys.exit(rc or (3 if ('ray' in sys.modules or 'torch' in sys.modules) else 0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "total" in out.stdout and "classifiers" in out.stdout and "generate" in out.stdout
+    assert not root.exists()  # no stage directory, no state file
+
+
+FT_METHODS = ["ft_conditioning", "ft_cluster_conditioning", "imagic", "textual_inversion", "pseudoword_dm"]
+
+
+def test_checkpoint_selection_nodes_for_finetuned_methods_only():
+    cfg = _cfg(f"study.methods=[retrieval, simple, {', '.join(FT_METHODS)}]", "study.ratios=[100, 500]",
+               "study.sets=2", "finetune.max_epochs=10")
+    plan = build_plan(cfg)
+    selects = plan.by_stage("select")
+    assert {n.labels["method"] for n in selects} == set(FT_METHODS)  # on by default, methods 5-9 only
+    for method in FT_METHODS:
+        (ft,) = [n for n in plan.by_stage("finetune") if n.labels["method"] == method]
+        (choice,) = [n for n in selects if n.labels["method"] == method and "checkpoint" not in n.labels]
+        names = list(choice.inputs["scores"])
+        kept = [1, 2, 3] if method != "imagic" else list(range(1, 9))  # Imagic: its first 8 epochs
+        assert names == ["best_train", "best_val"] + [f"epoch_{e:03d}" for e in kept]
+        for name, train_id in choice.inputs["scores"].items():
+            # pointer -> small generation -> assemble at select.ratio -> classifier, all ordinary nodes
+            train = plan.nodes[train_id]
+            assemble = plan.nodes[train.inputs["manifest"]]
+            gen = plan.nodes[assemble.inputs["added"][method]]
+            pointer = plan.nodes[gen.inputs["finetune"]]
+            assert (train.stage, assemble.stage, gen.stage, pointer.stage) == ("train", "assemble", "generate", "select")
+            assert pointer.cfg.select.checkpoint == name and pointer.inputs == {"finetune": ft.id}
+            assert assemble.cfg.assemble.ratio == 100.0 and assemble.cfg.assemble.sources == [method]
+            assert gen.cfg.generate.images_per_class == generation_quota(100, SIZE, 1.0) == 130
+            assert gen.cfg.generate.method == method and gen.gpu_h > 0 and train.gpu_h > 0
+        # the method's pool is generated from the choice; its classifiers are not candidates
+        pool = plan.nodes[next(r.artifacts["source"] for r in plan.runs if r.method == method)]
+        assert pool.inputs["finetune"] == choice.id
+        assert {r.artifacts["select"] for r in plan.runs if r.method == method} == {choice.id}
+        assert not {r.train for r in plan.runs} & set(choice.inputs["scores"].values())
+    assert len(plan.runs) == 2 + 7 * 2 * 2  # selection adds no classifier to the study's tables
+    text = format_plan(plan)
+    assert "imagic (checkpoint selection)" in text and "select" in text
+
+
+def test_checkpoint_selection_off_or_pinned():
+    off = build_plan(_cfg("study.methods=[simple, ft_conditioning]", "study.select_checkpoint=false"))
+    assert not off.by_stage("select")
+    (ft,) = off.by_stage("finetune")
+    assert [g.inputs["finetune"] for g in off.by_stage("generate")] == [None, ft.id]
+    assert all("select" not in r.artifacts for r in off.runs)
+    pinned = build_plan(_cfg("study.methods=[ft_conditioning]", "select.checkpoint=epoch_002"))
+    (pointer,) = pinned.by_stage("select")
+    assert pointer.cfg.select.checkpoint == "epoch_002" and len(pinned.by_stage("train")) == len(pinned.runs)
+    # turning selection on keeps the fine-tuning run: only nodes after it are added
+    on = build_plan(_cfg("study.methods=[simple, ft_conditioning]", "select.candidates=[epoch_001, epoch_002]"))
+    assert ft.id in on.nodes and len(on.by_stage("select")) == 3
+    assert len(on.by_stage("train")) == len(off.by_stage("train")) + 2
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["select.candidates=[epoch_004]"], "select.candidates: ft_conditioning keeps no checkpoint epoch_004"),
+    (["select.candidates=[epoch_003]", "finetune.max_epochs=2"], "select.candidates: .* up to finetune.max_epochs=2"),
+    (["select.checkpoint=epoch_007"], "select.checkpoint: ft_conditioning keeps no checkpoint"),
+    (["select.images_per_class=100"], r"select.images_per_class=100 is fewer than select.ratio=100 % .* \(130\)"),
+])
+def test_bad_selection_config_names_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        build_plan(_cfg("study.methods=[ft_conditioning]", *overrides))
