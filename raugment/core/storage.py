@@ -205,12 +205,6 @@ class Artifact:
         return pa.concat_tables([read_parquet(f, columns, fix=fix) for f in files],
                                 promote_options="default")
 
-    def ray_dataset(self, table: str = "images", **kwargs: Any):
-        """The table as a Ray Dataset (``ray.data.read_parquet`` over its shards)."""
-        import ray.data
-
-        return ray.data.read_parquet([str(f) for f in self.files(table)], **kwargs)
-
     @property
     def stats(self) -> dict[str, Any]:
         p = self.path / STATS
