@@ -1,4 +1,5 @@
 # Two commands matter: `make demo` and `make test`. Both build the virtual environment first.
+# `make lint` (ruff + mypy) and `make test-slow` complete what CI runs (.ci/run).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,6 +12,9 @@ export HF_DATASETS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export NO_ALBUMENTATIONS_UPDATE := 1
+# Side environments (the real clip-retrieval server of the slow tests) live outside the clone, so a
+# fresh clone or CI run reuses them.
+export RAUGMENT_SIDE_ENVS ?= $(HOME)/.cache/raugment
 
 .PHONY: venv test test-slow demo bench clean lint
 
@@ -28,6 +32,10 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow
 
+lint: $(STAMP)
+	$(BIN)/ruff check raugment tests benchmarks jobs tools
+	$(BIN)/mypy
+
 demo: $(STAMP)
 	$(BIN)/raugment demo
 
@@ -35,4 +43,4 @@ bench: $(STAMP)
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .venv-clip-retrieval runs .pytest_cache
+	rm -rf $(VENV) .venv-clip-retrieval runs .pytest_cache .mypy_cache .ruff_cache

@@ -60,7 +60,9 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 LOCK = HERE / "lock.txt"
 REPO = HERE.parent.parent
-DEFAULT_VENV = REPO / ".venv-clip-retrieval"
+# RAUGMENT_SIDE_ENVS (the Makefile sets it to ~/.cache/raugment) keeps it outside the clone
+DEFAULT_VENV = Path(os.environ["RAUGMENT_SIDE_ENVS"]) / "venv-clip-retrieval" if os.environ.get("RAUGMENT_SIDE_ENVS") \
+    else REPO / ".venv-clip-retrieval"
 STAMP = ".raugment-installed"
 INSTALL_TIMEOUT_S = 2400
 
