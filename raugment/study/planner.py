@@ -212,14 +212,16 @@ class DatasetSize:
 
 
 def expected_size(cfg: Config) -> DatasetSize:
-    """A dataset's size before it has been read: ``study.expected`` hints or the synthetic config."""
+    """A dataset's size before it has been read: ``study.expected`` hints, else what the dataset
+    source knows without reading (its ``expected_class_sizes``, e.g. the synthetic source's)."""
+    from raugment.stages.dataset.sources import source_class
+
     hint = cfg.study.expected
     classes = train = max_per_class = 0
-    if cfg.dataset.source == "synthetic":
-        from raugment.stages.dataset.synthetic import class_sizes
-
+    pool = source_class(cfg.dataset.source).expected_class_sizes(cfg.dataset)
+    if pool:
         keep = cfg.dataset.fraction if cfg.dataset.protocol == "subsample" else 1.0
-        sizes = [max(1, round(n * keep)) for n in class_sizes(cfg.dataset.synthetic)]
+        sizes = [max(1, round(n * keep)) for n in pool]
         classes, train, max_per_class = len(sizes), sum(sizes), max(sizes)
     classes = int(hint.get("classes", classes))
     train = int(hint.get("train_images", train))
