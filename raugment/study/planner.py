@@ -344,11 +344,16 @@ def plan_baseline(ctx: PlanContext, method: str, base: str, cfg: Config) -> dict
 
 @PIPELINES.register("retrieval")
 def plan_retrieval(ctx: PlanContext, method: str, base: str, cfg: Config) -> dict[str, str]:
-    """(local index) -> retrieve + download at the largest ratio's quota -> post-processing."""
+    """(index) -> retrieve + download at the largest ratio's quota -> post-processing.
+
+    The index stage is planned when the backend needs an index and ``retrieve.index`` names none.
+    """
+    from raugment.stages.retrieve.backends import needs_index
+
     quota = retrieval_quota(ctx.max_ratio, ctx.size)
     cfg = _set(cfg, retrieve__images_per_class=quota)
     index = None
-    if cfg.retrieve.backend == "local" and not cfg.retrieve.index:
+    if needs_index(cfg.retrieve.backend) and not cfg.retrieve.index:
         index = _new_node(ctx, "index", cfg, {}, {"method": method})
     n = quota * ctx.size.classes
     attempts = math.ceil(n * cfg.retrieve.k_start_factor)
