@@ -43,10 +43,10 @@ def test_config_errors_before_any_work(tmp_path):
     cfg = Config()
     cfg.run.root = str(tmp_path / "runs")
     cfg.filter.filters = ["min_size", "sharpness"]
-    with pytest.raises(ConfigError, match="unknown filter.*sharpness"):
+    with pytest.raises(ConfigError, match=r"unknown filter.*sharpness"):
         F.run(cfg, art)
     cfg.filter.filters = ["aesthetic"]
-    with pytest.raises(ConfigError, match="filter.aesthetic_model"):
+    with pytest.raises(ConfigError, match=r"filter\.aesthetic_model"):
         F.run(cfg, art)
     assert not (tmp_path / "runs").exists()
     cfg.filter.filters = ["nsfw"]

@@ -66,7 +66,8 @@ def test_without_a_threshold_it_only_scores():
     ctx = FilterContext(cfg)
     ctx._clip = _StubClip()
     images = [draw(0, 40), draw(1, 41)]
-    out = FILTERS.get("clip_similarity")(cfg, ctx)(images, S.to_table([row(f"r{i}", png(im)) for i, im in enumerate(images)]))
+    batch = S.to_table([row(f"r{i}", png(im)) for i, im in enumerate(images)])
+    out = FILTERS.get("clip_similarity")(cfg, ctx)(images, batch)
     assert out.passed.tolist() == [True, True] and out.scores.tolist() == [1.0, 0.0]
 
 
