@@ -90,7 +90,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from raugment.demo.corpus import PoolServer, build_pool, read_pool
-    from raugment.stages.dataset.synthetic import SYNTHETIC_CLASSES
+    from raugment.stages.dataset.sources.synthetic import SYNTHETIC_CLASSES
     from raugment.stages.retrieve.config import DownloadConfig
     from raugment.stages.retrieve.download import download_urls
 

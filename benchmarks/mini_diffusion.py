@@ -36,7 +36,7 @@ def reference_cpu_s() -> float:
 def main() -> None:
     from raugment.demo import mini_diffusion as md
     from raugment.demo.corpus import build_pool
-    from raugment.stages.dataset.synthetic import SYNTHETIC_CLASSES
+    from raugment.stages.dataset.sources.synthetic import SYNTHETIC_CLASSES
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=md.DEFAULT_STEPS, help="UNet training steps")

@@ -70,7 +70,7 @@ def main() -> None:
     from raugment.core.config import ClusterConfig
     from raugment.demo.corpus import PoolServer, build_pool, read_pool
     from raugment.runtime.cluster import init_ray
-    from raugment.stages.dataset.synthetic import SYNTHETIC_CLASSES
+    from raugment.stages.dataset.sources.synthetic import SYNTHETIC_CLASSES
     from raugment.stages.retrieve.config import DownloadConfig
     from raugment.stages.retrieve.download import DownloadPool, download_urls, results_table
 

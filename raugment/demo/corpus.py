@@ -1,7 +1,7 @@
 """A captioned image pool for tests and the offline demo: images, an HTTP server with faults, a small CLIP.
 
 The pool stands in for LAION: :func:`build_pool` draws captioned images of the target classes (with
-the dataset engineer's :func:`raugment.stages.dataset.synthetic.draw_named`) plus distractors, with a hidden
+the dataset engineer's :func:`raugment.stages.dataset.sources.synthetic.draw_named`) plus distractors, with a hidden
 ``pool_label`` for precision@n, aesthetic scores on some rows, NSFW tags on a few, and some URLs that
 misbehave. :class:`PoolServer` serves it on 127.0.0.1 (ephemeral port). URLs in the pool are
 relative (``img/<id>.jpg``, ``f/<fault>/<id>.jpg``); join them with :attr:`PoolServer.url`
@@ -84,7 +84,7 @@ def build_pool(out_dir: str | Path, classes: Sequence[str], per_class: int = 40,
             e.g. the mini-world's near-duplicates of test images.
     """
     from raugment.core.imageio import encode_image, stable_id
-    from raugment.stages.dataset.synthetic import COLOURS, SHAPES, draw_named
+    from raugment.stages.dataset.sources.synthetic import COLOURS, SHAPES, draw_named
 
     if per_class <= 0 or distractors < 0:
         raise ValueError("build_pool: per_class must be > 0 and distractors >= 0")

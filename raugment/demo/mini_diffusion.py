@@ -405,16 +405,16 @@ def train_reference_classifier(class_names: Sequence[str], *, per_class: int = 1
                                draw: Optional[Callable[[str, np.random.Generator, int], Any]] = None) -> "torch.nn.Module":
     """A ``tiny_cnn`` trained on real draws of ``class_names`` (the judge of :func:`recognisability`).
 
-    Images come from ``draw(name, rng, size)`` (default :func:`raugment.stages.dataset.synthetic.draw_named`)
-    and go through the evaluation transform the train stage uses, so the classifier sees what
-    :func:`recognisability` feeds it.
+    Images come from ``draw(name, rng, size)`` (default
+    :func:`raugment.stages.dataset.sources.synthetic.draw_named`) and go through the evaluation
+    transform the train stage uses, so the classifier sees what :func:`recognisability` feeds it.
     """
     import torch
     import torch.nn.functional as F
 
     from raugment.lib.loader import build_transform
     from raugment.models.classifier import build_model
-    from raugment.stages.dataset.synthetic import draw_named
+    from raugment.stages.dataset.sources.synthetic import draw_named
 
     draw = draw or draw_named
     transform = build_transform(size, train=False)

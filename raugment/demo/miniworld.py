@@ -6,7 +6,8 @@ build_pool`: class images, distractors of other colour/shape pairs, noisy captio
 that also holds slightly altered copies of some *test* images (so the leakage audit has real
 leaks to find) + a second, held-out pool (another seed, no faults) on which the small CLIP's
 precision@n is measured + a larger training-only pool (a third seed, no faults, never served) that
-the CLIP trains on together with the served pool. Every image is drawn by :mod:`raugment.stages.dataset.synthetic`.
+the CLIP trains on together with the served pool. Every image is drawn by
+:mod:`raugment.stages.dataset.sources.synthetic`.
 
 ``raugment models train-mini OUT_DIR`` (:func:`train_mini`) builds the world and trains the small
 models on its pool — a CLIP (open_clip format) and a text-conditioned diffusion model (diffusers
@@ -32,7 +33,7 @@ from raugment.core import schema
 from raugment.core.artifacts import MINI_MODELS_INFO
 from raugment.core.config import to_dict
 from raugment.demo.config import MiniConfig
-from raugment.stages.dataset.config import SyntheticConfig
+from raugment.stages.dataset.sources.synthetic import SyntheticConfig
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class MiniModels:
 
 def class_names(syn: SyntheticConfig) -> list[str]:
     """The world's labelled classes: the first ``num_classes`` synthetic classes."""
-    from raugment.stages.dataset.synthetic import SYNTHETIC_CLASSES, check_config
+    from raugment.stages.dataset.sources.synthetic import SYNTHETIC_CLASSES, check_config
 
     check_config(syn)
     return list(SYNTHETIC_CLASSES[: syn.num_classes])
@@ -89,7 +90,7 @@ def near_duplicates(syn: SyntheticConfig, per_class: int, seed: int) -> list[tup
     """
     from PIL import Image
 
-    from raugment.stages.dataset.synthetic import split_images
+    from raugment.stages.dataset.sources.synthetic import split_images
 
     out: list[tuple[str, Any]] = []
     n = min(per_class, syn.test_per_class)

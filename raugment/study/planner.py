@@ -212,14 +212,16 @@ class DatasetSize:
 
 
 def expected_size(cfg: Config) -> DatasetSize:
-    """A dataset's size before it has been read: ``study.expected`` hints or the synthetic config."""
+    """A dataset's size before it has been read: ``study.expected`` hints, else what the dataset
+    source knows without reading (its ``expected_class_sizes``, e.g. the synthetic source's)."""
+    from raugment.stages.dataset.sources import source_class
+
     hint = cfg.study.expected
     classes = train = max_per_class = 0
-    if cfg.dataset.source == "synthetic":
-        from raugment.stages.dataset.synthetic import class_sizes
-
+    pool = source_class(cfg.dataset.source).expected_class_sizes(cfg.dataset)
+    if pool:
         keep = cfg.dataset.fraction if cfg.dataset.protocol == "subsample" else 1.0
-        sizes = [max(1, round(n * keep)) for n in class_sizes(cfg.dataset.synthetic)]
+        sizes = [max(1, round(n * keep)) for n in pool]
         classes, train, max_per_class = len(sizes), sum(sizes), max(sizes)
     classes = int(hint.get("classes", classes))
     train = int(hint.get("train_images", train))
@@ -342,11 +344,16 @@ def plan_baseline(ctx: PlanContext, method: str, base: str, cfg: Config) -> dict
 
 @PIPELINES.register("retrieval")
 def plan_retrieval(ctx: PlanContext, method: str, base: str, cfg: Config) -> dict[str, str]:
-    """(local index) -> retrieve + download at the largest ratio's quota -> post-processing."""
+    """(index) -> retrieve + download at the largest ratio's quota -> post-processing.
+
+    The index stage is planned when the backend needs an index and ``retrieve.index`` names none.
+    """
+    from raugment.stages.retrieve.backends import needs_index
+
     quota = retrieval_quota(ctx.max_ratio, ctx.size)
     cfg = _set(cfg, retrieve__images_per_class=quota)
     index = None
-    if cfg.retrieve.backend == "local" and not cfg.retrieve.index:
+    if needs_index(cfg.retrieve.backend) and not cfg.retrieve.index:
         index = _new_node(ctx, "index", cfg, {}, {"method": method})
     n = quota * ctx.size.classes
     attempts = math.ceil(n * cfg.retrieve.k_start_factor)

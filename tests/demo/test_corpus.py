@@ -11,7 +11,7 @@ import pytest
 from raugment.core import schema
 from raugment.core.imageio import decode_image
 from raugment.demo.corpus import FAULT_REASONS, REFUSED_TARGETS, PoolServer, build_pool, read_pool, train_small_clip
-from raugment.stages.dataset.synthetic import SYNTHETIC_CLASSES
+from raugment.stages.dataset.sources.synthetic import SYNTHETIC_CLASSES
 from raugment.stages.retrieve.config import DownloadConfig
 from raugment.stages.retrieve.download import download_urls
 

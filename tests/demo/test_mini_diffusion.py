@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from raugment.demo import mini_diffusion as md
-from raugment.stages.dataset.synthetic import SYNTHETIC_CLASSES
+from raugment.stages.dataset.sources.synthetic import SYNTHETIC_CLASSES
 
 CLASSES = SYNTHETIC_CLASSES[:4]  # the demo's classes
 
@@ -169,7 +169,7 @@ def recognised(mini_sd):
     import torch
 
     from raugment.lib.loader import build_transform
-    from raugment.stages.dataset.synthetic import draw_named
+    from raugment.stages.dataset.sources.synthetic import draw_named
 
     judge = md.train_reference_classifier(CLASSES, seed=0)
     rng = np.random.default_rng(99)

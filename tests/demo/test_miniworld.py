@@ -10,7 +10,7 @@ from raugment.core.config import ConfigError, section_hash
 from raugment.demo import miniworld
 from raugment.demo.config import MiniConfig
 from raugment.demo.corpus import read_pool
-from raugment.stages.dataset.config import SyntheticConfig
+from raugment.stages.dataset.sources.synthetic import SyntheticConfig
 
 SMALL = MiniConfig(pool_per_class=5, distractors=4, near_duplicates=2, heldout_per_class=3,
                    clip_train_per_class=2, clip_train_distractors=1)
@@ -40,7 +40,7 @@ def test_near_duplicates_are_leaks_of_test_images(tmp_path):
     from raugment.core.imageio import encode_image
     from raugment.lib.hashing import phash_bytes
     from raugment.stages.audit.config import AuditConfig
-    from raugment.stages.dataset.synthetic import split_images
+    from raugment.stages.dataset.sources.synthetic import split_images
 
     out = miniworld.build_world(tmp_path, SMALL, SYN, seed=3)
     info = json.loads((out["pool"] / "pool.json").read_text())

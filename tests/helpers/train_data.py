@@ -2,7 +2,7 @@
 
 They follow the agreed artifact layout (dataset: table ``images`` with split train/val/test +
 ``classes.parquet``; added: table ``images`` with source generated/retrieved and ``rank``), drawn
-with :func:`raugment.stages.dataset.synthetic.draw` so a small CNN can learn them.
+with :func:`raugment.stages.dataset.sources.synthetic.draw` so a small CNN can learn them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 from raugment.core import schema as S
 from raugment.core.imageio import encode_image, item_id
 from raugment.core.storage import Artifact, StageRun, run_stage
-from raugment.stages.dataset.synthetic import SYNTHETIC_CLASSES, draw
+from raugment.stages.dataset.sources.synthetic import SYNTHETIC_CLASSES, draw
 
 
 def _image_row(label: int, rng: np.random.Generator, size: int, **fields) -> dict:

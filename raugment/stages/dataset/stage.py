@@ -1,12 +1,10 @@
 """The dataset stage: read a labelled dataset, split it by the paper's protocol, store it as shards.
 
-Paper section 3, "Dataset". Sources are registered in :data:`registry.DATASETS` by name:
-
-* ``imagefolder``: ``path/train/<class>/...`` plus ``path/test/<class>/...`` (or ``path/val``, as
-  ImageNet's val folder is our test split; or ``dataset.test_path``), or a flat ``path/<class>/...``.
-* ``parquet``: a file or a directory of Parquet files with image bytes and a class column.
-* ``synthetic``: draws the demo dataset (:mod:`raugment.stages.dataset.synthetic`) into an ImageFolder under the
-  run root once, then reads it like ``imagefolder``.
+Paper section 3, "Dataset". Sources are plug-ins, one module each in
+:mod:`raugment.stages.dataset.sources` (``dataset.source``): ``imagefolder`` (class folders),
+``parquet`` (image bytes and a class column), ``synthetic`` (the drawn demo dataset). A source
+lists the classes and items (a :class:`~raugment.stages.dataset.sources.Listing`); this stage
+splits, reads and stores them.
 
 Protocols (per class, on a seeded permutation of its sorted files; ``k = round_half_up(fraction * n)``,
 at least 1): ``subsample`` takes the first k as train and the next k as val, the rest becomes split
@@ -25,258 +23,33 @@ Outputs: ``images`` (schema.IMAGES, split in train/val/test/unused, source and m
 
 from __future__ import annotations
 
-import bisect
-import dataclasses
-import functools
 import io
 import logging
-import os
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from raugment.config import Config
 from raugment.core import schema as S
 from raugment.core.artifacts import SPLIT_ORDER
-from raugment.core.config import ConfigError, InputError, to_dict
+from raugment.core.config import ConfigError
 from raugment.core.imageio import ImageDecodeError, decode_image, encode_image, item_id, resize_max_side, stable_id
-from raugment.core.registry import Registry
 from raugment.core.stats import round_half_up
-from raugment.core.storage import Artifact, StageRun, read_parquet, read_parquet_schema, run_stage
+from raugment.core.storage import Artifact, StageRun, run_stage
 from raugment.stages.dataset.classnames import folder_class_name, is_synset_id, lookup
 from raugment.stages.dataset.config import DatasetConfig
+from raugment.stages.dataset.sources import Listing, Reader, source_class
 
 if TYPE_CHECKING:
     import argparse
 
 log = logging.getLogger(__name__)
 
-DATASETS: Registry = Registry("dataset source")
-
 STAGE = "dataset"
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"})
-
-
-# --------------------------------------------------------------------------------------------
-# Listing a source
-# --------------------------------------------------------------------------------------------
-
-
-class Reader(Protocol):
-    """Reads the encoded bytes of items given by their refs (a source's stable item names)."""
-
-    def read(self, ref: str) -> bytes: ...
-
-
-@dataclass
-class Listing:
-    """What a source holds, before any image is read.
-
-    Attributes:
-        train: class id -> refs of its training-pool items (sorted).
-        test: class id -> refs of its test items, or None when the source has no test split.
-        reader: turns a ref into bytes.
-        names: class id -> a name the source itself provides (Parquet ``class_name``), if any.
-        ignored: files skipped because they are not images (by extension).
-    """
-
-    train: dict[str, list[str]]
-    test: dict[str, list[str]] | None
-    reader: Reader
-    names: dict[str, str] = field(default_factory=dict)
-    ignored: int = 0
-
-
-class FolderReader:
-    """Refs are ``<role>/<path relative to that role's root>``, roles "train" and "test"."""
-
-    def __init__(self, roots: dict[str, Path]):
-        self.roots = roots
-
-    def read(self, ref: str) -> bytes:
-        role, _, rel = ref.partition("/")
-        return (self.roots[role] / rel).read_bytes()
-
-
-def _list_class_folders(root: Path, key: str) -> dict[str, list[str]]:
-    """``root/<class>/**/<image>`` -> class folder name -> sorted paths relative to ``root``."""
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        raise ConfigError(f"{key}: {root} has no class folders; expected {root}/<class>/<image files>")
-    out: dict[str, list[str]] = {}
-    for name in classes:
-        files = []
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            rel_dir = os.path.relpath(dirpath, root)
-            files.extend(os.path.join(rel_dir, f) for f in filenames if not f.startswith("."))
-        out[name] = sorted(files)
-    return out
-
-
-def _keep_images(tree: dict[str, list[str]]) -> tuple[dict[str, list[str]], int]:
-    kept = {c: [f for f in fs if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS] for c, fs in tree.items()}
-    ignored = sum(len(fs) for fs in tree.values()) - sum(len(fs) for fs in kept.values())
-    return kept, ignored
-
-
-@DATASETS.register("imagefolder")
-def list_imagefolder(cfg: DatasetConfig, run_root: Path) -> Listing:
-    """List an ImageFolder tree (``train/`` + ``test/``|``val/``, or flat class folders)."""
-    root = Path(cfg.path or "")
-    if not root.is_dir():
-        raise ConfigError(f"dataset.path: {str(root)!r} is not a directory")
-    train_root = root / "train" if (root / "train").is_dir() else root
-    if cfg.test_path:
-        test_root: Path | None = Path(cfg.test_path)
-        if not test_root.is_dir():
-            raise ConfigError(f"dataset.test_path: {cfg.test_path!r} is not a directory")
-    elif train_root != root:
-        test_root = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
-    else:
-        test_root = None
-    train, ignored = _keep_images(_list_class_folders(train_root, "dataset.path"))
-    roots = {"train": train_root}
-    test = None
-    if test_root is not None:
-        test, ignored_test = _keep_images(_list_class_folders(test_root, "dataset.test_path"))
-        ignored += ignored_test
-        roots["test"] = test_root
-        test = {c: [f"test/{f}" for f in fs] for c, fs in test.items()}
-    train = {c: [f"train/{f}" for f in fs] for c, fs in train.items()}
-    return Listing(train=train, test=test, reader=FolderReader(roots), ignored=ignored)
-
-
-@DATASETS.register("synthetic")
-def list_synthetic(cfg: DatasetConfig, run_root: Path) -> Listing:
-    """Draw the synthetic ImageFolder under ``<run_root>/synthetic/<key>/`` (once), then list it."""
-    from raugment.stages.dataset import synthetic
-
-    synthetic.check_config(cfg.synthetic)
-    section = {"synthetic": to_dict(cfg.synthetic), "seed": cfg.seed}
-
-    def body(run: StageRun) -> None:
-        synthetic.write_imagefolder(run.path / "imagefolder", cfg.synthetic, seed=cfg.seed)
-        run.stats.add("train", sum(synthetic.class_sizes(cfg.synthetic)))
-        run.stats.add("test", cfg.synthetic.test_per_class * cfg.synthetic.num_classes)
-
-    art = run_stage(run_root, "synthetic", section, None, body)
-    folder = dataclasses.replace(cfg, source="imagefolder", path=str(art.path / "imagefolder"), test_path=None)
-    return list_imagefolder(folder, run_root)
-
-
-def _parquet_files(path: Path, key: str) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith("."))
-        if files:
-            return files
-    raise ConfigError(f"{key}: {str(path)!r} is neither a Parquet file nor a directory holding some")
-
-
-class ParquetReader:
-    """Refs are ``<file index>/<row:09d>`` into a fixed list of files; reads one row's image cell.
-
-    Rows are fetched through their row group; the last few row groups' image columns are cached
-    because the refs of a shard are sorted, so neighbouring items (read by different threads)
-    mostly share a row group.
-    """
-
-    def __init__(self, files: list[Path], image_column: str, cached_groups: int = 4):
-        self.files = files
-        self.image_column = image_column
-        self._starts = functools.lru_cache(maxsize=None)(self._row_group_starts)
-        self._column = functools.lru_cache(maxsize=cached_groups)(self._read_column)
-
-    def _row_group_starts(self, fi: int) -> list[int]:
-        meta = pq.ParquetFile(self.files[fi]).metadata
-        starts, total = [], 0
-        for g in range(meta.num_row_groups):
-            starts.append(total)
-            total += meta.row_group(g).num_rows
-        return starts
-
-    def _read_column(self, fi: int, group: int) -> pa.Array:
-        col = pq.ParquetFile(self.files[fi]).read_row_group(group, columns=[self.image_column]).column(0)
-        col = col.combine_chunks()
-        return col.field("bytes") if pa.types.is_struct(col.type) else col
-
-    def read(self, ref: str) -> bytes:
-        fi_s, _, row_s = ref.partition("/")
-        fi, row = int(fi_s), int(row_s)
-        starts = self._starts(fi)
-        group = bisect.bisect_right(starts, row) - 1
-        value = self._column(fi, group)[row - starts[group]].as_py()
-        if value is None:
-            raise ImageDecodeError("empty")
-        return value
-
-
-@DATASETS.register("parquet")
-def list_parquet(cfg: DatasetConfig, run_root: Path) -> Listing:
-    """List Parquet rows by class (and split, from ``split_column`` or ``test_path``)."""
-    files = _parquet_files(Path(cfg.path or ""), "dataset.path")
-    test_files = _parquet_files(Path(cfg.test_path), "dataset.test_path") if cfg.test_path else []
-    all_files = files + test_files
-    fix = "replace or remove that file under dataset.path / dataset.test_path"
-    first = read_parquet_schema(all_files[0], fix=fix)
-    if cfg.image_column not in first.names:
-        raise ConfigError(f"dataset.image_column: {cfg.image_column!r} is not a column of {all_files[0]} "
-                          f"(columns: {first.names})")
-    label_col = cfg.label_column or next((c for c in (S.LABEL, S.CLASS_ID, S.CLASS_NAME) if c in first.names), None)
-    if label_col is None or label_col not in first.names:
-        raise ConfigError(f"dataset.label_column: no class column in {all_files[0]}; name one of {first.names}")
-    split_col = cfg.split_column if cfg.split_column in first.names and not cfg.test_path else None
-    name_col = S.CLASS_NAME if S.CLASS_NAME in first.names and label_col != S.CLASS_NAME else None
-    # split value -> class id -> refs; files under test_path count as split "test"
-    by_value: dict[Any, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-    names: dict[str, str] = {}
-    unlabelled = 0
-    for fi, f in enumerate(all_files):
-        missing = sorted({label_col, cfg.image_column} - set(read_parquet_schema(f, fix=fix).names))
-        if missing:
-            raise InputError(f"dataset.path: {f} lacks column(s) {missing} that {all_files[0]} has; "
-                             "every Parquet file of a dataset needs the same columns")
-        table = read_parquet(f, [label_col] + [c for c in (split_col, name_col) if c], fix=fix)
-        labels = table.column(label_col).to_pylist()
-        splits = table.column(split_col).to_pylist() if split_col else [None] * len(labels)
-        if fi >= len(files):
-            splits = ["test"] * len(labels)
-        class_names = table.column(name_col).to_pylist() if name_col else [None] * len(labels)
-        for row, (lab, sp, nm) in enumerate(zip(labels, splits, class_names)):
-            if lab is None:
-                unlabelled += 1
-                continue
-            by_value[None if sp is None else str(sp).lower()][str(lab)].append(f"{fi}/{row:09d}")
-            if nm:
-                names.setdefault(str(lab), nm)
-    train_values, test_value = _parquet_roles(set(by_value))
-    skipped = {v: sum(map(len, by_value[v].values())) for v in by_value if v not in train_values and v != test_value}
-    if skipped or unlabelled:
-        log.warning("dataset: skipped Parquet rows: %d without a class, by split value %s", unlabelled, skipped)
-    train: dict[str, list[str]] = defaultdict(list)
-    for v in train_values & set(by_value):
-        for cid, refs in by_value[v].items():
-            train[cid].extend(refs)
-    test = {cid: sorted(refs) for cid, refs in by_value[test_value].items()} if test_value else None
-    return Listing(train={cid: sorted(refs) for cid, refs in train.items()}, test=test,
-                   reader=ParquetReader(all_files, cfg.image_column), names=names)
-
-
-def _parquet_roles(values: set[Any]) -> tuple[set[Any], str | None]:
-    """Which split values form the training pool, and which one is the test split.
-
-    No split column (None) and "train" are the training pool. "test" is the test split; without
-    it "val" or "validation" is (ImageNet's val is our test split). Other values are skipped.
-    """
-    test = next((v for v in ("test", "val", "validation") if v in values), None)
-    return {None, "train"}, test
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,15 +339,11 @@ def preflight(cfg: Config) -> None:
     no Ray either.
     """
     d = cfg.dataset
-    try:
-        DATASETS.get(d.source)
-    except ValueError as exc:
-        raise ConfigError(f"dataset.source: {exc}") from None
-    if d.source == "synthetic":
+    if not source_class(d.source).needs_path:
         return
     if not d.path:
-        raise ConfigError(f"dataset.path is required for dataset.source={d.source}: an ImageFolder "
-                          "tree or a Parquet file/directory")
+        raise ConfigError(f"dataset.path is required for dataset.source={d.source}: "
+                          "where the dataset's files are")
     for key, value in (("dataset.path", d.path), ("dataset.test_path", d.test_path)):
         if value and not Path(value).exists():
             raise ConfigError(f"{key}: {value!r} does not exist; point it at your copy of the data")
@@ -588,16 +357,13 @@ def run(cfg: Config) -> Artifact:
     Raises:
         ConfigError: naming the ``dataset.<key>`` at fault.
     """
-    try:
-        lister: Callable[[DatasetConfig, Path], Listing] = DATASETS.get(cfg.dataset.source)
-    except ValueError as exc:
-        raise ConfigError(f"dataset.source: {exc}") from None
+    source = source_class(cfg.dataset.source)
     root = Path(cfg.run.root)
     probe = StageRun(root, STAGE, cfg.dataset)
     if probe.complete:  # skip the listing too: it walks the whole tree
         log.info("stage %s [%s] already complete, skipping (%s)", STAGE, probe.key, probe.path)
         return probe.artifact
-    listing = lister(cfg.dataset, root)
+    listing = source.listing(cfg.dataset, root)
     classes, plan = plan_splits(listing, cfg.dataset)
     return run_stage(root, STAGE, cfg.dataset, None,
                      lambda r: _write_dataset(r, cfg, listing, classes, plan), resumable=True)

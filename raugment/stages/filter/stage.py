@@ -1,10 +1,10 @@
 """The filter stage: score every added image, keep those that pass, record why the others left.
 
-Filters are registered by name in :data:`raugment.stages.filter.stage.FILTERS` (``nsfw``, ``aesthetic``,
-``clip_similarity``, ``min_size``). Each is a class built once per Ray actor from the
-:class:`~raugment.stages.filter.config.FilterConfig` and a shared :class:`FilterContext` (which loads CLIP once
-for the two CLIP-based filters), called on a decoded batch; the arithmetic lives in pure
-``*_scores`` functions. :func:`filter_batch` applies the configured filters to one Arrow batch, and
+Filters are plug-ins, one module each in :mod:`raugment.stages.filter.filters` (registry
+``FILTERS``: ``min_size``, ``nsfw``, ``aesthetic``, ``clip_similarity``). Each is a class built once
+per Ray actor from the resolved :class:`~raugment.stages.filter.config.FilterConfig` and a shared
+:class:`~raugment.stages.filter.filters.FilterContext` (which loads CLIP once for every CLIP-based
+filter), called on a decoded batch. :func:`filter_batch` applies the configured filters to one Arrow batch, and
 :func:`run` maps it over spans of the input's shards on a leased :class:`~raugment.runtime.cluster.ActorGroup`
 (``cfg.filter.pool``; inside a study the same actors, and with equal settings the same loaded
 models, serve every filter run).
@@ -17,12 +17,10 @@ failed in the configured order, ``detail`` = every filter it failed, ``score`` =
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections import Counter, defaultdict
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -31,154 +29,16 @@ from raugment.config import Config
 from raugment.core import schema as S
 from raugment.core.config import ConfigError
 from raugment.core.imageio import ImageDecodeError, decode_image
-from raugment.core.registry import Registry
 from raugment.core.storage import Artifact, StageRun, run_stage
 from raugment.stages.filter.config import FilterConfig
-
-if TYPE_CHECKING:
-    from PIL import Image
+from raugment.stages.filter.filters import FILTERS, FilterContext, FilterFn, FilterOutcome
 
 log = logging.getLogger(__name__)
-
-FILTERS: Registry = Registry("filter")
 
 STAGE = "filter"
 UNDECODABLE = "undecodable"
 # Transient columns carried from the actors to the writer (not part of the images schema).
 _REASON, _DETAIL, _SCORE = "_reason", "_detail", "_score"
-
-
-@dataclass
-class FilterOutcome:
-    """One filter's verdict on a batch.
-
-    Attributes:
-        passed: bool (n,), True where the image passes.
-        scores: float32 (n,), the filter's score per image.
-        column: the images column that stores the score (``None``: the score is not kept).
-    """
-
-    passed: np.ndarray
-    scores: np.ndarray
-    column: str | None = None
-
-
-# ---- pure scoring ----------------------------------------------------------------------------
-
-def min_size_scores(widths: Sequence[int], heights: Sequence[int]) -> np.ndarray:
-    """The shorter side of each image (what ``min_size`` compares with ``min_side``)."""
-    return np.minimum(np.asarray(widths), np.asarray(heights)).astype(np.float32)
-
-
-def clip_similarity_scores(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
-    """Row-wise cosine of L2-normalised image and text embeddings (row i with row i)."""
-    return np.einsum("nd,nd->n", image_embeddings, text_embeddings).astype(np.float32)
-
-
-def threshold_pass(scores: np.ndarray, threshold: float | None) -> np.ndarray:
-    """``scores >= threshold`` (NaN fails); everything passes when ``threshold`` is ``None``."""
-    if threshold is None:
-        return np.ones(len(scores), dtype=bool)
-    return np.nan_to_num(scores, nan=-np.inf) >= threshold
-
-
-def class_prompts(template: str, class_names: Sequence[str | None]) -> list[str]:
-    """The class prompt of each row: ``template`` with ``{name}`` = the first lemma of the class name."""
-    return [template.format(name=(name or "").split(",")[0].strip()) for name in class_names]
-
-
-# ---- shared models ---------------------------------------------------------------------------
-
-class FilterContext:
-    """Models shared by filters inside one actor, loaded on first use; CLIP embeddings per batch."""
-
-    def __init__(self, cfg: FilterConfig):
-        self.cfg = cfg
-        self._clip = None
-        self._memo: tuple[Sequence[Any], np.ndarray] | None = None
-
-    @property
-    def clip(self):
-        """The CLIP encoder of ``cfg.clip_model`` (loaded once)."""
-        if self._clip is None:
-            from raugment.models.clip import load_clip
-
-            self._clip = load_clip(self.cfg.clip_model, self.cfg.clip_pretrained, self.cfg.device)
-        return self._clip
-
-    def image_embeddings(self, images: Sequence["Image.Image"]) -> np.ndarray:
-        """CLIP image embeddings of this batch; computed once however many filters ask."""
-        # Keyed by the batch object itself (held, so its identity cannot be reused by a later one).
-        if self._memo is None or self._memo[0] is not images:
-            self._memo = (images, self.clip.embed_images(list(images)))
-        return self._memo[1]
-
-
-FilterFn = Callable[[Sequence["Image.Image"], pa.Table], FilterOutcome]
-
-
-@FILTERS.register("min_size")
-class MinSizeFilter:
-    """Drops images whose shorter side is below ``min_side`` pixels (score: the shorter side)."""
-
-    def __init__(self, cfg: FilterConfig, ctx: FilterContext):
-        self.min_side = cfg.min_side
-
-    def __call__(self, images: Sequence["Image.Image"], batch: pa.Table) -> FilterOutcome:
-        scores = min_size_scores([im.width for im in images], [im.height for im in images])
-        return FilterOutcome(scores >= self.min_side, scores)
-
-
-@FILTERS.register("nsfw")
-class NsfwFilter:
-    """Drops what the Stable Diffusion safety checker flags (score: its NSFW score, > 0 flagged)."""
-
-    def __init__(self, cfg: FilterConfig, ctx: FilterContext):
-        from raugment.models.safety import load_safety_checker
-
-        self.checker = load_safety_checker(cfg.safety_model, cfg.device)
-
-    def __call__(self, images: Sequence["Image.Image"], batch: pa.Table) -> FilterOutcome:
-        flags, scores = self.checker.score(images)
-        return FilterOutcome(~flags, scores, S.NSFW_SCORE)
-
-
-@FILTERS.register("aesthetic")
-class AestheticFilter:
-    """Keeps LAION aesthetic score >= ``aesthetic_threshold`` (the predictor on CLIP embeddings)."""
-
-    def __init__(self, cfg: FilterConfig, ctx: FilterContext):
-        from raugment.models.aesthetic import load_aesthetic
-
-        self.ctx = ctx
-        self.threshold = cfg.aesthetic_threshold
-        self.predictor = load_aesthetic(cfg.aesthetic_model, ctx.clip.dim)
-
-    def __call__(self, images: Sequence["Image.Image"], batch: pa.Table) -> FilterOutcome:
-        scores = self.predictor.score(self.ctx.image_embeddings(images))
-        return FilterOutcome(threshold_pass(scores, self.threshold), scores, S.AESTHETIC_SCORE)
-
-
-@FILTERS.register("clip_similarity")
-class ClipSimilarityFilter:
-    """CLIP cosine between the image and its class prompt; drops below ``clip_threshold`` if set."""
-
-    def __init__(self, cfg: FilterConfig, ctx: FilterContext):
-        self.ctx = ctx
-        self.threshold = cfg.clip_threshold
-        self.template = cfg.clip_prompt
-        self._text: dict[str, np.ndarray] = {}
-
-    def _texts(self, prompts: list[str]) -> np.ndarray:
-        new = sorted(set(prompts) - set(self._text))
-        if new:  # a batch holds few classes: embed each prompt once per actor
-            self._text.update(zip(new, self.ctx.clip.embed_texts(new)))
-        return np.stack([self._text[p] for p in prompts])
-
-    def __call__(self, images: Sequence["Image.Image"], batch: pa.Table) -> FilterOutcome:
-        prompts = class_prompts(self.template, batch.column(S.CLASS_NAME).to_pylist())
-        scores = clip_similarity_scores(self.ctx.image_embeddings(images), self._texts(prompts))
-        return FilterOutcome(threshold_pass(scores, self.threshold), scores, S.CLIP_SIMILARITY)
 
 
 def build_filters(cfg: FilterConfig) -> list[tuple[str, FilterFn]]:
@@ -193,10 +53,11 @@ def preflight(cfg: Config) -> None:
 
 
 def resolve_config(cfg: Config) -> FilterConfig:
-    """``cfg.filter`` with defaults filled from other sections; checks settings before any work.
+    """``cfg.filter`` with defaults filled from other sections (e.g. ``safety_model`` from
+    ``generate.model``, by the ``nsfw`` filter); checks settings before any work.
 
     Raises:
-        ConfigError: unknown filter names, or a model filter without its model.
+        ConfigError: unknown filter names, or a listed filter that cannot run (e.g. without its model).
     """
     section = cfg.filter
     unknown = [f for f in section.filters if f not in FILTERS]
@@ -204,11 +65,12 @@ def resolve_config(cfg: Config) -> FilterConfig:
         raise ConfigError(f"filter.filters: unknown filter(s) {unknown}; known: {', '.join(FILTERS.names())}")
     if not section.filters:
         raise ConfigError("filter.filters is empty; list at least one of " + ", ".join(FILTERS.names()))
-    if "aesthetic" in section.filters and not section.aesthetic_model:
-        raise ConfigError("filter.aesthetic_model: set the path of the LAION aesthetic predictor weights "
-                          "(`raugment models tiny DIR` writes a tiny one in DIR/aesthetic)")
-    # The safety checker belongs to the diffusion model used for generation unless set otherwise.
-    return dataclasses.replace(section, safety_model=section.safety_model or cfg.generate.model)
+    for name in section.filters:
+        FILTERS.get(name).check(section)
+    # Every registered filter fills its keys' defaults (the resolved section keys the output).
+    for name in FILTERS.names():
+        section = FILTERS.get(name).resolve(section, cfg)
+    return section
 
 
 # ---- one batch -------------------------------------------------------------------------------

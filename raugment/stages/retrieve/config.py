@@ -1,16 +1,22 @@
-"""Config of the ``retrieve`` stage (section ``retrieve``, with its ``download`` subsection)."""
+"""Config of the ``retrieve`` stage (section ``retrieve``, with its ``download`` subsection).
+
+The section holds the keys every backend shares; each backend of
+:mod:`raugment.stages.retrieve.backends` adds its own (``service_url``, ``indice_name`` ...), flat in
+the same section.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from raugment.core.config import ActorPoolConfig, ConfigError, positive
+from raugment.core.config import ActorPoolConfig, ConfigError, positive, with_plugins
+from raugment.stages.retrieve.backends import RETRIEVERS
 
 
 @dataclass
 class DownloadConfig:
-    """Untrusted downloads (DESIGN section 8): Ray Data CPU actors, many requests in flight each.
+    """Untrusted downloads (``raugment.stages.retrieve.download``): CPU actors, many requests in flight each.
 
     Link-local (169.254.x, fe80::), multicast, unspecified and reserved addresses are always
     refused; loopback and private ranges only when allowed (tests and the local demo allow
@@ -42,6 +48,7 @@ class DownloadConfig:
             raise ConfigError(f"{key}: retries, max_redirects and backoff_s must be >= 0")
 
 
+@with_plugins(RETRIEVERS)
 @dataclass
 class RetrieveConfig:
     """CLIP kNN retrieval with quota-driven growth of k (paper 3.1, "Laion nearest neighbor").
@@ -52,14 +59,10 @@ class RetrieveConfig:
     ``ratio`` percent of the class's training images when ``ratio`` is set.
     """
 
-    backend: str = "local"
-    index: Optional[str] = None          # local index directory (default: the index stage's output)
+    backend: str = "local"               # a name in RETRIEVERS (raugment.stages.retrieve.backends)
+    # The index directory of a backend that needs one (default: the index stage's output).
+    index: Optional[str] = None
     url_base: Optional[str] = None       # joined with relative URLs of the index (local demo pool)
-    service_url: Optional[str] = None    # knn_service: e.g. http://127.0.0.1:1234/knn-service
-    indice_name: str = "laion5B-L-14"
-    result_ids_factor: float = 3.0       # knn_service: num_result_ids = factor * num_images
-    service_aesthetic_score: Optional[int] = None   # knn_service query steering only, not a filter
-    service_aesthetic_weight: Optional[float] = None
     clip_model: Optional[str] = None     # None: the model the index was built with
     clip_pretrained: Optional[str] = None
     device: str = "auto"
@@ -75,7 +78,7 @@ class RetrieveConfig:
     drop_nsfw: bool = True
     safety_model: Optional[str] = None      # SD safety checker on downloaded images (None: tag only)
     deduplicate: bool = True
-    timeout_s: float = 30.0
+    timeout_s: float = 30.0              # a request to a remote backend, and how often to retry it
     retries: int = 3
     download: DownloadConfig = field(default_factory=DownloadConfig)
     # Actors kept for the whole stage (every k round): CLIP + aesthetic predictor for hits that come
@@ -95,7 +98,3 @@ class RetrieveConfig:
                               f"k_step_factor={self.k_step_factor} (paper: 1.4, 14, 1.4)")
         if self.ratio is not None and not 0 < self.ratio <= 2500:
             raise ConfigError(f"{key}.ratio is a percentage in (0, 2500], got {self.ratio}")
-        if self.result_ids_factor < 1:
-            raise ConfigError(f"{key}.result_ids_factor must be >= 1 (ask for more ids than images)")
-        if self.backend == "knn_service" and not self.service_url:
-            raise ConfigError(f"{key}.service_url is required when {key}.backend='knn_service'")

@@ -1,7 +1,8 @@
 """Stage "retrieve": CLIP kNN of class prompts, quota-driven growth of k, downloads, filters (paper 3.1 ⑩).
 
 For each class the no-whitespace simple prompt ("A photo of {w(name)}.") is searched with a
-registered backend (``local`` faiss index or ``knn_service``). k starts at 1.4·n and grows by 1.4·n
+backend of :mod:`raugment.stages.retrieve.backends` (``retrieve.backend``: a local faiss index,
+a clip-retrieval service ...). k starts at 1.4·n and grows by 1.4·n
 up to 10·1.4·n until n candidates survive, in rank order: NSFW (index tag, optional safety
 checker), aesthetic score >= 5 (the index's score, else the LAION predictor on the stored image
 embedding, else on the downloaded image's CLIP embedding), de-duplication (URL, then exact bytes),
@@ -32,7 +33,7 @@ from raugment.config import Config
 from raugment.core import schema
 from raugment.core.config import ConfigError
 from raugment.core.storage import Artifact, StageRun, run_stage
-from raugment.stages.retrieve.backends import RETRIEVERS
+from raugment.stages.retrieve.backends import backend_class, needs_index
 from raugment.stages.retrieve.config import RetrieveConfig
 
 log = logging.getLogger(__name__)
@@ -546,20 +547,17 @@ def _record_stats(run: StageRun, cands: list[dict[str, Any]], queries: list[Clas
 
 
 def preflight(cfg: Config) -> None:
-    """Checks before a study starts Ray: a known backend, and ``retrieve.index`` when it is set
-    (otherwise the study's index stage provides the index)."""
-    try:
-        RETRIEVERS.get(cfg.retrieve.backend)
-    except ValueError as exc:
-        raise ConfigError(f"retrieve.backend: {exc}") from None
-    if cfg.retrieve.backend == "local" and cfg.retrieve.index:
+    """Checks before a study starts Ray: a known backend, and ``retrieve.index`` when it is set and
+    the backend needs an index (otherwise the study's index stage provides the index)."""
+    if needs_index(cfg.retrieve.backend) and cfg.retrieve.index:
         check_config(cfg, None)
 
 
 def check_config(cfg: Config, index: Artifact | None) -> str | None:
-    """Errors naming the key before any work; returns the index directory for the local backend."""
+    """Errors naming the key before any work; returns the index directory for a backend that needs
+    one (``retrieve.index``, else the ``index`` artifact), else None."""
     rcfg = cfg.retrieve
-    RETRIEVERS.get(rcfg.backend)  # unknown backend -> ValueError listing the known ones
+    backend_class(rcfg.backend)  # unknown backend -> ConfigError listing the known ones
     # The models load inside actors, mid-run: check their local paths now.
     from raugment.models.aesthetic import WEIGHTS_FILE
     from raugment.models.safety import CHECKER_DIR, PROCESSOR_DIR
@@ -574,11 +572,11 @@ def check_config(cfg: Config, index: Artifact | None) -> str | None:
         if missing:
             raise ConfigError(f"retrieve.safety_model {rcfg.safety_model!r} lacks {', '.join(missing)}/; "
                               "point it at a Stable Diffusion directory (or hub id) with a safety checker")
-    if rcfg.backend != "local":
+    if not needs_index(rcfg.backend):
         return None
     path = rcfg.index or (str(index.path) if index is not None else None)
     if not path:
-        raise ConfigError("retrieve.index: the local backend needs an index; build one with "
+        raise ConfigError(f"retrieve.index: the {rcfg.backend} backend needs an index; build one with "
                           "`raugment index build` or set retrieve.index to its directory")
     if not Path(path).is_dir():
         raise ConfigError(f"retrieve.index {path!r} is not a directory")
@@ -595,7 +593,8 @@ def run(cfg: Config, dataset: Artifact, index: Artifact | None = None, *, force:
     Args:
         cfg: the config (``retrieve`` section; ``cluster`` for Ray).
         dataset: the dataset stage's output (its ``classes`` table).
-        index: the index stage's output (local backend), unless ``retrieve.index`` names one.
+        index: the index stage's output (for a backend that needs an index), unless
+            ``retrieve.index`` names one.
         force: re-run a complete stage; successful downloads of the earlier run are reused.
         downloader: replaces the Ray download (tests, benchmarks): urls -> DOWNLOADS tables.
     """
@@ -613,7 +612,7 @@ def run(cfg: Config, dataset: Artifact, index: Artifact | None = None, *, force:
         from raugment.stages.retrieve.download import DownloadPool
 
         init_ray(cfg.cluster, cfg.run.progress)
-        backend = RETRIEVERS.get(cfg.retrieve.backend)(cfg, index_path)
+        backend = backend_class(cfg.retrieve.backend)(cfg, index_path)
         with ExitStack() as stack:
             # Actors live for the whole stage: every k round reuses them (started on first use).
             scoring = ScoringPools(cfg.retrieve, backend.clip_model, backend.clip_pretrained)

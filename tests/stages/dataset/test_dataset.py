@@ -1,4 +1,4 @@
-"""The dataset stage: protocols, disjoint splits, class names, failures, skip and resume, sources."""
+"""The dataset stage: protocols, disjoint splits, class names, failures, skip and resume (each source: sources/)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -22,7 +20,8 @@ from raugment.core.artifacts import class_counts, read_classes, read_split
 from raugment.core.config import ConfigError
 from raugment.core.stats import round_half_up
 from raugment.stages.dataset import stage as dataset
-from raugment.stages.dataset.synthetic import draw
+from raugment.stages.dataset.sources import imagefolder
+from raugment.stages.dataset.sources.synthetic import draw
 
 # class folder -> number of training images: imbalanced on purpose, one class with an odd count
 SIZES = {"ant": 30, "bee": 20, "cat": 11}
@@ -159,7 +158,7 @@ def test_rerun_skips_and_a_new_setting_reruns(tmp_path, tree, monkeypatch, caplo
     def no_listing(*args):
         raise AssertionError("a skipped stage must not walk the tree")
 
-    monkeypatch.setattr(dataset, "_list_class_folders", no_listing)
+    monkeypatch.setattr(imagefolder, "_list_class_folders", no_listing)
     with caplog.at_level(logging.INFO):
         again = dataset.run(cfg)
     assert again.path == art.path and (art.path / "_SUCCESS").stat().st_mtime_ns == stamp
@@ -206,38 +205,6 @@ def test_keeps_bytes_when_possible_and_resizes_otherwise(tmp_path):
     assert img.format == "JPEG" and img.size == (20, 12)
 
 
-@pytest.mark.parametrize("struct", [False, True])
-def test_parquet_source(tmp_path, struct):
-    rng = np.random.default_rng(0)
-    labels = [0] * 10 + [1] * 6 + [0] * 2 + [1] * 2
-    splits = ["train"] * 16 + ["val"] * 4  # ImageNet style: val becomes our test split
-    images = [_png(lab, rng) for lab in labels]
-    images[3] = b"junk"
-    column = (pa.array([{"bytes": b, "path": None} for b in images]) if struct else pa.array(images, pa.binary()))
-    table = pa.table({"image": column, "label": labels, "split": splits,
-                      "class_name": ["red circle" if lab == 0 else "blue square" for lab in labels]})
-    pq.write_table(table, tmp_path / "data.parquet", row_group_size=5)
-    cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", "run.progress=false", "dataset.source=parquet",
-                             f"dataset.path={tmp_path / 'data.parquet'}", "dataset.fraction=0.2"])
-    art = dataset.run(cfg)
-    classes = read_classes(art).to_pylist()
-    assert [(c[S.CLASS_ID], c[S.CLASS_NAME]) for c in classes] == [("0", "red circle"), ("1", "blue square")]
-    assert class_counts(art, "test") == {0: 2, 1: 2}
-    train, val = class_counts(art, "train"), class_counts(art, "val")
-    # class 0: 10 rows -> k = 2 each for train and val, less the junk row; class 1: 6 rows -> k = 1
-    assert (train[0] + val[0], train[1], val[1]) == (3, 1, 1)
-    assert art.stats["failures"] == {"not_an_image": 1}
-    stored = {r[S.ID]: r[S.IMAGE] for r in read_split(art, "test", columns=[S.ID, S.IMAGE]).to_pylist()}
-    assert len(stored) == 4 and all(Image.open(io.BytesIO(b)).size == (16, 16) for b in stored.values())
-
-
-def test_parquet_split_values():
-    # "test" wins; without it ImageNet's "val" is the test split; other values are skipped
-    assert dataset._parquet_roles({"train", "val", "test"}) == ({None, "train"}, "test")
-    assert dataset._parquet_roles({"train", "validation"}) == ({None, "train"}, "validation")
-    assert dataset._parquet_roles({None}) == ({None, "train"}, None)
-
-
 @pytest.mark.parametrize("overrides, match", [
     (["dataset.path={missing}"], r"dataset\.path.*not a directory"),
     (["dataset.fraction=1.0"], r"dataset\.fraction=1\.0 .* leaves class 'ant' \(30 images\) with no val"),
@@ -250,22 +217,6 @@ def test_errors_before_any_work(tmp_path, tree, overrides, match):
     with pytest.raises(ConfigError, match=match):
         dataset.run(cfg)
     assert not (tmp_path / "runs" / "dataset").exists()
-
-
-def test_tree_errors(tmp_path):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="no class folders"):
-        dataset.run(cfg_for(tmp_path, tmp_path / "empty"))
-    flat = make_tree(tmp_path / "flat", {"a": 5}, test=None)
-    with pytest.raises(ConfigError, match=r"needs a test split.*dataset\.test_path"):
-        dataset.run(cfg_for(tmp_path, flat))
-    tiny = make_tree(tmp_path / "tiny", {"a": 5, "b": 2}, test=None)
-    with pytest.raises(ConfigError, match=r"split_80_10_10 leaves class 'b' \(2 images\) with no train"):
-        dataset.run(cfg_for(tmp_path, tiny, "dataset.protocol=split_80_10_10"))
-    # the same flat tree works with its test split given separately
-    tests = make_tree(tmp_path / "elsewhere", {"a": 2}, test=None)
-    art = dataset.run(cfg_for(tmp_path, flat, f"dataset.test_path={tests}", "dataset.fraction=0.2"))
-    assert class_counts(art, "test") == {0: 2} and class_counts(art, "train") == {0: 1}
 
 
 def test_exclude_classes(tmp_path, tree):
@@ -290,7 +241,8 @@ def test_synthetic_source_and_cli(tmp_path, caplog):
 
 
 def test_import_is_cheap():
-    code = ("import sys, raugment.stages.dataset.stage, raugment.stages.dataset.synthetic, raugment.stages.dataset.classnames; "
+    code = ("import sys, raugment.stages.dataset.stage, raugment.stages.dataset.sources.synthetic, "
+            "raugment.stages.dataset.classnames; "
             "print(sorted(m for m in ('torch', 'ray', 'diffusers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

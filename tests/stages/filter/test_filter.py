@@ -1,4 +1,5 @@
-import json
+"""The filter stage: one batch through the filters, config errors, the stage on Ray (planted drops,
+resume, actors kept in a study scope), the ``raugment filter`` command."""
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -8,60 +9,23 @@ from PIL import Image
 from raugment.config import Config
 from raugment.core import schema as S
 from raugment.core.config import ActorPoolConfig, ConfigError
-from raugment.core.imageio import decode_image
 from raugment.core.storage import StageRun
 from raugment.stages.filter import stage as F
 from raugment.stages.filter.config import FilterConfig
+from raugment.stages.filter.filters import FilterOutcome
 from tests.helpers.planted import draw, make_artifact, png, row
+from tests.stages.filter.filters.test_aesthetic import plant_aesthetic
+from tests.stages.filter.filters.test_nsfw import checkerboard, plant_nsfw
 
 MIN_SIDE = 32
 
 
-# ---- pure parts ------------------------------------------------------------------------------
-
-def test_pure_scores_and_thresholds():
-    assert F.min_size_scores([64, 20, 50], [30, 64, 50]).tolist() == [30, 20, 50]
-    assert F.threshold_pass(np.array([5.0, 4.9, np.nan]), 5.0).tolist() == [True, False, False]
-    assert F.threshold_pass(np.array([-1.0, np.nan]), None).tolist() == [True, True]
-    emb = np.eye(3, dtype=np.float32)
-    assert F.clip_similarity_scores(emb, emb[[0, 2, 2]]).tolist() == [1.0, 0.0, 1.0]
-    assert F.class_prompts("a photo of {name}.", ["tench, Tinca tinca", None]) == [
-        "a photo of tench.", "a photo of ."]
-
-
-class _StubClip:
-    """Stands in for CLIP: image i embeds to axis (i % 2); prompt of class k embeds to axis k."""
-
-    dim = 2
-
-    def embed_images(self, images):
-        return np.eye(2, dtype=np.float32)[[im.width % 2 for im in images]]
-
-    def embed_texts(self, texts):
-        return np.eye(2, dtype=np.float32)[[int(t.split("class")[1][0]) for t in texts]]
-
-
-def test_clip_similarity_filter_drops_exactly_the_mismatched_rows():
-    cfg = FilterConfig(filters=["clip_similarity"], clip_threshold=0.5)
-    ctx = F.FilterContext(cfg)
-    ctx._clip = _StubClip()
-    fn = F.FILTERS.get("clip_similarity")(cfg, ctx)
-    # widths 40 (even -> axis 0) and 41 (odd -> axis 1); planted mismatches: rows 1 and 2
-    rows = [row("ok0", png(draw(0, 40)), label=0), row("bad1", png(draw(1, 41)), label=0),
-            row("bad2", png(draw(2, 40)), label=1), row("ok3", png(draw(3, 41)), label=1)]
-    out = F.filter_batch(S.to_table(rows), [("clip_similarity", fn)])
-    kept, dropped = F.split_batch(out)
-    assert kept.column(S.ID).to_pylist() == ["ok0", "ok3"]
-    assert dropped.column(S.ID).to_pylist() == ["bad1", "bad2"]
-    assert dropped.column(S.REASON).to_pylist() == ["clip_similarity"] * 2
-    assert kept.column(S.CLIP_SIMILARITY).to_pylist() == [1.0, 1.0]
-    assert dropped.column(S.SCORE).to_pylist() == [0.0, 0.0]
-
+# ---- one batch -------------------------------------------------------------------------------
 
 def test_filter_batch_keeps_prior_filters_and_upstream_scores_and_marks_bad_bytes():
     def always(images, batch):
-        return F.FilterOutcome(np.ones(len(images), bool), np.full(len(images), np.nan, np.float32),
-                               S.AESTHETIC_SCORE)
+        return FilterOutcome(np.ones(len(images), bool), np.full(len(images), np.nan, np.float32),
+                             S.AESTHETIC_SCORE)
 
     rows = [row("a", png(draw(0, 40)), filters=["retrieval_aesthetic"], aesthetic_score=6.5),
             row("b", b"garbage", aesthetic_score=7.0)]
@@ -79,10 +43,10 @@ def test_config_errors_before_any_work(tmp_path):
     cfg = Config()
     cfg.run.root = str(tmp_path / "runs")
     cfg.filter.filters = ["min_size", "sharpness"]
-    with pytest.raises(ConfigError, match="unknown filter.*sharpness"):
+    with pytest.raises(ConfigError, match=r"unknown filter.*sharpness"):
         F.run(cfg, art)
     cfg.filter.filters = ["aesthetic"]
-    with pytest.raises(ConfigError, match="filter.aesthetic_model"):
+    with pytest.raises(ConfigError, match=r"filter\.aesthetic_model"):
         F.run(cfg, art)
     assert not (tmp_path / "runs").exists()
     cfg.filter.filters = ["nsfw"]
@@ -91,70 +55,16 @@ def test_config_errors_before_any_work(tmp_path):
 
 # ---- the stage with the real (tiny) models -----------------------------------------------------
 
-def _checkerboard(size=64, cell=8):
-    yy, xx = np.mgrid[:size, :size]
-    board = (((yy // cell) + (xx // cell)) % 2 * 255).astype(np.uint8)
-    return Image.fromarray(np.stack([board, 255 - board, board // 2], axis=2))
-
-
-def _plant_nsfw(sd_dir, flagged: bytes, others: list[bytes]) -> None:
-    """Point concept 0 of the tiny checker at ``flagged``; threshold halfway to the closest other."""
-    import torch
-
-    from raugment.models.safety import load_safety_checker
-
-    sc = load_safety_checker(str(sd_dir))
-    pix = sc.processor(images=[decode_image(b) for b in [flagged, *others]], return_tensors="pt").pixel_values
-    with torch.no_grad():
-        emb = torch.nn.functional.normalize(sc.checker.visual_projection(sc.checker.vision_model(pix)[1]), dim=-1)
-    cos = (emb[1:] @ emb[0]).max().item()
-    assert 1 - cos > 0.01, "the tiny checker cannot tell the planted image apart"
-    with torch.no_grad():
-        sc.checker.concept_embeds[0] = emb[0]
-        sc.checker.concept_embeds_weights[0] = (1 + cos) / 2
-    sc.checker.save_pretrained(sd_dir / "safety_checker")
-
-
-def _plant_aesthetic(clip_dir, out_dir, low: bytes, others: list[bytes]) -> None:
-    """A LAION-shaped (linear) predictor scoring ``low`` below 5 and every other image above 5."""
-    import torch
-    from safetensors.torch import save_file
-
-    from raugment.models.aesthetic import CONFIG_FILE, WEIGHTS_FILE, build_mlp
-    from raugment.models.clip import load_clip
-
-    enc = load_clip(str(clip_dir))
-    emb = enc.embed_images([decode_image(b) for b in [low, *others]])
-    v = emb[0] - emb[1:].mean(axis=0)
-    v /= np.linalg.norm(v)
-    proj = emb @ v
-    assert proj[0] > proj[1:].max() + 0.01, "the tiny CLIP cannot tell the planted image apart"
-    mid = float(proj[0] + proj[1:].max()) / 2
-    mlp = build_mlp(enc.dim)
-    with torch.no_grad():
-        for layer in mlp:
-            if isinstance(layer, torch.nn.Linear):
-                layer.weight.zero_()
-                layer.bias.zero_()
-                layer.weight[0, 0] = 1.0
-        mlp[0].weight[0] = torch.from_numpy(v)
-        mlp[7].weight[0, 0] = -10.0  # score = 5 + 10 * (mid - e.v)
-        mlp[7].bias[0] = 5.0 + 10.0 * mid
-    out_dir.mkdir(parents=True)
-    save_file({f"layers.{k}": t.contiguous() for k, t in mlp.state_dict().items()}, str(out_dir / WEIGHTS_FILE))
-    (out_dir / CONFIG_FILE).write_text(json.dumps({"dim": enc.dim}))
-
-
 @pytest.mark.ray
 def test_filter_stage_drops_exactly_planted_rows_and_resumes(tmp_path, ray_session):
     from raugment.models.clip import write_tiny_clip
     from raugment.models.diffusion import write_tiny_sd
 
     normal = [png(draw(10 + i, 64)) for i in range(6)]
-    nsfw, dark, small = png(_checkerboard()), png(Image.new("RGB", (64, 64))), png(draw(30, 24))
+    nsfw, dark, small = png(checkerboard()), png(Image.new("RGB", (64, 64))), png(draw(30, 24))
     sd_dir, clip_dir = write_tiny_sd(tmp_path / "sd"), write_tiny_clip(tmp_path / "clip")
-    _plant_nsfw(sd_dir, nsfw, [*normal, dark, small])
-    _plant_aesthetic(clip_dir, tmp_path / "aesthetic", dark, [*normal, nsfw, small])
+    plant_nsfw(sd_dir, nsfw, [*normal, dark, small])
+    plant_aesthetic(clip_dir, tmp_path / "aesthetic", dark, [*normal, nsfw, small])
 
     rows = [row(f"n{i}", b, label=i % 2, rank=i) for i, b in enumerate(normal)]
     rows += [row("p-nsfw", nsfw, label=0), row("p-dark", dark, label=1), row("p-small", small, label=1),

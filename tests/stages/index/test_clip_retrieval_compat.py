@@ -62,7 +62,7 @@ def served(tmp_path_factory):
     from raugment.core.storage import run_stage
     from raugment.demo.corpus import build_pool, read_pool, train_small_clip
     from raugment.models.clip import load_clip
-    from raugment.stages.dataset.synthetic import SYNTHETIC_CLASSES
+    from raugment.stages.dataset.sources.synthetic import SYNTHETIC_CLASSES
     from tests.stages.retrieve.test_retrieve import classes_table
 
     helper = _helper()

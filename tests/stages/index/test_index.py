@@ -107,7 +107,7 @@ def test_config_errors_before_work(tmp_path):
 def test_index_stage_embeds_a_captioned_pool_with_ray(ray_session, tmp_path):
     from raugment.demo.corpus import build_pool, read_pool
     from raugment.models.clip import load_clip, write_tiny_clip
-    from raugment.stages.dataset.synthetic import SYNTHETIC_CLASSES
+    from raugment.stages.dataset.sources.synthetic import SYNTHETIC_CLASSES
 
     pool = build_pool(tmp_path / "pool", SYNTHETIC_CLASSES[:2], per_class=6, distractors=3, seed=0)
     clip = write_tiny_clip(tmp_path / "clip")

@@ -13,7 +13,7 @@ from raugment.config import from_dict
 from raugment.core import schema
 from raugment.core.config import ConfigError
 from raugment.core.imageio import decode_image, encode_image
-from raugment.stages.dataset.synthetic import draw_named
+from raugment.stages.dataset.sources.synthetic import draw_named
 from raugment.stages.retrieve.config import DownloadConfig
 from raugment.stages.retrieve.download import DownloadPool, address_refused, download_urls
 

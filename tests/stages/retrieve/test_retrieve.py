@@ -1,13 +1,9 @@
-"""Retrieval: k schedule, quota growth, filters, both backends, the knn-service protocol, the stage on the pool."""
+"""Retrieval: k schedule, quota growth, filters, model checks, the stage on the pool (each backend: backends/)."""
 
 from __future__ import annotations
 
-import json
 import os
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,7 +14,6 @@ from raugment.core import schema
 from raugment.core.config import ConfigError
 from raugment.core.imageio import encode_image, item_id
 from raugment.core.storage import run_stage
-from raugment.stages.retrieve.backends.knn_service import KnnServiceRetriever, build_request, parse_response
 from raugment.stages.retrieve.backends.local import LocalRetriever
 from raugment.stages.retrieve.download import DownloadResult, results_table
 from raugment.stages.retrieve.stage import (
@@ -31,10 +26,6 @@ from raugment.stages.retrieve.stage import (
     plan_queries,
     precision_at_n,
 )
-from tests import FIXTURES
-
-KNN_FIXTURES = FIXTURES / "knn_service"
-
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -226,149 +217,27 @@ def test_model_paths_are_checked_before_any_work(tmp_path):
     assert check_config(cfg(safety_model="CompVis/stable-diffusion-v1-4"), None) is None   # a hub id
 
 
+def test_an_index_is_required_only_by_a_backend_that_needs_one(tmp_path):
+    from raugment.stages.retrieve.stage import check_config, preflight
+
+    local = from_dict({"retrieve": {"backend": "local"}})
+    preflight(local)                                   # no index yet: a study's index stage makes one
+    with pytest.raises(ConfigError, match=r"retrieve\.index: the local backend needs an index"):
+        check_config(local, None)
+    with pytest.raises(ConfigError, match=r"retrieve\.index .* is not a directory"):
+        preflight(from_dict({"retrieve": {"backend": "local", "index": str(tmp_path / "nope")}}))
+    remote = from_dict({"retrieve": {"backend": "knn_service", "service_url": "http://x/knn-service",
+                                     "index": str(tmp_path / "nope")}})
+    preflight(remote)
+    assert check_config(remote, None) is None          # retrieve.index is not its business
+    with pytest.raises(ConfigError, match=r"retrieve\.backend: unknown retrieval backend 'nope'; known: "):
+        preflight(from_dict({"retrieve": {"backend": "nope"}}))
+
+
 def test_precision_at_n():
     sel = [{schema.POOL_LABEL: "a", schema.CLASS_NAME: "a"}, {schema.POOL_LABEL: "b", schema.CLASS_NAME: "a"},
            {schema.POOL_LABEL: None, schema.CLASS_NAME: "a"}]
     assert precision_at_n(sel) == 0.5 and precision_at_n([]) is None
-
-
-# --------------------------------------------------------------------------------------------
-# backends on a small index with known embeddings
-# --------------------------------------------------------------------------------------------
-
-
-class KnownTextEncoder:
-    """Maps "A photo of c<i>." to class direction i (a CLIP text tower with known answers)."""
-
-    def __init__(self, directions):
-        self.directions = directions
-
-    def embed_texts(self, texts):
-        return np.stack([self.directions[int(t.split("c")[-1].rstrip("."))] for t in texts])
-
-
-@pytest.fixture
-def known_index(tmp_path):
-    from raugment.stages.index.config import IndexConfig
-    from raugment.stages.index.stage import build_index
-    from tests.stages.index.test_index import known_embeddings, write_laion_layout
-
-    emb, labels, directions = known_embeddings()
-    src = write_laion_layout(tmp_path / "laion", emb, labels)
-    build_index(IndexConfig(source="embeddings", path=str(src), clip_model="fake-clip"), tmp_path / "index")
-    return tmp_path / "index", labels, directions
-
-
-def knn_server(index_dir, directions, seen):
-    """A tiny /knn-service answering from the known index, shaped as clip back 2.45 answers:
-    ``num_result_ids`` rows, metadata (url, caption, ...) only on the first ``num_images``."""
-    from raugment.lib.knn_index import open_index
-
-    idx = open_index(index_dir)
-    enc = KnownTextEncoder(directions)
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append(body)
-            scores, ids = idx.search(enc.embed_texts([body["text"]]), body["num_result_ids"])
-            rows = idx.rows(ids[0])
-            out = [{"id": int(i), "similarity": float(s)} for i, s in zip(ids[0], scores[0])]
-            for item, r in zip(out[: body["num_images"]], rows):
-                item.update({"url": r[schema.URL], "caption": r[schema.CAPTION],
-                             "NSFW": "NSFW" if r[schema.NSFW_SCORE] else "UNLIKELY"})
-            data = json.dumps(out).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    return srv
-
-
-def test_both_backends_return_the_expected_neighbours(known_index):
-    index_dir, labels, directions = known_index
-    local = LocalRetriever(from_dict({"retrieve": {"index": str(index_dir)}}), str(index_dir))
-    local._encoder = KnownTextEncoder(directions)
-    seen = []
-    srv = knn_server(index_dir, directions, seen)
-    try:
-        cfg = from_dict({"retrieve": {"backend": "knn_service", "service_url":
-                                      f"http://127.0.0.1:{srv.server_address[1]}/knn-service"}})
-        remote = KnnServiceRetriever(cfg)
-        prompts = ["A photo of c0.", "A photo of c2."]
-        for backend in (local, remote):
-            hits = backend.query(prompts, 10)
-            for c, class_hits in zip((0, 2), hits):
-                ids = [int(urlsplit(h[schema.URL]).path.strip("/").split(".")[0]) for h in class_hits]
-                assert len(ids) == 10 and set(labels[ids]) == {c}
-                sims = [h[schema.CLIP_SIMILARITY] for h in class_hits]
-                assert sims == sorted(sims, reverse=True)
-        assert [h[schema.URL] for h in local.query(prompts, 10)[0]] == [h[schema.URL] for h in remote.query(prompts, 10)[0]]
-        assert local.query(prompts, 3)[0][0]["embedding"].shape == (8,)        # local hits carry embeddings
-        assert all(b["num_result_ids"] > b["num_images"] for b in seen)
-    finally:
-        srv.shutdown()
-        srv.server_close()
-
-
-def test_local_backend_refuses_a_different_clip_model(known_index):
-    index_dir, _, _ = known_index
-    with pytest.raises(ConfigError, match="same model"):
-        LocalRetriever(from_dict({"retrieve": {"clip_model": "ViT-B-32"}}), str(index_dir))
-
-
-def test_knn_service_request_matches_the_recorded_protocol():
-    cfg = from_dict({"retrieve": {"backend": "knn_service", "service_url": "http://127.0.0.1:1/knn-service"}})
-    recorded = json.loads((KNN_FIXTURES / "request.json").read_text())
-    assert build_request(cfg, "A photo of tigershark.", 182) == recorded   # every field explicit
-    steered = from_dict({"retrieve": {"backend": "knn_service", "service_url": "http://x/knn-service",
-                                      "service_aesthetic_score": 9, "service_aesthetic_weight": 0.5}})
-    body = build_request(steered, "x", 10)
-    assert body["aesthetic_score"] == 9 and body["aesthetic_weight"] == 0.5 and body["num_result_ids"] == 30
-
-
-def test_knn_service_replayed_response_and_retries():
-    response = (KNN_FIXTURES / "response.json").read_bytes()
-    calls = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_POST(self):
-            calls.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            status, data = (503, b"busy") if len(calls) == 1 else (200, response)
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        cfg = from_dict({"retrieve": {"backend": "knn_service", "retries": 2, "timeout_s": 5,
-                                      "service_url": f"http://127.0.0.1:{srv.server_address[1]}/knn-service"}})
-        (hits,) = KnnServiceRetriever(cfg).query(["A photo of tigershark."], 182)
-    finally:
-        srv.shutdown()
-        srv.server_close()
-    assert len(calls) == 2 and calls[1] == json.loads((KNN_FIXTURES / "request.json").read_text())
-    assert [h[schema.NSFW_SCORE] for h in hits] == [0.0, 0.5, 1.0]        # the row without url is skipped
-    assert hits[1][schema.AESTHETIC_SCORE] == 5.61 and hits[0][schema.AESTHETIC_SCORE] is None
-    with pytest.raises(Exception, match="error"):
-        parse_response({"error": "index not found"})
-
-
-def test_knn_service_needs_a_url():
-    with pytest.raises(ConfigError, match="retrieve.service_url"):
-        from_dict({"retrieve": {"backend": "knn_service"}})
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,7 +252,7 @@ QUOTA = 6   # about half the pool's images of a class survive faults, aesthetics
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, mini_world):
     from raugment.demo.corpus import build_pool
-    from raugment.stages.dataset.synthetic import SYNTHETIC_CLASSES
+    from raugment.stages.dataset.sources.synthetic import SYNTHETIC_CLASSES
 
     root = tmp_path_factory.mktemp("demo")
     names = SYNTHETIC_CLASSES[:POOL_CLASSES]

@@ -260,7 +260,7 @@ def test_repeats_write_mean_and_standard_error_over_five_runs(data, tmp_path, mo
 def test_gpu_decode_path_matches_cpu_decode_on_cpu():
     """``train.gpu_decode`` logic, run with device=cpu: JPEG via decode_jpeg, PNG via fallback."""
     from raugment.core.imageio import encode_image
-    from raugment.stages.dataset.synthetic import draw
+    from raugment.stages.dataset.sources.synthetic import draw
 
     rng = np.random.default_rng(0)
     imgs = [draw(c, rng, 40) for c in range(3)]

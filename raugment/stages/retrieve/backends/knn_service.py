@@ -1,12 +1,18 @@
 """``knn_service`` backend: clip-retrieval's HTTP protocol (``POST /knn-service``), remote or a local ``clip back``.
 
-clip-retrieval itself cannot be installed beside Ray 2.60 (STACK-NOTES), so this is a small client
+clip-retrieval itself cannot be installed beside Ray 2.60 (clip-retrieval 2.45 pins pyarrow<16, Ray
+needs pyarrow>=17; ``tools/clip_retrieval/`` runs it from a side environment), so this is a small client
 of its protocol. Every field is sent explicitly because the client and server defaults differ;
 ``num_result_ids`` is larger than ``num_images`` because the server de-duplicates and safety-filters
 *after* the top-``num_result_ids`` search and then cuts to ``num_images`` (its own client asks for
 exactly ``num_images`` and comes back short). ``aesthetic_score``/``aesthetic_weight`` move the
 query embedding toward "aesthetic" images; they do not filter — the >= 5 threshold is applied by
 raugment afterwards.
+
+Keys (section ``retrieve``, declared by :class:`Settings`): ``service_url`` (required with this
+backend), ``indice_name``, ``result_ids_factor``, ``service_aesthetic_score`` and
+``service_aesthetic_weight``; the shared ``retrieve.timeout_s``/``retries`` bound each request and
+``deduplicate``/``drop_nsfw`` are sent to the service too.
 """
 
 from __future__ import annotations
@@ -14,13 +20,37 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from raugment.config import Config
 from raugment.core import schema
-from raugment.stages.retrieve.backends import RETRIEVERS
+from raugment.core.config import ConfigError, PluginSettings
+from raugment.stages.retrieve.backends import RETRIEVERS, RetrievalBackend
+
+if TYPE_CHECKING:
+    from raugment.config import Config
 
 log = logging.getLogger(__name__)
+
+NAME = "knn_service"
+
+
+@dataclass
+class Settings(PluginSettings):
+    """Keys of the ``knn_service`` backend (section ``retrieve``)."""
+
+    service_url: str | None = None    # e.g. http://127.0.0.1:1234/knn-service
+    indice_name: str = "laion5B-L-14"
+    result_ids_factor: float = 3.0       # num_result_ids = factor * num_images
+    service_aesthetic_score: int | None = None   # query steering only, not a filter
+    service_aesthetic_weight: float | None = None
+
+    def validate(self, key: str) -> None:
+        """``self`` is the whole ``retrieve`` section (its ``backend`` included)."""
+        if self.result_ids_factor < 1:
+            raise ConfigError(f"{key}.result_ids_factor must be >= 1 (ask for more ids than images)")
+        if getattr(self, "backend", None) == NAME and not self.service_url:
+            raise ConfigError(f"{key}.service_url is required when {key}.backend='{NAME}'")
 
 _NSFW_TAGS = {"UNLIKELY": 0.0, "UNSURE": 0.5, "NSFW": 1.0}
 
@@ -32,22 +62,23 @@ class KnnServiceError(RuntimeError):
 def build_request(cfg: Config, prompt: str, k: int) -> dict[str, Any]:
     """The JSON body of one ``/knn-service`` query for ``k`` images."""
     rcfg = cfg.retrieve
+    keys = Settings.of(rcfg)
     return {
         "text": prompt,
         "image": None,
         "image_url": None,
         "embedding_input": None,
         "modality": "image",
-        "indice_name": rcfg.indice_name,
+        "indice_name": keys.indice_name,
         "num_images": int(k),
-        "num_result_ids": int(math.ceil(k * rcfg.result_ids_factor)),
+        "num_result_ids": int(math.ceil(k * keys.result_ids_factor)),
         "use_mclip": False,
         "deduplicate": bool(rcfg.deduplicate),
         "use_safety_model": bool(rcfg.drop_nsfw),
         "use_violence_detector": False,
         # The server reads "" as "no steering".
-        "aesthetic_score": "" if rcfg.service_aesthetic_score is None else int(rcfg.service_aesthetic_score),
-        "aesthetic_weight": "" if rcfg.service_aesthetic_weight is None else float(rcfg.service_aesthetic_weight),
+        "aesthetic_score": "" if keys.service_aesthetic_score is None else int(keys.service_aesthetic_score),
+        "aesthetic_weight": "" if keys.service_aesthetic_weight is None else float(keys.service_aesthetic_weight),
     }
 
 
@@ -98,15 +129,17 @@ def parse_response(items: Any) -> list[dict[str, Any]]:
     return hits
 
 
-@RETRIEVERS.register("knn_service")
-class KnnServiceRetriever:
+@RETRIEVERS.register(NAME)
+class KnnServiceRetriever(RetrievalBackend):
     """Queries a clip-retrieval ``/knn-service`` endpoint with timeouts and retries."""
+
+    settings = Settings
 
     def __init__(self, cfg: Config, index_path: str | None = None):
         import requests
 
         self.cfg = cfg
-        self.url = cfg.retrieve.service_url
+        self.url = Settings.of(cfg.retrieve).service_url
         self.session = requests.Session()
         # Images were embedded by the service's model; name it to score downloads (aesthetics).
         self.clip_model = cfg.retrieve.clip_model or "ViT-L-14"

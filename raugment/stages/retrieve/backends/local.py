@@ -1,21 +1,31 @@
-"""``local`` backend: a faiss index + Parquet metadata on disk (``raugment index build``)."""
+"""``local`` backend: a faiss index + Parquet metadata on disk (``raugment index build``).
+
+It needs an index (``needs = ("index",)``): ``retrieve.index`` when set, else the index stage's
+output, which a study plans before retrieval. It declares no keys of its own: ``retrieve.index``
+belongs to the section, because the stage and the study planner read it for every backend that
+needs an index. The prompts are embedded by the CLIP model the index was built with.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from raugment.config import Config
 from raugment.core import schema
 from raugment.core.config import ConfigError
-from raugment.stages.retrieve.backends import RETRIEVERS
+from raugment.stages.retrieve.backends import INDEX, RETRIEVERS, RetrievalBackend
+
+if TYPE_CHECKING:
+    from raugment.config import Config
 
 log = logging.getLogger(__name__)
 
 
 @RETRIEVERS.register("local")
-class LocalRetriever:
+class LocalRetriever(RetrievalBackend):
     """kNN of CLIP text embeddings of the prompts among the index's image embeddings, in-process."""
+
+    needs = (INDEX,)
 
     def __init__(self, cfg: Config, index_path: str | None):
         from raugment.lib.knn_index import open_index

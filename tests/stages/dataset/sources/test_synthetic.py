@@ -1,23 +1,36 @@
-"""The synthetic demo dataset: names, purity of draw(), folder layout, imbalance, learnability."""
+"""The ``synthetic`` source: names, purity of draw(), folder layout, imbalance, learnability, the source."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from raugment.config import from_dict, load_config
+from raugment.core.artifacts import read_classes
 from raugment.core.config import ConfigError
+from raugment.stages.dataset import stage as dataset
 from raugment.stages.dataset.classnames import folder_class_name
-from raugment.stages.dataset.config import SyntheticConfig
-from raugment.stages.dataset.synthetic import (
+from raugment.stages.dataset.sources.synthetic import (
     COLOURS,
     SHAPES,
     SYNTHETIC_CLASSES,
+    SyntheticConfig,
+    SyntheticSource,
     check_config,
     class_sizes,
     draw,
     draw_named,
     write_imagefolder,
 )
+from raugment.study.planner import expected_size
+
+
+def contract_dataset(root: Path) -> tuple[dict, dict[str, int]]:
+    """(``dataset`` keys, class id -> training-pool images) of a tiny dataset of this kind."""
+    syn = {"num_classes": 3, "train_per_class": 6, "test_per_class": 2, "size": 16, "imbalance": 0.5}
+    return {"synthetic": syn}, {"000.red_circle": 6, "001.blue_square": 4, "002.green_triangle": 3}
 
 
 def test_class_names_are_readable_and_unique():
@@ -99,3 +112,25 @@ def test_synthetic_data_is_learnable(num_classes, min_accuracy):
     accuracy = model.score(x_test, y_test)
     assert min_accuracy >= 3 / num_classes  # the bar itself is >= 3x chance
     assert accuracy >= min_accuracy
+
+
+def test_the_source_draws_once_under_the_run_root_and_needs_no_path(tmp_path):
+    cfg = load_config(None, [f"run.root={tmp_path}", "run.progress=false", "dataset.synthetic.num_classes=3",
+                             "dataset.synthetic.train_per_class=10", "dataset.synthetic.test_per_class=2",
+                             "dataset.synthetic.size=16", "dataset.fraction=0.2"])
+    assert cfg.dataset.source == "synthetic" and cfg.dataset.path is None
+    listing = SyntheticSource.listing(cfg.dataset, tmp_path)
+    assert {c: len(refs) for c, refs in listing.train.items()} == {
+        "000.red_circle": 10, "001.blue_square": 10, "002.green_triangle": 10}
+    assert {c: len(refs) for c, refs in listing.test.items()} == {c: 2 for c in listing.train}
+    art = dataset.run(cfg)
+    assert read_classes(art).column("class_name").to_pylist() == ["red circle", "blue square", "green triangle"]
+    assert len(list((tmp_path / "synthetic").glob("*/_SUCCESS"))) == 1     # drawn once, listed twice
+
+
+def test_expected_class_sizes_size_a_study_before_the_data_exists():
+    cfg = from_dict({"dataset": {"synthetic": {"num_classes": 3, "train_per_class": 10, "imbalance": 0.5},
+                                 "fraction": 0.5}})
+    assert SyntheticSource.expected_class_sizes(cfg.dataset) == [10, 8, 5]
+    size = expected_size(cfg)
+    assert (size.classes, size.train_images, size.max_per_class) == (3, 5 + 4 + 2, 5)   # round(4.0), round(2.5)

@@ -1,4 +1,4 @@
-"""The embedded demo dataset: procedurally drawn coloured shapes a small CNN learns in seconds.
+"""``synthetic`` source: the embedded demo dataset, procedurally drawn coloured shapes a small CNN learns in seconds.
 
 Each class is a "<colour> <shape>" pair ("red circle", "blue square", ...), drawn at a random
 position, size and rotation, with colour jitter, on a noisy tinted background. The first eight
@@ -8,19 +8,32 @@ model has to look at shape too. The names are real phrases, usable in prompts an
 :func:`draw` is pure: the same ``rng`` state gives the same image. The retrieval demo pool draws
 its captioned images (targets and distractors) with :func:`draw_named` from the same code.
 :func:`write_imagefolder` writes ``train/<NNN.class>/*.png`` and ``test/<NNN.class>/*.png`` so the
-synthetic source is read through the same ImageFolder path as real data.
+synthetic source is read through the same ImageFolder path as real data: the source draws that
+folder under ``<run.root>/synthetic/<key>/`` once (key: the ``dataset.synthetic`` subsection and
+``dataset.seed``), then lists it as the ``imagefolder`` source does. It needs no ``dataset.path``.
+
+Keys (section ``dataset``, declared by :class:`Settings`): the ``synthetic`` subsection
+(:class:`SyntheticConfig`). The demo (its mini-world and captioned pool) draws with the same code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from raugment.core.config import ConfigError
-from raugment.stages.dataset.config import SyntheticConfig
+from raugment.core.config import ConfigError, PluginSettings, positive, to_dict
+from raugment.stages.dataset.sources import DATASETS, DatasetSource, Listing
+from raugment.stages.dataset.sources.imagefolder import list_imagefolder
+
+if TYPE_CHECKING:
+    from raugment.core.storage import StageRun
+    from raugment.stages.dataset.config import DatasetConfig
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -39,6 +52,38 @@ SYNTHETIC_CLASSES: list[str] = [
     *(f"{c} {s}" for c, s in zip(COLOURS, SHAPES)),
     *(f"{c} {SHAPES[(i + 1) % len(SHAPES)]}" for i, c in enumerate(COLOURS)),
 ]
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded demo dataset (subsection ``dataset.synthetic``): coloured shapes a small CNN can learn.
+
+    Classes are the first ``num_classes`` of :data:`SYNTHETIC_CLASSES` ("red circle", ...).
+    """
+
+    num_classes: int = 4
+    train_per_class: int = 60
+    test_per_class: int = 20
+    size: int = 32
+    imbalance: float = 0.0  # 0 = balanced; 0.5 = last class has half the images of the first
+
+    def validate(self, key: str) -> None:
+        positive(self.num_classes, f"{key}.num_classes")
+        positive(self.train_per_class, f"{key}.train_per_class")
+        if self.test_per_class < 0:
+            raise ConfigError(f"{key}.test_per_class must be >= 0, got {self.test_per_class}")
+        if self.size < 8:
+            raise ConfigError(f"{key}.size must be >= 8 pixels, got {self.size}")
+        if not 0 <= self.imbalance < 1:
+            raise ConfigError(f"{key}.imbalance must be in [0, 1), got {self.imbalance}")
+
+
+@dataclass
+class Settings(PluginSettings):
+    """Keys of the ``synthetic`` source (section ``dataset``)."""
+
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
 
 _SUPERSAMPLE = 4      # draw the mask at 4x and downscale: anti-aliased edges at 32 px
 _COLOUR_JITTER = 25   # per-channel jitter of the shape colour
@@ -185,3 +230,37 @@ def split_images(label: int, n: int, split_code: int, size: int, seed: int = 0) 
     """
     rng = np.random.default_rng([seed, split_code, label])
     return [draw(label, rng, size) for _ in range(n)]
+
+
+def list_synthetic(cfg: DatasetConfig, run_root: Path) -> Listing:
+    """Draw the synthetic ImageFolder under ``<run_root>/synthetic/<key>/`` (once), then list it."""
+    from raugment.core.storage import run_stage
+
+    syn = Settings.of(cfg).synthetic
+    check_config(syn)
+    section = {"synthetic": to_dict(syn), "seed": cfg.seed}
+
+    def body(run: StageRun) -> None:
+        write_imagefolder(run.path / "imagefolder", syn, seed=cfg.seed)
+        run.stats.add("train", sum(class_sizes(syn)))
+        run.stats.add("test", syn.test_per_class * syn.num_classes)
+
+    art = run_stage(run_root, "synthetic", section, None, body)
+    folder = dataclasses.replace(cfg, path=str(art.path / "imagefolder"), test_path=None)
+    return list_imagefolder(folder, run_root)
+
+
+@DATASETS.register("synthetic")
+class SyntheticSource(DatasetSource):
+    """Draws the demo dataset of ``dataset.synthetic`` (no ``dataset.path``)."""
+
+    settings = Settings
+    needs_path = False
+
+    @classmethod
+    def listing(cls, section: DatasetConfig, run_root: Path) -> Listing:
+        return list_synthetic(section, run_root)
+
+    @classmethod
+    def expected_class_sizes(cls, section: DatasetConfig) -> list[int]:
+        return class_sizes(Settings.of(section).synthetic)

@@ -1,0 +1,53 @@
+"""``nsfw``: drops what the Stable Diffusion safety checker flags.
+
+The checker is the one of ``filter.safety_model`` (a hub id or a local Stable Diffusion directory
+with ``safety_checker/`` and ``feature_extractor/``); unset, it is the checker of the diffusion
+model used for generation (``generate.model``), filled in by :meth:`NsfwFilter.resolve`.
+Score (column ``nsfw_score``): the checker's NSFW score, > 0 where it flags the image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+from raugment.core import schema as S
+from raugment.core.config import PluginSettings
+from raugment.stages.filter.filters import FILTERS, Filter, FilterContext, FilterOutcome
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from PIL import Image
+
+    from raugment.config import Config
+    from raugment.stages.filter.config import FilterConfig
+
+
+@dataclass
+class Settings(PluginSettings):
+    """Keys of the ``nsfw`` filter (section ``filter``)."""
+
+    # The SD safety checker of this hub id or local SD directory (None: generate.model).
+    safety_model: str | None = None
+
+
+@FILTERS.register("nsfw")
+class NsfwFilter(Filter):
+    """Drops what the Stable Diffusion safety checker flags (score: its NSFW score, > 0 flagged)."""
+
+    settings = Settings
+
+    def __init__(self, section: FilterConfig, ctx: FilterContext):
+        from raugment.models.safety import load_safety_checker
+
+        self.checker = load_safety_checker(Settings.of(section).safety_model, section.device)
+
+    def __call__(self, images: Sequence[Image.Image], batch: pa.Table) -> FilterOutcome:
+        flags, scores = self.checker.score(images)
+        return FilterOutcome(~flags, scores, S.NSFW_SCORE)
+
+    @classmethod
+    def resolve(cls, section: FilterConfig, cfg: Config) -> FilterConfig:
+        """The safety checker belongs to the diffusion model used for generation unless set otherwise."""
+        return dataclasses.replace(section, safety_model=Settings.of(section).safety_model or cfg.generate.model)

@@ -1,0 +1,76 @@
+"""The ``aesthetic`` filter: the LAION aesthetic predictor on CLIP image embeddings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from raugment.config import from_dict
+from raugment.core import schema as S
+from raugment.core.config import ConfigError
+from raugment.core.imageio import decode_image
+from raugment.stages.filter import stage as F
+from raugment.stages.filter.filters import FilterContext
+from raugment.stages.filter.filters.aesthetic import AestheticFilter
+from tests.helpers.planted import draw, png, row
+
+
+def contract_settings(models: dict) -> dict:
+    """``filter`` keys the registry contract test builds this filter with."""
+    return {"aesthetic_model": str(models["aesthetic"])}
+
+
+def plant_aesthetic(clip_dir: Path, out_dir: Path, low: bytes, others: list[bytes]) -> None:
+    """A LAION-shaped (linear) predictor scoring ``low`` below 5 and every other image above 5."""
+    import torch
+    from safetensors.torch import save_file
+
+    from raugment.models.aesthetic import CONFIG_FILE, WEIGHTS_FILE, build_mlp
+    from raugment.models.clip import load_clip
+
+    enc = load_clip(str(clip_dir))
+    emb = enc.embed_images([decode_image(b) for b in [low, *others]])
+    v = emb[0] - emb[1:].mean(axis=0)
+    v /= np.linalg.norm(v)
+    proj = emb @ v
+    assert proj[0] > proj[1:].max() + 0.01, "the tiny CLIP cannot tell the planted image apart"
+    mid = float(proj[0] + proj[1:].max()) / 2
+    mlp = build_mlp(enc.dim)
+    with torch.no_grad():
+        for layer in mlp:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.zero_()
+                layer.bias.zero_()
+                layer.weight[0, 0] = 1.0
+        mlp[0].weight[0] = torch.from_numpy(v)
+        mlp[7].weight[0, 0] = -10.0  # score = 5 + 10 * (mid - e.v)
+        mlp[7].bias[0] = 5.0 + 10.0 * mid
+    out_dir.mkdir(parents=True)
+    save_file({f"layers.{k}": t.contiguous() for k, t in mlp.state_dict().items()}, str(out_dir / WEIGHTS_FILE))
+    (out_dir / CONFIG_FILE).write_text(json.dumps({"dim": enc.dim}))
+
+
+def test_drops_exactly_the_planted_low_score(tmp_path, tiny_models):
+    low, others = Image.new("RGB", (64, 64)), [draw(i, 64) for i in range(4)]
+    plant_aesthetic(tiny_models["clip"], tmp_path / "aesthetic", png(low), [png(im) for im in others])
+    section = from_dict({"filter": {"filters": ["aesthetic"], "aesthetic_model": str(tmp_path / "aesthetic"),
+                                    "clip_model": str(tiny_models["clip"]), "clip_pretrained": None,
+                                    "device": "cpu"}}).filter
+    images = [others[0], low, *others[1:]]
+    batch = S.to_table([row(f"r{i}", png(im)) for i, im in enumerate(images)])
+    ctx = FilterContext(section)
+    out = AestheticFilter(section, ctx)(images, batch)
+    assert out.passed.tolist() == [True, False, True, True, True]
+    assert out.scores[1] < 5 <= out.scores[[0, 2, 3, 4]].min()
+    assert out.column == S.AESTHETIC_SCORE
+    assert ctx.image_embeddings(images) is ctx.image_embeddings(images)   # embedded once per batch
+
+
+def test_a_listed_aesthetic_filter_needs_its_model():
+    with pytest.raises(ConfigError, match=r"filter\.aesthetic_model: set the path"):
+        F.resolve_config(from_dict({"filter": {"filters": ["min_size", "aesthetic"]}}))
+    F.resolve_config(from_dict({"filter": {"filters": ["min_size"]}}))   # not listed: not needed
