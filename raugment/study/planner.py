@@ -552,6 +552,9 @@ def plan_datasets(cfg: Config, sizes: Mapping[str, DatasetSize] | None = None,
     Args:
         cfg, sizes, costs: as for :func:`build_plan`.
         as_given: the contexts use the user's sections as given (:attr:`PlanContext.as_given`).
+
+    Raises:
+        ConfigError: unknown cost keys.
     """
     merged = {**DEFAULT_COSTS, **cfg.study.costs, **(costs or {})}
     unknown = sorted(set(cfg.study.costs) - set(DEFAULT_COSTS) - {

@@ -108,16 +108,25 @@ TARGETS: dict[str, Target] = {
 # target -> the pipeline role (planner.PIPELINES' return value) of its stage run, for one method
 ROLES = {"index": "index", "retrieve": "source", "generate": "source", "finetune": "finetune",
          "select": "select", "filter": "filter", "dedup": "dedup", "audit": "audit"}
-# target -> the config key that names its method, and what to do when that method has no such stage
+# target -> the config key that names its method, and why that method may have no such stage
 METHOD_KEYS = {
-    "index": ("retrieve.index", "retrieval reads that index (or retrieve.backend needs none), so it plans none to "
-                                "build; unset retrieve.index to build the `index` section's index here, or build "
-                                "one outside the run root with `raugment index build --out DIR`"),
     "retrieve": ("retrieve.backend", "retrieval plans no retrieve stage"),
     "finetune": ("finetune.method", "not a fine-tuning method"),
     "select": ("finetune.method", "not a fine-tuning method"),
     "generate": ("generate.method", "not a generation method (retrieval: `raugment retrieve`)"),
 }
+
+
+def _missing_stage(cfg: Config, stage: str, method: str) -> ConfigError:
+    """The error for a target whose method plans no stage run of ``stage``."""
+    if stage == "index":
+        key, why = (("retrieve.index", "retrieval reads that index") if cfg.retrieve.index else
+                    ("retrieve.backend", f"backend {cfg.retrieve.backend!r} reads no local index"))
+        return ConfigError(f"{key}: {why}, so retrieval plans no index to build; `raugment index build` builds "
+                           "the one retrieval would build (a local backend, retrieve.index unset), or one outside "
+                           "the run root with `raugment index build --out DIR`")
+    key, why = METHOD_KEYS.get(stage, ("--method", f"method has no {stage} stage"))
+    return ConfigError(f"{key}: `raugment {stage}` plans method {method!r}, which runs no {stage} stage: {why}")
 
 
 @dataclass
@@ -306,11 +315,10 @@ def _method_roles(ctx: PlanContext, cfg: Config, method: str, stage: str) -> dic
     return build(ctx, method, base, m_cfg)
 
 
-def _stage_node(ctx: PlanContext, stage: str, method: str, roles: Mapping[str, str]) -> str:
+def _stage_node(ctx: PlanContext, cfg: Config, stage: str, method: str, roles: Mapping[str, str]) -> str:
     nid = roles.get(ROLES[stage])
     if nid is None or ctx.plan.nodes[nid].stage != stage:
-        key, why = METHOD_KEYS.get(stage, ("--method", f"method has no {stage} stage"))
-        raise ConfigError(f"{key}: `raugment {stage}` plans method {method!r}, which runs no {stage} stage: {why}")
+        raise _missing_stage(cfg, stage, method)
     return nid
 
 
@@ -403,7 +411,7 @@ def plan_target(cfg: Config, stage: str, pins: Pins | None = None, methods: Sequ
             found, feeds = _classifier_nodes(ctx, ds_cfg, stage, roles, audit)
             targets += found
         else:
-            targets += [_stage_node(ctx, stage, m, r) for m, r in roles.items()]
+            targets += [_stage_node(ctx, ds_cfg, stage, m, r) for m, r in roles.items()]
     return TargetPlan(prune(plan, targets), targets, feeds)
 
 

@@ -134,8 +134,10 @@ def test_index_target_is_the_index_retrieval_would_build():
     retrieve = next(n for n in build_plan(_cfg(), {"default": DatasetSize(1, 1, 1)}).nodes.values()
                     if n.stage == "retrieve")
     assert tp.targets == [retrieve.inputs["index"]]
-    with pytest.raises(ConfigError, match=r"retrieve.index: .*index build --out DIR"):
+    with pytest.raises(ConfigError, match=r"retrieve.index: retrieval reads that index.*index build --out DIR"):
         plan_target(_cfg("/tmp/none", "retrieve.index=/some/index"), "index")
+    with pytest.raises(ConfigError, match=r"retrieve.backend: backend 'knn_service' reads no local index"):
+        plan_target(_cfg("/tmp/none", "retrieve.backend=knn_service", "retrieve.service_url=http://x"), "index")
 
 
 @pytest.mark.parametrize("stage, overrides, key", [
