@@ -1,6 +1,8 @@
 """``ray job submit --working-dir . -- python -m jobs.audit --config jobs/configs/filter_demo.yaml [--dataset DIR] [--added DIR ...]``.
 
-The test-leakage audit (``raugment audit``): candidate pairs, ``summary.json`` and ``gallery.html``.
+The test-leakage audit (``raugment audit``), per method: candidate pairs, ``summary.json`` and
+``gallery.html``. ``--added DIR`` is what the audit reads (e.g. a dedup output); without it the
+methods of ``study.methods`` are planned up to their audit.
 """
 
 import sys

@@ -1,6 +1,7 @@
 """``ray job submit --working-dir . -- python -m jobs.filter --config jobs/configs/filter_demo.yaml [--added DIR ...]``.
 
-Filters each added-image artifact, then de-duplicates them together (``raugment filter``).
+The filter stage of each method's added images (``raugment filter``): of each ``--added`` artifact,
+else of ``study.methods``' sources (planned, run or skipped as in a study). ``jobs.dedup`` de-duplicates.
 """
 
 import sys

@@ -1,6 +1,8 @@
-"""``ray job submit --working-dir . -- python -m jobs.retrieve --config jobs/configs/retrieve_demo.yaml [--demo-pool DIR]``.
+"""``ray job submit --working-dir . -- python -m jobs.retrieve --config CONFIG.yaml``.
 
-CLIP kNN retrieval with quota growth and downloads (``raugment retrieve``).
+CLIP kNN retrieval with quota growth and downloads (``raugment retrieve``: the dataset, the local
+index when retrieval builds one, then retrieval). On the offline demo corpus, which the demo
+serves on 127.0.0.1: ``raugment demo --target retrieve --config jobs/configs/retrieve_demo.yaml``.
 """
 
 import sys

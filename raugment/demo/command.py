@@ -9,6 +9,11 @@ models tiny``: aesthetic head, safety checker) and the mini-world with its train
 diffusion model (``raugment models train-mini``, a content-addressed artifact under
 ``<root>/assets``).
 
+``raugment demo --target STAGE`` (options of the stage commands too: ``--method``, ``--added``,
+...) runs that stage command's one-target study (:mod:`raugment.study.target`) in the same world
+instead of the whole study: the assets prepared and the corpus served as above, e.g. ``--target
+retrieve`` retrieves from the served corpus through the world's index.
+
 Everything lands under the run root (default ``runs/demo``); a second run skips every finished
 stage and says so. The pool server keeps its port across runs (saved in the root), because the
 server's address is part of the retrieval stage's config.
@@ -24,8 +29,9 @@ import contextlib
 import logging
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from raugment.config import Config, load_config
 from raugment.core.config import read_yaml, with_overrides
@@ -129,25 +135,49 @@ def build_config(config_path: str | None, overrides: list[str] | None, root: str
     return load_config(config_path, extra, base=read_yaml(demo_config_path()))
 
 
+@contextlib.contextmanager
+def world(config_path: str | None = None, overrides: list[str] | None = None,
+          root: str | None = None) -> Iterator[Config]:
+    """The demo world's config, with its assets prepared and its captioned corpus served while open."""
+    cfg = build_config(config_path, overrides, root)
+    run_root = Path(cfg.run.root)
+    run_root.mkdir(parents=True, exist_ok=True)
+    paths = prepare_assets(run_root, cfg)
+    with serve_pool(paths["pool"], run_root / "assets" / PORT_FILE) as url:
+        yield with_overrides(cfg, asset_overrides(paths, url))
+
+
 def run(config_path: str | None = None, overrides: list[str] | None = None,
         root: str | None = None) -> tuple[Path, int]:
     """Run the demo study and its report; returns ``report.html`` and how many stage runs failed."""
     from raugment.study import executor as study
 
     t0 = time.perf_counter()
-    cfg = build_config(config_path, overrides, root)
-    run_root = Path(cfg.run.root)
-    run_root.mkdir(parents=True, exist_ok=True)
-    paths = prepare_assets(run_root, cfg)
-    with serve_pool(paths["pool"], run_root / "assets" / PORT_FILE) as url:
-        result, rep = study.run(with_overrides(cfg, asset_overrides(paths, url)))
+    with world(config_path, overrides, root) as cfg:
+        result, rep = study.run(cfg)
     html = rep.path / "report.html"
     log.info("demo: finished in %.1f s; report: %s", time.perf_counter() - t0, html)
     return html, len(study.failures(result))
 
 
+def run_target(stage: str, config_path: str | None = None, overrides: list[str] | None = None,
+               root: str | None = None, pins: Any = None, methods: Sequence[str] = ()) -> list[Any]:
+    """``raugment demo --target STAGE``: the demo world's one-target study of ``stage``
+    (:func:`raugment.study.target.run_target`), e.g. retrieval from its served corpus."""
+    from raugment.study import target
+
+    with world(config_path, overrides, root) as cfg:
+        return target.run_target(cfg, stage, pins, methods)
+
+
 def cli(cfg: Config, args) -> int:
-    """``raugment demo [--out DIR] [--config X.yaml] [--set k=v]``; prints where the report is."""
+    """``raugment demo [--out DIR] [--config X.yaml] [--set k=v] [--target STAGE ...]``; prints where
+    the report is (with ``--target``: logs the stage's artifacts)."""
+    if getattr(args, "target", None):
+        from raugment.study.target import Pins
+
+        run_target(args.target, args.config, args.overrides, args.out, Pins.of(args), args.method or [])
+        return 0
     html, failed = run(getattr(args, "config", None), getattr(args, "overrides", None),
                        getattr(args, "out", None))
     print(f"demo report: {html}")

@@ -420,25 +420,3 @@ def _train_small_clip(pool_dir: str | Path | Sequence[str | Path], out_dir: str 
     model.eval()
     log.info("trained small CLIP for %d steps (last loss %.3f)", step, float(loss.detach()))
     return save_clip(model, TINY_MODEL_CFG, out_dir)
-
-
-def demo_pool_config(cfg: Any, pool_dir: str, url_base: str) -> Any:
-    """``cfg`` pointed at the demo pool: its index source, its small CLIP, its server."""
-    from raugment.core.config import with_overrides
-
-    clip = str(Path(pool_dir) / "clip")
-    return with_overrides(cfg, {"index.source": "images", "index.path": str(Path(pool_dir) / "pool.parquet"),
-                                "index.clip_model": clip, "index.clip_pretrained": None,
-                                "retrieve.index": None, "retrieve.clip_model": None,
-                                "retrieve.url_base": url_base, "retrieve.download.allow_loopback": True})
-
-
-def ensure_demo_pool(pool_dir: str | Path, class_names: list[str], seed: int = 0, minutes: float = 2.0) -> Path:
-    """Build the demo pool for ``class_names`` and train its small CLIP, unless already there."""
-    pool_dir = Path(pool_dir)
-    if not (pool_dir / POOL_FILE).is_file():
-        build_pool(pool_dir, class_names, per_class=40, distractors=40, seed=seed)
-    if not (pool_dir / "clip" / "open_clip_config.json").is_file():
-        # One thread: on a shared small machine it trains several times faster than the default.
-        train_small_clip(pool_dir, pool_dir / "clip", seed=seed, minutes=minutes, max_steps=150, num_threads=1)
-    return pool_dir

@@ -46,7 +46,9 @@ class StudyConfig:
     The planner turns this into the set of stage runs, sharing every common artifact: one
     generation pool of ``pool_factor x largest ratio`` images per class serves all ratios and sets
     (it overrides ``generate.images_per_class``), one retrieval at the largest ratio's quota serves
-    the smaller ones (it overrides ``retrieve.images_per_class``).
+    the smaller ones (it overrides ``retrieve.images_per_class``). A stage command (``raugment
+    generate``, ...) plans one stage with the same graph but uses those sections as given; its
+    ``filter``/``dedup``/``audit``/``select_checkpoint`` switches and ``methods`` apply as here.
 
     Attributes:
         methods: method names (``retrieval``, ``simple``, ``clip_templates``, ``ft_conditioning``,

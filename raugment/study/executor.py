@@ -317,13 +317,19 @@ def preflight(cfg: Config) -> Plan:
     check_methods(cfg)
     # Sizes only scale quotas and costs; before the dataset stage runs, a placeholder will do.
     plan = build_plan(cfg, {name: DatasetSize(1, 1, 1) for name in dataset_configs(cfg)})
+    check_plan(plan)
+    return plan
+
+
+def check_plan(plan: Plan) -> None:
+    """:func:`check_node` once per distinct stage config of ``plan`` (given artifacts are not run:
+    they are not checked)."""
     seen: set[tuple[str, str]] = set()
     for node in topological(list(plan.nodes.values())):
         key = (node.stage, canonical_json(to_dict(node.cfg)))
-        if key not in seen:
+        if node.given is None and key not in seen:
             seen.add(key)
             check_node(node)
-    return plan
 
 
 def check_node(node: Node) -> None:

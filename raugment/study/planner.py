@@ -11,6 +11,9 @@ Each node also carries how many images it generates / retrieves / downloads / tr
 estimate of its CPU- and GPU-hours from per-image costs (:data:`DEFAULT_COSTS`, overridable by
 ``study.costs``; measured seconds from ``stats.json`` replace the estimate for nodes a study has
 already run). Nothing here imports torch or ray, and planning writes nothing.
+
+``raugment <stage>`` plans with the same builders (:mod:`raugment.study.target`): one target
+stage and what it needs, with the user's sections used as given (:attr:`PlanContext.as_given`).
 """
 
 from __future__ import annotations
@@ -111,6 +114,8 @@ class Node:
         cpu_h, gpu_h: estimated (or measured) device-hours.
         cost: "estimate" or "measured".
         path: the finished artifact directory, when the study has run this node.
+        given: a finished artifact directory the user gave instead of this stage run (a pin of a
+            one-target study, :mod:`raugment.study.target`): opened, never run or checked.
     """
 
     id: str
@@ -123,6 +128,7 @@ class Node:
     gpu_h: float = 0.0
     cost: str = "estimate"
     path: str | None = None
+    given: str | None = None
 
     def input_ids(self) -> list[str]:
         """Ids of every node this one reads."""
@@ -287,6 +293,12 @@ class PlanContext:
     size: DatasetSize
     costs: dict[str, float]
     max_ratio: float
+    as_given: bool = False  # a one-target study: the user's sections are used as given
+
+    def derive(self, cfg: Config, **dotted: Any) -> Config:
+        """``cfg`` with settings the study derives for a stage run (quotas from the ratios and the
+        dataset size, set counts), or ``cfg`` unchanged when the sections are used as given."""
+        return cfg if self.as_given else _set(cfg, **dotted)
 
 
 # A pipeline adds the nodes that produce a method's added images and returns role -> node id
@@ -336,6 +348,12 @@ def generation_quota(ratio: float, size: DatasetSize, pool_factor: float) -> int
     return max(1, math.ceil(pool_factor * ratio / 100 * size.max_per_class))
 
 
+def plan_given(ctx: PlanContext, method: str, cfg: Config, source: str) -> dict[str, str]:
+    """A method whose images are a given artifact (``source``: a node the user pinned in a
+    one-target study): the post-processing ``cfg.study`` switches on."""
+    return _postprocess(ctx, method, cfg, source, 0)
+
+
 @PIPELINES.register("baseline")
 def plan_baseline(ctx: PlanContext, method: str, base: str, cfg: Config) -> dict[str, str]:
     """The original data alone: nothing is added."""
@@ -350,8 +368,8 @@ def plan_retrieval(ctx: PlanContext, method: str, base: str, cfg: Config) -> dic
     """
     from raugment.stages.retrieve.backends import needs_index
 
-    quota = retrieval_quota(ctx.max_ratio, ctx.size)
-    cfg = _set(cfg, retrieve__images_per_class=quota)
+    cfg = ctx.derive(cfg, retrieve__images_per_class=retrieval_quota(ctx.max_ratio, ctx.size))
+    quota = cfg.retrieve.images_per_class
     index = None
     if needs_index(cfg.retrieve.backend) and not cfg.retrieve.index:
         index = _new_node(ctx, "index", cfg, {}, {"method": method})
@@ -384,9 +402,9 @@ def _generate_node(ctx: PlanContext, method: str, base: str, cfg: Config,
     ``finetune``'s ``selected.json``) and its post-processing."""
     quota = generation_quota(ctx.max_ratio, ctx.size, cfg.study.pool_factor)
     # num_sets only grows: a study that adds a set keeps its pool (and every stage after it).
-    cfg = _set(cfg, generate__method=base, generate__images_per_class=quota,
-               generate__num_sets=max(cfg.generate.num_sets, cfg.study.sets))
-    n = quota * ctx.size.classes
+    cfg = _set(ctx.derive(cfg, generate__images_per_class=quota,
+                          generate__num_sets=max(cfg.generate.num_sets, cfg.study.sets)), generate__method=base)
+    n = cfg.generate.images_per_class * ctx.size.classes
     source = _new_node(ctx, "generate", cfg, {"dataset": ctx.dataset_node, "finetune": select or finetune},
                        {"method": method}, {"generate": n}, gpu_s=_generation_gpu_s(ctx, base, cfg, n))
     roles = _postprocess(ctx, method, cfg, source, n)
@@ -520,21 +538,9 @@ def build_plan(cfg: Config, sizes: Mapping[str, DatasetSize] | None = None,
     Raises:
         ConfigError: unknown cost keys, methods or variants that do not apply.
     """
-    merged = {**DEFAULT_COSTS, **cfg.study.costs, **(costs or {})}
-    unknown = sorted(set(cfg.study.costs) - set(DEFAULT_COSTS) - {
-        k for k in cfg.study.costs if k.startswith("finetune.") and k.endswith(".gpu_s_per_image")})
-    if unknown:
-        raise ConfigError(f"study.costs.{unknown[0]}: unknown cost; known: {', '.join(sorted(DEFAULT_COSTS))}")
-    plan = Plan(node_gpus=cfg.study.node_gpus, node_cpus=cfg.study.node_cpus)
-    max_ratio = max(cfg.study.ratios)
+    plan, contexts = plan_datasets(cfg, sizes, costs)
     methods = ([BASELINE] if cfg.study.baseline else []) + list(cfg.study.methods)
-    for ds_node in dataset_nodes(cfg):
-        ds_name, ds_cfg = ds_node.labels["dataset"], ds_node.cfg
-        size = (sizes or {}).get(ds_name) or expected_size(ds_cfg)
-        ds_node.images = {"process": size.train_images}
-        ds_node.cpu_h = size.train_images * merged["dataset.cpu_s_per_image"] / 3600
-        plan.add(ds_node)
-        ctx = PlanContext(plan, ds_name, ds_node.id, size, merged, max_ratio)
+    for ctx, ds_cfg in contexts:
         for method in methods:
             base, pipeline, m_cfg = method_config(ds_cfg, method)
             roles = PIPELINES.get(pipeline)(ctx, method, base, m_cfg)
@@ -545,24 +551,67 @@ def build_plan(cfg: Config, sizes: Mapping[str, DatasetSize] | None = None,
     return plan
 
 
+def plan_datasets(cfg: Config, sizes: Mapping[str, DatasetSize] | None = None,
+                  costs: Mapping[str, float] | None = None,
+                  as_given: bool = False) -> tuple[Plan, list[tuple[PlanContext, Config]]]:
+    """A plan holding the study's dataset stage runs, and a pipeline context and config per dataset.
+
+    Args:
+        cfg, sizes, costs: as for :func:`build_plan`.
+        as_given: the contexts use the user's sections as given (:attr:`PlanContext.as_given`).
+
+    Raises:
+        ConfigError: unknown cost keys.
+    """
+    merged = {**DEFAULT_COSTS, **cfg.study.costs, **(costs or {})}
+    unknown = sorted(set(cfg.study.costs) - set(DEFAULT_COSTS) - {
+        k for k in cfg.study.costs if k.startswith("finetune.") and k.endswith(".gpu_s_per_image")})
+    if unknown:
+        raise ConfigError(f"study.costs.{unknown[0]}: unknown cost; known: {', '.join(sorted(DEFAULT_COSTS))}")
+    plan = Plan(node_gpus=cfg.study.node_gpus, node_cpus=cfg.study.node_cpus)
+    max_ratio = max(cfg.study.ratios)
+    contexts = []
+    for ds_node in dataset_nodes(cfg):
+        ds_name, ds_cfg = ds_node.labels["dataset"], ds_node.cfg
+        size = (sizes or {}).get(ds_name) or expected_size(ds_cfg)
+        ds_node.images = {"process": size.train_images}
+        ds_node.cpu_h = size.train_images * merged["dataset.cpu_s_per_image"] / 3600
+        plan.add(ds_node)
+        contexts.append((PlanContext(plan, ds_name, ds_node.id, size, merged, max_ratio, as_given), ds_cfg))
+    return plan, contexts
+
+
 def _add_runs(ctx: PlanContext, method: str, cfg: Config, roles: dict[str, str], ratio: float,
               set_index: int) -> None:
     sources = [method] if roles else []
     a_cfg = _set(cfg, assemble__sources=sources, assemble__ratio=ratio, assemble__set_index=set_index,
                  assemble__num_sets=max(cfg.assemble.num_sets, cfg.study.sets))
-    inputs: dict[str, InputRef] = {"dataset": ctx.dataset_node,
-                                   "added": {method: roles["added"]} if roles else {},
-                                   "audit": roles.get("audit")}
-    n_train = ctx.size.train_images + math.floor(ratio / 100 * ctx.size.train_images)
+    added = {method: roles["added"]} if roles else {}
     labels = {"method": method, "ratio": ratio, "set_index": set_index}
-    assemble = _new_node(ctx, "assemble", a_cfg, inputs, labels, {"process": n_train})
-    for seed in _seeds(cfg, set_index):
-        t_cfg = _set(a_cfg, train__seed=seed)
-        cpu_s, gpu_s = _train_cost(t_cfg, n_train, ctx.costs)
-        train = _new_node(ctx, "train", t_cfg, {"dataset": ctx.dataset_node, "manifest": assemble},
-                          {**labels, "seed": seed}, {"train": n_train}, cpu_s=cpu_s, gpu_s=gpu_s)
+    assemble, trains = plan_classifiers(ctx, a_cfg, added, roles.get("audit"), labels, _seeds(cfg, set_index))
+    for seed, train in trains:
         ctx.plan.runs.append(RunSpec(ctx.dataset_name, method, ratio, set_index, seed, train, assemble,
                                      {k: v for k, v in roles.items()}))
+
+
+def plan_classifiers(ctx: PlanContext, cfg: Config, added: dict[str, str], audit: str | None,
+                     labels: dict[str, Any], seeds: Iterable[int]) -> tuple[str, list[tuple[int, str]]]:
+    """One ``assemble`` run of ``cfg.assemble`` (the dataset's train split + ``added``: method ->
+    node, with ``audit``'s leakage candidates) and one ``train`` run per seed on its manifest.
+
+    Returns:
+        (assemble node id, [(seed, train node id), ...]).
+    """
+    inputs: dict[str, InputRef] = {"dataset": ctx.dataset_node, "added": added, "audit": audit}
+    n_train = ctx.size.train_images + math.floor(cfg.assemble.ratio / 100 * ctx.size.train_images)
+    assemble = _new_node(ctx, "assemble", cfg, inputs, labels, {"process": n_train})
+    trains = []
+    for seed in seeds:
+        t_cfg = _set(cfg, train__seed=seed)
+        cpu_s, gpu_s = _train_cost(t_cfg, n_train, ctx.costs)
+        trains.append((seed, _new_node(ctx, "train", t_cfg, {"dataset": ctx.dataset_node, "manifest": assemble},
+                                       {**labels, "seed": seed}, {"train": n_train}, cpu_s=cpu_s, gpu_s=gpu_s)))
+    return assemble, trains
 
 
 # ----------------------------------------------------------------------------------------------

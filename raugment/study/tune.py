@@ -211,16 +211,3 @@ def run(cfg: Config, dataset: Artifact, *, added: Mapping[str, Artifact] | None 
 def read_results(artifact: Artifact) -> pa.Table:
     """The per-trial results table of a tune artifact."""
     return artifact.read("results")
-
-
-def cli(cfg: Config, args) -> int:
-    """``raugment tune [--added METHOD=DIR ...] [--audit DIR]``: sweep and log the best trial."""
-    from raugment.stages.assemble import stage as assemble
-    from raugment.stages.dataset import stage as dataset_stage
-
-    data = dataset_stage.run(cfg)
-    audit = Artifact.open(args.audit) if getattr(args, "audit", None) else None
-    art = run(cfg, data, added=assemble.parse_added(getattr(args, "added", []) or []), audit=audit)
-    log.info("tune results: %s; best: %s", art.path / "results.parquet",
-             (art.path / "best.json").read_text().strip())
-    return 0

@@ -94,6 +94,41 @@ def test_assets_are_prepared_once(tmp_path):
     assert (paths["pool"] / "pool.parquet").stat().st_mtime_ns == pool_stamp
 
 
+def test_demo_target_runs_one_stage_in_the_served_demo_world(tmp_path, monkeypatch):
+    """``raugment demo --target retrieve``: the demo world's config (its models, corpus and server)
+    goes to a one-target study of that stage, while the corpus is served."""
+    from raugment import cli
+    from raugment.demo.corpus import build_pool
+    from raugment.study import target
+
+    pool = build_pool(tmp_path / "pool", ["red circle"], per_class=2, distractors=0, seed=0)
+    paths = {k: tmp_path / k for k in ("sd", "clip", "aesthetic", "classifier", "pool_clip")}
+
+    def prepare(root, cfg):
+        (root / "assets").mkdir(parents=True, exist_ok=True)
+        return {**paths, "pool": pool}
+
+    monkeypatch.setattr(demo, "prepare_assets", prepare)
+    seen = {}
+
+    def run_target(cfg, stage, pins, methods):
+        name = f"img/{_pool_ids(pool)[0]}.jpg"
+        with urllib.request.urlopen(cfg.retrieve.url_base + name, timeout=5) as resp:
+            seen.update(stage=stage, methods=methods, pins=pins, served=resp.status, cfg=cfg)
+        return []
+
+    monkeypatch.setattr(target, "run_target", run_target)
+    out = tmp_path / "out"
+    assert cli.main(["demo", "--target", "retrieve", "--out", str(out), "--set", "retrieve.images_per_class=3"]) == 0
+    assert (seen["stage"], seen["methods"], seen["served"]) == ("retrieve", [], 200)
+    cfg = seen["cfg"]
+    assert cfg.run.root == str(out) and cfg.index.path == str(pool.resolve()) and cfg.retrieve.images_per_class == 3
+    assert seen["pins"] == target.Pins()
+    assert cli.main(["demo", "--target", "train", "--method", "simple", "--out", str(out)]) == 0
+    assert (seen["stage"], seen["methods"]) == ("train", ["simple"])
+    assert not list(out.glob("retrieve/*"))  # nothing but the stand-in ran
+
+
 @pytest.mark.slow
 def test_make_demo_twice(tmp_path):
     """The whole demo (minutes on 2 cores); the second run skips every stage."""

@@ -62,3 +62,19 @@ def make_artifact(root, stage: str, rows: Sequence[dict[str, Any]], shards: int 
             run.write(S.to_table(rows[k:k + step]), name, shard=f"{k:05d}")
 
     return run_stage(root, stage, {"ids": [r[S.ID] for r in rows]}, {}, body)
+
+
+def make_dataset(root, rows: Sequence[dict[str, Any]], shards: int = 1) -> Artifact:
+    """A complete dataset artifact: ``rows`` (table ``images``) and their classes (table ``classes``,
+    one per label, named by the rows' class names), as the dataset stage writes them."""
+    rows = list(rows)
+    names = {int(r[S.LABEL]): r[S.CLASS_NAME] for r in rows}
+    classes = [{S.LABEL: label, S.CLASS_ID: names[label], S.CLASS_NAME: names[label]} for label in sorted(names)]
+
+    def body(run: StageRun) -> None:
+        step = max(1, -(-len(rows) // shards))
+        for k in range(0, len(rows), step):
+            run.write(S.to_table(rows[k:k + step]), "images", shard=f"{k:05d}")
+        run.write_single(S.to_table(classes, S.CLASSES), "classes")
+
+    return run_stage(root, "dataset", {"ids": [r[S.ID] for r in rows]}, {}, body)

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -52,6 +53,13 @@ def test_submitted_job_finds_the_package():
     out = subprocess.run([sys.executable, "-m", "jobs.study", "--help"], cwd=REPO, capture_output=True,
                          text=True, env=env)
     assert out.returncode == 0 and "--dry-run" in out.stdout
+    # every job script runs a command of the CLI, and every stage command has its script
+    from raugment.cli import COMMANDS
+    from raugment.study.target import TARGETS
+
+    commands = {p.stem: re.search(r'main\(\["([a-z-]+)"', p.read_text()).group(1)
+                for p in (REPO / "jobs").glob("*.py") if p.name != "__init__.py"}
+    assert set(commands.values()) <= set(COMMANDS) and set(TARGETS) <= set(commands.values())
     presets = sorted(p.name for p in (REPO / "jobs" / "configs").glob("*.yaml"))
     for name in ("caltech256.yaml", "demo.yaml", "imagenet10.yaml", "imagenet_full.yaml"):
         assert name in presets
@@ -190,21 +198,6 @@ class FakeStages:
 def _fake_cfg(root):
     return load_config(None, [f"run.root={root}", "study.methods=[simple]", "study.ratios=[100, 200]",
                               "study.sets=2", "run.progress=false"])
-
-
-@pytest.fixture
-def fake_stages(monkeypatch):
-    from raugment.study import executor as study
-    from raugment.study.planner import DatasetSize
-
-    monkeypatch.setattr(study, "measured_size", lambda art: DatasetSize(2, 6, 3, measured=True))
-    monkeypatch.setattr("raugment.runtime.cluster.init_ray", lambda *a, **k: None)
-    monkeypatch.setattr(study, "check_node", lambda node: None)  # stand-ins take any config
-
-    def use(stages: FakeStages) -> FakeStages:
-        monkeypatch.setattr(study, "run_node", stages)
-        return stages
-    return use
 
 
 def test_crashed_study_resumes_without_redoing_work_and_reports_the_same(fake_stages, tmp_path, caplog):

@@ -209,25 +209,3 @@ def run(cfg: Config, dataset: Artifact, added: Mapping[str, Artifact] | None = N
                                 "leakage_removed_candidates": len(exclude)})
 
     return run_stage(cfg.run.root, STAGE, section, inputs, body)
-
-
-def parse_added(items: Sequence[str]) -> dict[str, Artifact]:
-    """``["retrieval=runs/filter/abc", ...]`` (CLI ``--added``) -> method -> artifact."""
-    out = {}
-    for item in items:
-        method, sep, path = item.partition("=")
-        if not sep or not method or not path:
-            raise ConfigError(f"--added {item!r} must look like METHOD=ARTIFACT_DIR")
-        out[method] = Artifact.open(path)
-    return out
-
-
-def cli(cfg: Config, args) -> int:
-    """``raugment assemble [--added METHOD=DIR ...] [--audit DIR]``: logs the manifest path."""
-    from raugment.stages.dataset import stage as dataset_stage
-
-    data = dataset_stage.run(cfg)
-    audit = Artifact.open(args.audit) if getattr(args, "audit", None) else None
-    art = run(cfg, data, parse_added(getattr(args, "added", []) or []), audit)
-    log.info("manifest: %s (%s)", art.path, art.stats.get("counts"))
-    return 0

@@ -29,7 +29,7 @@ import pyarrow as pa
 from raugment.config import Config
 from raugment.core import schema as S
 from raugment.core.artifacts import GALLERY, GALLERY_DIR, PAIRS_TABLE, SUMMARY
-from raugment.core.config import ConfigError, to_dict
+from raugment.core.config import to_dict
 from raugment.core.storage import Artifact, StageRun, run_stage, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -269,20 +269,3 @@ def run(cfg: Config, dataset: Artifact, added: Sequence[Artifact]) -> Artifact:
 
     inputs = {"dataset": dataset, **{f"added{i}": a for i, a in enumerate(added)}}
     return run_stage(cfg.run.root, STAGE, section, inputs, body)
-
-
-def cli(cfg: Config, args: Any) -> int:
-    """``raugment audit [--dataset DIR] [--added DIR ...]``; defaults: the latest dataset and dedup outputs."""
-    from raugment.core.storage import latest
-
-    dataset = Artifact.open(args.dataset) if getattr(args, "dataset", None) else latest(cfg.run.root, "dataset")
-    if dataset is None:
-        raise ConfigError(f"no dataset artifact under run.root={cfg.run.root!r}; pass --dataset DIR")
-    paths = getattr(args, "added", None) or []
-    added = [Artifact.open(p) for p in paths] if paths else [a for a in [latest(cfg.run.root, "dedup")] if a]
-    if not added:
-        raise ConfigError(f"no dedup artifact under run.root={cfg.run.root!r}; run `raugment filter` "
-                          "or pass --added DIR")
-    out = run(cfg, dataset, added)
-    log.info("audit: %s (gallery: %s)", out.path, out.path / GALLERY)
-    return 0

@@ -29,7 +29,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import pyarrow as pa
 
@@ -43,9 +43,6 @@ from raugment.core.storage import Artifact, StageRun, run_stage
 from raugment.stages.dataset.classnames import folder_class_name, is_synset_id, lookup
 from raugment.stages.dataset.config import DatasetConfig
 from raugment.stages.dataset.sources import Listing, Reader, source_class
-
-if TYPE_CHECKING:
-    import argparse
 
 log = logging.getLogger(__name__)
 
@@ -367,19 +364,3 @@ def run(cfg: Config) -> Artifact:
     classes, plan = plan_splits(listing, cfg.dataset)
     return run_stage(root, STAGE, cfg.dataset, None,
                      lambda r: _write_dataset(r, cfg, listing, classes, plan), resumable=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Readers for other stages
-# --------------------------------------------------------------------------------------------
-
-
-def cli(cfg: Config, args: "argparse.Namespace") -> int:
-    """``raugment dataset``: run the stage and log where it is and what it holds."""
-    art = run(cfg)
-    stats = art.stats
-    counts = stats.get("counts", {})
-    log.info("dataset: %s", art.path)
-    log.info("dataset: %d classes; %s; failures %s", counts.get("classes", 0),
-             ", ".join(f"{s}={counts.get(s, 0)}" for s in SPLIT_ORDER), stats.get("failures", {}) or "none")
-    return 0

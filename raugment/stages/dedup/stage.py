@@ -258,12 +258,3 @@ def _stats(run: StageRun, light: pa.Table, dropped: pa.Table, kept: int) -> None
     run.stats.extra["duplicates_by_method"] = dict(Counter(str(methods[i]) for i in dups))
     run.stats.extra["cross_class_duplicates"] = sum(labels[i] != label_of.get(of[i]) for i in dups)
     run.stats.extra["resolution"] = "greedy-by-rank"
-
-
-def cli(cfg: Config, args: Any) -> int:
-    """De-duplication runs as part of ``raugment filter`` (see :func:`raugment.stages.filter.stage.cli`)."""
-    from raugment.stages.filter.stage import resolve_inputs
-
-    out = run(cfg, resolve_inputs(cfg, getattr(args, "added", None) or []))
-    log.info("de-duplicated images: %s", out.path)
-    return 0

@@ -17,7 +17,6 @@ failed in the configured order, ``detail`` = every filter it failed, ``score`` =
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter, defaultdict
 from typing import Any, Sequence
@@ -300,29 +299,3 @@ def _finish_stats(run: StageRun) -> None:
         run.stats.fail(reason, n)
     run.stats.extra["dropped_by_filter"] = stats["by_filter"]
     run.stats.extra["dropped_by_class"] = stats["by_class"]
-
-
-def cli(cfg: Config, args: Any) -> int:
-    """``raugment filter``: filter each added artifact, then de-duplicate them together."""
-    from raugment.stages.dedup import stage as dedup
-
-    added = resolve_inputs(cfg, getattr(args, "added", None) or [])
-    filtered = [run(cfg, a) for a in added]
-    for a, f in zip(added, filtered):
-        log.info("filter %s -> %s (%s)", a.path, f.path, json.dumps(f.stats.get("failures", {})))
-    out = dedup.run(cfg, filtered)
-    log.info("filtered and de-duplicated images: %s", out.path)
-    return 0
-
-
-def resolve_inputs(cfg: Config, paths: Sequence[str]) -> list[Artifact]:
-    """Artifacts named on the command line, else the latest generation and retrieval outputs."""
-    from raugment.core.storage import latest
-
-    if paths:
-        return [Artifact.open(p) for p in paths]
-    found = [a for a in (latest(cfg.run.root, s) for s in ("generate", "retrieve")) if a is not None]
-    if not found:
-        raise ConfigError(f"no added-image artifact found under run.root={cfg.run.root!r}; "
-                          "pass --added DIR (a generate or retrieve stage output)")
-    return found

@@ -31,7 +31,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -52,16 +52,13 @@ from raugment.lib.finetuned.artifact import (
 from raugment.lib.finetuned.methods import FINETUNERS, CondRow, pseudo_token  # importing it registers FINETUNERS
 from raugment.stages.finetune.policy import split_train_val
 
-if TYPE_CHECKING:  # pragma: no cover
-    import argparse
-
 log = logging.getLogger(__name__)
 
 STAGE = "finetune"
 TRAIN_DIR = "ray_train"  # runner ray_train: Ray Train's storage path in the stage directory
 CHECKPOINT_DIR = "checkpoint"  # runner worker_group: the resumable state in ``checkpoint/latest``
 
-__all__ = ["run", "cli", "plan_rows", "build_trainer", "loop_config", "result_section", "list_checkpoints",
+__all__ = ["run", "plan_rows", "build_trainer", "loop_config", "result_section", "list_checkpoints",
            "CheckpointRef"]
 
 
@@ -307,21 +304,3 @@ def run(cfg: Config, dataset: Artifact, *, fail_after_epoch: Optional[int] = Non
     # resumable with either runner: the plan, the latent cache, the snapshots and the training
     # state (Ray Train's storage path or checkpoint/latest) all live in the stage directory
     return run_stage(cfg.run.root, STAGE, result_section(cfg), {"dataset": dataset}, body, resumable=True)
-
-
-def cli(cfg: Config, args: "argparse.Namespace") -> int:
-    """``raugment finetune``: the dataset stage (cached) then this one; logs the checkpoints."""
-    from raugment.stages.dataset import stage as dataset_stage
-
-    art = run(cfg, dataset_stage.run(cfg))
-    log.info("finetune (%s): %s", cfg.finetune.method, art.path)
-    for ref in list_checkpoints(art.path):
-        log.info("  %-11s epoch %3d  train %.4f  val %.4f", ref.name, ref.epoch, ref.train_loss, ref.val_loss)
-    return 0
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoint selection (paper: by the downstream classifier's validation accuracy)
-# --------------------------------------------------------------------------------------------
-
-

@@ -28,7 +28,7 @@ class GenerateConfig:
     written as one shard once complete, so a kill loses at most the chunks in progress and a
     resumed run writes the same shards, from the same batches, as an uninterrupted one.
     ``conditioning``: a fine-tuning stage directory for the personalised methods, used when no
-    fine-tuning artifact is passed to ``generate.run`` (the CLI otherwise runs that stage).
+    fine-tuning artifact is passed to ``generate.run`` (``raugment generate`` then plans no fine-tuning).
     """
 
     method: str = "simple"

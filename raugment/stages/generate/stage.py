@@ -625,24 +625,3 @@ def run(cfg: Config, dataset: Artifact, finetune: Optional[Artifact] = None) -> 
         summarize(stage, planned, g.max_attempts_per_image)
 
     return run_stage(cfg.run.root, STAGE, key_section(g), inputs, body, resumable=True)
-
-
-def cli(cfg: Config, args: Any) -> int:
-    """``raugment generate``: the dataset stage (cached), the finetune stage if the method needs
-    one and ``generate.conditioning`` names none (cached), then generation."""
-    from raugment.stages.dataset import stage as dataset_stage
-
-    method = check_config(cfg)
-    ds = dataset_stage.run(cfg)
-    finetune = None
-    if method.needs_finetune and not cfg.generate.conditioning:
-        from raugment.stages.finetune import stage as finetune_stage
-
-        finetune = finetune_stage.run(cfg, ds)
-    art = run(cfg, ds, finetune)
-    stats = art.stats
-    log.info("generate: %s images in %s (failures: %s)", stats.get("counts", {}).get("images"), art.path,
-             stats.get("failures"))
-    if stats.get("unfilled_classes"):
-        log.warning("generate: unfilled classes: %s", stats["unfilled_classes"])
-    return 0

@@ -321,24 +321,14 @@ def export_clip_back(index_dir: str | Path, out: str | Path, name: str = "raugme
     return path
 
 
-def cli(cfg: Config, args: Any) -> int:
-    """``raugment index build [--out DIR]`` / ``raugment index export-clip-back --index DIR --out DIR``."""
-    if args.action == "export-clip-back":
-        index_dir = getattr(args, "index", None) or cfg.retrieve.index
-        if not index_dir or not getattr(args, "out", None):
-            raise ConfigError("raugment index export-clip-back needs --index DIR (or retrieve.index) and --out DIR")
-        export_clip_back(index_dir, args.out, getattr(args, "name", None) or "raugment")
-        return 0
-    if getattr(args, "out", None):
-        from raugment.runtime.cluster import init_ray
+def build_outside(cfg: Config, out: str | Path) -> None:
+    """``raugment index build --out DIR``: build the ``index`` section's index in ``out``, outside
+    the run root (no stage directory; e.g. for ``retrieve.index`` or an export)."""
+    from raugment.runtime.cluster import init_ray
 
-        check_config(cfg.index)
-        table = read_captioned_images(cfg.index.path) if cfg.index.source == "images" else None
-        if table is not None:
-            init_ray(cfg.cluster, cfg.run.progress)
-        build_index(cfg.index, args.out, table=table)
-        log.info("index written to %s", args.out)
-        return 0
-    artifact = run(cfg)
-    log.info("index: %s", artifact.path)
-    return 0
+    check_config(cfg.index)
+    table = read_captioned_images(cfg.index.path) if cfg.index.source == "images" else None
+    if table is not None:
+        init_ray(cfg.cluster, cfg.run.progress)
+    build_index(cfg.index, out, table=table)
+    log.info("index written to %s", out)

@@ -32,9 +32,8 @@ from raugment.config import Config
 from raugment.core import schema as S
 from raugment.core.artifacts import GALLERY, GALLERY_DIR, MINI_MODELS_INFO, RESULTS_FILE
 from raugment.core.artifacts import SUMMARY as AUDIT_SUMMARY
-from raugment.core.config import ConfigError
 from raugment.core.stats import format_mean_se, mean_se
-from raugment.core.storage import Artifact, StageRun, latest, run_stage, write_text_atomic
+from raugment.core.storage import Artifact, StageRun, run_stage, write_text_atomic
 from raugment.stages.report.config import ReportConfig
 
 log = logging.getLogger(__name__)
@@ -673,18 +672,3 @@ def run(cfg: Config, study: Artifact) -> Artifact:
     art = run_stage(cfg.run.root, "report", cfg.report, {"study": study}, body)
     log.info("report: %s", art.path / "report.html")
     return art
-
-
-def cli(cfg: Config, args) -> int:
-    """``raugment report [--out DIR]``: report of the latest study under ``run.root``."""
-    study = latest(cfg.run.root, "study")
-    if study is None:
-        raise ConfigError(f"run.root: no finished study under {cfg.run.root!r}; run "
-                          "`raugment run STUDY.yaml` first or point run.root at a study's root")
-    if getattr(args, "out", None):
-        path = write_report(cfg.run.root, study, cfg.report, args.out)
-    else:
-        path = run(cfg, study).path / "report.html"
-    print(f"report: {path}")
-    return 0
-

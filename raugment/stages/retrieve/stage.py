@@ -627,28 +627,3 @@ def run(cfg: Config, dataset: Artifact, index: Artifact | None = None, *, force:
                                  "rounds": max((q.round for q in queries), default=-1) + 1})
 
     return run_stage(cfg.run.root, "retrieve", cfg.retrieve, inputs, body, resumable=True, force=force)
-
-
-def cli(cfg: Config, args: Any) -> int:
-    """``raugment retrieve [--demo-pool DIR]``: the dataset stage (skipped when done), the index
-    (local backend), then retrieval."""
-    from raugment.stages.dataset import stage as dataset_stage
-    from raugment.stages.index import stage as index_stage
-
-    ds = dataset_stage.run(cfg)
-    demo_pool = getattr(args, "demo_pool", None)
-    if demo_pool:
-        from raugment.demo.corpus import PoolServer, demo_pool_config, ensure_demo_pool
-
-        names = ds.read("classes").column(schema.CLASS_NAME).to_pylist()
-        ensure_demo_pool(demo_pool, names, cfg.run.seed)
-        with PoolServer(demo_pool) as srv:
-            demo_cfg = demo_pool_config(cfg, demo_pool, srv.url)
-            art = run(demo_cfg, ds, index_stage.run(demo_cfg))
-    else:
-        index = index_stage.run(cfg) if cfg.retrieve.backend == "local" and not cfg.retrieve.index else None
-        art = run(cfg, ds, index)
-    st = art.stats
-    log.info("retrieve: %s -> %s (precision@n %s, shortfall %s, failures %s)", st.get("counts"), art.path,
-             st.get("precision_at_n"), st.get("shortfall") or "none", st.get("failures"))
-    return 0

@@ -607,36 +607,3 @@ def run_repeats(cfg: Config, dataset: Artifact, manifests: Sequence[Artifact]) -
 
     art = run_stage(cfg.run.root, "repeats", section, inputs, body)
     return {"runs": runs, "summary": summary, S.RUN_PATH: str(art.path)}
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
-
-
-def cli(cfg: Config, args) -> int:
-    """``raugment train [--added METHOD=DIR ...] [--audit DIR]``: assemble and train.
-
-    ``train.repeat_sets`` > 1 or several ``train.seeds`` trains every set x seed and logs mean ±
-    s.e. (one config line for the paper's five resampled sets).
-    """
-    from raugment.core.stats import format_mean_se
-    from raugment.stages.assemble import stage as assemble
-    from raugment.stages.dataset import stage as dataset_stage
-
-    data = dataset_stage.run(cfg)
-    added = assemble.parse_added(getattr(args, "added", []) or [])
-    audit = Artifact.open(args.audit) if getattr(args, "audit", None) else None
-    sets = range(cfg.train.repeat_sets)
-    manifests = [assemble.run(with_overrides(cfg, {"assemble.set_index": s}), data, added, audit)
-                 for s in sets]
-    if len(manifests) == 1 and len(cfg.train.seeds) == 1:
-        art = run(with_overrides(cfg, {"train.seed": cfg.train.seeds[0]}), data, manifests[0])
-        res = read_results(art)
-        log.info("results: %s (test top-1 %.4f)", art.path / RESULTS_FILE, res[S.TEST_TOP1])
-        return 0
-    out = run_repeats(cfg, data, manifests)
-    top1 = out["summary"][S.TEST_TOP1]
-    log.info("repeats: %s; test top-1 %s %% over %d runs", out[S.RUN_PATH],
-             format_mean_se(top1["mean"], top1["se"]), top1["n"])
-    return 0

@@ -11,7 +11,7 @@ from raugment.core.artifacts import candidate_ids, read_summary
 from raugment.core.storage import latest
 from raugment.stages.audit import stage as audit
 from raugment.stages.dedup import stage as dedup
-from tests.helpers.planted import draw, make_artifact, near_copies, png, row
+from tests.helpers.planted import draw, make_artifact, make_dataset, near_copies, png, row
 
 ODD_ID = 'a<b>&"x'  # ids reach the HTML: they must come out escaped
 
@@ -35,7 +35,7 @@ def _added_rows(imgs):
 @pytest.mark.ray
 def test_audit_finds_planted_leaks_writes_gallery_and_summary(tmp_path, ray_session):
     imgs = [draw(100 + s) for s in range(9)]
-    dataset = make_artifact(tmp_path / "in", "dataset", _dataset_rows(imgs), shards=2)
+    dataset = make_dataset(tmp_path / "in", _dataset_rows(imgs), shards=2)
     added = make_artifact(tmp_path / "in", "retrieve", _added_rows(imgs))
     cfg = Config()
     cfg.run.root = str(tmp_path / "runs")

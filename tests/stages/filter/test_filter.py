@@ -109,7 +109,9 @@ def test_filter_stage_drops_exactly_planted_rows_and_resumes(tmp_path, ray_sessi
 
 
 @pytest.mark.ray
-def test_filter_command_filters_then_dedups(tmp_path, ray_session):
+def test_filter_command_filters_and_dedup_command_dedups(tmp_path, ray_session):
+    """``raugment filter --added DIR`` runs only the filter stage on DIR; ``raugment dedup --added``
+    on the filter's output de-duplicates it (``raugment dedup --method M`` plans filter -> dedup)."""
     from raugment.cli import main
     from raugment.core.storage import latest
 
@@ -118,10 +120,13 @@ def test_filter_command_filters_then_dedups(tmp_path, ray_session):
             row("tiny", png(draw(41, 24)), rank=2), row("other", png(draw(42, 64)), rank=3)]
     added = make_artifact(tmp_path / "in", "generate", rows)
     root = tmp_path / "runs"
-    assert main(["filter", "--added", str(added.path), "--set", f"run.root={root}",
-                 "--set", "filter.filters=[min_size]", "--set", "run.progress=false"]) == 0
-    filtered, deduped = latest(root, "filter"), latest(root, "dedup")
+    sets = ["--set", f"run.root={root}", "--set", "filter.filters=[min_size]", "--set", "run.progress=false"]
+    assert main(["filter", "--added", str(added.path), *sets]) == 0
+    filtered = latest(root, "filter")
     assert filtered.read("dropped").column(S.ID).to_pylist() == ["tiny"]
+    assert latest(root, "dedup") is None and latest(root, "generate") is None  # the pin is only read
+    assert main(["dedup", "--added", str(filtered.path), *sets]) == 0
+    deduped = latest(root, "dedup")
     assert sorted(deduped.read("images").column(S.ID).to_pylist()) == ["keep", "other"]
     assert deduped.read("dropped").to_pylist()[0][S.DUPLICATE_OF] == "keep"
 
