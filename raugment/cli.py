@@ -5,8 +5,8 @@ finetune, select, generate, filter, dedup, audit, assemble, train, tune) are one
 (:func:`raugment.study.target.run_target`): the planner plans the stage and whatever it needs,
 and each stage run is run or skipped as in a study. Other commands: ``index build --out DIR`` and
 ``index export-clip-back`` (an index outside the run root), ``report``, ``run`` (a whole study),
-``demo`` (the offline demo study, or with ``--target STAGE`` one target in the demo world) and
-``models``.
+``demo`` (the offline demo study, or with ``--target STAGE`` one target in the demo world),
+``models`` and ``config`` (every key with its value).
 
 The parser is built from tables and imports nothing heavy: ``raugment --help`` answers without
 torch or ray. A command's code is imported only when that command runs.
@@ -143,6 +143,22 @@ def _report(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(cfg: Config, args: argparse.Namespace) -> int:
+    """``raugment config [--config X.yaml] [--set k=v] [SECTION ...]``: every key with its value, as YAML."""
+    from raugment.core.config import dump_yaml, to_dict
+
+    data = to_dict(cfg)
+    unknown = [s for s in args.sections if s not in data]
+    if unknown:
+        raise ConfigError(f"unknown section {unknown[0]!r}; sections: {', '.join(data)}")
+    print(dump_yaml({s: data[s] for s in args.sections} if args.sections else data), end="")
+    return 0
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sections", nargs="*", metavar="SECTION", help="only these sections (default: all)")
+
+
 def _module_cli(module: str) -> Handler:
     """The ``cli(cfg, args)`` of ``module``, imported when the command runs."""
     def handler(cfg: Config, args: argparse.Namespace) -> int | None:
@@ -166,6 +182,8 @@ COMMANDS.update({
     "index": Command("build a local CLIP kNN index (the one retrieval reads, or one anywhere with --out), "
                      "or export one for clip back", _index_args, _index),
     "report": Command("write the study report", _report_args, _report),
+    "config": Command("print every config key with its value (defaults <- --config <- --set) as YAML",
+                      _config_args, _config),
     "run": Command("run a whole study (resumable)", _study_args, _module_cli("raugment.study.executor")),
     "demo": Command("run the embedded offline demo study (or one stage command in its world)", _demo_args,
                     _module_cli("raugment.demo.command")),

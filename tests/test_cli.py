@@ -16,3 +16,19 @@ def test_help_without_torch():
 def test_config_error_exit_code(capsys):
     assert main(["train", "--set", "train.lr=abc"]) == 2
     assert "train.lr" in capsys.readouterr().err
+
+
+def test_config_command_prints_every_key_with_overrides(capsys):
+    import yaml
+
+    from raugment.config import Config
+    from raugment.core.config import to_dict
+
+    assert main(["config", "--set", "filter.min_side=20", "--set", "train.lr=0.5"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    expected = to_dict(Config())
+    expected["filter"]["min_side"], expected["train"]["lr"] = 20, 0.5
+    assert shown == expected   # every section and key, plug-in keys included
+    assert main(["config", "retrieve", "dataset"]) == 0
+    assert set(yaml.safe_load(capsys.readouterr().out)) == {"retrieve", "dataset"}
+    assert main(["config", "retriev"]) == 2 and "unknown section 'retriev'" in capsys.readouterr().err
