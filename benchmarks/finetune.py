@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raugment.lib.finetuned.methods import CondRow, build_personaliser, denoising_loss, encode_prompts, get_method
+from raugment.lib.finetuned.families import CondRow, build_personaliser, denoising_loss, encode_prompts
+from raugment.stages.finetune.methods import get_method
 
 METHODS = ["ft_conditioning", "ft_cluster_conditioning", "imagic", "textual_inversion", "pseudoword_dm"]
 ROWS = [CondRow(0, 0, "tiger shark, Galeocerdo cuvieri"), CondRow(1, 1, "axolotl")]

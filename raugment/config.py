@@ -53,8 +53,9 @@ class Config:
     mini: MiniConfig = field(default_factory=MiniConfig)
 
 
-core.SECTION_NAMES.update({f.type if isinstance(f.type, type) else globals()[f.type]: f.name
-                           for f in Config.__dataclass_fields__.values()})
+# keyed by the declared class: a section composed with its plug-ins' settings names its base
+core.SECTION_NAMES.update({getattr(t, "__section_base__", t): f.name for f in Config.__dataclass_fields__.values()
+                           for t in [f.type if isinstance(f.type, type) else globals()[f.type]]})
 core.SECTION_NAMES[Config] = ""
 
 

@@ -105,12 +105,7 @@ def allowed(src: str, dst: str) -> bool:
 
 def violations(graph: dict[str, set[str]]) -> list[str]:
     return sorted(f"{src} imports {dst}" for src, dsts in graph.items() for dst in dsts
-                  if not allowed(src, dst) and (src, layer(dst).split(".")[0]) not in TEMPORARY)
-
-
-# TEMPORARY (issue 17 in progress): the fine-tuning families' config type. Must be empty when the
-# issue closes.
-TEMPORARY = {("raugment.lib.finetuned.methods", "stages")}
+                  if not allowed(src, dst))
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -160,8 +155,7 @@ def test_layers_import_only_what_they_may():
 
 def test_stage_packages_never_import_each_other():
     crossing = sorted(f"{s} imports {d}" for s, ds in GRAPH.items() for d in ds
-                      if layer(s).startswith("stages.") and layer(d).startswith("stages.") and layer(s) != layer(d)
-                      and (s, "stages") not in TEMPORARY)
+                      if layer(s).startswith("stages.") and layer(d).startswith("stages.") and layer(s) != layer(d))
     assert crossing == []
 
 
@@ -179,15 +173,13 @@ def test_core_imports_no_stage_no_ray_no_torch():
 
 def test_runtime_and_models_know_no_stage():
     assert [f"{s} imports {d}" for s, ds in GRAPH.items() for d in ds
-            if layer(s) in ("runtime", "models", "lib") and (layer(d).startswith("stages.") or layer(d) == "study")
-            and (s, "stages") not in TEMPORARY] == []
+            if layer(s) in ("runtime", "models", "lib") and (layer(d).startswith("stages.") or layer(d) == "study")] == []
 
 
 def test_demo_is_imported_only_by_the_cli():
     # the section list imports the demo's config dataclass (section ``mini``), nothing else of it
     users = sorted((s, d) for s, ds in GRAPH.items() for d in ds if layer(d) == "demo" and layer(s) != "demo")
-    assert [(s, d) for s, d in users if s != "raugment.cli" and (s, d) != ("raugment.config", "raugment.demo.config")
-            and (s, "demo") not in TEMPORARY] == []
+    assert [(s, d) for s, d in users if s != "raugment.cli" and (s, d) != ("raugment.config", "raugment.demo.config")] == []
 
 
 def test_loading_a_config_imports_neither_torch_nor_ray():

@@ -27,13 +27,13 @@ How it stays within tens of CPU seconds:
    lowest resolution), plus diffusers' ``addition_embed_type="text"`` (the prompt's token states,
    attention-pooled, added to the time embedding of every ResNet): the class is a global property
    of these images, and 77-token attention at full latent resolution would dominate a CPU step. Trained with SD's DDPM objective
-   (:func:`raugment.lib.finetuned.methods.denoising_loss`, SD v1.4's noise schedule), captions
+   (:func:`raugment.lib.finetuned.families.denoising_loss`, SD v1.4's noise schedule), captions
    dropped to "" for 10 % of samples so classifier-free guidance works.
 
 Everything else (tokenizer = CLIP's real BPE, PNDM scheduler with SD v1.4's config, the tiny
 safety checker that flags nothing) is the tiny bundle's. Training is deterministic for a seed and
 step count (one torch thread). :func:`recognisability` measures what matters: a classifier trained
-on real images classifies the generated images, per prompt builder and per class, against chance.
+on real images classifies the generated images, per prompt method and per class, against chance.
 Measured at the defaults (demo pool, seed 0, 16 images per class, 20 PNDM steps, guidance 4):
 0.41 (simple_nows) and 0.48 (CLIP templates) on 4 classes, chance 0.25 (CLIP's random text init
 with a 150-step VAE: 0.38 / 0.36 at 300 UNet steps). ``benchmarks/mini_diffusion.py`` measures it.
@@ -230,7 +230,7 @@ def _train_unet(latents: "torch.Tensor", states: "torch.Tensor", caption_idx: "t
     import torch
 
     diffusers = require("diffusers")
-    from raugment.lib.finetuned.methods import denoising_loss
+    from raugment.lib.finetuned.families import denoising_loss
     from raugment.models.diffusion import SD14_SCHEDULER
 
     unet = diffusers.UNet2DConditionModel(sample_size=latents.shape[-1], cross_attention_dim=cross_dim,
@@ -349,8 +349,8 @@ def recognisability(pipeline_dir: str | Path, classifier: "torch.nn.Module | str
                     transform: Optional[Callable[[Any], "torch.Tensor"]] = None) -> dict[str, Any]:
     """How often a classifier trained on real images recognises a generator's images.
 
-    For each prompt builder (``raugment.lib.prompts.PROMPT_BUILDERS`` name, as the generate stage
-    uses them) and each class, ``n`` images are generated through
+    For each prompt method (a ``PromptMethod`` of ``raugment/stages/generate/methods/``, whose
+    prompts the generate stage uses) and each class, ``n`` images are generated through
     :func:`~raugment.models.diffusion.load_pipeline` (safety checker off: this measures the
     generator) and classified; label ``i`` is ``class_names[i]``.
 
@@ -358,24 +358,24 @@ def recognisability(pipeline_dir: str | Path, classifier: "torch.nn.Module | str
         pipeline_dir: an SD bundle directory or hub id.
         classifier: a model (logits over ``class_names``) or a classifier bundle directory.
         class_names: the classes, in the classifier's label order.
-        prompts: prompt builder names.
-        n: images per class and prompt builder.
+        prompts: prompt method names.
+        n: images per class and prompt method.
         seed: seeds the prompts and the generator (class ``i`` uses ``seed + i``).
         steps, guidance_scale, scheduler, size: generation settings.
         transform: PIL image -> normalised tensor as the classifier was trained; default the
             train stage's evaluation transform (``loader.build_transform(size, train=False)``).
 
     Returns:
-        ``{"chance": 1/K, "n_per_class": n, "prompts": {builder: {"accuracy", "per_class":
+        ``{"chance": 1/K, "n_per_class": n, "prompts": {method: {"accuracy", "per_class":
         {name: accuracy}}}}``.
     """
     import torch
 
     from raugment.core import schema
     from raugment.lib.loader import build_transform
-    from raugment.lib.prompts import build_prompts
     from raugment.models.classifier import load_classifier
     from raugment.models.diffusion import load_pipeline
+    from raugment.stages.generate.methods import GENERATORS, PromptMethod
 
     if not class_names:
         raise ValueError("recognisability: class_names is empty")
@@ -386,17 +386,20 @@ def recognisability(pipeline_dir: str | Path, classifier: "torch.nn.Module | str
     transform = transform or build_transform(size, train=False)
     pipe = load_pipeline(str(pipeline_dir), scheduler=scheduler, safety_checker=False)
     out: dict[str, Any] = {"chance": 1.0 / len(class_names), "n_per_class": n, "prompts": {}}
-    for builder in prompts:
+    for method_name in prompts:
+        method = GENERATORS.get(method_name)()
+        if not isinstance(method, PromptMethod):
+            raise ValueError(f"recognisability: {method_name!r} is not a prompt method")
         per_class: dict[str, float] = {}
         for label, name in enumerate(class_names):
             rng = np.random.default_rng([seed, label])
-            texts = build_prompts(builder, {schema.CLASS_NAME: name}, n, rng)
+            texts = method.make_prompts({schema.CLASS_NAME: name}, n, rng)
             images = pipe(texts, num_inference_steps=steps, guidance_scale=guidance_scale, height=size,
                           width=size, generator=torch.Generator().manual_seed(seed + label)).images
             with torch.no_grad():
                 pred = model(torch.stack([transform(im) for im in images])).argmax(1)
             per_class[name] = float((pred == label).float().mean())
-        out["prompts"][builder] = {"accuracy": float(np.mean(list(per_class.values()))), "per_class": per_class}
+        out["prompts"][method_name] = {"accuracy": float(np.mean(list(per_class.values()))), "per_class": per_class}
     return out
 
 

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Mapping
 from raugment.config import Config
 from raugment.core import schema as S
 from raugment.core.artifacts import class_counts
-from raugment.core.config import ConfigError, canonical_json, dump_yaml, to_dict
+from raugment.core.config import canonical_json, dump_yaml, to_dict
 from raugment.core.storage import SUCCESS, Artifact, StageRun, run_stage, write_text_atomic
 from raugment.runtime.cluster import keep_pools, release_idle_pools
 from raugment.runtime.worker_group import keep_groups, release_idle
@@ -291,17 +291,15 @@ def write_index(cfg: Config, plan: Plan, done: Mapping[str, Artifact],
 
 
 def check_methods(cfg: Config) -> None:
-    """Every study method is a known method or a variant of one (before planning names a stage)."""
-    from raugment.stages.generate.stage import GENERATORS
-    from raugment.study.planner import METHOD_PIPELINES
+    """Every study method is a known method or a variant of one (before planning names a stage):
+    ``retrieval``, a registered generation method or a registered fine-tuning method."""
+    from raugment.study.planner import method_pipeline, unknown_method
 
     for i, method in enumerate(cfg.study.methods):
         base = cfg.study.variants.get(method, {}).get("method", method)
-        if base not in METHOD_PIPELINES and base not in GENERATORS:
-            where = f"study.variants.{method}.method" if method in cfg.study.variants else f"study.methods[{i}]"
-            known = sorted(set(METHOD_PIPELINES) - {"baseline"} | set(GENERATORS.names()))
-            raise ConfigError(f"{where}: unknown method {base!r}; known: {', '.join(known)} "
-                              "(or a name of study.variants)")
+        if method_pipeline(base) is None:
+            raise unknown_method(f"study.variants.{method}.method" if method in cfg.study.variants
+                                 else f"study.methods[{i}]", base)
 
 
 def preflight(cfg: Config) -> Plan:

@@ -7,10 +7,16 @@ study that need the same artifact meet in one node: one dataset stage, one gener
 method sized for the largest ratio, one retrieval at the largest quota, one filter/dedup/audit
 chain per method; only assemble and train vary with ratio, set and seed.
 
+A study method is ``baseline``, ``retrieval``, a generation method (a plug-in of
+``raugment/stages/generate/methods/``: planned as generation) or a fine-tuning method (a plug-in of
+``raugment/stages/finetune/methods/``: fine-tuning -> checkpoint selection -> generation from it);
+see :func:`method_pipeline`. A new plug-in is planned without any change here.
+
 Each node also carries how many images it generates / retrieves / downloads / trains on and an
-estimate of its CPU- and GPU-hours from per-image costs (:data:`DEFAULT_COSTS`, overridable by
-``study.costs``; measured seconds from ``stats.json`` replace the estimate for nodes a study has
-already run). Nothing here imports torch or ray, and planning writes nothing.
+estimate of its CPU- and GPU-hours from per-image costs (:data:`DEFAULT_COSTS` and the figures the
+plug-ins declare, :func:`plugin_costs`, overridable by ``study.costs``; measured seconds from
+``stats.json`` replace the estimate for nodes a study has already run). Nothing here imports torch
+or ray, and planning writes nothing.
 
 ``raugment <stage>`` plans with the same builders (:mod:`raugment.study.target`): one target
 stage and what it needs, with the user's sections used as given (:attr:`PlanContext.as_given`).
@@ -33,29 +39,26 @@ from raugment.core.registry import Registry
 log = logging.getLogger(__name__)
 
 # Per-image costs. "gpu_s"/"cpu_s" are device-seconds on the reference hardware named beside each.
+# The plug-ins declare their own figures (:func:`plugin_costs`): a generation method its
+# ``cost_fraction`` (key ``generate.<method>_fraction``; Boomerang's img2img at strength 0.2 runs
+# ~20 % of the denoising steps), a fine-tuning method its ``gpu_s_per_image`` (key
+# ``finetune.<method>.gpu_s_per_image``; the paper's V100 GPU-hours on 10 % ImageNet).
 DEFAULT_COSTS: dict[str, float] = {
-    # SD v1.4, 512 px, 50 steps with guidance: published diffusers figure ~1.5 img/s on an A100
-    # (DESIGN section 7). The paper measured 867 T4 GPU-h for 390 x 1000 images = 8.0 s/image.
+    # SD v1.4, 512 px, 50 steps with guidance: published diffusers figure ~1.5 img/s on an A100.
+    # The paper measured 867 T4 GPU-h for 390 x 1000 images = 8.0 s/image.
     "generate.gpu_s_per_image": 1 / 1.5,
-    # Boomerang is img2img at strength 0.2: only ~20 % of the denoising steps run.
-    "generate.boomerang_fraction": 0.2,
-    # Fine-tuning, whole run, per training image (paper section 4: V100 GPU-h on 10 % ImageNet,
-    # 126,861 images, <= 40 epochs): FT conditioning 380 h, FT cluster conditioning 244 h,
-    # textual inversion 368 h, Imagic 552 h, pseudoword+DM 720 h.
-    "finetune.ft_conditioning.gpu_s_per_image": 380 * 3600 / 126_861,
-    "finetune.ft_cluster_conditioning.gpu_s_per_image": 244 * 3600 / 126_861,
-    "finetune.textual_inversion.gpu_s_per_image": 368 * 3600 / 126_861,
-    "finetune.imagic.gpu_s_per_image": 552 * 3600 / 126_861,
-    "finetune.pseudoword_dm.gpu_s_per_image": 720 * 3600 / 126_861,
-    "finetune.gpu_s_per_image": 380 * 3600 / 126_861,  # any other fine-tuning method
-    # Downloads: img2dataset reaches ~1,000 img/s on a 16-core node (DESIGN section 7) -> 0.016
-    # core-s per attempted URL. (The paper's retrieval took 28.5 h wall for 10 % ImageNet.)
+    # Fine-tuning, whole run, per training image, for a fine-tuning method that declares no figure
+    # (every method's own figure, or its study.costs override, comes first): the paper's FT
+    # conditioning, 380 V100 GPU-h on 10 % ImageNet (126,861 images, <= 40 epochs).
+    "finetune.gpu_s_per_image": 380 * 3600 / 126_861,
+    # Downloads: img2dataset reaches ~1,000 img/s on a 16-core node -> 0.016 core-s per attempted
+    # URL. (The paper's retrieval took 28.5 h wall for 10 % ImageNet.)
     "retrieve.cpu_s_per_download": 0.016,
     # One CLIP text query per class plus index search: negligible beside downloads.
     "retrieve.cpu_s_per_class": 0.5,
     # NSFW + aesthetic + CLIP scores: one ViT-L/14 image embedding (~80 GFLOP) per image.
     "filter.gpu_s_per_image": 0.004,
-    # pHash of a 64 px reduced image: ~12.7k img/s on one core (STACK-NOTES).
+    # pHash of a 64 px reduced image: ~12.7k img/s on one core (measured).
     "dedup.cpu_s_per_image": 1 / 12_700,
     "audit.cpu_s_per_image": 1 / 12_700,
     # Reading, decoding, resizing and re-encoding a dataset image.
@@ -68,6 +71,20 @@ DEFAULT_COSTS: dict[str, float] = {
     "train.epochs_fraction": 0.7,
     "train.cpu_s_per_image_epoch": 0.004,  # CPU decode/augment when training on GPU
 }
+
+
+def plugin_costs() -> dict[str, float]:
+    """The cost figures the generation and fine-tuning plug-ins declare, by ``study.costs`` key."""
+    from raugment.stages.finetune.methods import FINETUNERS
+    from raugment.stages.generate.methods import GENERATORS
+
+    out = {f"generate.{name}_fraction": float(GENERATORS.get(name).cost_fraction) for name in GENERATORS}
+    for name in FINETUNERS:
+        figure = FINETUNERS.get(name).gpu_s_per_image
+        if figure is not None:
+            out[f"finetune.{name}.gpu_s_per_image"] = float(figure)
+    return out
+
 
 # Which config sections each stage reads: they (and the inputs) make a node's identity.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -85,17 +102,37 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 BASELINE = "baseline"
+RETRIEVAL = "retrieval"
 
-# method -> pipeline; methods not listed are prompt/img2img generation methods ("generate").
-METHOD_PIPELINES: dict[str, str] = {
-    BASELINE: "baseline",
-    "retrieval": "retrieval",
-    "ft_conditioning": "finetune",
-    "ft_cluster_conditioning": "finetune",
-    "imagic": "finetune",
-    "textual_inversion": "finetune",
-    "pseudoword_dm": "finetune",
-}
+
+def method_pipeline(base: str) -> str | None:
+    """The pipeline of a study method: ``baseline``, ``retrieval``, ``generate`` (a registered
+    generation method) or ``finetune`` (a registered fine-tuning method); None for an unknown name."""
+    from raugment.stages.finetune.methods import FINETUNERS
+    from raugment.stages.generate.methods import GENERATORS
+
+    if base in (BASELINE, RETRIEVAL):
+        return base
+    if base in GENERATORS:
+        return "generate"
+    if base in FINETUNERS:
+        return "finetune"
+    return None
+
+
+def known_methods() -> list[str]:
+    """Every name a study method may have (besides the baseline), sorted."""
+    from raugment.stages.finetune.methods import FINETUNERS
+    from raugment.stages.generate.methods import GENERATORS
+
+    return sorted({RETRIEVAL, *GENERATORS.names(), *FINETUNERS.names()})
+
+
+def unknown_method(where: str, base: str) -> ConfigError:
+    """The error for a study method ``base`` (at config key ``where``) that no registry knows."""
+    return ConfigError(f"{where}: unknown method {base!r}; known: {', '.join(known_methods())} "
+                       "(or a name of study.variants)")
+
 
 InputRef = str | list[str] | dict[str, str] | None
 
@@ -270,7 +307,10 @@ def method_config(cfg: Config, method: str) -> tuple[str, str, Config]:
     """(base method, pipeline name, config variant) of a study method or variant."""
     variant = dict(cfg.study.variants.get(method, {}))
     base = variant.pop("method", method)
-    pipeline = variant.pop("pipeline", METHOD_PIPELINES.get(base, "generate"))
+    pipeline = variant.pop("pipeline", None) or method_pipeline(base)
+    if pipeline is None:
+        raise unknown_method(f"study.variants.{method}.method" if method in cfg.study.variants else "study.methods",
+                             base)
     try:
         variant_cfg = with_overrides(cfg, variant) if variant else cfg
     except ConfigError as exc:
@@ -389,10 +429,10 @@ def plan_retrieval(ctx: PlanContext, method: str, base: str, cfg: Config) -> dic
 def _generation_gpu_s(ctx: PlanContext, base: str, cfg: Config, n: int) -> float:
     """Estimated GPU-seconds of generating ``n`` images with ``cfg.generate``."""
     g = cfg.generate
-    # Cost scales with UNet calls (steps) and latent pixels relative to 512 px x 50 steps.
+    # Cost scales with UNet calls (steps) and latent pixels relative to 512 px x 50 steps, times
+    # the method's own fraction of that (a fine-tuned method's generation: a full sample).
     scale = (g.steps / 50) * (g.height * g.width) / (512 * 512)
-    if base == "boomerang":
-        scale *= ctx.costs["generate.boomerang_fraction"]
+    scale *= ctx.costs.get(f"generate.{base}_fraction", 1.0)
     return n * scale * ctx.costs["generate.gpu_s_per_image"]
 
 
@@ -447,11 +487,11 @@ def candidate_names(cfg: Config, base: str) -> list[str]:
         ConfigError: a candidate (or ``select.checkpoint``) epoch the fine-tuning never keeps.
     """
     from raugment.lib.finetuned.artifact import BEST_TRAIN, BEST_VAL, epoch_tag
-    from raugment.lib.finetuned.methods import FINETUNERS
+    from raugment.stages.finetune.methods import get_method
 
     f = cfg.finetune
     try:
-        kept = FINETUNERS.get(base)().keep_epochs(f)
+        kept = get_method(base).keep_epochs(f)
     except ValueError as exc:
         raise ConfigError(f"finetune.method: {exc}") from None
     epochs = sorted(e for e in set(kept) if e <= f.max_epochs)
@@ -563,11 +603,12 @@ def plan_datasets(cfg: Config, sizes: Mapping[str, DatasetSize] | None = None,
     Raises:
         ConfigError: unknown cost keys.
     """
-    merged = {**DEFAULT_COSTS, **cfg.study.costs, **(costs or {})}
-    unknown = sorted(set(cfg.study.costs) - set(DEFAULT_COSTS) - {
-        k for k in cfg.study.costs if k.startswith("finetune.") and k.endswith(".gpu_s_per_image")})
+    declared = plugin_costs()
+    merged = {**DEFAULT_COSTS, **declared, **cfg.study.costs, **(costs or {})}
+    unknown = sorted(set(cfg.study.costs) - set(DEFAULT_COSTS) - set(declared))
     if unknown:
-        raise ConfigError(f"study.costs.{unknown[0]}: unknown cost; known: {', '.join(sorted(DEFAULT_COSTS))}")
+        raise ConfigError(f"study.costs.{unknown[0]}: unknown cost; known: "
+                          f"{', '.join(sorted({*DEFAULT_COSTS, *declared}))}")
     plan = Plan(node_gpus=cfg.study.node_gpus, node_cpus=cfg.study.node_cpus)
     max_ratio = max(cfg.study.ratios)
     contexts = []

@@ -140,8 +140,9 @@ def test_personalisation_methods_fine_tune_the_mini_model(mini_sd, name):
     """Methods 5-9 train on the mini bundle as on SD v1.4: the loss falls on a repeated batch."""
     import torch
 
-    from raugment.lib.finetuned.methods import CondRow, build_personaliser, get_method
+    from raugment.lib.finetuned.families import CondRow, build_personaliser
     from raugment.models.diffusion import load_components
+    from raugment.stages.finetune.methods import get_method
 
     comps = load_components(str(mini_sd))
     rows = [CondRow(0, 0, "red circle", 0, 2), CondRow(1, 1, "blue square", 0, 2)]

@@ -1,6 +1,7 @@
-"""A fine-tuning artifact stand-in (checkpoint names, snapshot directories, losses) without torch,
-for the selection tests: only what :func:`raugment.lib.finetuned.artifact.resolve` and
-:func:`~raugment.lib.finetuned.artifact.list_checkpoints` read."""
+"""Fine-tuning artifacts for tests: a stand-in without torch (checkpoint names, snapshot directories,
+losses) for the selection tests, only what :func:`raugment.lib.finetuned.artifact.resolve` and
+:func:`~raugment.lib.finetuned.artifact.list_checkpoints` read (:func:`make_finetune`); a real one
+from a method's initial table, without training (:func:`hand_made_artifact`); and sampling."""
 
 from __future__ import annotations
 
@@ -32,3 +33,47 @@ def fill(run: StageRun, tags: Mapping[int, Sequence[str]] = TAGS) -> None:
 def make_finetune(root, tags: Mapping[int, Sequence[str]] = TAGS, key: str = "ft") -> Artifact:
     """A complete ``finetune`` artifact under ``root`` with ``tags``."""
     return run_stage(root, "finetune", {"fake": key}, {}, lambda r: fill(r, tags))
+
+
+def hand_made_artifact(path, comps, method_name: str, perturb: float, meta_method: str | None = None):
+    """A finetune artifact written through the stage's own writers (no training): the init table of
+    the fine-tuning method ``method_name`` plus a random direction of size ``perturb`` (and, for a
+    method that trains the UNet, a shifted ``conv_out`` bias), recorded as ``meta_method``'s.
+
+    Returns the :class:`~raugment.lib.finetuned.families.CondRow` s it holds.
+    """
+    import pyarrow.parquet as pq
+    import torch
+
+    from raugment.lib.finetuned.artifact import write_snapshot
+    from raugment.lib.finetuned.families import CondRow
+    from raugment.stages.finetune.methods import get_method
+
+    method = get_method(method_name)
+    rows = [CondRow(0, 0, "tiger shark, Galeocerdo cuvieri", 0, 3, "<raug-0>"),
+            CondRow(1, 1, "axolotl", 0, 2, "<raug-1>")]
+    table = method.init_table(comps, rows)
+    # a random direction: a constant shift would vanish in the text encoder's first LayerNorm
+    table = table + perturb * torch.randn(table.shape, generator=torch.Generator().manual_seed(0))
+    path.mkdir(parents=True)
+    pq.write_table(S.to_table([{S.COND_ROW: r.row, S.LABEL: r.label, S.CLASS_NAME: r.class_name,
+                                S.CLUSTER: r.cluster, S.N_IMAGES: r.n_images, S.TOKEN: r.token}
+                               for r in rows], S.CONDITIONINGS), path / f"{CONDITIONINGS}.parquet")
+    unet = comps["unet"] if method.trains_unet else None
+    if unet is not None and perturb:
+        with torch.no_grad():
+            unet.conv_out.bias.add_(0.5)
+    write_snapshot(path, 1, {method.table_key: table},
+                   {"method": meta_method or method_name, "train_loss": 1.0, "val_loss": 1.0}, unet=unet)
+    write_tags(path, {1: ["best_train", "best_val", "epoch_001"]})
+    return rows
+
+
+def sample(pipe, **kwargs):
+    """Images (NumPy) of a 2-step pipeline call with one seeded CPU generator per image."""
+    import torch
+
+    n = len(kwargs.get("prompt") or kwargs["prompt_embeds"])
+    gens = [torch.Generator("cpu").manual_seed(s) for s in range(n)]
+    with torch.inference_mode():
+        return pipe(**kwargs, num_inference_steps=2, generator=gens, output_type="np").images

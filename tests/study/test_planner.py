@@ -14,6 +14,9 @@ from raugment.study.planner import (
     build_plan,
     format_plan,
     generation_quota,
+    known_methods,
+    method_pipeline,
+    plugin_costs,
     retrieval_quota,
 )
 
@@ -90,6 +93,40 @@ def test_estimates_scale_with_ratio_and_follow_cost_overrides():
     text = format_plan(p100)
     assert "generate" in text and "1 classifiers" not in text and "2 classifiers" in text
     assert "8 GPUs" in text
+
+
+def test_methods_are_planned_by_the_registry_they_are_in():
+    assert [method_pipeline(m) for m in ("baseline", "retrieval", "simple", "boomerang", "imagic", "nope")] == \
+        ["baseline", "retrieval", "generate", "generate", "finetune", None]
+    assert {"retrieval", "sariyildiz", "pseudoword_dm"} <= set(known_methods()) and "baseline" not in known_methods()
+    with pytest.raises(ConfigError, match=r"study\.methods: unknown method 'nope'; known: .*imagic"):
+        build_plan(_cfg("study.methods=[nope]"))
+    with pytest.raises(ConfigError, match=r"study\.variants\.v\.method: unknown method 'nope'"):
+        build_plan(_cfg("study.methods=[v]", "study.variants={v: {method: nope}}"))
+
+
+def _gpu_h(plan, stage, method):
+    (node,) = [n for n in plan.by_stage(stage) if n.labels.get("method") == method and "checkpoint" not in n.labels]
+    return node.gpu_h
+
+
+def test_plug_ins_declare_their_costs_and_the_study_overrides_them():
+    costs = plugin_costs()
+    assert costs["finetune.imagic.gpu_s_per_image"] == pytest.approx(552 * 3600 / 126_861)
+    assert costs["generate.boomerang_fraction"] == 0.2 and costs["generate.simple_fraction"] == 1.0
+    assert not {k for k in DEFAULT_COSTS if k.count(".") > 1}  # no method is named here
+    base = ["study.methods=[simple, boomerang, imagic]", "study.select_checkpoint=false", "study.sets=1"]
+    plan = build_plan(_cfg(*base))
+    assert _gpu_h(plan, "generate", "boomerang") == pytest.approx(0.2 * _gpu_h(plan, "generate", "simple"))
+    ft = 900 * costs["finetune.imagic.gpu_s_per_image"] / 3600  # 40 epochs at 512 px: the paper's budget
+    assert _gpu_h(plan, "finetune", "imagic") == pytest.approx(ft)
+    over = build_plan(_cfg(*base, "study.costs={generate.boomerang_fraction: 0.5, finetune.imagic.gpu_s_per_image: 2.0,"
+                                  " finetune.gpu_s_per_image: 99.0}"))
+    assert _gpu_h(over, "generate", "boomerang") == pytest.approx(0.5 * _gpu_h(over, "generate", "simple"))
+    assert _gpu_h(over, "finetune", "imagic") == pytest.approx(900 * 2.0 / 3600)
+    with pytest.raises(ConfigError, match=r"study\.costs\.finetune\.dreambooth\.gpu_s_per_image: unknown cost; "
+                                          r"known: .*finetune\.imagic\.gpu_s_per_image"):
+        build_plan(_cfg(*base, "study.costs={finetune.dreambooth.gpu_s_per_image: 1.0}"))
 
 
 def test_measured_stats_replace_estimates(tmp_path):

@@ -167,6 +167,8 @@ class Personalisation:
         method: the fine-tuning method's name.
         rows: the ``conditionings`` table as Python rows (cond_row, label, cluster, n_images, ...).
         table: the learned tensor (``[n, 77, d]`` conditionings or ``[n, d]`` embeddings).
+        table_key: its safetensors key, which names its family
+            (:func:`raugment.lib.finetuned.families.family_of`).
         unet_dir: the fine-tuned UNet directory, or None when the UNet was frozen.
         artifact: the stage directory; checkpoint: the name that was loaded.
     """
@@ -174,6 +176,7 @@ class Personalisation:
     method: str
     rows: list[dict[str, Any]]
     table: Any
+    table_key: str
     unet_dir: Optional[Path]
     artifact: Path
     checkpoint: str
@@ -224,7 +227,7 @@ def load_personalisation(path: str | Path, checkpoint: Optional[str] = None) -> 
     artifact, snap, name = resolve(path, checkpoint)
     meta = json.loads((snap / META).read_text())
     tensors = load_file(str(snap / LEARNED))
-    (table,) = tensors.values()
+    ((key, table),) = tensors.items()
     rows = pq.read_table(artifact / f"{CONDITIONINGS}.parquet").to_pylist()
     unet_dir = snap / UNET if (snap / UNET).is_dir() else None
-    return Personalisation(meta["method"], rows, table, unet_dir, artifact, name)
+    return Personalisation(meta["method"], rows, table, key, unet_dir, artifact, name)

@@ -1,26 +1,29 @@
-"""Config of the ``finetune`` stage (section ``finetune``)."""
+"""Config of the ``finetune`` stage (section ``finetune``, with its methods' own keys)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from raugment.core.config import ActorPoolConfig, ConfigError, WorkersConfig, positive
+from raugment.core.config import ConfigError, WorkersConfig, positive, with_plugins
+from raugment.stages.finetune.methods import FINETUNERS
 
 
+@with_plugins(FINETUNERS)
 @dataclass
 class FinetuneConfig:
     """Personalisation of the diffusion model (paper 3.1, methods 5-9), one DDP training run.
 
-    ``method`` is a name in ``FINETUNERS`` (ft_conditioning, ft_cluster_conditioning, imagic,
-    textual_inversion, pseudoword_dm). ``batch_size`` is per worker; the learning rates ``lr``
+    ``method`` is a fine-tuning method of ``raugment/stages/finetune/methods/`` (ft_conditioning,
+    ft_cluster_conditioning, imagic, textual_inversion, pseudoword_dm); their own keys
+    (``clusters``, ``feature_*`` of ft_cluster_conditioning, ``imagic_epochs``) are declared in
+    their modules and carried here. ``batch_size`` is per worker; the learning rates ``lr``
     (conditioning / pseudo-word) and ``unet_lr`` are tuned at ``base_batch_size`` and scaled by
     ``sqrt(batch_size * workers / base_batch_size)``. Training stops when the validation loss (on
     ``val_fraction`` of each class's images) has not improved by ``min_delta`` for ``patience``
     epochs, or at ``max_epochs`` (paper: 40; 3 on full ImageNet). Checkpoints: best train loss,
-    best validation loss, the epochs in ``keep_epochs``, and Imagic's first ``imagic_epochs``.
-    ``clusters`` is k of FT cluster conditioning (k-means on Inception-v3 features with
-    ``feature_weights``: a torchvision weights name, a ``.safetensors`` file, or null = random).
+    best validation loss, and the epochs the method keeps (``keep_epochs``; Imagic: its first
+    ``imagic_epochs``).
 
     ``runner`` picks where the loop runs (same results for the same seed, so it is not part of
     the stage key): ``worker_group`` leases ``workers`` as a long-lived Ray actor group with one
@@ -43,23 +46,17 @@ class FinetuneConfig:
     patience: int = 3
     min_delta: float = 0.0
     val_fraction: float = 0.1
-    clusters: int = 1
     keep_epochs: list[int] = field(default_factory=lambda: [1, 2, 3])
-    imagic_epochs: int = 8
     cache_latents: bool = True
     encode_batch_size: int = 16
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     seed: int = 0
-    feature_weights: Optional[str] = "IMAGENET1K_V1"
-    feature_size: int = 299
-    feature_pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(batch_size=32))
     keep_train_state: bool = False
     runner: Literal["worker_group", "ray_train"] = "worker_group"
     workers: WorkersConfig = field(default_factory=WorkersConfig)
 
     def validate(self, key: str) -> None:
-        for name in ("batch_size", "base_batch_size", "max_epochs", "patience", "clusters",
-                     "imagic_epochs", "encode_batch_size"):
+        for name in ("batch_size", "base_batch_size", "max_epochs", "patience", "encode_batch_size"):
             positive(getattr(self, name), f"{key}.{name}")
         if self.lr <= 0 or self.unet_lr <= 0:
             raise ConfigError(f"{key}.lr and {key}.unet_lr must be > 0")
@@ -69,5 +66,3 @@ class FinetuneConfig:
             raise ConfigError(f"{key}.val_fraction must be in [0, 1), got {self.val_fraction}")
         if any(e < 1 for e in self.keep_epochs):
             raise ConfigError(f"{key}.keep_epochs are 1-based epochs, got {self.keep_epochs}")
-        if self.feature_size < 75:
-            raise ConfigError(f"{key}.feature_size must be >= 75 (Inception-v3's minimum input)")

@@ -35,13 +35,8 @@ import numpy as np
 
 from raugment.core import schema
 from raugment.lib.finetuned.artifact import CONDITIONINGS, ITEMS, write_snapshot, write_tags
-from raugment.lib.finetuned.methods import (
-    CondRow,
-    build_personaliser,
-    get_method,
-    load_trainable_state,
-    trainable_state,
-)
+from raugment.lib.finetuned.families import CondRow, build_personaliser, load_trainable_state, trainable_state
+from raugment.stages.finetune.methods import get_method
 from raugment.stages.finetune.policy import EarlyStopper, EpochRecord, checkpoint_tags, epoch_order, scaled_lr
 
 log = logging.getLogger(__name__)

@@ -16,12 +16,16 @@ seed.
 
 The generator reads the artifact by config (``generate.method=<same name>``,
 ``generate.conditioning=<this artifact or one of its checkpoint directories>``); see
-:mod:`raugment.stages.generate.personalised`. :func:`select_checkpoint` picks the checkpoint whose
-generated images train the best classifier; in a study the scores come from ordinary generate ->
-assemble -> train runs per candidate, and the ``select`` stage (:mod:`raugment.stages.select.stage`) records
-the choice for the generator.
+:mod:`raugment.stages.generate.methods.personalised`. :func:`select_checkpoint` picks the
+checkpoint whose generated images train the best classifier; in a study the scores come from
+ordinary generate -> assemble -> train runs per candidate, and the ``select`` stage
+(:mod:`raugment.stages.select.stage`) records the choice for the generator.
 
-The parts live in :mod:`raugment.personalise` (policy, methods, the worker loop, outputs).
+The methods are plug-ins, one module each in ``raugment/stages/finetune/methods/``; the other
+parts are :mod:`~raugment.stages.finetune.policy` (LR scaling, early stop, checkpoint policy,
+splits), :mod:`~raugment.stages.finetune.loop` (the worker loop),
+:mod:`~raugment.stages.finetune.kmeans` (clustering features) and :mod:`raugment.lib.finetuned`
+(the families and the artifact on disk).
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ from raugment.lib.finetuned.artifact import (
     list_checkpoints,
     write_selected,
 )
-from raugment.lib.finetuned.methods import FINETUNERS, CondRow, pseudo_token  # importing it registers FINETUNERS
+from raugment.lib.finetuned.families import CondRow, pseudo_token
+from raugment.stages.finetune.methods import FINETUNERS, FinetuneMethod
 from raugment.stages.finetune.policy import split_train_val
 
 log = logging.getLogger(__name__)
@@ -89,7 +94,7 @@ def plan_rows(labels: Sequence[int], class_names: dict[int, str], clusters: Sequ
     return rows, per_image
 
 
-def _check(cfg: Config) -> Any:
+def _check(cfg: Config) -> FinetuneMethod:
     """Config checks that need the registry or the file system, before any work."""
     fcfg = cfg.finetune
     try:
@@ -97,8 +102,6 @@ def _check(cfg: Config) -> Any:
     except ValueError as exc:
         raise ConfigError(f"finetune.method: {exc}") from None
     check_local_model(fcfg.model, "finetune.model", "model_index.json", DIFFUSERS_HINT)
-    if method.uses_clusters and fcfg.clusters > 1 and fcfg.feature_weights is None:
-        log.warning("finetune.feature_weights is null: clustering on random Inception-v3 features")
     return method
 
 
@@ -107,25 +110,7 @@ def preflight(cfg: Config) -> None:
     _check(cfg)
 
 
-def _cluster(cfg: Config, method: Any, dataset: Artifact, ids: list[str], labels: list[int]) -> np.ndarray:
-    """Cluster index of each training image (all 0 unless the method clusters with k > 1)."""
-    if not method.uses_clusters or cfg.finetune.clusters == 1:
-        return np.zeros(len(ids), dtype=np.int64)
-    from raugment.runtime.cluster import init_ray
-    from raugment.stages.finetune.kmeans import cluster_within_classes, features_dataset
-
-    init_ray(cfg.cluster, progress=cfg.run.progress)
-    got, feats = features_dataset([str(f) for f in dataset.files("images")], "train", cfg.finetune.feature_weights,
-                                  cfg.finetune.feature_size, cfg.finetune.feature_pool)
-    position = {i: n for n, i in enumerate(got)}
-    missing = [i for i in ids if i not in position]
-    if missing:
-        raise RuntimeError(f"no Inception features for {len(missing)} training images, e.g. {missing[0]}")
-    feats = feats[[position[i] for i in ids]]
-    return cluster_within_classes(np.asarray(labels), feats, cfg.finetune.clusters, seed=cfg.finetune.seed)
-
-
-def _write_plan(run: StageRun, cfg: Config, method: Any, dataset: Artifact) -> None:
+def _write_plan(run: StageRun, cfg: Config, method: FinetuneMethod, dataset: Artifact) -> None:
     """``conditionings.parquet`` (learned rows) and ``items.parquet`` (image -> row, train/val)."""
     from raugment.core.artifacts import read_classes, read_split
 
@@ -135,7 +120,7 @@ def _write_plan(run: StageRun, cfg: Config, method: Any, dataset: Artifact) -> N
     classes = read_classes(dataset)
     names = dict(zip(classes.column(schema.LABEL).to_pylist(), classes.column(schema.CLASS_NAME).to_pylist()))
     ids, labels = train.column(schema.ID).to_pylist(), train.column(schema.LABEL).to_pylist()
-    clusters = _cluster(cfg, method, dataset, ids, labels)
+    clusters = method.cluster_images(cfg, dataset, ids, labels)
     rows, per_image = plan_rows(labels, names, clusters, method.pseudowords)
     # stratify the held-out part by class (clusters of one image would otherwise lose it)
     split = split_train_val(labels, cfg.finetune.val_fraction, cfg.finetune.seed)

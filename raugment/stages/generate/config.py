@@ -1,4 +1,4 @@
-"""Config of the ``generate`` stage (section ``generate``)."""
+"""Config of the ``generate`` stage (section ``generate``, with its methods' own keys)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,29 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from raugment.core.config import AUTO, ActorPoolConfig, AutoBool, ConfigError, on_gpu, positive, resolve_auto
+from raugment.core.config import (
+    AUTO,
+    ActorPoolConfig,
+    AutoBool,
+    ConfigError,
+    on_gpu,
+    positive,
+    resolve_auto,
+    with_plugins,
+)
+from raugment.stages.generate.methods import GENERATORS
 
 
+@with_plugins(GENERATORS)
 @dataclass
 class GenerateConfig:
     """Diffusion generation (paper 3.1, prompt conditioning and Boomerang; ``raugment.stages.generate.stage``).
 
-    ``method`` names a class in ``registry.GENERATORS`` (simple, simple_nows, clip_templates,
-    sariyildiz, boomerang, and the personalised methods). ``model`` is a hub id or a local bundle
+    ``method`` names a generation method of ``raugment/stages/generate/methods/`` (simple,
+    simple_nows, clip_templates, sariyildiz, boomerang), or a fine-tuned method (ft_conditioning,
+    ...) when the stage is given a fine-tuning artifact (the ``finetune`` input or
+    ``conditioning``). The methods' own keys (``boomerang_strength``, ...) are declared in their
+    modules and carried here. ``model`` is a hub id or a local bundle
     (``raugment models tiny DIR`` writes ``DIR/sd``). ``seed`` fixes every prompt and per-image
     seed. ``pool`` is the actor pool: ``batch_size`` is the diffusion batch per pipeline call,
     ``num_gpus``/``num_cpus``/``concurrency`` only say where it runs (they are not part of the
@@ -27,8 +41,9 @@ class GenerateConfig:
     ``shard_images``: a class's slots are made in chunks of this many (by slot index), each
     written as one shard once complete, so a kill loses at most the chunks in progress and a
     resumed run writes the same shards, from the same batches, as an uninterrupted one.
-    ``conditioning``: a fine-tuning stage directory for the personalised methods, used when no
-    fine-tuning artifact is passed to ``generate.run`` (``raugment generate`` then plans no fine-tuning).
+    ``conditioning``: a fine-tuning (or select) stage directory for a fine-tuned method, used
+    when no fine-tuning artifact is passed to ``generate.run`` (``raugment generate`` then plans no
+    fine-tuning).
     """
 
     method: str = "simple"
@@ -42,7 +57,6 @@ class GenerateConfig:
     steps: int = 50
     guidance_scale: float = 7.5
     scheduler: str = "pndm"
-    boomerang_strength: float = 0.2
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = "auto"
     sdpa: bool = True
@@ -72,8 +86,6 @@ class GenerateConfig:
             v = getattr(self, dim)
             if v <= 0 or v % 8:
                 raise ConfigError(f"{key}.{dim} must be a positive multiple of 8, got {v}")
-        if not 0 < self.boomerang_strength <= 1:
-            raise ConfigError(f"{key}.boomerang_strength must be in (0, 1]")
         if self.guidance_scale < 0:
             raise ConfigError(f"{key}.guidance_scale must be >= 0 (1 = no guidance), got {self.guidance_scale}")
         if self.scheduler not in SCHEDULERS:

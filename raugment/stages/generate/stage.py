@@ -32,8 +32,11 @@ Dataflow of ``run(cfg, dataset, finetune=None)`` (stage ``generate``)::
   ``params`` (scheduler, steps, guidance, size, dtype, attempt, base seed, conditioning, and the
   method's own fields).
 
-Generation methods are classes registered in ``registry.GENERATORS``; see
-:class:`GenerationMethod` for the interface that personalised methods implement.
+Generation methods are plug-ins, one module each in ``raugment/stages/generate/methods/``
+(:data:`~raugment.stages.generate.methods.GENERATORS`; the contract is
+:class:`~raugment.stages.generate.methods.GenerationMethod`). A ``generate.method`` that is not
+one of them is a fine-tuned method's name: given a fine-tuning artifact, the stage samples from it
+with :class:`~raugment.stages.generate.methods.personalised.Personalised` (:func:`check_config`).
 """
 
 from __future__ import annotations
@@ -46,20 +49,16 @@ from collections import Counter, defaultdict, deque
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-import numpy as np
-
 from raugment.config import Config
 from raugment.core import schema
 from raugment.core.config import DIFFUSERS_HINT, ConfigError, check_local_model, to_dict
-from raugment.core.imageio import decode_image, encode_image, item_id, stable_id
-from raugment.core.registry import Registry
+from raugment.core.imageio import encode_image
 from raugment.core.storage import Artifact, StageRun, run_stage, write_parquet_atomic
-from raugment.lib.prompts import build_prompts
 from raugment.stages.generate.config import GenerateConfig
+from raugment.stages.generate.methods import GENERATORS, GenerationMethod, Row, slot_seed
+from raugment.stages.generate.methods.personalised import NEEDS_ARTIFACT, Personalised
 
 log = logging.getLogger(__name__)
-
-GENERATORS: Registry = Registry("generation method", ("raugment.stages.generate.personalised",))
 
 STAGE = "generate"
 SOURCE = "generated"
@@ -69,192 +68,16 @@ FAILURES = "failures"
 PROMPTS = "prompts"
 NSFW = "nsfw"
 NSFW_UNFILLABLE = "nsfw_unfillable"
-INIT_IMAGE = "init_image"   # plan-row key (not a column): bytes of the img2img input
-
-Row = dict[str, Any]
 
 
 # --------------------------------------------------------------------------------------------
-# Seeds and ids
+# Ids
 # --------------------------------------------------------------------------------------------
-
-
-def slot_seed(seed: int, method: str, class_id: str, index: int, attempt: int = 0) -> int:
-    """The seed of a slot's ``attempt`` (0 = the planned sample), stable across runs and machines."""
-    return int(stable_id(seed, method, class_id, index, attempt), 16) % (2**31 - 1)
-
-
-def slot_id(method: str, class_id: str, index: int, seed: int) -> str:
-    """Stable image id of a slot: (class, method, index, planned seed)."""
-    return item_id(f"gen-{method}", class_id, index, seed)
 
 
 def attempt_id(slot: str, attempt: int) -> str:
     """Id of one flagged sample of a slot (failures table)."""
     return f"{slot}#{attempt}"
-
-
-# --------------------------------------------------------------------------------------------
-# Generation methods
-# --------------------------------------------------------------------------------------------
-
-
-class GenerationMethod:
-    """A way of producing images for a class; subclasses are registered in ``GENERATORS``.
-
-    Lifecycle (the generation stage calls these; a method never calls the stage):
-
-    1. On the driver, ``plan(classes, cfg, dataset=..., finetune=...)`` returns one row per image
-       to make, ``cfg.images_per_class`` per class. Each row has ``label``, ``class_id``,
-       ``class_name``, ``index`` (0..n-1 within the class), ``prompt`` (str; "" if unused) and
-       ``params`` (dict of method-specific provenance, JSON-able); ``img2img`` methods add
-       ``init_image`` (encoded bytes). Use :meth:`slot_rows` to add ``method``, ``seed`` and ``id``.
-       Must be deterministic in (classes, cfg, inputs). Set ``needs_finetune = True`` if the
-       method cannot work without a fine-tuning artifact.
-    2. On each actor, once: ``setup(pipe, cfg, finetune_path)`` after the pipeline of kind
-       ``self.kind`` ("text2img" | "img2img") is loaded through ``models.diffusion.load_pipeline``:
-       load learned conditionings, textual-inversion embeddings or UNet weights into ``pipe``
-       (``finetune_path`` is the fine-tuning artifact's directory, or None).
-    3. Per batch: ``call_kwargs(rows, cfg)`` returns the pipeline arguments that depend on the
-       rows: ``prompt=[...]`` or ``prompt_embeds=tensor``, ``guidance_scale``, ``height``/``width``
-       or ``image``/``strength``. The stage adds ``num_inference_steps``, ``generator`` (one seeded
-       ``torch.Generator`` per row) and ``output_type``; rows may repeat a class's conditioning.
-    4. Per image: ``postprocess(image, row)`` may change the PIL image (Boomerang restores the
-       input's size); default: unchanged.
-    """
-
-    kind: str = "text2img"
-    name: str = ""
-    needs_finetune: bool = False  # personalised methods: ``run`` refuses to start without one
-
-    def plan(self, classes: Sequence[Row], cfg: GenerateConfig, *, dataset: Artifact,
-             finetune: Optional[Artifact]) -> list[Row]:
-        raise NotImplementedError
-
-    def setup(self, pipe: Any, cfg: GenerateConfig, finetune_path: Optional[str]) -> None:
-        return None
-
-    def call_kwargs(self, rows: Sequence[Row], cfg: GenerateConfig) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def postprocess(self, image: Any, row: Row) -> Any:
-        return image
-
-    def slot_rows(self, rows: list[Row], cfg: GenerateConfig) -> list[Row]:
-        """Add ``method``, the planned ``seed`` and the stable ``id`` to planned rows (in place)."""
-        for row in rows:
-            row[schema.METHOD] = self.name
-            row[schema.SEED] = slot_seed(cfg.seed, self.name, row[schema.CLASS_ID], row[schema.INDEX])
-            row[schema.ID] = slot_id(self.name, row[schema.CLASS_ID], row[schema.INDEX], row[schema.SEED])
-        return rows
-
-
-def class_rng(cfg: GenerateConfig, method: str, label: int) -> np.random.Generator:
-    """The random stream of one class's plan (independent of the other classes)."""
-    return np.random.default_rng([cfg.seed, int(stable_id(method), 16) % 2**32, label])
-
-
-class PromptMethod(GenerationMethod):
-    """Text-to-image from a registered prompt builder (methods 1-4), classifier-free guidance."""
-
-    builder: str = ""
-
-    def plan(self, classes: Sequence[Row], cfg: GenerateConfig, *, dataset: Artifact,
-             finetune: Optional[Artifact]) -> list[Row]:
-        rows: list[Row] = []
-        for record in classes:
-            label = int(record[schema.LABEL])
-            texts = build_prompts(self.builder, record, cfg.images_per_class, class_rng(cfg, self.name, label))
-            rows.extend({schema.LABEL: label, schema.CLASS_ID: record[schema.CLASS_ID],
-                         schema.CLASS_NAME: record[schema.CLASS_NAME], schema.INDEX: i,
-                         schema.PROMPT: text, schema.PARAMS: {"prompt_builder": self.builder}}
-                        for i, text in enumerate(texts))
-        return self.slot_rows(rows, cfg)
-
-    def call_kwargs(self, rows: Sequence[Row], cfg: GenerateConfig) -> dict[str, Any]:
-        return {"prompt": [r[schema.PROMPT] for r in rows], "guidance_scale": cfg.guidance_scale,
-                "height": cfg.height, "width": cfg.width}
-
-
-@GENERATORS.register("simple")
-class SimplePrompt(PromptMethod):
-    """① "A photo of {name}."."""
-    name = builder = "simple"
-
-
-@GENERATORS.register("simple_nows")
-class SimplePromptNoWhitespace(PromptMethod):
-    """② "A photo of {w(name)}."."""
-    name = builder = "simple_nows"
-
-
-@GENERATORS.register("clip_templates")
-class ClipTemplates(PromptMethod):
-    """③ CLIP's 80 ImageNet templates with w(name), sampled with replacement."""
-    name = builder = "clip_templates"
-
-
-@GENERATORS.register("sariyildiz")
-class Sariyildiz(PromptMethod):
-    """④ Sariyildiz et al. 2022 prompt families, equal shares."""
-    name = builder = "sariyildiz"
-
-
-@GENERATORS.register("boomerang")
-class Boomerang(GenerationMethod):
-    """⑩a Boomerang (Luzi et al. 2022): noise an original training image to strength ``t`` and
-    denoise it without prompt guidance (empty prompt, guidance scale 1).
-
-    Slot ``i`` of a class uses the class's ``i mod n``-th training image (ordered by id), so the
-    originals are used evenly. Inputs are resized to ``height`` x ``width`` for batching and the
-    output is resized back to the input's size.
-    """
-
-    kind = "img2img"
-    name = "boomerang"
-
-    def plan(self, classes: Sequence[Row], cfg: GenerateConfig, *, dataset: Artifact,
-             finetune: Optional[Artifact]) -> list[Row]:
-        originals = read_train_images(dataset)
-        empty = [str(c[schema.CLASS_ID]) for c in classes if not originals.get(int(c[schema.LABEL]))]
-        if empty:
-            raise ValueError(f"boomerang needs training images, but classes {empty[:10]} have none in "
-                             f"{dataset.path}; exclude them (dataset.exclude_classes) or use a prompt method")
-        rows: list[Row] = []
-        for record in classes:
-            label = int(record[schema.LABEL])
-            source = sorted(originals[label])
-            for i in range(cfg.images_per_class):
-                src_id, data = source[i % len(source)]
-                rows.append({schema.LABEL: label, schema.CLASS_ID: record[schema.CLASS_ID],
-                             schema.CLASS_NAME: record[schema.CLASS_NAME], schema.INDEX: i,
-                             schema.PROMPT: "", INIT_IMAGE: data,
-                             schema.PARAMS: {"source_id": src_id, "strength": cfg.boomerang_strength}})
-        return self.slot_rows(rows, cfg)
-
-    def call_kwargs(self, rows: Sequence[Row], cfg: GenerateConfig) -> dict[str, Any]:
-        from PIL import Image
-
-        images = [decode_image(r[INIT_IMAGE]).resize((cfg.width, cfg.height), Image.BICUBIC) for r in rows]
-        return {"prompt": [""] * len(rows), "image": images, "strength": cfg.boomerang_strength,
-                "guidance_scale": 1.0}
-
-    def postprocess(self, image: Any, row: Row) -> Any:
-        from PIL import Image
-
-        original = decode_image(row[INIT_IMAGE])
-        return image if image.size == original.size else image.resize(original.size, Image.BICUBIC)
-
-
-def read_train_images(dataset: Artifact) -> dict[int, list[tuple[str, bytes]]]:
-    """label -> [(id, image bytes)] of the dataset's train split."""
-    table = dataset.read(IMAGES, columns=[schema.ID, schema.LABEL, schema.SPLIT, schema.IMAGE])
-    out: dict[int, list[tuple[str, bytes]]] = defaultdict(list)
-    for image_id, label, split, data in zip(*(table.column(c).to_pylist() for c in
-                                              (schema.ID, schema.LABEL, schema.SPLIT, schema.IMAGE))):
-        if split == "train":
-            out[int(label)].append((image_id, data))
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,22 +336,41 @@ def key_section(cfg: GenerateConfig) -> dict[str, Any]:
     return data
 
 
-def check_config(cfg: Config) -> GenerationMethod:
-    """The method instance; an unknown method is a ConfigError naming the known ones.
+def method_for(g: GenerateConfig, finetune: Optional[Artifact] = None) -> GenerationMethod:
+    """The method instance of ``g.method``: a registered generation method, or, given a
+    fine-tuning artifact (``finetune`` or ``g.conditioning``), :class:`Personalised` sampling from it.
+
+    Raises:
+        ConfigError: a name that is neither, naming the generation methods.
+    """
+    if g.method in GENERATORS:
+        return GENERATORS.get(g.method)()
+    if finetune is not None or g.conditioning:
+        return Personalised(g.method)
+    raise ConfigError(f"generate.method: {g.method!r} is not a generation method (known: "
+                      f"{', '.join(GENERATORS.names())}); a fine-tuned method such as ft_conditioning "
+                      f"{NEEDS_ARTIFACT}")
+
+
+def check_config(cfg: Config, finetune: Optional[Artifact] = None) -> GenerationMethod:
+    """The method instance (:func:`method_for`) once the model reference is checked.
 
     Everything else in ``cfg.generate`` is validated when the config is loaded.
     """
-    try:
-        method = GENERATORS.get(cfg.generate.method)()
-    except ValueError as exc:
-        raise ConfigError(f"generate.method: {exc}") from None
+    method = method_for(cfg.generate, finetune)
     check_local_model(cfg.generate.model, "generate.model", "model_index.json", DIFFUSERS_HINT)
     return method
 
 
 def preflight(cfg: Config) -> None:
-    """Checks before a study starts Ray (:func:`check_config`)."""
-    check_config(cfg)
+    """Checks before a study starts Ray: the model reference, and the method when it is a
+    generation method. Any other name is a fine-tuned method's, whose artifact arrives as the
+    stage's ``finetune`` input (the study checks its methods' names before planning;
+    :func:`run` refuses a name without an artifact)."""
+    if cfg.generate.method in GENERATORS or cfg.generate.conditioning:
+        check_config(cfg)
+    else:
+        check_local_model(cfg.generate.model, "generate.model", "model_index.json", DIFFUSERS_HINT)
 
 
 def read_classes(dataset: Artifact) -> list[Row]:
@@ -562,7 +404,7 @@ def run(cfg: Config, dataset: Artifact, finetune: Optional[Artifact] = None) -> 
     Args:
         cfg: the whole config; reads ``generate`` (and ``run.root``, ``cluster``).
         dataset: the dataset stage's artifact (classes table; train images for Boomerang).
-        finetune: a fine-tuning artifact for personalised methods, or None.
+        finetune: a fine-tuning (or select) artifact for a fine-tuned method, or None.
 
     Returns:
         The artifact with tables ``images``, ``failures`` and ``prompts.parquet``.
@@ -571,10 +413,7 @@ def run(cfg: Config, dataset: Artifact, finetune: Optional[Artifact] = None) -> 
 
     # "auto" options resolved for the device the actors will use; the key holds resolved values
     g = cfg.generate.resolved()
-    method = check_config(cfg)
-    if method.needs_finetune and finetune is None and not g.conditioning:
-        raise ConfigError(f"generate.method={g.method} needs a fine-tuning artifact: pass one to "
-                          "generate.run or set generate.conditioning to a finetune stage directory")
+    method = check_config(cfg, finetune)
     classes = read_classes(dataset)
     if not classes:
         raise ValueError(f"dataset {dataset.path} has no classes")

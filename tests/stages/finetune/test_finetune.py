@@ -20,13 +20,12 @@ from raugment.lib.finetuned.artifact import (
     list_checkpoints,
     load_personalisation,
     resolve,
-    write_snapshot,
-    write_tags,
 )
-from raugment.lib.finetuned.methods import GENERATION_TEMPLATE, CondRow, get_method
+from raugment.lib.finetuned.families import CondRow
 from raugment.models.diffusion import load_components
 from raugment.stages.finetune import stage as finetune
-from raugment.stages.generate.stage import GENERATORS
+from raugment.stages.finetune.methods import get_method
+from raugment.stages.generate import stage as generate
 from raugment.stages.select.stage import select_checkpoint
 
 
@@ -228,7 +227,7 @@ def test_trained_conditioning_changes_the_generators_output(killed_run, pipe):
     cfg, ds, art = killed_run
     g = load_config(None, ["generate.method=ft_conditioning", f"generate.conditioning={art.path}",
                            "generate.images_per_class=3", "generate.height=64", "generate.width=64"]).generate
-    method = GENERATORS.get("ft_conditioning")()
+    method = generate.method_for(g)
     classes = ds.read("classes").to_pylist()
     rows = method.plan(classes, g, dataset=ds, finetune=None)
     assert len(rows) == 6 and {r[schema.PARAMS]["cond_row"] for r in rows} == {0, 1}
@@ -239,61 +238,6 @@ def test_trained_conditioning_changes_the_generators_output(killed_run, pipe):
     assert np.abs(tuned - base).mean() > 1e-3
 
 
-def _hand_made_artifact(path, comps, method_name, perturb):
-    """A finetune artifact written through the stage's own writers (no training)."""
-    method = get_method(method_name)
-    rows = [CondRow(0, 0, "tiger shark, Galeocerdo cuvieri", 0, 3, "<raug-0>"),
-            CondRow(1, 1, "axolotl", 0, 2, "<raug-1>")]
-    table = method.init_table(comps, rows)
-    # a random direction: a constant shift would vanish in the text encoder's first LayerNorm
-    table = table + perturb * torch.randn(table.shape, generator=torch.Generator().manual_seed(0))
-    path.mkdir(parents=True)
-    pq.write_table(schema.to_table([{schema.COND_ROW: r.row, schema.LABEL: r.label, schema.CLASS_NAME: r.class_name,
-                                     schema.CLUSTER: r.cluster, schema.N_IMAGES: r.n_images, schema.TOKEN: r.token}
-                                    for r in rows], schema.CONDITIONINGS), path / f"{CONDITIONINGS}.parquet")
-    unet = comps["unet"] if method.trains_unet else None
-    if unet is not None and perturb:
-        with torch.no_grad():
-            unet.conv_out.bias.add_(0.5)
-    write_snapshot(path, 1, {method.table_key: table}, {"method": method_name, "train_loss": 1.0, "val_loss": 1.0},
-                   unet=unet)
-    write_tags(path, {1: ["best_train", "best_val", "epoch_001"]})
-    return rows
-
-
-@pytest.mark.parametrize("name", ["textual_inversion", "pseudoword_dm"])
-def test_pseudoword_generation_matches_the_init_word_then_follows_training(tiny_sd, tmp_path, pipe, name):
-    from raugment.models.diffusion import load_pipeline
-
-    g = load_config(None, [f"generate.method={name}", "generate.images_per_class=2", "generate.height=64",
-                           "generate.width=64"]).generate
-    classes = [{schema.LABEL: 0, schema.CLASS_ID: "n01491361", schema.CLASS_NAME: "tiger shark, Galeocerdo cuvieri"}]
-    outs = {}
-    for perturb in (0.0, 0.3):
-        art = tmp_path / f"{name}-{perturb}"
-        _hand_made_artifact(art, load_components(str(tiny_sd)), name, perturb)
-        fresh = load_pipeline(str(tiny_sd), safety_checker=False)
-        method = GENERATORS.get(name)()
-        rows = method.plan(classes, g, dataset=None, finetune=Artifact("finetune", "x", art))
-        assert rows[0][schema.PROMPT] == GENERATION_TEMPLATE.format("<raug-0>")
-        method.setup(fresh, g, str(art))
-        outs[perturb] = _images(fresh, **method.call_kwargs(rows[:1], g))
-    # at its initialisation the pseudo-word is the word "shark": same image as the plain prompt
-    base = _images(pipe, prompt=["a photo of a shark"], guidance_scale=g.guidance_scale, height=64, width=64)
-    np.testing.assert_allclose(outs[0.0], base, atol=1e-5)
-    assert np.abs(outs[0.3] - base).mean() > 1e-3
-
-
-def test_clusters_are_drawn_in_proportion_to_their_size():
-    from raugment.stages.generate.personalised import draw_rows
-
-    cands = [{schema.COND_ROW: 0, schema.N_IMAGES: 30}, {schema.COND_ROW: 1, schema.N_IMAGES: 10},
-             {schema.COND_ROW: 2, schema.N_IMAGES: 0}]
-    drawn = [r[schema.COND_ROW] for r in draw_rows(cands, 4000, np.random.default_rng(0))]
-    assert drawn.count(2) == 0
-    assert drawn.count(0) / len(drawn) == pytest.approx(0.75, abs=0.03)
-
-
 def test_bad_config_fails_before_any_work(tmp_path, tiny_sd):
     cfg = tiny_cfg(tmp_path, tiny_sd, "finetune.method=dreambooth")
     with pytest.raises(ConfigError, match="finetune.method"):
@@ -301,8 +245,6 @@ def test_bad_config_fails_before_any_work(tmp_path, tiny_sd):
     cfg = tiny_cfg(tmp_path, tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="finetune.model"):
         finetune.run(cfg, Artifact("dataset", "x", tmp_path))
-    with pytest.raises(ConfigError, match="needs a fine-tuning artifact"):
-        GENERATORS.get("imagic")().plan([], load_config().generate, dataset=None, finetune=None)
     assert not (tmp_path / "finetune").exists()
 
 

@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 
 from raugment.lib.finetuned.artifact import BEST_TRAIN, BEST_VAL
-from raugment.lib.finetuned.methods import get_method, init_word
-from raugment.stages.finetune.config import FinetuneConfig
 from raugment.stages.finetune.kmeans import cluster_within_classes
 from raugment.stages.finetune.policy import (
     EarlyStopper,
@@ -48,14 +46,6 @@ def test_checkpoint_policy_keeps_best_losses_and_listed_epochs():
     assert checkpoint_tags([], [1]) == {}
 
 
-def test_imagic_keeps_its_first_eight_epochs():
-    cfg = FinetuneConfig()
-    assert get_method("imagic").keep_epochs(cfg) == list(range(1, 9))
-    assert get_method("ft_conditioning").keep_epochs(cfg) == [1, 2, 3]
-    hist = [EpochRecord(e, 1.0 / e, 1.0 / e) for e in range(1, 11)]
-    assert set(checkpoint_tags(hist, get_method("imagic").keep_epochs(cfg))) == set(range(1, 9)) | {10}
-
-
 def test_validation_split_is_stratified_complete_and_reproducible():
     groups = [0] * 10 + [1] * 3 + [2]
     a = split_train_val(groups, 0.2, seed=3)
@@ -85,14 +75,6 @@ def test_plan_rows_indexes_classes_and_clusters():
     assert [r.token for r in rows] == ["<raug-0>", "<raug-0>", "<raug-1>", "<raug-2>"]
     rows, _ = plan_rows(labels, names, [0] * 6, pseudowords=False)
     assert len(rows) == 3 and {r.token for r in rows} == {""}
-
-
-def test_init_word_is_the_last_word_of_the_first_lemma():
-    assert init_word("tiger shark, Galeocerdo cuvieri") == "shark"
-    assert init_word("Granny_Smith") == "Smith"
-    assert init_word("axolotl, mud puppy, Ambystoma mexicanum") == "axolotl"
-    with pytest.raises(ValueError):
-        init_word(" , x")
 
 
 def test_kmeans_gives_k_clusters_per_class_and_assigns_every_image():

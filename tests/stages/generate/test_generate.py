@@ -1,7 +1,11 @@
-"""Generation stage: plans, NSFW replacement, exact quotas, Boomerang, provenance, resume after kill."""
+"""Generation stage: plans, NSFW replacement, exact quotas, provenance, resume after kill, method choice.
+
+The methods' own tests are in ``methods/`` (one module each) and ``test_methods_contract.py``.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,47 +19,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from raugment.config import load_config
 from raugment.core import schema
 from raugment.core.config import ConfigError
-from raugment.core.imageio import decode_image, encode_image
-from raugment.core.storage import Artifact, StageRun, run_stage
+from raugment.core.imageio import decode_image
+from raugment.core.storage import Artifact, StageRun
 from raugment.models.diffusion import load_pipeline, script_safety_checker
 from raugment.stages.generate import stage as generate
+from raugment.stages.generate.methods.personalised import Personalised
 from tests import REPO
-
-CLASSES = [("n01491361", "tiger shark, Galeocerdo cuvieri", "requiem shark", "large dangerous shark"),
-           ("n03180011", "desktop computer", "personal computer", "a computer for a desk")]
-ORIGINAL_SIZE = (48, 40)  # w, h: not the generation size, so Boomerang must restore it
-
-
-def _overrides(root: Path, model: Path, **extra) -> list[str]:
-    base = {"run.root": str(root), "generate.model": str(model), "generate.height": 64, "generate.width": 64,
-            "generate.steps": 2, "generate.images_per_class": 4, "generate.pool.num_gpus": 0,
-            "generate.pool.num_cpus": 0.5, "generate.pool.batch_size": 3, "run.progress": False}
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Artifact:
-    """A dataset artifact as the dataset stage writes it: classes table + train images."""
-    root = tmp_path_factory.mktemp("gen-data")
-
-    def body(run):
-        run.write_single(schema.to_table(
-            [{"label": i, "class_id": cid, "class_name": name, "hypernym": hyp, "definition": d, "n_train": 2}
-             for i, (cid, name, hyp, d) in enumerate(CLASSES)], schema.CLASSES), "classes")
-        rng = np.random.default_rng(0)
-        rows = [{"id": f"orig-{i}-{j}", "label": i, "split": split, "source": "original",
-                 "image": encode_image(Image.fromarray(
-                     rng.integers(0, 255, (ORIGINAL_SIZE[1], ORIGINAL_SIZE[0], 3), dtype=np.uint8)), "PNG")}
-                for i in range(len(CLASSES)) for j, split in enumerate(["train", "train", "test"])]
-        run.write(schema.to_table(rows, schema.IMAGES), "images")
-
-    return run_stage(root, "dataset", {"test": "generate"}, {}, body)
+from tests.helpers.generation import generate_overrides as _overrides
 
 
 def _bundle(tiny_sd: Path, tmp_path_factory, flag_every: int) -> Path:
@@ -98,17 +72,48 @@ def test_plan_is_deterministic_and_ids_unique(dataset, tmp_path, tiny_sd):
     assert [r["seed"] for r in c] != [r["seed"] for r in a]
 
 
+# sha256 (first 16 hex) of the JSON plan rows (init images left out) of the dataset fixture at
+# images_per_class=7, seed=3, as the methods planned them before they became plug-ins
+PLAN_DIGESTS = {"simple": "5306d6be03f0255b", "simple_nows": "17381262ec83fcb4",
+                "clip_templates": "318293ad4799ae9d", "sariyildiz": "2f41c132f56e443b",
+                "boomerang": "f4982b7119bb0bec"}
+
+
+@pytest.mark.parametrize("name", sorted(PLAN_DIGESTS))
+def test_plans_are_those_of_earlier_releases(dataset, name):
+    """Prompts, seeds, ids and provenance of the built-in methods do not change (stage outputs and
+    studies resume on them)."""
+    cfg = load_config(None, [f"generate.method={name}", "generate.images_per_class=7", "generate.seed=3"])
+    rows = generate.check_config(cfg).plan(generate.read_classes(dataset), cfg.generate, dataset=dataset,
+                                           finetune=None)
+    keep = [{k: v for k, v in r.items() if k != "init_image"} for r in rows]
+    assert hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16] == PLAN_DIGESTS[name]
+
+
 def test_unknown_method_is_a_config_error(tmp_path, tiny_sd):
     cfg = load_config(None, _overrides(tmp_path, tiny_sd, **{"generate.method": "nope"}))
     with pytest.raises(ConfigError, match="generate.method.*known: .*boomerang.*simple"):
         generate.check_config(cfg)
 
 
-def test_boomerang_needs_training_images(tmp_path, tiny_sd, dataset):
-    cfg = load_config(None, _overrides(tmp_path, tiny_sd, **{"generate.method": "boomerang"}))
-    classes = generate.read_classes(dataset) + [{"label": 9, "class_id": "empty", "class_name": "x"}]
-    with pytest.raises(ValueError, match="boomerang needs training images.*empty"):
-        generate.check_config(cfg).plan(classes, cfg.generate, dataset=dataset, finetune=None)
+def test_a_fine_tuned_method_needs_an_artifact_and_then_samples_from_it(tmp_path, tiny_sd):
+    """A name that is no generation method is a fine-tuned method's: without an artifact the error
+    lists the generation methods and says what is missing; with one it is :class:`Personalised`
+    under that name (the slots' seeds and ids use it)."""
+    cfg = load_config(None, _overrides(tmp_path, tiny_sd, **{"generate.method": "imagic"}))
+    with pytest.raises(ConfigError, match=r"generate\.method: 'imagic' is not a generation method \(known: "
+                                          r"boomerang, clip_templates, sariyildiz, simple, simple_nows\).*"
+                                          r"needs a fine-tuning artifact.*generate\.conditioning"):
+        generate.check_config(cfg)
+    generate.preflight(cfg)  # the study's preflight: the artifact arrives as the stage's input
+    with pytest.raises(ConfigError, match="needs a fine-tuning artifact"):
+        generate.run(cfg, Artifact("dataset", "x", tmp_path))
+    assert not (tmp_path / "generate").exists()
+    for method in (generate.check_config(cfg, Artifact("finetune", "k", tmp_path)),
+                   generate.method_for(load_config(None, ["generate.method=imagic",
+                                                          f"generate.conditioning={tmp_path}"]).generate)):
+        assert isinstance(method, Personalised) and method.name == "imagic"
+    assert not isinstance(generate.check_config(load_config(None, _overrides(tmp_path, tiny_sd))), Personalised)
 
 
 # ---- the core loop in-process (pipeline's own safety-checker path) ----------------------------
@@ -137,26 +142,6 @@ def test_nsfw_samples_are_replaced_until_the_quota_is_met(dataset, tmp_path, sd_
         assert (img["seed"] != params["base_seed"]) == (img["id"] == slot2)
         assert img["nsfw_score"] is not None
         assert np.asarray(decode_image(img["image"])).max() > 0, "a blacked-out (flagged) image was kept"
-
-
-def test_boomerang_keeps_size_and_changes_the_image(dataset, tmp_path, tiny_sd):
-    cfg = load_config(None, _overrides(tmp_path, tiny_sd, **{"generate.method": "boomerang",
-                                                             "generate.images_per_class": 2,
-                                                             "generate.boomerang_strength": 0.5,
-                                                             "generate.steps": 4}))
-    method = generate.check_config(cfg)
-    assert method.kind == "img2img"
-    rows = method.plan(generate.read_classes(dataset), cfg.generate, dataset=dataset, finetune=None)
-    assert {r["params"]["source_id"] for r in rows if r["label"] == 0} == {"orig-0-0", "orig-0-1"}
-    pipe = load_pipeline(str(tiny_sd), kind="img2img")
-    (images, failures), = list(generate.generate_class(pipe, method, rows[:2], cfg.generate))
-    assert not failures and len(images) == 2
-    for img, row in zip(images, rows[:2]):
-        assert (img["width"], img["height"]) == ORIGINAL_SIZE
-        out = np.asarray(decode_image(img["image"]), dtype=int)
-        src = np.asarray(decode_image(row[generate.INIT_IMAGE]), dtype=int)
-        assert out.shape == src.shape and np.abs(out - src).mean() > 5
-        assert img["prompt"] == "" and img["params"]["strength"] == 0.5
 
 
 # ---- the stage on Ray --------------------------------------------------------------------------

@@ -1,18 +1,23 @@
-"""Generation from a fine-tuning artifact: methods 5-9 on the generator's side.
+"""Generation from a fine-tuning artifact: methods 5-9 (and any later fine-tuned method) on the generator's side.
 
-Registered in ``GENERATORS`` under the fine-tuning methods' names, so
+The generation stage uses :class:`Personalised` when ``generate.method`` is not a registered
+generation method and it is given a fine-tuning artifact, so
 
     generate.method: ft_cluster_conditioning
     generate.conditioning: runs/finetune/<key>          # or runs/finetune/<key>/checkpoints/epoch_002
 
 (or ``generate.run(cfg, dataset, finetune=artifact)``) samples from what was learned; a ``select``
-stage directory (``runs/select/<key>``, the study's checkpoint choice) works in either place. These are
-:class:`raugment.stages.generate.stage.GenerationMethod` subclasses; the generation stage drives them:
+stage directory (``runs/select/<key>``, the study's checkpoint choice) works in either place. The
+artifact's method must be ``generate.method``, which also names the slots (their seeds and ids).
+Nothing here depends on the method's name: how a learned row becomes prompt embeddings follows
+from the artifact's family (:mod:`raugment.lib.finetuned.families`: a conditioning table or
+pseudo-word embeddings, by the snapshot's table key), plus the fine-tuned UNet when the snapshot
+holds one. So it is not registered, and a new fine-tuning method needs no change here.
 
 * ``plan``: one slot per image; each slot gets a learned row of its class. With clusters, the
   row is drawn with probability proportional to the cluster's image count (seeded per class).
-* ``setup``: loads the checkpoint (the artifact's ``selected.json``, else ``best_val``) and, for
-  Imagic and pseudo-word + DM, the fine-tuned UNet weights into the pipeline's UNet.
+* ``setup``: loads the checkpoint (the artifact's ``selected.json``, else ``best_val``) and, when
+  the snapshot has one (Imagic, pseudo-word + DM), the fine-tuned UNet weights into the pipeline's UNet.
 * ``call_kwargs``: ``prompt_embeds`` = the learned conditionings of the slots' rows, or the
   encoding of "a photo of a *" with each slot's pseudo-word in place of ``*``.
 """
@@ -20,8 +25,9 @@ stage directory (``runs/select/<key>``, the study's checkpoint choice) works in 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,13 +35,17 @@ from raugment.core import schema
 from raugment.core.config import ConfigError
 from raugment.core.storage import Artifact
 from raugment.lib.finetuned.artifact import artifact_config, load_personalisation, resolve
-from raugment.lib.finetuned.methods import GENERATION_TEMPLATE, get_method
-from raugment.stages.generate.config import GenerateConfig
-from raugment.stages.generate.stage import GENERATORS, GenerationMethod, Row, class_rng
+from raugment.lib.finetuned.families import GENERATION_TEMPLATE, family_of
+from raugment.stages.generate.methods import GenerateSection, GenerationMethod, Row, class_rng
+
+if TYPE_CHECKING:  # pragma: no cover
+    from raugment.lib.finetuned.families import Method
 
 log = logging.getLogger(__name__)
 
 ROW_PARAM = "cond_row"
+NEEDS_ARTIFACT = ("needs a fine-tuning artifact: pass one to generate.run (finetune=) or set "
+                  "generate.conditioning to a finetune (or select) stage directory")
 
 
 def draw_rows(candidates: Sequence[dict[str, Any]], n: int, rng: np.random.Generator) -> list[dict[str, Any]]:
@@ -45,25 +55,25 @@ def draw_rows(candidates: Sequence[dict[str, Any]], n: int, rng: np.random.Gener
     return [candidates[i] for i in rng.choice(len(candidates), size=n, p=p)]
 
 
-class PersonalisedGeneration(GenerationMethod):
-    """Text-to-image from a fine-tuning artifact of the method with the same name."""
+class Personalised(GenerationMethod):
+    """Text-to-image from a fine-tuning artifact of the fine-tuned method ``name``."""
 
     kind = "text2img"
 
-    def __init__(self) -> None:
-        self.method = get_method(self.name)
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.family: Method | None = None
         self.pipe: Any = None
         self.table: Any = None
 
-    def _source(self, cfg: GenerateConfig, finetune: Optional[Artifact | str]) -> str:
+    def _source(self, cfg: GenerateSection, finetune: Artifact | str | None) -> str:
         path = finetune.path if isinstance(finetune, Artifact) else (finetune or cfg.conditioning)
         if not path:
-            raise ConfigError(f"generate.method={self.name} needs a fine-tuning artifact: set "
-                              "generate.conditioning=<finetune stage dir> or pass finetune= to generate.run")
+            raise ConfigError(f"generate.method={self.name} {NEEDS_ARTIFACT}")
         return str(path)
 
-    def plan(self, classes: Sequence[Row], cfg: GenerateConfig, *, dataset: Artifact,
-             finetune: Optional[Artifact]) -> list[Row]:
+    def plan(self, classes: Sequence[Row], cfg: GenerateSection, *, dataset: Artifact,
+             finetune: Artifact | None) -> list[Row]:
         source = self._source(cfg, finetune)
         try:
             artifact, snapshot, checkpoint = resolve(source)
@@ -77,6 +87,7 @@ class PersonalisedGeneration(GenerationMethod):
         if learned.method != self.name:
             raise ConfigError(f"generate.conditioning points to a {learned.method!r} artifact but "
                               f"generate.method is {self.name!r}; use the same method")
+        pseudowords = family_of(learned.table_key).pseudowords
         by_label: dict[int, list[dict[str, Any]]] = {}
         for r in learned.rows:
             by_label.setdefault(int(r[schema.LABEL]), []).append(r)
@@ -88,17 +99,18 @@ class PersonalisedGeneration(GenerationMethod):
                                  f"in {artifact}; fine-tune on the same dataset")
             drawn = draw_rows(by_label[label], cfg.images_per_class, class_rng(cfg, self.name, label))
             for i, r in enumerate(drawn):
-                prompt = GENERATION_TEMPLATE.format(r[schema.TOKEN]) if self.method.pseudowords else ""
+                prompt = GENERATION_TEMPLATE.format(r[schema.TOKEN]) if pseudowords else ""
                 rows.append({schema.LABEL: label, schema.CLASS_ID: record[schema.CLASS_ID],
                              schema.CLASS_NAME: record[schema.CLASS_NAME], schema.INDEX: i, schema.PROMPT: prompt,
                              schema.PARAMS: {ROW_PARAM: int(r[schema.COND_ROW]), "cluster": int(r[schema.CLUSTER]),
                                              "checkpoint": checkpoint, "snapshot": str(snapshot)}})
         return self.slot_rows(rows, cfg)
 
-    def setup(self, pipe: Any, cfg: GenerateConfig, finetune_path: Optional[str]) -> None:
+    def setup(self, pipe: Any, cfg: GenerateSection, finetune_path: str | None) -> None:
         from safetensors.torch import load_file
 
         learned = load_personalisation(self._source(cfg, finetune_path))
+        self.family = family_of(learned.table_key)
         self.pipe = pipe
         self.table = learned.table.to(pipe.device, pipe.text_encoder.dtype)
         if learned.unet_dir is not None:
@@ -106,48 +118,15 @@ class PersonalisedGeneration(GenerationMethod):
             unet = getattr(pipe.unet, "_orig_mod", pipe.unet)  # under generate.compile too
             unet.load_state_dict(load_file(str(weights)))  # copies into the pipeline's dtype/device
 
-    def call_kwargs(self, rows: Sequence[Row], cfg: GenerateConfig) -> dict[str, Any]:
+    def call_kwargs(self, rows: Sequence[Row], cfg: GenerateSection) -> dict[str, Any]:
         import torch
 
+        if self.family is None:
+            raise RuntimeError("Personalised.call_kwargs before setup: the learned table is not loaded")
         comps = {"text_encoder": self.pipe.text_encoder, "tokenizer": self.pipe.tokenizer}
         idx = torch.tensor([int(r[schema.PARAMS][ROW_PARAM]) for r in rows], device=self.table.device)
-        ids = self.method.generation_ids(comps, len(rows))
+        ids = self.family.generation_ids(comps, len(rows))
         with torch.no_grad():
-            embeds = self.method.encode(comps, self.table, idx, ids)
+            embeds = self.family.encode(comps, self.table, idx, ids)
         return {"prompt_embeds": embeds, "guidance_scale": cfg.guidance_scale,
                 "height": cfg.height, "width": cfg.width}
-
-
-@GENERATORS.register("ft_conditioning")
-class GenerateFtConditioning(PersonalisedGeneration):
-    """⑤ from a ``ft_conditioning`` artifact."""
-
-    name = "ft_conditioning"
-
-
-@GENERATORS.register("ft_cluster_conditioning")
-class GenerateFtClusterConditioning(PersonalisedGeneration):
-    """⑥ from a ``ft_cluster_conditioning`` artifact (clusters drawn by size)."""
-
-    name = "ft_cluster_conditioning"
-
-
-@GENERATORS.register("imagic")
-class GenerateImagic(PersonalisedGeneration):
-    """⑦ from an ``imagic`` artifact (learned conditioning + fine-tuned UNet)."""
-
-    name = "imagic"
-
-
-@GENERATORS.register("textual_inversion")
-class GenerateTextualInversion(PersonalisedGeneration):
-    """⑧ from a ``textual_inversion`` artifact ("a photo of a <pseudo-word>")."""
-
-    name = "textual_inversion"
-
-
-@GENERATORS.register("pseudoword_dm")
-class GeneratePseudowordDM(PersonalisedGeneration):
-    """⑨ from a ``pseudoword_dm`` artifact (pseudo-word + fine-tuned UNet)."""
-
-    name = "pseudoword_dm"

@@ -1,22 +1,25 @@
-"""The five personalisation methods (paper 3.1, methods 5-9) and the denoising loss they share.
+"""How a learned table becomes the UNet's conditioning: the two families of fine-tuned methods.
 
-Every method learns a **table indexed by conditioning row** (one row per class, or per class and
-cluster), so all classes train in one job:
+Every fine-tuning method (paper 3.1, methods 5-9; the plug-ins in
+``raugment/stages/finetune/methods/``) learns a **table indexed by conditioning row** (one row per
+class, or per class and cluster), so all classes train in one job. What a row is, and how rows
+become ``encoder_hidden_states``, depends only on the table's family:
 
-=========================  ================================  ===============  ===========
-method                     table (one row per ...)           init             UNet
-=========================  ================================  ===============  ===========
-``ft_conditioning``        ``[n, 77, d]`` conditioning/class  text-encoded ②   frozen
-``ft_cluster_conditioning`` ``[n, 77, d]`` per class x cluster text-encoded ②   frozen
-``imagic``                 ``[n, 77, d]`` conditioning/class  text-encoded ②   trained
-``textual_inversion``      ``[n, d]`` token embedding/class   last word (mean) frozen
-``pseudoword_dm``          ``[n, d]`` token embedding/class   last word (mean) trained
-=========================  ================================  ===============  ===========
+* :class:`ConditioningFamily` (safetensors key ``conditioning``): a ``[n, 77, d]`` conditioning per
+  row, initialised with the text encoding of the no-whitespace simple prompt ② and used as the
+  UNet's conditioning as it is (ft_conditioning, ft_cluster_conditioning, imagic);
+* :class:`PseudowordFamily` (key ``embeddings``): a ``[n, d]`` token embedding per row, initialised
+  with the mean embedding of the class's last word and encoded inside prompts in place of the
+  placeholder ``*`` (textual_inversion, pseudoword_dm).
 
-A method object is stateless: it knows how to initialise its table, how to turn table rows into
-the UNet's ``encoder_hidden_states``, and which epochs keep a checkpoint. The trainable
-:class:`Personaliser` module holds the table (and the UNet when it is trained); the frozen parts
-stay outside it, so DDP synchronises only what learns.
+A method may also fine-tune the UNet (``trains_unet``: imagic, pseudoword_dm); its snapshot then
+holds the UNet beside the table. The generator needs nothing else: it picks the family from the
+snapshot's table key (:func:`family_of`), whatever the method's name.
+
+A family object is stateless: it knows how to initialise its table and how to turn table rows into
+the UNet's ``encoder_hidden_states``. The trainable :func:`build_personaliser` module holds the
+table (and the UNet when it is trained); the frozen parts stay outside it, so DDP synchronises
+only what learns.
 
 Pseudo-words: prompts are written with ``*`` in place of the class word (as in Gal et al.); ``*`` is
 one token in CLIP's vocabulary, and a forward hook on the text encoder's token embedding replaces
@@ -32,14 +35,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from raugment.core.registry import Registry
-
-FINETUNERS: Registry = Registry("fine-tuning method")
-
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-
-    from raugment.stages.finetune.config import FinetuneConfig
 
 PLACEHOLDER = "*"
 
@@ -189,24 +186,24 @@ def denoising_loss(unet: Any, noise_scheduler: Any, latents: "torch.Tensor", noi
 
 
 # --------------------------------------------------------------------------------------------
-# Methods
+# Families
 # --------------------------------------------------------------------------------------------
 
 
 class Method:
-    """Base of the personalisation methods (see the module docstring for the table)."""
+    """A fine-tuned method as the code that trains or samples from it sees it (see the module docstring).
+
+    Subclassed by the two families below; a fine-tuning plug-in subclasses one family and names
+    itself (``name``) and whether it also trains the UNet (``trains_unet``).
+    """
 
     name = ""
     trains_unet = False
-    uses_clusters = False
     pseudowords = False
     table_key = "conditioning"  # safetensors key of the learned table in a checkpoint
 
-    def keep_epochs(self, cfg: "FinetuneConfig") -> list[int]:
-        """Epochs that keep a checkpoint whatever their loss."""
-        return list(cfg.keep_epochs)
-
     def init_table(self, comps: dict[str, Any], rows: Sequence[CondRow]) -> "torch.Tensor":
+        """The table before training: one row per :class:`CondRow`."""
         raise NotImplementedError
 
     def prompt_ids(self, comps: dict[str, Any], n: int, rng: np.random.Generator) -> "torch.Tensor | None":
@@ -223,8 +220,8 @@ class Method:
         return None
 
 
-class ConditioningMethod(Method):
-    """A learned conditioning per row, initialised by encoding the no-whitespace simple prompt."""
+class ConditioningFamily(Method):
+    """A learned conditioning ``[77, d]`` per row, initialised by encoding the no-whitespace simple prompt."""
 
     def init_table(self, comps: dict[str, Any], rows: Sequence[CondRow]) -> "torch.Tensor":
         from raugment.lib.prompts import simple_nows_prompt
@@ -237,8 +234,8 @@ class ConditioningMethod(Method):
         return table[rows]
 
 
-class PseudowordMethod(Method):
-    """A learned token embedding per class, trained inside template prompts."""
+class PseudowordFamily(Method):
+    """A learned token embedding ``[d]`` per row (a pseudo-word), trained inside template prompts."""
 
     pseudowords = True
     table_key = "embeddings"
@@ -267,51 +264,17 @@ class PseudowordMethod(Method):
                                        placeholder_id(comps["tokenizer"]), table[rows])
 
 
-@FINETUNERS.register("ft_conditioning")
-class FtConditioning(ConditioningMethod):
-    """⑤ One conditioning per class; UNet, VAE and text encoder frozen."""
-
-    name = "ft_conditioning"
+# table key -> its family
+FAMILIES: dict[str, type[Method]] = {f.table_key: f for f in (ConditioningFamily, PseudowordFamily)}
 
 
-@FINETUNERS.register("ft_cluster_conditioning")
-class FtClusterConditioning(ConditioningMethod):
-    """⑥ One conditioning per k-means cluster (Inception-v3 features) of each class."""
-
-    name = "ft_cluster_conditioning"
-    uses_clusters = True
-
-
-@FINETUNERS.register("imagic")
-class Imagic(ConditioningMethod):
-    """⑦ Conditioning and UNet fine-tuned jointly; keeps the checkpoints of the first epochs."""
-
-    name = "imagic"
-    trains_unet = True
-
-    def keep_epochs(self, cfg: "FinetuneConfig") -> list[int]:
-        # image quality deteriorated after 8 epochs in the paper, so every early epoch is kept
-        return list(range(1, cfg.imagic_epochs + 1))
-
-
-@FINETUNERS.register("textual_inversion")
-class TextualInversion(PseudowordMethod):
-    """⑧ A pseudo-word per class with template prompts; everything else frozen."""
-
-    name = "textual_inversion"
-
-
-@FINETUNERS.register("pseudoword_dm")
-class PseudowordDM(PseudowordMethod):
-    """⑨ Textual inversion plus UNet fine-tuning."""
-
-    name = "pseudoword_dm"
-    trains_unet = True
-
-
-def get_method(name: str) -> Method:
-    """An instance of the method registered as ``name``."""
-    return FINETUNERS.get(name)()
+def family_of(table_key: str) -> Method:
+    """The family whose snapshots store their table under ``table_key``; a ValueError naming the known keys."""
+    try:
+        return FAMILIES[table_key]()
+    except KeyError:
+        raise ValueError(f"a learned table under {table_key!r} belongs to no fine-tuned family; "
+                         f"known: {', '.join(sorted(FAMILIES))}") from None
 
 
 # --------------------------------------------------------------------------------------------
