@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raugment.lib.finetuned.families import CondRow, build_personaliser, denoising_loss, encode_prompts
+from raugment.lib.finetuned.families import CondRow, build_trainable, denoising_loss, encode_prompts
 from raugment.stages.finetune.methods import get_method
 
 METHODS = ["ft_conditioning", "ft_cluster_conditioning", "imagic", "textual_inversion", "pseudoword_dm"]
@@ -87,7 +87,7 @@ def timed_rounds(steps: dict, rounds: int, per_round: int, device: str) -> dict[
 def method_step(name: str, comps: dict, mean, std, t, rows, args):
     """One raugment training step of method ``name`` (cached latent distribution)."""
     method = get_method(name)
-    net = build_personaliser(method, comps, method.init_table(comps, ROWS)).to(args.device)
+    net = build_trainable(method, comps, method.init_table(comps, ROWS)).to(args.device)
     opt = torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=1e-3)
     rng = np.random.default_rng(0)
 

@@ -1,6 +1,6 @@
 """``ray job submit --working-dir . -- python -m jobs.finetune --config jobs/configs/finetune_tiny.yaml``.
 
-Personalise Stable Diffusion (``raugment finetune``, methods 5-9); pick the method with
+Fine-tune Stable Diffusion (``raugment finetune``, methods 5-9); pick the method with
 ``--set finetune.method=textual_inversion``.
 """
 

@@ -2,7 +2,7 @@
 
 Generate images with Stable Diffusion (``raugment generate``); pick the method with
 ``--set generate.method=sariyildiz`` (simple, simple_nows, clip_templates, sariyildiz, boomerang,
-or a personalised one).
+or a fine-tuned one).
 """
 
 import sys

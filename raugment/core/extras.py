@@ -14,7 +14,7 @@ EXTRAS = {
     "faiss": "retrieve",
     "aiohttp": "retrieve",
     "imagehash": "filter",
-    "sklearn": "personalise",
+    "sklearn": "finetune",
     "matplotlib": "report",
 }
 

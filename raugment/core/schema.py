@@ -265,7 +265,7 @@ STUDY_RUNS = pa.schema([
     pa.field(ARTIFACTS, pa.string(), nullable=False),
 ])
 
-# ---- personalisation (finetune stage): learned rows, training items, checkpoints -------------
+# ---- fine-tuning (finetune stage): learned rows, training items, checkpoints -------------
 CLUSTER = "cluster"            # k-means cluster of an image within its class (0 = no clustering)
 COND_ROW = "cond_row"          # row of a learned conditioning / pseudo-word table
 N_IMAGES = "n_images"          # training images behind a learned row (clusters are drawn by it)

@@ -1,6 +1,6 @@
 """Stable Diffusion: the one loading path for hub ids and local bundles, and the tiny bundle.
 
-Everything that runs a diffusion model (generation, personalisation) loads it through
+Everything that runs a diffusion model (generation, fine-tuning) loads it through
 :func:`load_pipeline` or :func:`load_components`, so a hub id such as
 ``CompVis/stable-diffusion-v1-4`` and a directory written by :func:`write_tiny_sd` take exactly
 the same code path (``from_pretrained``). GPU options (dtype, SDPA, channels_last,
@@ -151,7 +151,7 @@ def set_attention(pipe: Any, sdpa: bool) -> None:
 
 def load_components(model: str, *, revision: Optional[str] = None, dtype: str = "float32",
                     device: str = "cpu") -> dict[str, Any]:
-    """The trainable parts of a bundle, for fine-tuning (personalisation methods 5-9).
+    """The trainable parts of a bundle, for fine-tuning (fine-tuning methods 5-9).
 
     Returns:
         ``{"unet", "vae", "text_encoder", "tokenizer", "noise_scheduler"}``; the noise scheduler is

@@ -463,7 +463,7 @@ def plan_generate(ctx: PlanContext, method: str, base: str, cfg: Config) -> dict
 
 @PIPELINES.register("finetune")
 def plan_finetune(ctx: PlanContext, method: str, base: str, cfg: Config) -> dict[str, str]:
-    """Personalise the model (methods 5-9) -> generate with it -> post-processing."""
+    """Fine-tune the model (methods 5-9) -> generate with it -> post-processing."""
     cfg = _set(cfg, finetune__method=base)
     c = ctx.costs
     per_image = c.get(f"finetune.{base}.gpu_s_per_image", c["finetune.gpu_s_per_image"])

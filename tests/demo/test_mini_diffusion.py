@@ -136,18 +136,18 @@ def test_bundle_loads_through_the_sd_path(mini_sd):
 
 @pytest.mark.parametrize("name", ["ft_conditioning", "ft_cluster_conditioning", "imagic", "textual_inversion",
                                   "pseudoword_dm"])
-def test_personalisation_methods_fine_tune_the_mini_model(mini_sd, name):
+def test_finetuning_methods_fine_tune_the_mini_model(mini_sd, name):
     """Methods 5-9 train on the mini bundle as on SD v1.4: the loss falls on a repeated batch."""
     import torch
 
-    from raugment.lib.finetuned.families import CondRow, build_personaliser
+    from raugment.lib.finetuned.families import CondRow, build_trainable
     from raugment.models.diffusion import load_components
     from raugment.stages.finetune.methods import get_method
 
     comps = load_components(str(mini_sd))
     rows = [CondRow(0, 0, "red circle", 0, 2), CondRow(1, 1, "blue square", 0, 2)]
     method = get_method(name)
-    net = build_personaliser(method, comps, method.init_table(comps, rows))
+    net = build_trainable(method, comps, method.init_table(comps, rows))
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(4, 4, 8, 8, generator=g)
     noise = torch.randn(latents.shape, generator=g)

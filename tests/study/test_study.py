@@ -270,7 +270,7 @@ def test_parallel_training_gives_the_same_study(fake_stages, tmp_path):
 # ---- checkpoint selection on stand-in stages: planted scores, the choice, resume, report ---------
 
 class SelectionStages(FakeStages):
-    """FakeStages plus a fine-tuning stand-in (epochs 1-3; ``personalised.TAGS``) and the real
+    """FakeStages plus a fine-tuning stand-in (epochs 1-3; ``finetuned.TAGS``) and the real
     select stage. A classifier trained on images generated from snapshot ``e`` gets the planted
     validation top-1 ``planted[e]``; ``bodies`` counts the stage runs that did work, by stage."""
 
@@ -281,7 +281,7 @@ class SelectionStages(FakeStages):
 
     def finetune(self, cfg, dataset):
         from raugment.core.storage import run_stage
-        from tests.helpers.personalised import fill
+        from tests.helpers.finetuned import fill
 
         def body(r):
             self.bodies["finetune"] += 1
@@ -434,7 +434,7 @@ def test_real_checkpoint_selection_on_tiny_models(ray_session, tiny_sd, tmp_path
     md = (rep.path / "report.md").read_text()
     assert "Checkpoint selection (fine-tuned methods)" in md and "| chosen |" in md
     # consecutive generation runs of the study share the actor process (cluster.POOLS); each
-    # personalised run loads its own pipeline (its setup changes the weights)
+    # fine-tuned run loads its own pipeline (its setup changes the weights)
     gens = [json.loads(f.read_text()) for f in root.glob("generate/*/stats.json")]
     assert len(gens) == 3 and any(g["actors_reused"] for g in gens)
     assert len({g["pids"][0] for g in gens}) < 3 and all(g["pipeline_loads"] == 1 for g in gens)

@@ -160,7 +160,7 @@ def read_pointer(path: str | Path) -> Optional[dict[str, Any]]:
 
 
 @dataclass
-class Personalisation:
+class FinetunedModel:
     """A loaded checkpoint: what the generator needs to sample from it.
 
     Attributes:
@@ -220,7 +220,7 @@ def artifact_config(artifact: str | Path) -> dict[str, Any]:
     return (yaml.safe_load(p.read_text()) or {}) if p.exists() else {}
 
 
-def load_personalisation(path: str | Path, checkpoint: Optional[str] = None) -> Personalisation:
+def load_finetuned(path: str | Path, checkpoint: Optional[str] = None) -> FinetunedModel:
     """Load a checkpoint of a fine-tuning artifact (see :func:`resolve` for ``path``)."""
     from safetensors.torch import load_file
 
@@ -230,4 +230,4 @@ def load_personalisation(path: str | Path, checkpoint: Optional[str] = None) -> 
     ((key, table),) = tensors.items()
     rows = pq.read_table(artifact / f"{CONDITIONINGS}.parquet").to_pylist()
     unet_dir = snap / UNET if (snap / UNET).is_dir() else None
-    return Personalisation(meta["method"], rows, table, key, unet_dir, artifact, name)
+    return FinetunedModel(meta["method"], rows, table, key, unet_dir, artifact, name)

@@ -17,7 +17,7 @@ holds the UNet beside the table. The generator needs nothing else: it picks the 
 snapshot's table key (:func:`family_of`), whatever the method's name.
 
 A family object is stateless: it knows how to initialise its table and how to turn table rows into
-the UNet's ``encoder_hidden_states``. The trainable :func:`build_personaliser` module holds the
+the UNet's ``encoder_hidden_states``. The trainable :func:`build_trainable` module holds the
 table (and the UNet when it is trained); the frozen parts stay outside it, so DDP synchronises
 only what learns.
 
@@ -282,7 +282,7 @@ def family_of(table_key: str) -> Method:
 # --------------------------------------------------------------------------------------------
 
 
-def build_personaliser(method: Method, comps: dict[str, Any], table: "torch.Tensor"):
+def build_trainable(method: Method, comps: dict[str, Any], table: "torch.Tensor"):
     """The module DDP wraps: the learned table, plus the UNet when the method trains it.
 
     Frozen parts (text encoder, VAE, and the UNet when not trained) are kept out of the module's
@@ -290,7 +290,7 @@ def build_personaliser(method: Method, comps: dict[str, Any], table: "torch.Tens
     """
     import torch
 
-    class Personaliser(torch.nn.Module):
+    class Trainable(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.table = torch.nn.Parameter(table.clone().float())
@@ -306,11 +306,11 @@ def build_personaliser(method: Method, comps: dict[str, Any], table: "torch.Tens
             return denoising_loss(self.comps["unet"], self.comps["noise_scheduler"], latents, noise,
                                   timesteps, cond)
 
-    return Personaliser()
+    return Trainable()
 
 
 def trainable_state(module: Any, method: Method) -> dict[str, "torch.Tensor"]:
-    """The learned tensors of a (possibly DDP-wrapped) personaliser, CPU, contiguous."""
+    """The learned tensors of a (possibly DDP-wrapped) trainable module, CPU, contiguous."""
     inner = getattr(module, "module", module)
     state = {method.table_key: inner.table.detach().cpu().contiguous()}
     if method.trains_unet:

@@ -12,7 +12,7 @@ from raugment.stages.finetune.methods import FINETUNERS
 @with_plugins(FINETUNERS)
 @dataclass
 class FinetuneConfig:
-    """Personalisation of the diffusion model (paper 3.1, methods 5-9), one DDP training run.
+    """FinetunedModel of the diffusion model (paper 3.1, methods 5-9), one DDP training run.
 
     ``method`` is a fine-tuning method of ``raugment/stages/finetune/methods/`` (ft_conditioning,
     ft_cluster_conditioning, imagic, textual_inversion, pseudoword_dm); their own keys

@@ -35,7 +35,7 @@ import numpy as np
 
 from raugment.core import schema
 from raugment.lib.finetuned.artifact import CONDITIONINGS, ITEMS, write_snapshot, write_tags
-from raugment.lib.finetuned.families import CondRow, build_personaliser, load_trainable_state, trainable_state
+from raugment.lib.finetuned.families import CondRow, build_trainable, load_trainable_state, trainable_state
 from raugment.stages.finetune.methods import get_method
 from raugment.stages.finetune.policy import EarlyStopper, EpochRecord, checkpoint_tags, epoch_order, scaled_lr
 
@@ -273,7 +273,7 @@ class WorkerLoop:
         rows = [CondRow(r[schema.COND_ROW], r[schema.LABEL], r[schema.CLASS_NAME], r[schema.CLUSTER],
                         r[schema.N_IMAGES], r[schema.TOKEN])
                 for r in pq.read_table(self.out / f"{CONDITIONINGS}.parquet").to_pylist()]
-        self.model = build_personaliser(self.method, self.comps, self.method.init_table(self.comps, rows))
+        self.model = build_trainable(self.method, self.comps, self.method.init_table(self.comps, rows))
         self.optimizer = self._build_optimizer()
         self.progress = self._restore()
         self.model = ctx.prepare_model(self.model)  # DDP when world > 1 (the model is on its device)

@@ -1,4 +1,4 @@
-"""Stage ``finetune``: personalise Stable Diffusion to the training images (paper 3.1, methods 5-9).
+"""Stage ``finetune``: fine-tune Stable Diffusion to the training images (paper 3.1, methods 5-9).
 
 ``run(cfg, dataset) -> Artifact`` trains every class in **one** DDP run (gloo on CPU, NCCL on
 GPU) on a table of learned rows indexed by class (and k-means cluster). ``finetune.runner`` says
@@ -16,7 +16,7 @@ seed.
 
 The generator reads the artifact by config (``generate.method=<same name>``,
 ``generate.conditioning=<this artifact or one of its checkpoint directories>``); see
-:mod:`raugment.stages.generate.methods.personalised`. :func:`select_checkpoint` picks the
+:mod:`raugment.stages.generate.finetuned`. :func:`select_checkpoint` picks the
 checkpoint whose generated images train the best classifier; in a study the scores come from
 ordinary generate -> assemble -> train runs per candidate, and the ``select`` stage
 (:mod:`raugment.stages.select.stage`) records the choice for the generator.

@@ -36,7 +36,7 @@ Generation methods are plug-ins, one module each in ``raugment/stages/generate/m
 (:data:`~raugment.stages.generate.methods.GENERATORS`; the contract is
 :class:`~raugment.stages.generate.methods.GenerationMethod`). A ``generate.method`` that is not
 one of them is a fine-tuned method's name: given a fine-tuning artifact, the stage samples from it
-with :class:`~raugment.stages.generate.methods.personalised.Personalised` (:func:`check_config`).
+with :class:`~raugment.stages.generate.finetuned.FinetunedGeneration` (:func:`check_config`).
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ from raugment.core.config import DIFFUSERS_HINT, ConfigError, check_local_model,
 from raugment.core.imageio import encode_image
 from raugment.core.storage import Artifact, StageRun, run_stage, write_parquet_atomic
 from raugment.stages.generate.config import GenerateConfig
+from raugment.stages.generate.finetuned import NEEDS_ARTIFACT, FinetunedGeneration
 from raugment.stages.generate.methods import GENERATORS, GenerationMethod, Row, slot_seed
-from raugment.stages.generate.methods.personalised import NEEDS_ARTIFACT, Personalised
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def pipeline_key(cfg: GenerateConfig, kind: str) -> tuple:
 
 
 def changes_pipeline(method: GenerationMethod) -> bool:
-    """True when ``method.setup`` changes the pipeline (personalised weights): it needs its own load."""
+    """True when ``method.setup`` changes the pipeline (fine-tuned weights): it needs its own load."""
     return type(method).setup is not GenerationMethod.setup
 
 
@@ -338,7 +338,7 @@ def key_section(cfg: GenerateConfig) -> dict[str, Any]:
 
 def method_for(g: GenerateConfig, finetune: Optional[Artifact] = None) -> GenerationMethod:
     """The method instance of ``g.method``: a registered generation method, or, given a
-    fine-tuning artifact (``finetune`` or ``g.conditioning``), :class:`Personalised` sampling from it.
+    fine-tuning artifact (``finetune`` or ``g.conditioning``), :class:`FinetunedGeneration` sampling from it.
 
     Raises:
         ConfigError: a name that is neither, naming the generation methods.
@@ -346,7 +346,7 @@ def method_for(g: GenerateConfig, finetune: Optional[Artifact] = None) -> Genera
     if g.method in GENERATORS:
         return GENERATORS.get(g.method)()
     if finetune is not None or g.conditioning:
-        return Personalised(g.method)
+        return FinetunedGeneration(g.method)
     raise ConfigError(f"generate.method: {g.method!r} is not a generation method (known: "
                       f"{', '.join(GENERATORS.names())}); a fine-tuned method such as ft_conditioning "
                       f"{NEEDS_ARTIFACT}")

@@ -579,7 +579,7 @@ def _dataset_sections(doc: _Doc, ds: dict[str, Any], slug: str, ctx: dict[str, A
 
 
 def _checkpoint_section(doc: _Doc, checkpoints: dict[str, Any]) -> None:
-    """Which fine-tuning checkpoint each personalised method generated from, and why."""
+    """Which fine-tuning checkpoint each fine-tuned method generated from, and why."""
     if not checkpoints:
         return
     doc.heading("Checkpoint selection (fine-tuned methods)", 3)

@@ -1,4 +1,4 @@
-"""Stage ``select``: the fine-tuning checkpoint a personalised method generates from (paper 3.1).
+"""Stage ``select``: the fine-tuning checkpoint a fine-tuned method generates from (paper 3.1).
 
 The paper keeps several checkpoints per fine-tuning run (best train loss, best validation loss,
 epochs 1-3; Imagic's first 8 epochs) and picks the one whose generated images train the

@@ -18,7 +18,7 @@ from raugment.core.storage import Artifact
 from raugment.lib.finetuned.artifact import (
     CONDITIONINGS,
     list_checkpoints,
-    load_personalisation,
+    load_finetuned,
     resolve,
 )
 from raugment.lib.finetuned.families import CondRow
@@ -97,7 +97,7 @@ def test_checkpoints_tables_and_latent_cache(killed_run):
     assert set(table.column(schema.CHECKPOINT).to_pylist()) == set(refs)
     rows = pq.read_table(art.path / f"{CONDITIONINGS}.parquet").to_pylist()
     assert [r[schema.LABEL] for r in rows] == [0, 1] and all(r[schema.N_IMAGES] > 0 for r in rows)
-    learned = load_personalisation(art.path, "epoch_003")
+    learned = load_finetuned(art.path, "epoch_003")
     assert learned.table.shape == (2, 77, 32) and learned.unet_dir is None
     init = get_method("ft_conditioning").init_table(
         load_components(cfg.finetune.model), [CondRow(r[schema.COND_ROW], r[schema.LABEL], r[schema.CLASS_NAME])
@@ -143,7 +143,7 @@ def test_ray_train_runner_gives_the_same_artifact_under_the_same_key(killed_run,
         assert [h[key] for h in histories[0]] == pytest.approx([h[key] for h in histories[1]], rel=1e-6), key
     assert _snapshots(ray_art.path) == _snapshots(group.path)
     for ref in list_checkpoints(group.path):
-        a, b = (load_personalisation(art.path, ref.name).table for art in (ray_art, group))
+        a, b = (load_finetuned(art.path, ref.name).table for art in (ray_art, group))
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -202,10 +202,10 @@ def test_the_generator_loads_the_snapshot_a_select_pointer_names(killed_run):
 
     cfg, _, art = killed_run
     pointer = select.run(with_overrides(cfg, {"select.checkpoint": "epoch_001"}), art)
-    learned = load_personalisation(pointer.path)
+    learned = load_finetuned(pointer.path)
     assert learned.checkpoint == "epoch_001" and learned.artifact == art.path
-    assert torch.equal(learned.table, load_personalisation(art.path, "epoch_001").table)
-    assert not torch.equal(learned.table, load_personalisation(art.path, "epoch_003").table)
+    assert torch.equal(learned.table, load_finetuned(art.path, "epoch_001").table)
+    assert not torch.equal(learned.table, load_finetuned(art.path, "epoch_003").table)
 
 
 def _images(pipe, **kwargs):
@@ -273,7 +273,7 @@ def test_cli_two_worker_ddp_run_then_generation_from_the_artifact(ray_session, t
         assert {r[schema.CLUSTER] for r in rows} == {0, 1}  # k = 2 clusters in every class
         assert len(rows) == 2 * len({r[schema.LABEL] for r in rows})
     else:
-        assert load_personalisation(art.path).unet_dir is not None
+        assert load_finetuned(art.path).unet_dir is not None
     cfg = load_config(config, sets + [f"generate.method={name}", f"generate.conditioning={art.path}"])
     out = generate.run(cfg, dataset.run(cfg))
     images = out.read("images").to_pylist()

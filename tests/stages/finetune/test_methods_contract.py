@@ -23,7 +23,7 @@ from raugment.core.registry import Registry
 from raugment.lib.finetuned.families import (
     FAMILIES,
     CondRow,
-    build_personaliser,
+    build_trainable,
     load_trainable_state,
     trainable_state,
 )
@@ -82,7 +82,7 @@ def test_initial_table_has_its_familys_shape(name, comps, one_thread):
 @pytest.mark.parametrize("name", NAMES)
 def test_each_method_loss_falls_on_a_repeated_tiny_batch(comps, name, one_thread):
     method = FINETUNERS.get(name)()
-    net = build_personaliser(method, comps, method.init_table(comps, ROWS))
+    net = build_trainable(method, comps, method.init_table(comps, ROWS))
     trainable = [p for p in net.parameters() if p.requires_grad]
     expected = 1 if not method.trains_unet else 1 + len(list(comps["unet"].parameters()))
     assert len(trainable) == expected  # only the table (and the UNet when the method trains it)
@@ -105,7 +105,7 @@ def test_each_method_loss_falls_on_a_repeated_tiny_batch(comps, name, one_thread
     torch.testing.assert_close(comps["text_encoder"].get_input_embeddings().weight, frozen_te)
     # the saved state round-trips into a fresh module
     state = trainable_state(net, method)
-    fresh = build_personaliser(method, comps, torch.zeros_like(net.table))
+    fresh = build_trainable(method, comps, torch.zeros_like(net.table))
     load_trainable_state(fresh, method, state)
     torch.testing.assert_close(fresh.table, net.table)
 

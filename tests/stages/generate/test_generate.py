@@ -27,7 +27,7 @@ from raugment.core.imageio import decode_image
 from raugment.core.storage import Artifact, StageRun
 from raugment.models.diffusion import load_pipeline, script_safety_checker
 from raugment.stages.generate import stage as generate
-from raugment.stages.generate.methods.personalised import Personalised
+from raugment.stages.generate.finetuned import FinetunedGeneration
 from tests import REPO
 from tests.helpers.generation import generate_overrides as _overrides
 
@@ -98,7 +98,7 @@ def test_unknown_method_is_a_config_error(tmp_path, tiny_sd):
 
 def test_a_fine_tuned_method_needs_an_artifact_and_then_samples_from_it(tmp_path, tiny_sd):
     """A name that is no generation method is a fine-tuned method's: without an artifact the error
-    lists the generation methods and says what is missing; with one it is :class:`Personalised`
+    lists the generation methods and says what is missing; with one it is :class:`FinetunedGeneration`
     under that name (the slots' seeds and ids use it)."""
     cfg = load_config(None, _overrides(tmp_path, tiny_sd, **{"generate.method": "imagic"}))
     with pytest.raises(ConfigError, match=r"generate\.method: 'imagic' is not a generation method \(known: "
@@ -112,8 +112,8 @@ def test_a_fine_tuned_method_needs_an_artifact_and_then_samples_from_it(tmp_path
     for method in (generate.check_config(cfg, Artifact("finetune", "k", tmp_path)),
                    generate.method_for(load_config(None, ["generate.method=imagic",
                                                           f"generate.conditioning={tmp_path}"]).generate)):
-        assert isinstance(method, Personalised) and method.name == "imagic"
-    assert not isinstance(generate.check_config(load_config(None, _overrides(tmp_path, tiny_sd))), Personalised)
+        assert isinstance(method, FinetunedGeneration) and method.name == "imagic"
+    assert not isinstance(generate.check_config(load_config(None, _overrides(tmp_path, tiny_sd))), FinetunedGeneration)
 
 
 # ---- the core loop in-process (pipeline's own safety-checker path) ----------------------------

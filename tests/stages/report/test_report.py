@@ -143,7 +143,7 @@ def test_collect_refuses_a_study_without_runs(fixture_root, tmp_path):
 def test_checkpoint_section_says_which_checkpoint_each_finetuned_method_used(tmp_path):
     from raugment.stages.report.stage import _checkpoint_section, _checkpoints, _Doc
     from raugment.stages.select import stage as select
-    from tests.helpers.personalised import make_finetune
+    from tests.helpers.finetuned import make_finetune
 
     ft = make_finetune(tmp_path)
     pinned = select.run(load_config(None, [f"run.root={tmp_path}", "select.checkpoint=epoch_002"]), ft)

@@ -11,7 +11,7 @@ from raugment.core.config import ConfigError
 from raugment.core.storage import run_stage, write_text_atomic
 from raugment.lib.finetuned.artifact import SELECTED, read_pointer, resolve, write_selected
 from raugment.stages.select import stage as select
-from tests.helpers.personalised import make_finetune
+from tests.helpers.finetuned import make_finetune
 
 
 def _cfg(root, *overrides):

@@ -14,7 +14,7 @@ A prompt method (methods 1-4) subclasses :class:`PromptMethod` and writes only
 ``prompts(record, n, rng)``; other methods subclass :class:`GenerationMethod`.
 
 ``generate.method`` may also name a fine-tuned method (``ft_conditioning``, ...) when the stage is
-given a fine-tuning artifact: :class:`~raugment.stages.generate.methods.personalised.Personalised`
+given a fine-tuning artifact: :class:`~raugment.stages.generate.finetuned.FinetunedGeneration`
 samples from any of them (it is not registered: what it does depends on the artifact, not on the
 name).
 

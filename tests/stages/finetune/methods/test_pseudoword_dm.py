@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from raugment.lib.finetuned.families import CondRow, build_personaliser, trainable_state
+from raugment.lib.finetuned.families import CondRow, build_trainable, trainable_state
 from raugment.stages.finetune.methods import get_method
 
 
@@ -14,7 +14,7 @@ def test_the_unet_trains_with_the_pseudo_words(comps, one_thread):
     method = get_method("pseudoword_dm")
     assert method.pseudowords and method.trains_unet and method.table_key == "embeddings"
     rows = [CondRow(0, 0, "tiger shark", 0, 1, "<raug-0>")]
-    net = build_personaliser(method, comps, method.init_table(comps, rows))
+    net = build_trainable(method, comps, method.init_table(comps, rows))
     assert net.unet is comps["unet"] and all(p.requires_grad for p in net.unet.parameters())
     state = trainable_state(net, method)
     assert "embeddings" in state and any(k.startswith("unet.") for k in state)

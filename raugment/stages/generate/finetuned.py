@@ -1,6 +1,6 @@
 """Generation from a fine-tuning artifact: methods 5-9 (and any later fine-tuned method) on the generator's side.
 
-The generation stage uses :class:`Personalised` when ``generate.method`` is not a registered
+The generation stage uses :class:`FinetunedGeneration` when ``generate.method`` is not a registered
 generation method and it is given a fine-tuning artifact, so
 
     generate.method: ft_cluster_conditioning
@@ -34,7 +34,7 @@ import numpy as np
 from raugment.core import schema
 from raugment.core.config import ConfigError
 from raugment.core.storage import Artifact
-from raugment.lib.finetuned.artifact import artifact_config, load_personalisation, resolve
+from raugment.lib.finetuned.artifact import artifact_config, load_finetuned, resolve
 from raugment.lib.finetuned.families import GENERATION_TEMPLATE, family_of
 from raugment.stages.generate.methods import GenerateSection, GenerationMethod, Row, class_rng
 
@@ -55,7 +55,7 @@ def draw_rows(candidates: Sequence[dict[str, Any]], n: int, rng: np.random.Gener
     return [candidates[i] for i in rng.choice(len(candidates), size=n, p=p)]
 
 
-class Personalised(GenerationMethod):
+class FinetunedGeneration(GenerationMethod):
     """Text-to-image from a fine-tuning artifact of the fine-tuned method ``name``."""
 
     kind = "text2img"
@@ -79,7 +79,7 @@ class Personalised(GenerationMethod):
             artifact, snapshot, checkpoint = resolve(source)
         except ValueError as exc:
             raise ConfigError(f"generate.conditioning: {exc}") from None
-        learned = load_personalisation(snapshot)
+        learned = load_finetuned(snapshot)
         trained_on = (artifact_config(artifact).get("config") or {}).get("model")
         if trained_on and Path(trained_on).name != Path(cfg.model).name:
             log.warning("generate.model %r differs from the model %r that %s was fine-tuned from",
@@ -109,7 +109,7 @@ class Personalised(GenerationMethod):
     def setup(self, pipe: Any, cfg: GenerateSection, finetune_path: str | None) -> None:
         from safetensors.torch import load_file
 
-        learned = load_personalisation(self._source(cfg, finetune_path))
+        learned = load_finetuned(self._source(cfg, finetune_path))
         self.family = family_of(learned.table_key)
         self.pipe = pipe
         self.table = learned.table.to(pipe.device, pipe.text_encoder.dtype)
@@ -122,7 +122,7 @@ class Personalised(GenerationMethod):
         import torch
 
         if self.family is None:
-            raise RuntimeError("Personalised.call_kwargs before setup: the learned table is not loaded")
+            raise RuntimeError("FinetunedGeneration.call_kwargs before setup: the learned table is not loaded")
         comps = {"text_encoder": self.pipe.text_encoder, "tokenizer": self.pipe.tokenizer}
         idx = torch.tensor([int(r[schema.PARAMS][ROW_PARAM]) for r in rows], device=self.table.device)
         ids = self.family.generation_ids(comps, len(rows))

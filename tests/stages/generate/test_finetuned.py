@@ -1,4 +1,4 @@
-"""Generation from a fine-tuning artifact (:class:`Personalised`): any fine-tuned method, by its family.
+"""Generation from a fine-tuning artifact (:class:`FinetunedGeneration`): any fine-tuned method, by its family.
 
 The fine-tuning stage's own end-to-end runs (train, then generate from the artifact) are in
 ``tests/stages/finetune/test_finetune.py``.
@@ -16,8 +16,8 @@ from raugment.core.config import ConfigError
 from raugment.core.storage import Artifact
 from raugment.lib.finetuned.families import GENERATION_TEMPLATE
 from raugment.models.diffusion import load_components, load_pipeline
-from raugment.stages.generate.methods.personalised import Personalised, draw_rows
-from tests.helpers.personalised import hand_made_artifact, sample
+from raugment.stages.generate.finetuned import FinetunedGeneration, draw_rows
+from tests.helpers.finetuned import hand_made_artifact, sample
 
 CLASSES = [{schema.LABEL: 0, schema.CLASS_ID: "n01491361", schema.CLASS_NAME: "tiger shark, Galeocerdo cuvieri"}]
 
@@ -50,7 +50,7 @@ def test_pseudoword_generation_matches_the_init_word_then_follows_training(tiny_
         art = tmp_path / f"{name}-{perturb}"
         hand_made_artifact(art, load_components(str(tiny_sd)), name, perturb)
         fresh = load_pipeline(str(tiny_sd), safety_checker=False)
-        method = Personalised(name)
+        method = FinetunedGeneration(name)
         rows = method.plan(CLASSES, g, dataset=None, finetune=Artifact("finetune", "x", art))
         assert rows[0][schema.PROMPT] == GENERATION_TEMPLATE.format("<raug-0>")
         method.setup(fresh, g, str(art))
@@ -67,10 +67,10 @@ def test_a_method_it_has_never_heard_of_is_served_by_its_family(tiny_sd, tmp_pat
     art = tmp_path / "mine"
     hand_made_artifact(art, load_components(str(tiny_sd)), "ft_conditioning", 0.3, meta_method="my_method")
     g = _generate_cfg("my_method", **{"generate.conditioning": art})
-    method = Personalised("my_method")
+    method = FinetunedGeneration("my_method")
     rows = method.plan(CLASSES, g, dataset=None, finetune=None)
     assert [r[schema.METHOD] for r in rows] == ["my_method"] * 2 and all(r[schema.PROMPT] == "" for r in rows)
-    assert rows != Personalised("other").slot_rows([dict(r) for r in rows], g)  # ids and seeds use the name
+    assert rows != FinetunedGeneration("other").slot_rows([dict(r) for r in rows], g)  # ids and seeds use the name
     method.setup(pipe, g, None)
     kwargs = method.call_kwargs(rows, g)
     assert kwargs["prompt_embeds"].shape == (2, 77, pipe.text_encoder.config.hidden_size)
@@ -82,14 +82,14 @@ def test_the_artifact_must_be_of_the_same_method(tiny_sd, tmp_path):
     hand_made_artifact(art, load_components(str(tiny_sd)), "textual_inversion", 0.0)
     with pytest.raises(ConfigError, match=r"points to a 'textual_inversion' artifact but generate\.method is "
                                           r"'pseudoword_dm'"):
-        Personalised("pseudoword_dm").plan(CLASSES, _generate_cfg("pseudoword_dm"), dataset=None,
+        FinetunedGeneration("pseudoword_dm").plan(CLASSES, _generate_cfg("pseudoword_dm"), dataset=None,
                                            finetune=Artifact("finetune", "x", art))
 
 
 def test_no_artifact_is_a_config_error_saying_where_to_give_one():
     with pytest.raises(ConfigError, match=r"generate\.method=imagic needs a fine-tuning artifact.*"
                                           r"generate\.conditioning"):
-        Personalised("imagic").plan([], load_config().generate, dataset=None, finetune=None)
+        FinetunedGeneration("imagic").plan([], load_config().generate, dataset=None, finetune=None)
 
 
 def test_clusters_are_drawn_in_proportion_to_their_size():
