@@ -89,17 +89,17 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=10.0)
     args = ap.parse_args()
 
-    from raugment.demo.corpus import PoolServer, build_pool, read_pool
+    from raugment.demo.corpus import CorpusServer, build_corpus, read_corpus
     from raugment.stages.dataset.sources.synthetic import SYNTHETIC_CLASSES
     from raugment.stages.retrieve.config import DownloadConfig
     from raugment.stages.retrieve.download import download_urls
 
     work = Path(tempfile.mkdtemp(prefix="bench-dl-"))
     per_class = max(1, args.images // 5)
-    pool = build_pool(work / "pool", SYNTHETIC_CLASSES[:4], per_class=per_class, distractors=per_class,
+    pool = build_corpus(work / "pool", SYNTHETIC_CLASSES[:4], per_class=per_class, distractors=per_class,
                       seed=0, size=64)
-    paths = read_pool(pool).column("url").to_pylist()
-    with PoolServer(pool, faults=False, latency_s=args.latency_ms / 1000.0) as srv:
+    paths = read_corpus(pool).column("url").to_pylist()
+    with CorpusServer(pool, faults=False, latency_s=args.latency_ms / 1000.0) as srv:
         urls = [srv.url + p for p in paths]
         urls += [f"{srv.url}img/missing-{i}.jpg" for i in range(len(urls) // 20)]   # dead links
         cfg = DownloadConfig(concurrency_per_actor=args.concurrency, timeout_s=args.timeout, retries=0,

@@ -35,7 +35,7 @@ def reference_cpu_s() -> float:
 
 def main() -> None:
     from raugment.demo import mini_diffusion as md
-    from raugment.demo.corpus import build_pool
+    from raugment.demo.corpus import build_corpus
     from raugment.stages.dataset.sources.synthetic import SYNTHETIC_CLASSES
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,7 +47,7 @@ def main() -> None:
     torch.set_num_threads(1)
     classes = SYNTHETIC_CLASSES[:4]
     root = Path(tempfile.mkdtemp(prefix="bench-mini-diffusion-"))
-    pool = build_pool(root / "pool", classes, per_class=100, distractors=60, seed=args.seed)
+    pool = build_corpus(root / "pool", classes, per_class=100, distractors=60, seed=args.seed)
     judge = md.train_reference_classifier(classes, seed=args.seed)
     for init in args.text_init:
         ref = reference_cpu_s()

@@ -6,7 +6,7 @@ The quota loop downloads once per k round. Before, every round ran ``download_da
 ``map_batches`` job whose actor pool starts (processes, imports) and stops with the job; that path
 is rebuilt here (:func:`ray_data_job`) and exists only in this benchmark. After, the stage keeps one
 :class:`raugment.stages.retrieve.download.DownloadPool` for all rounds. Both download the same fresh URL slice per
-round from the local pool server (``raugment.demo.corpus.PoolServer``, no faults, ``--latency-ms`` per
+round from the local pool server (``raugment.demo.corpus.CorpusServer``, no faults, ``--latency-ms`` per
 image), with the same resources (``retrieve.download.pool`` defaults), interleaved round by round
 with an in-process ``download_urls`` of the slice (the work itself, no Ray) so that machine load
 hits all three alike. Overhead per round = round time - in-process time; the pool's start-up is
@@ -68,7 +68,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from raugment.core.config import ClusterConfig
-    from raugment.demo.corpus import PoolServer, build_pool, read_pool
+    from raugment.demo.corpus import CorpusServer, build_corpus, read_corpus
     from raugment.runtime.cluster import init_ray
     from raugment.stages.dataset.sources.synthetic import SYNTHETIC_CLASSES
     from raugment.stages.retrieve.config import DownloadConfig
@@ -76,12 +76,12 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-retrieve-"))
     need = 3 * args.rounds * args.urls + 1           # fresh URLs for each path and round, + warm-up
-    pool_dir = build_pool(work / "pool", SYNTHETIC_CLASSES[:4], per_class=math.ceil(need / 8),
+    pool_dir = build_corpus(work / "pool", SYNTHETIC_CLASSES[:4], per_class=math.ceil(need / 8),
                           distractors=math.ceil(need / 2), seed=0, size=32)
-    paths = read_pool(pool_dir).column("url").to_pylist()
+    paths = read_corpus(pool_dir).column("url").to_pylist()
     init_ray(ClusterConfig(num_cpus=os.cpu_count() or 2, temp_dir=tempfile.mkdtemp(prefix="rb-", dir="/tmp")),
              progress=False)
-    with PoolServer(pool_dir, faults=False, latency_s=args.latency_ms / 1000.0) as srv:
+    with CorpusServer(pool_dir, faults=False, latency_s=args.latency_ms / 1000.0) as srv:
         urls = [srv.url + p for p in paths]
         cfg = DownloadConfig(allow_loopback=True, timeout_s=30.0, retries=0)
         list(ray_data_job(urls[-1:], cfg))           # Ray Data's one-off set-up is not a per-round cost

@@ -35,7 +35,7 @@ from typing import Any
 
 from raugment.config import Config, load_config
 from raugment.core.config import read_yaml, with_overrides
-from raugment.demo.corpus import PoolServer
+from raugment.demo.corpus import CorpusServer
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def asset_overrides(paths: dict[str, Path], url: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def serve_pool(pool_dir: Path, port_file: Path) -> Iterator[str]:
+def serve_corpus(pool_dir: Path, port_file: Path) -> Iterator[str]:
     """Serve the pool on 127.0.0.1, on the port of the previous run when it is free.
 
     The server's address is part of the retrieval stage's config (``retrieve.url_base``), so the
@@ -113,10 +113,10 @@ def serve_pool(pool_dir: Path, port_file: Path) -> Iterator[str]:
     """
     port = int(port_file.read_text()) if port_file.exists() else 0
     try:
-        server = PoolServer(pool_dir, port=port, hang_s=5.0).start()
+        server = CorpusServer(pool_dir, port=port, hang_s=5.0).start()
     except OSError:
         log.warning("demo: port %d is taken; the retrieval stage will run again on a new port", port)
-        server = PoolServer(pool_dir, port=0, hang_s=5.0).start()
+        server = CorpusServer(pool_dir, port=0, hang_s=5.0).start()
     port_file.write_text(str(server.port))
     try:
         yield server.url
@@ -143,7 +143,7 @@ def world(config_path: str | None = None, overrides: list[str] | None = None,
     run_root = Path(cfg.run.root)
     run_root.mkdir(parents=True, exist_ok=True)
     paths = prepare_assets(run_root, cfg)
-    with serve_pool(paths["pool"], run_root / "assets" / PORT_FILE) as url:
+    with serve_corpus(paths["pool"], run_root / "assets" / PORT_FILE) as url:
         yield with_overrides(cfg, asset_overrides(paths, url))
 
 

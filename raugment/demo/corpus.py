@@ -1,12 +1,13 @@
-"""A captioned image pool for tests and the offline demo: images, an HTTP server with faults, a small CLIP.
+"""The demo's captioned corpus (a stand-in for LAION): images, an HTTP server with faults, a small CLIP.
 
-The pool stands in for LAION: :func:`build_pool` draws captioned images of the target classes (with
-the dataset engineer's :func:`raugment.stages.dataset.sources.synthetic.draw_named`) plus distractors, with a hidden
-``pool_label`` for precision@n, aesthetic scores on some rows, NSFW tags on a few, and some URLs that
-misbehave. :class:`PoolServer` serves it on 127.0.0.1 (ephemeral port). URLs in the pool are
-relative (``img/<id>.jpg``, ``f/<fault>/<id>.jpg``); join them with :attr:`PoolServer.url`
-(``retrieve.url_base``). :func:`train_small_clip` trains a tiny open_clip on the pool's captions for a
-minute, because a random-weight CLIP embeds every image almost identically.
+:func:`build_corpus` draws captioned images of the target classes (with the synthetic dataset
+source's :func:`~raugment.stages.dataset.sources.synthetic.draw_named`) plus distractors, with a
+hidden class (column ``pool_label``, the name it had before it was called a corpus) for precision@n,
+aesthetic scores on some rows, NSFW tags on a few, and some URLs that misbehave. It is written as
+``pool.parquet`` (:data:`CORPUS_FILE`). :class:`CorpusServer` serves it on 127.0.0.1 (ephemeral
+port). URLs in the corpus are relative (``img/<id>.jpg``, ``f/<fault>/<id>.jpg``); join them with
+:attr:`CorpusServer.url` (``retrieve.url_base``). :func:`train_small_clip` trains a tiny open_clip
+on the corpus's captions, because a random-weight CLIP embeds every image almost identically.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from raugment.core import schema
 
 log = logging.getLogger(__name__)
 
-POOL_FILE = "pool.parquet"
+CORPUS_FILE = "pool.parquet"
 INFO_FILE = "pool.json"
 
 # fault kind -> the reason the downloader must record for it
@@ -63,7 +64,7 @@ def _caption(name: str, rng: np.random.Generator) -> str:
     return template.format(name=name, w=w(name), colour=colour, shape=shape)
 
 
-def build_pool(out_dir: str | Path, classes: Sequence[str], per_class: int = 40, distractors: int = 40,
+def build_corpus(out_dir: str | Path, classes: Sequence[str], per_class: int = 40, distractors: int = 40,
                seed: int = 0, *, size: int = 32, fault_rate: float = 0.12, noisy_caption_rate: float = 0.1,
                aesthetic_rate: float = 0.5, nsfw_rate: float = 0.04,
                extra: Sequence[tuple[str, Any]] = ()) -> Path:
@@ -87,7 +88,7 @@ def build_pool(out_dir: str | Path, classes: Sequence[str], per_class: int = 40,
     from raugment.stages.dataset.sources.synthetic import COLOURS, SHAPES, draw_named
 
     if per_class <= 0 or distractors < 0:
-        raise ValueError("build_pool: per_class must be > 0 and distractors >= 0")
+        raise ValueError("build_corpus: per_class must be > 0 and distractors >= 0")
     rng = np.random.default_rng(seed)
     others = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in set(classes)]
     names = [n for n in classes for _ in range(per_class)]
@@ -117,7 +118,7 @@ def build_pool(out_dir: str | Path, classes: Sequence[str], per_class: int = 40,
         row[schema.URL] = f"f/{row[schema.FAULT]}/{row[schema.ID]}.jpg"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(schema.to_table(rows, schema.POOL), out / POOL_FILE)
+    pq.write_table(schema.to_table(rows, schema.POOL), out / CORPUS_FILE)
     info = {"classes": list(classes), "per_class": per_class, "distractors": distractors, "seed": seed,
             "size": size, "rows": len(rows), "faults": n_faults,
             "extra_ids": [r[schema.ID] for r in rows[len(rows) - len(extra):]] if extra else []}
@@ -126,9 +127,9 @@ def build_pool(out_dir: str | Path, classes: Sequence[str], per_class: int = 40,
     return out
 
 
-def read_pool(pool_dir: str | Path) -> Any:
+def read_corpus(pool_dir: str | Path) -> Any:
     """The pool table (``schema.POOL``)."""
-    return pq.read_table(Path(pool_dir) / POOL_FILE)
+    return pq.read_table(Path(pool_dir) / CORPUS_FILE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,11 +150,11 @@ def pixel_bomb_png(side: int = 12_000) -> bytes:
             + _png_chunk(b"IDAT", zlib.compress(row * side, 6)) + _png_chunk(b"IEND", b""))
 
 
-class PoolServer:
+class CorpusServer:
     """Serve a pool on ``127.0.0.1`` (ephemeral port) with fault URLs; a context manager.
 
     Args:
-        pool_dir: a directory written by :func:`build_pool`.
+        pool_dir: a directory written by :func:`build_corpus`.
         faults: serve fault URLs as faults; False serves every URL's image normally.
         latency_s: delay before every image response (benchmarks).
         hang_s: how long a ``hang`` URL stalls (longer than any client timeout used here).
@@ -170,7 +171,7 @@ class PoolServer:
     def __init__(self, pool_dir: str | Path, faults: bool = True, latency_s: float = 0.0,
                  hang_s: float = 60.0, drip_interval_s: float = 0.25, bomb_bytes: int = 64_000_000,
                  port: int = 0):
-        table = read_pool(pool_dir)
+        table = read_corpus(pool_dir)
         self.images = dict(zip(table.column(schema.ID).to_pylist(), table.column(schema.IMAGE).to_pylist()))
         self.faults = faults
         self.latency_s = latency_s
@@ -185,17 +186,17 @@ class PoolServer:
         self._thread: threading.Thread | None = None
         self.url = ""
 
-    def __enter__(self) -> "PoolServer":
+    def __enter__(self) -> "CorpusServer":
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def start(self) -> "PoolServer":
+    def start(self) -> "CorpusServer":
         if self.faults:
             pixel_bomb_png()  # made before serving, so making it never counts against a client's timeout
-        handler = type("PoolHandler", (_Handler,), {"pool": self})
-        server_cls = type("PoolHTTPServer", (ThreadingHTTPServer,), {"request_queue_size": 256})
+        handler = type("CorpusHandler", (_Handler,), {"pool": self})
+        server_cls = type("CorpusHTTPServer", (ThreadingHTTPServer,), {"request_queue_size": 256})
         self._httpd = server_cls(("127.0.0.1", self.port), handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]  # the bound one when 0 asked for any free port
@@ -217,7 +218,7 @@ class PoolServer:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    pool: PoolServer
+    pool: CorpusServer
     protocol_version = "HTTP/1.0"  # close-delimited bodies: a byte bomb can omit Content-Length
 
     def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
@@ -376,7 +377,7 @@ def _train_small_clip(pool_dir: str | Path | Sequence[str | Path], out_dir: str 
     from raugment.models.clip import TINY_MODEL_CFG, build_clip_model, load_clip, save_clip
 
     dirs = [pool_dir] if isinstance(pool_dir, (str, Path)) else list(pool_dir)
-    table = pa.concat_tables([read_pool(d).select([schema.IMAGE, schema.CAPTION]) for d in dirs])
+    table = pa.concat_tables([read_corpus(d).select([schema.IMAGE, schema.CAPTION]) for d in dirs])
     captions = table.column(schema.CAPTION).to_pylist()
     torch.manual_seed(seed)
     model = build_clip_model(TINY_MODEL_CFG, seed=seed)

@@ -94,7 +94,7 @@ def _check_args(pool_file: Path, max_steps: int, vae_steps: int, size: int, num_
                 text_init: str) -> None:
     if not pool_file.is_file():
         raise ValueError(f"train_mini_diffusion: {pool_file} does not exist; build the pool first "
-                         "(raugment.demo.corpus.build_pool)")
+                         "(raugment.demo.corpus.build_corpus)")
     if max_steps < 1 or vae_steps < 1:
         raise ValueError(f"train_mini_diffusion: max_steps and vae_steps must be >= 1, got {max_steps}, {vae_steps}")
     if size < SIZE_MULTIPLE or size % SIZE_MULTIPLE:
@@ -114,9 +114,9 @@ def _pool_tensors(pool_dir: Path, size: int) -> tuple["torch.Tensor", list[str],
 
     from raugment.core import schema
     from raugment.core.imageio import decode_image
-    from raugment.demo.corpus import read_pool
+    from raugment.demo.corpus import read_corpus
 
-    table = read_pool(pool_dir)
+    table = read_corpus(pool_dir)
     if table.num_rows == 0:
         raise ValueError(f"train_mini_diffusion: the pool in {pool_dir} has no rows")
     arrays = []
@@ -287,9 +287,9 @@ def train_mini_diffusion(pool_dir: str | Path, out_dir: str | Path, *, seed: int
     from raugment.models.diffusion import build_random_sd, write_clip_tokenizer
 
     pool_dir, out_dir = Path(pool_dir), Path(out_dir)
-    from raugment.demo.corpus import POOL_FILE
+    from raugment.demo.corpus import CORPUS_FILE
 
-    _check_args(pool_dir / POOL_FILE, max_steps, vae_steps, size, num_threads, text_init)
+    _check_args(pool_dir / CORPUS_FILE, max_steps, vae_steps, size, num_threads, text_init)
     threads = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:

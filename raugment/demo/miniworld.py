@@ -2,7 +2,7 @@
 
 One world = the synthetic labelled dataset (``dataset.synthetic``: "<colour> <shape>" classes, its
 train and held-out test splits) + a larger captioned pool of the same world (:func:`raugment.demo.corpus.
-build_pool`: class images, distractors of other colour/shape pairs, noisy captions, fault URLs)
+build_corpus`: class images, distractors of other colour/shape pairs, noisy captions, fault URLs)
 that also holds slightly altered copies of some *test* images (so the leakage audit has real
 leaks to find) + a second, held-out pool (another seed, no faults) on which the small CLIP's
 precision@n is measured + a larger training-only pool (a third seed, no faults, never served) that
@@ -114,21 +114,21 @@ def build_world(out: str | Path, mini: MiniConfig, syn: SyntheticConfig, seed: i
         syn: the labelled dataset's section; its test images are the ones near-duplicated.
         seed: the dataset's seed (``dataset.seed``); the pools' seeds are derived from it.
     """
-    from raugment.demo.corpus import build_pool
+    from raugment.demo.corpus import build_corpus
 
     out = Path(out)
     names = class_names(syn)
-    pool = build_pool(out / POOL_DIR, names, per_class=mini.pool_per_class, distractors=mini.distractors,
+    pool = build_corpus(out / POOL_DIR, names, per_class=mini.pool_per_class, distractors=mini.distractors,
                       seed=seed + _POOL_SEED, size=syn.size,
                       extra=near_duplicates(syn, mini.near_duplicates, seed))
     # Held out: another seed, exact captions; only precision@n reads it (never served or indexed).
-    heldout = build_pool(out / HELDOUT_DIR, names, per_class=mini.heldout_per_class,
+    heldout = build_corpus(out / HELDOUT_DIR, names, per_class=mini.heldout_per_class,
                          distractors=mini.distractors, seed=seed + _HELDOUT_SEED, size=syn.size,
                          fault_rate=0.0, noisy_caption_rate=0.0)
     paths = {"pool": pool, "heldout": heldout}
     if mini.clip_train_per_class:
         # Captions as noisy as the served pool's: it is the same world, only larger.
-        paths["clip_train"] = build_pool(out / CLIP_TRAIN_DIR, names, per_class=mini.clip_train_per_class,
+        paths["clip_train"] = build_corpus(out / CLIP_TRAIN_DIR, names, per_class=mini.clip_train_per_class,
                                          distractors=mini.clip_train_distractors,
                                          seed=seed + _CLIP_TRAIN_SEED, size=syn.size, fault_rate=0.0)
     return paths
@@ -142,11 +142,11 @@ def clip_precision(clip_dir: str | Path, pool_dir: str | Path, names: Sequence[s
         ``{"precision_at_n": mean over classes, "n": n, "per_class": {name: precision}}``.
     """
     from raugment.core.imageio import decode_image
-    from raugment.demo.corpus import read_pool
+    from raugment.demo.corpus import read_corpus
     from raugment.lib.prompts import simple_nows_prompt
     from raugment.models.clip import load_clip
 
-    table = read_pool(pool_dir)
+    table = read_corpus(pool_dir)
     labels = np.array(table.column(schema.POOL_LABEL).to_pylist())
     enc = load_clip(str(clip_dir))
     img = enc.embed_images([decode_image(b) for b in table.column(schema.IMAGE).to_pylist()])

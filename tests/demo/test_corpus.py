@@ -10,7 +10,14 @@ import pytest
 
 from raugment.core import schema
 from raugment.core.imageio import decode_image
-from raugment.demo.corpus import FAULT_REASONS, REFUSED_TARGETS, PoolServer, build_pool, read_pool, train_small_clip
+from raugment.demo.corpus import (
+    FAULT_REASONS,
+    REFUSED_TARGETS,
+    CorpusServer,
+    build_corpus,
+    read_corpus,
+    train_small_clip,
+)
 from raugment.stages.dataset.sources.synthetic import SYNTHETIC_CLASSES
 from raugment.stages.retrieve.config import DownloadConfig
 from raugment.stages.retrieve.download import download_urls
@@ -21,7 +28,7 @@ FAST = DownloadConfig(timeout_s=1.0, retries=0, max_bytes=1_000_000, allow_loopb
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    return build_pool(tmp_path_factory.mktemp("pool"), CLASSES, per_class=12, distractors=6, seed=1)
+    return build_corpus(tmp_path_factory.mktemp("pool"), CLASSES, per_class=12, distractors=6, seed=1)
 
 
 @pytest.fixture
@@ -39,7 +46,7 @@ def connects(monkeypatch):
 
 
 def test_build_pool_contents(pool):
-    t = read_pool(pool)
+    t = read_corpus(pool)
     assert t.num_rows == 3 * 12 + 6
     labels = collections.Counter(t.column(schema.POOL_LABEL).to_pylist())
     assert all(labels[c] == 12 for c in CLASSES)
@@ -50,14 +57,14 @@ def test_build_pool_contents(pool):
     assert any(s is None for s in scores) and any(s is not None for s in scores)
     assert all(decode_image(b).size == (32, 32) for b in t.column(schema.IMAGE).to_pylist())
     # Same seed, same pool (stable ids and bytes).
-    again = read_pool(build_pool(pool.parent / "again", CLASSES, per_class=12, distractors=6, seed=1))
+    again = read_corpus(build_corpus(pool.parent / "again", CLASSES, per_class=12, distractors=6, seed=1))
     assert again.column(schema.ID).to_pylist() == t.column(schema.ID).to_pylist()
     assert again.column(schema.IMAGE).to_pylist() == t.column(schema.IMAGE).to_pylist()
 
 
 def test_every_fault_is_recorded_with_its_reason_and_refused_addresses_are_never_contacted(pool, connects):
-    t = read_pool(pool)
-    with PoolServer(pool) as srv:
+    t = read_corpus(pool)
+    with CorpusServer(pool) as srv:
         urls = [srv.url + u for u in t.column(schema.URL).to_pylist()]
         results = download_urls(urls, FAST)
     by_fault = collections.defaultdict(set)
@@ -72,8 +79,8 @@ def test_every_fault_is_recorded_with_its_reason_and_refused_addresses_are_never
 
 
 def test_faults_off_serves_every_url(pool):
-    t = read_pool(pool)
-    with PoolServer(pool, faults=False) as srv:
+    t = read_corpus(pool)
+    with CorpusServer(pool, faults=False) as srv:
         results = download_urls([srv.url + u for u in t.column(schema.URL).to_pylist()], FAST)
         assert len(srv.requests) == t.num_rows
     assert all(r.reason is None for r in results)

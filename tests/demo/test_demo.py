@@ -50,21 +50,21 @@ def _free_port_taken() -> socket.socket:
 
 
 def test_pool_server_keeps_its_port_and_falls_back_when_taken(tmp_path):
-    from raugment.demo.corpus import build_pool
+    from raugment.demo.corpus import build_corpus
 
-    pool_dir = build_pool(tmp_path / "pool", ["red circle"], per_class=2, distractors=0, seed=0)
+    pool_dir = build_corpus(tmp_path / "pool", ["red circle"], per_class=2, distractors=0, seed=0)
     port_file = tmp_path / "port"
-    with demo.serve_pool(pool_dir, port_file) as url:
+    with demo.serve_corpus(pool_dir, port_file) as url:
         first = url
         name = f"img/{_pool_ids(pool_dir)[0]}.jpg"  # the server serves every pool image here
         with urllib.request.urlopen(url + name, timeout=5) as resp:
             assert resp.status == 200 and resp.read()
-    with demo.serve_pool(pool_dir, port_file) as url:
+    with demo.serve_corpus(pool_dir, port_file) as url:
         assert url == first  # same address: the retrieval stage keeps its key
     blocker = _free_port_taken()
     try:
         port_file.write_text(str(blocker.getsockname()[1]))
-        with demo.serve_pool(pool_dir, port_file) as url:
+        with demo.serve_corpus(pool_dir, port_file) as url:
             assert url != f"http://127.0.0.1:{blocker.getsockname()[1]}/"
         assert port_file.read_text() == url.rstrip("/").rsplit(":", 1)[1]
     finally:
@@ -73,9 +73,9 @@ def test_pool_server_keeps_its_port_and_falls_back_when_taken(tmp_path):
 
 def _pool_ids(pool_dir: Path) -> list[str]:
     from raugment.core import schema
-    from raugment.demo.corpus import read_pool
+    from raugment.demo.corpus import read_corpus
 
-    return read_pool(pool_dir).column(schema.ID).to_pylist()
+    return read_corpus(pool_dir).column(schema.ID).to_pylist()
 
 
 def test_assets_are_prepared_once(tmp_path):
@@ -98,10 +98,10 @@ def test_demo_target_runs_one_stage_in_the_served_demo_world(tmp_path, monkeypat
     """``raugment demo --target retrieve``: the demo world's config (its models, corpus and server)
     goes to a one-target study of that stage, while the corpus is served."""
     from raugment import cli
-    from raugment.demo.corpus import build_pool
+    from raugment.demo.corpus import build_corpus
     from raugment.study import target
 
-    pool = build_pool(tmp_path / "pool", ["red circle"], per_class=2, distractors=0, seed=0)
+    pool = build_corpus(tmp_path / "pool", ["red circle"], per_class=2, distractors=0, seed=0)
     paths = {k: tmp_path / k for k in ("sd", "clip", "aesthetic", "classifier", "pool_clip")}
 
     def prepare(root, cfg):

@@ -15,9 +15,9 @@ CLASSES = SYNTHETIC_CLASSES[:4]  # the demo's classes
 
 @pytest.fixture(scope="session")
 def mini_pool(session_dir):
-    from raugment.demo.corpus import build_pool
+    from raugment.demo.corpus import build_corpus
 
-    return build_pool(session_dir / "mini_pool", CLASSES, per_class=100, distractors=60, seed=0)
+    return build_corpus(session_dir / "mini_pool", CLASSES, per_class=100, distractors=60, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -28,9 +28,9 @@ def mini_sd(mini_pool, session_dir):
 
 @pytest.fixture(scope="session")
 def small_pool(session_dir):
-    from raugment.demo.corpus import build_pool
+    from raugment.demo.corpus import build_corpus
 
-    return build_pool(session_dir / "small_pool", CLASSES, per_class=8, distractors=4, seed=1)
+    return build_corpus(session_dir / "small_pool", CLASSES, per_class=8, distractors=4, seed=1)
 
 
 def _weights(bundle):

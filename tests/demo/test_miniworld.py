@@ -9,7 +9,7 @@ from raugment.core import schema
 from raugment.core.config import ConfigError, section_hash
 from raugment.demo import miniworld
 from raugment.demo.config import MiniConfig
-from raugment.demo.corpus import read_pool
+from raugment.demo.corpus import read_corpus
 from raugment.stages.dataset.sources.synthetic import SyntheticConfig
 
 SMALL = MiniConfig(pool_per_class=5, distractors=4, near_duplicates=2, heldout_per_class=3,
@@ -18,7 +18,7 @@ SYN = SyntheticConfig(num_classes=2, train_per_class=4, test_per_class=3)
 
 
 def _tables(out):
-    return read_pool(out["pool"]), read_pool(out["heldout"]), read_pool(out["clip_train"])
+    return read_corpus(out["pool"]), read_corpus(out["heldout"]), read_corpus(out["clip_train"])
 
 
 def test_world_is_deterministic_for_a_seed(tmp_path):
@@ -44,7 +44,7 @@ def test_near_duplicates_are_leaks_of_test_images(tmp_path):
 
     out = miniworld.build_world(tmp_path, SMALL, SYN, seed=3)
     info = json.loads((out["pool"] / "pool.json").read_text())
-    table = read_pool(out["pool"]).to_pylist()
+    table = read_corpus(out["pool"]).to_pylist()
     by_id = {r[schema.ID]: r for r in table}
     dups = [by_id[i] for i in info["extra_ids"]]
     assert len(dups) == 4 and all(not d[schema.FAULT] for d in dups)

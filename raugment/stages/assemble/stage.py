@@ -31,11 +31,11 @@ log = logging.getLogger(__name__)
 
 STAGE = "assemble"
 TABLE = "manifest"
-POOL_COLUMNS = [S.ID, S.LABEL, S.SOURCE, S.METHOD, S.RANK]
+ADDED_COLUMNS = [S.ID, S.LABEL, S.SOURCE, S.METHOD, S.RANK]
 
 
 @dataclass(frozen=True)
-class Pool:
+class AddedImages:
     """One method's added images: ids/labels/ranks (no bytes) and where they live."""
 
     method: str
@@ -59,7 +59,7 @@ def targets(train_counts: Mapping[int, int], ratio: float) -> dict[int, int]:
     return {int(label): set_size(int(n), ratio) for label, n in train_counts.items()}
 
 
-def build_manifest(original: pa.Table, pools: Sequence[Pool], *, ratio: float, set_index: int,
+def build_manifest(original: pa.Table, pools: Sequence[AddedImages], *, ratio: float, set_index: int,
                    num_sets: int, seed: int, original_artifact: str,
                    exclude_ids: set[str] | frozenset[str] = frozenset()) -> pa.Table:
     """The assembled manifest: every original training image plus each class's added quota.
@@ -140,10 +140,10 @@ def _relative(artifact: Artifact, root: Path) -> str:
         return str(artifact.path.resolve())
 
 
-def read_pool(method: str, artifact: Artifact, root: Path) -> Pool:
-    """An added artifact's ``images`` table as a :class:`Pool` (bytes are not read)."""
-    table = artifact.read("images", columns=POOL_COLUMNS)
-    return Pool(method, table, _relative(artifact, root))
+def read_added(method: str, artifact: Artifact, root: Path) -> AddedImages:
+    """An added artifact's ``images`` table as a :class:`AddedImages` (bytes are not read)."""
+    table = artifact.read("images", columns=ADDED_COLUMNS)
+    return AddedImages(method, table, _relative(artifact, root))
 
 
 def _select_sources(cfg: AssembleConfig, added: Mapping[str, Artifact]) -> list[str]:
@@ -195,7 +195,7 @@ def run(cfg: Config, dataset: Artifact, added: Mapping[str, Artifact] | None = N
         original = images.filter(pc.equal(images.column(S.SPLIT), "train"))
         if original.num_rows == 0:
             raise ValueError(f"dataset artifact {dataset.path} has no train split")
-        pools = [read_pool(m, added[m], root) for m in names]
+        pools = [read_added(m, added[m], root) for m in names]
         manifest = build_manifest(original, pools, ratio=acfg.ratio, set_index=acfg.set_index,
                                   num_sets=acfg.num_sets, seed=cfg.run.seed,
                                   original_artifact=_relative(dataset, root), exclude_ids=exclude)

@@ -37,7 +37,7 @@ def _original(dataset):
 
 
 def _pool(method, art, root):
-    return assemble.read_pool(method, art, root)
+    return assemble.read_added(method, art, root)
 
 
 @pytest.mark.parametrize("ratio", [0, 100, 250, 2500])

@@ -60,7 +60,7 @@ def served(tmp_path_factory):
     from raugment import cli
     from raugment.core.imageio import decode_image
     from raugment.core.storage import run_stage
-    from raugment.demo.corpus import build_pool, read_pool, train_small_clip
+    from raugment.demo.corpus import build_corpus, read_corpus, train_small_clip
     from raugment.models.clip import load_clip
     from raugment.stages.dataset.sources.synthetic import SYNTHETIC_CLASSES
     from tests.stages.retrieve.test_retrieve import classes_table
@@ -71,13 +71,13 @@ def served(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cliprt")
     names = SYNTHETIC_CLASSES[:NUM_CLASSES]
-    pool = build_pool(root / "pool", names, per_class=PER_CLASS, distractors=20, seed=0, fault_rate=0.0)
+    pool = build_corpus(root / "pool", names, per_class=PER_CLASS, distractors=20, seed=0, fault_rate=0.0)
     clip = train_small_clip(pool, root / "clip", seed=0, minutes=3, max_steps=60, num_threads=1)
     # The pool's embeddings in LAION's layout, so `raugment index build` needs no Ray.
     laion = root / "laion"
     (laion / "img_emb").mkdir(parents=True)
     (laion / "metadata").mkdir()
-    table = read_pool(pool)
+    table = read_corpus(pool)
     np.save(laion / "img_emb" / "0.npy",
             load_clip(str(clip)).embed_images([decode_image(b) for b in table.column(schema.IMAGE).to_pylist()]))
     pq.write_table(table.drop_columns([schema.IMAGE]), laion / "metadata" / "0.parquet")
@@ -180,12 +180,12 @@ def test_knn_service_hits_match_the_local_backend(served):
 
 def test_retrieve_stage_through_clip_back_matches_local(served):
     """The retrieve stage with each backend: the same candidate rows for every class."""
-    from raugment.demo.corpus import PoolServer
+    from raugment.demo.corpus import CorpusServer
     from raugment.stages.retrieve import stage as retrieve
     from raugment.stages.retrieve.download import download_urls, results_table
 
     root, pool, clip, index_dir, dataset, names, srv = served
-    with PoolServer(pool, faults=False) as pool_srv:
+    with CorpusServer(pool, faults=False) as pool_srv:
         local_cfg, knn_cfg = _configs(served, pool_url=pool_srv.url)
 
         def downloader(urls):
@@ -216,10 +216,10 @@ def test_raugment_retrieve_command_through_clip_back_matches_local(served, tmp_p
 
     from raugment.core.config import to_dict
     from raugment.core.storage import latest
-    from raugment.demo.corpus import PoolServer
+    from raugment.demo.corpus import CorpusServer
 
     root, pool, clip, index_dir, dataset, names, srv = served
-    with PoolServer(pool, faults=False) as pool_srv:
+    with CorpusServer(pool, faults=False) as pool_srv:
         local_cfg, knn_cfg = _configs(served, pool_url=pool_srv.url)
         runs = []
         for name, section in (("local", local_cfg.retrieve), ("knn", knn_cfg.retrieve)):

@@ -105,11 +105,11 @@ def test_config_errors_before_work(tmp_path):
 
 
 def test_index_stage_embeds_a_captioned_pool_with_ray(ray_session, tmp_path):
-    from raugment.demo.corpus import build_pool, read_pool
+    from raugment.demo.corpus import build_corpus, read_corpus
     from raugment.models.clip import load_clip, write_tiny_clip
     from raugment.stages.dataset.sources.synthetic import SYNTHETIC_CLASSES
 
-    pool = build_pool(tmp_path / "pool", SYNTHETIC_CLASSES[:2], per_class=6, distractors=3, seed=0)
+    pool = build_corpus(tmp_path / "pool", SYNTHETIC_CLASSES[:2], per_class=6, distractors=3, seed=0)
     clip = write_tiny_clip(tmp_path / "clip")
     cfg = from_dict({"run": {"root": str(tmp_path / "runs"), "progress": False},
                      "index": {"path": str(pool / "pool.parquet"), "clip_model": str(clip), "clip_pretrained": None,
@@ -121,7 +121,7 @@ def test_index_stage_embeds_a_captioned_pool_with_ray(ray_session, tmp_path):
         assert [len(pids) for pids in POOLS.idle_pids()] == [1]
     assert POOLS.idle_pids() == []
     assert art.complete and art.stats["counts"]["indexed"] == 15
-    table = read_pool(pool)
+    table = read_corpus(pool)
     meta = art.read("metadata")
     assert meta.column(schema.URL).to_pylist() == table.column(schema.URL).to_pylist()   # row i = faiss id i
     assert meta.column(schema.AESTHETIC_SCORE).to_pylist() == [

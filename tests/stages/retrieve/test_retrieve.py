@@ -251,12 +251,12 @@ QUOTA = 6   # about half the pool's images of a class survive faults, aesthetics
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, mini_world):
-    from raugment.demo.corpus import build_pool
+    from raugment.demo.corpus import build_corpus
     from raugment.stages.dataset.sources.synthetic import SYNTHETIC_CLASSES
 
     root = tmp_path_factory.mktemp("demo")
     names = SYNTHETIC_CLASSES[:POOL_CLASSES]
-    pool = build_pool(root / "pool", names, per_class=PER_CLASS, distractors=30, seed=0, fault_rate=0.3)
+    pool = build_corpus(root / "pool", names, per_class=PER_CLASS, distractors=30, seed=0, fault_rate=0.3)
     # The mini-world's trained CLIP: the same visual world, but it never saw this pool's images.
     clip = mini_world[2].clip
     assert mini_world[2].info["classes"] == list(names)
@@ -271,12 +271,12 @@ def demo(tmp_path_factory, mini_world):
 def embeddings_index(pool, clip, out):
     """The pool's index without Ray: embed in-process, write LAION's layout, index that."""
     from raugment.core.imageio import decode_image
-    from raugment.demo.corpus import read_pool
+    from raugment.demo.corpus import read_corpus
     from raugment.models.clip import load_clip
     from raugment.stages.index.config import IndexConfig
     from raugment.stages.index.stage import build_index
 
-    table = read_pool(pool)
+    table = read_corpus(pool)
     emb = load_clip(str(clip)).embed_images([decode_image(b) for b in table.column(schema.IMAGE).to_pylist()])
     (out / "img_emb").mkdir(parents=True)
     (out / "metadata").mkdir()
@@ -301,7 +301,7 @@ def stage_config(root, pool, clip, srv, index_dir=None, safety_model=None):
 
 def check_stage(art, srv, pool, rerun):
     """The stage's contract on the fault pool; ``rerun`` re-runs it after a simulated kill."""
-    from raugment.demo.corpus import FAULT_REASONS, read_pool
+    from raugment.demo.corpus import FAULT_REASONS, read_corpus
 
     first_requests = len(srv.requests)
     st = art.stats
@@ -327,7 +327,7 @@ def check_stage(art, srv, pool, rerun):
         if low and c[schema.REASON] not in ("nsfw", "no_url"):
             assert c[schema.REASON] == "aesthetic"          # the threshold drops what it should
     # Every download fault met is a recorded row with its reason; nothing crashed.
-    table = read_pool(pool)
+    table = read_corpus(pool)
     fault_of = {srv.url + u: f for u, f in zip(table.column(schema.URL).to_pylist(), table.column(schema.FAULT).to_pylist())}
     met = [c for c in cands if fault_of.get(c[schema.URL]) and c[schema.REASON] in set(FAULT_REASONS.values())]
     assert met and all(c[schema.REASON] == FAULT_REASONS[fault_of[c[schema.URL]]] for c in met)
@@ -363,11 +363,11 @@ def flag_a_fifth(sd_dir, pool):
     import torch
 
     from raugment.core.imageio import decode_image
-    from raugment.demo.corpus import read_pool
+    from raugment.demo.corpus import read_corpus
     from raugment.models.safety import load_safety_checker
 
     sc = load_safety_checker(str(sd_dir))
-    _, scores = sc.score([decode_image(b) for b in read_pool(pool).column(schema.IMAGE).to_pylist()])
+    _, scores = sc.score([decode_image(b) for b in read_corpus(pool).column(schema.IMAGE).to_pylist()])
     with torch.no_grad():   # score = max(cos - threshold): shifting every threshold shifts every score
         sc.checker.concept_embeds_weights += float(np.nanquantile(scores, 0.8))
     sc.checker.save_pretrained(Path(sd_dir) / "safety_checker")
@@ -384,7 +384,7 @@ def test_retrieve_stage_on_the_fault_pool(ray_session, demo, tiny_sd, tmp_path, 
     screening in-process; one pool of each kind for all k rounds; no scoring model on the driver."""
     import shutil
 
-    from raugment.demo.corpus import PoolServer
+    from raugment.demo.corpus import CorpusServer
     from raugment.models import aesthetic, safety
     from raugment.models import clip as clip_models
     from raugment.stages.retrieve import stage as retrieve
@@ -395,7 +395,7 @@ def test_retrieve_stage_on_the_fault_pool(ray_session, demo, tiny_sd, tmp_path, 
     sd = Path(shutil.copytree(tiny_sd, tmp_path / "sd"))
     flag_a_fifth(sd, pool)
     half_without_embeddings(monkeypatch)
-    with PoolServer(pool) as srv:
+    with CorpusServer(pool) as srv:
         cfg = stage_config(tmp_path, pool, clip, srv, index_dir, safety_model=str(sd))
         rcfg = cfg.retrieve
         # The previous behaviour: the same screening, models and downloads in this process.
@@ -446,12 +446,12 @@ def test_retrieve_stage_on_the_fault_pool(ray_session, demo, tiny_sd, tmp_path, 
 @pytest.mark.slow
 def test_retrieve_stage_with_ray_index_and_downloads(ray_session, demo, tmp_path):
     """Same contract with the index embedded on a Ray Data actor pool and Ray Data download actors."""
-    from raugment.demo.corpus import PoolServer
+    from raugment.demo.corpus import CorpusServer
     from raugment.stages.index import stage as index_stage
     from raugment.stages.retrieve import stage as retrieve
 
     root, pool, clip, dataset, names = demo
-    with PoolServer(pool) as srv:
+    with CorpusServer(pool) as srv:
         cfg = stage_config(tmp_path, pool, clip, srv)
         idx = index_stage.run(cfg)
         art = retrieve.run(cfg, dataset, idx)
