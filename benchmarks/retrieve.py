@@ -20,9 +20,9 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from statistics import mean, median
-from typing import Iterator, Sequence
 
 
 class _DownloadBatch:

@@ -21,9 +21,10 @@ import importlib.util
 import json
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
@@ -47,7 +48,7 @@ def looks_local(ref: str) -> bool:
     return p.exists() or p.is_absolute() or ref.startswith((".", "~")) or ref.count("/") > 1
 
 
-def check_local_model(ref: Optional[str], key: str, marker: str, hint: str = "") -> None:
+def check_local_model(ref: str | None, key: str, marker: str, hint: str = "") -> None:
     """A model reference that points at the local file system must be there and hold ``marker``.
 
     Hub ids (``org/name``) are not checked here: they resolve when the model is loaded.
@@ -146,12 +147,12 @@ class RunConfig:
 class ClusterConfig:
     """How to reach Ray. ``address=None`` starts (or joins, under ``ray job submit``) a cluster."""
 
-    address: Optional[str] = None
-    num_cpus: Optional[int] = None
-    num_gpus: Optional[int] = None
-    temp_dir: Optional[str] = None
+    address: str | None = None
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+    temp_dir: str | None = None
     include_dashboard: bool = True
-    object_store_memory: Optional[int] = None
+    object_store_memory: int | None = None
     # Niceness of the worker processes of a local cluster started here. Ray's own default (15)
     # lets every other process of the machine, the driver included, take the CPU from the stage
     # actors on a shared box (measured: a generation actor at a third of a plain loop's speed).

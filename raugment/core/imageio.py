@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from typing import Iterable
+from collections.abc import Iterable
 
 from PIL import Image
 

@@ -9,7 +9,8 @@ into the ``params`` column as a JSON object.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pyarrow as pa
 

@@ -8,7 +8,7 @@ with a single run it is undefined and returned as NaN, never as a misleading 0.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 
 def round_half_up(x: float) -> int:

@@ -26,9 +26,10 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -152,7 +153,7 @@ class Artifact:
     path: Path
 
     @classmethod
-    def open(cls, path: str | Path) -> "Artifact":
+    def open(cls, path: str | Path) -> Artifact:
         """An existing complete artifact directory; an error if it is not complete."""
         p = Path(path).resolve()
         if not (p / SUCCESS).exists():

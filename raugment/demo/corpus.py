@@ -19,10 +19,11 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Sequence
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -186,13 +187,13 @@ class CorpusServer:
         self._thread: threading.Thread | None = None
         self.url = ""
 
-    def __enter__(self) -> "CorpusServer":
+    def __enter__(self) -> CorpusServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def start(self) -> "CorpusServer":
+    def start(self) -> CorpusServer:
         if self.faults:
             pixel_bomb_png()  # made before serving, so making it never counts against a client's timeout
         handler = type("CorpusHandler", (_Handler,), {"pool": self})
@@ -234,7 +235,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server API)
+    def do_GET(self) -> None:
         pool = self.pool
         pool.log_request(self.path)
         parts = self.path.lstrip("/").split("/")

@@ -44,8 +44,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -106,7 +107,7 @@ def _check_args(pool_file: Path, max_steps: int, vae_steps: int, size: int, num_
         raise ValueError(f"train_mini_diffusion: text_init must be one of {', '.join(TEXT_INITS)}, got {text_init!r}")
 
 
-def _pool_tensors(pool_dir: Path, size: int) -> tuple["torch.Tensor", list[str], list[str]]:
+def _pool_tensors(pool_dir: Path, size: int) -> tuple[torch.Tensor, list[str], list[str]]:
     """The pool's images as a float tensor in [-1, 1] (N, 3, size, size), their captions and the
     pool's target classes (``pool.json``; empty if it has none)."""
     import torch
@@ -131,7 +132,7 @@ def _pool_tensors(pool_dir: Path, size: int) -> tuple["torch.Tensor", list[str],
     return pixels.contiguous(), [c or "" for c in table.column(schema.CAPTION).to_pylist()], classes
 
 
-def _train_vae(pixels: "torch.Tensor", steps: int, gen: "torch.Generator", size: int) -> tuple[Any, float]:
+def _train_vae(pixels: torch.Tensor, steps: int, gen: torch.Generator, size: int) -> tuple[Any, float]:
     """A small AutoencoderKL trained for reconstruction; returns it (eval) and its last loss."""
     import torch
     import torch.nn.functional as F
@@ -154,7 +155,7 @@ def _train_vae(pixels: "torch.Tensor", steps: int, gen: "torch.Generator", size:
     return vae.eval().requires_grad_(False), float(loss.detach())
 
 
-def _encode(vae: Any, pixels: "torch.Tensor", batch: int = 128) -> "torch.Tensor":
+def _encode(vae: Any, pixels: torch.Tensor, batch: int = 128) -> torch.Tensor:
     import torch
 
     with torch.no_grad():
@@ -195,13 +196,13 @@ def bag_of_words_init(text_encoder: Any, tokenizer: Any, seed: int) -> None:
             layer.mlp.fc2.bias.zero_()
 
 
-def _token_ids(tokenizer: Any, texts: Sequence[str]) -> "torch.Tensor":
+def _token_ids(tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
     """Token ids of ``texts`` padded to 77, as the pipeline tokenises prompts."""
     return tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids
 
 
-def _text_states(text_encoder: Any, tokenizer: Any, texts: Sequence[str]) -> "torch.Tensor":
+def _text_states(text_encoder: Any, tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
     """The text encoder's last hidden states of ``texts`` (77 tokens each, as the pipeline pads)."""
     import torch
 
@@ -224,8 +225,8 @@ def prompt_similarity(text_encoder: Any, tokenizer: Any, prompts: Sequence[str])
     return float((sim.sum() - sim.diagonal().sum()) / max(k * (k - 1), 1))
 
 
-def _train_unet(latents: "torch.Tensor", states: "torch.Tensor", caption_idx: "torch.Tensor", empty_idx: int,
-                steps: int, gen: "torch.Generator", cross_dim: int) -> tuple[Any, float]:
+def _train_unet(latents: torch.Tensor, states: torch.Tensor, caption_idx: torch.Tensor, empty_idx: int,
+                steps: int, gen: torch.Generator, cross_dim: int) -> tuple[Any, float]:
     """The UNet trained with SD's denoising loss on scaled latents; returns it (eval) and a smoothed loss."""
     import torch
 
@@ -342,11 +343,11 @@ def train_mini_diffusion(pool_dir: str | Path, out_dir: str | Path, *, seed: int
 # --------------------------------------------------------------------------------------------
 
 
-def recognisability(pipeline_dir: str | Path, classifier: "torch.nn.Module | str | Path",
+def recognisability(pipeline_dir: str | Path, classifier: torch.nn.Module | str | Path,
                     class_names: Sequence[str], prompts: Sequence[str] = ("simple_nows", "clip_templates"),
                     n: int = 16, seed: int = 0, *, steps: int = 20, guidance_scale: float = 4.0,
-                    scheduler: Optional[str] = None, size: int = 32,
-                    transform: Optional[Callable[[Any], "torch.Tensor"]] = None) -> dict[str, Any]:
+                    scheduler: str | None = None, size: int = 32,
+                    transform: Callable[[Any], torch.Tensor] | None = None) -> dict[str, Any]:
     """How often a classifier trained on real images recognises a generator's images.
 
     For each prompt method (a ``PromptMethod`` of ``raugment/stages/generate/methods/``, whose
@@ -405,7 +406,7 @@ def recognisability(pipeline_dir: str | Path, classifier: "torch.nn.Module | str
 
 def train_reference_classifier(class_names: Sequence[str], *, per_class: int = 100, steps: int = 300,
                                seed: int = 0, size: int = 32,
-                               draw: Optional[Callable[[str, np.random.Generator, int], Any]] = None) -> "torch.nn.Module":
+                               draw: Callable[[str, np.random.Generator, int], Any] | None = None) -> torch.nn.Module:
     """A ``tiny_cnn`` trained on real draws of ``class_names`` (the judge of :func:`recognisability`).
 
     Images come from ``draw(name, rng, size)`` (default

@@ -10,7 +10,8 @@ the per-class table ``results_per_class.parquet`` (schema.RESULTS_PER_CLASS); th
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Callable, ContextManager, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, ContextManager
 
 import pyarrow as pa
 
@@ -25,8 +26,8 @@ RESULTS_FILE = "results_per_class.parquet"
 TOPK = 5
 
 
-def score_batch(logits: "torch.Tensor", labels: "torch.Tensor", num_classes: int,
-                k: int = TOPK) -> "torch.Tensor":
+def score_batch(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                k: int = TOPK) -> torch.Tensor:
     """Per-class ``[n, top1 hits, topk hits]`` (int64, shape ``[num_classes, 3]``) of one batch.
 
     With fewer than ``k`` classes, top-k is over all classes (always a hit).
@@ -44,9 +45,9 @@ def score_batch(logits: "torch.Tensor", labels: "torch.Tensor", num_classes: int
     return counts
 
 
-def evaluate(model: "torch.nn.Module", batches: Iterable, num_classes: int,
-             device: "torch.device | str" = "cpu",
-             autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> "torch.Tensor":
+def evaluate(model: torch.nn.Module, batches: Iterable, num_classes: int,
+             device: torch.device | str = "cpu",
+             autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> torch.Tensor:
     """Run ``model`` over ``(images, labels)`` batches; the summed per-class counts (on ``device``).
 
     Args:
@@ -90,14 +91,14 @@ def results_table(counts: Sequence[Sequence[int]], class_names: Sequence[str] | 
     return S.to_table(rows, S.RESULTS_PER_CLASS)
 
 
-def read_results(run: "Artifact | pa.Table") -> pa.Table:
+def read_results(run: Artifact | pa.Table) -> pa.Table:
     """The per-class results of a train artifact (or a table already read)."""
     if isinstance(run, pa.Table):
         return run
     return run.read("results_per_class")
 
 
-def _mean_top1(runs: "Artifact | pa.Table | Sequence[Artifact | pa.Table]") -> dict[int, tuple[str, float]]:
+def _mean_top1(runs: Artifact | pa.Table | Sequence[Artifact | pa.Table]) -> dict[int, tuple[str, float]]:
     """label -> (class name, mean top-1 over runs)."""
     if isinstance(runs, (list, tuple)):
         tables = [read_results(r) for r in runs]
@@ -115,8 +116,8 @@ def _mean_top1(runs: "Artifact | pa.Table | Sequence[Artifact | pa.Table]") -> d
     return {label: (name, total / n) for label, (name, total, n) in sums.items()}
 
 
-def per_class_improvement(results: "Artifact | pa.Table | Sequence[Artifact | pa.Table]",
-                          baseline_results: "Artifact | pa.Table | Sequence[Artifact | pa.Table]") -> pa.Table:
+def per_class_improvement(results: Artifact | pa.Table | Sequence[Artifact | pa.Table],
+                          baseline_results: Artifact | pa.Table | Sequence[Artifact | pa.Table]) -> pa.Table:
     """Per-class top-1 change against the unaugmented baseline (the paper's Figure 5A).
 
     Either side may be one run or several (repeats): top-1 is averaged over runs per class first.

@@ -17,8 +17,9 @@ so both compare hashes made the same way.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +41,7 @@ _MASK = (1 << BITS) - 1
 QUERY_CHUNK = 65_536
 
 
-def reduce_for_hash(img: "Image.Image", side: int) -> "Image.Image":
+def reduce_for_hash(img: Image.Image, side: int) -> Image.Image:
     """Grey ``side`` x ``side`` version of ``img``: what the pHash is computed on."""
     from PIL import Image
 
@@ -51,7 +52,7 @@ def reduce_for_hash(img: "Image.Image", side: int) -> "Image.Image":
     return grey.resize((side, side), Image.BOX)
 
 
-def phash_image(img: "Image.Image", side: int = 64) -> int:
+def phash_image(img: Image.Image, side: int = 64) -> int:
     """The 64-bit pHash (unsigned int) of ``img`` reduced to ``side`` px."""
     import imagehash
 
@@ -92,16 +93,16 @@ def phash_batch(batch: pa.Table, side: int = 64, keep_image: bool = False,
     return batch if keep_image else batch.drop_columns([S.IMAGE])
 
 
-def image_files(artifact: "Artifact", table: str = "images") -> list[Path]:
+def image_files(artifact: Artifact, table: str = "images") -> list[Path]:
     """The Parquet files of ``table`` in ``artifact`` (shards, or one ``<table>.parquet``)."""
     files = artifact.files(table)
     single = artifact.path / f"{table}.parquet"
     return files if files else ([single] if single.exists() else [])
 
 
-def hash_artifacts(artifacts: Iterable["Artifact"], side: int, pool: "ActorPoolConfig",
+def hash_artifacts(artifacts: Iterable[Artifact], side: int, pool: ActorPoolConfig,
                    columns: Sequence[str], splits: Sequence[str] | None = None,
-                   local_max_rows: int = 0, cluster: "ClusterConfig | None" = None) -> pa.Table:
+                   local_max_rows: int = 0, cluster: ClusterConfig | None = None) -> pa.Table:
     """Hash every image row of ``artifacts``: as Ray Data tasks, or in this process when few.
 
     Args:

@@ -26,9 +26,10 @@ from __future__ import annotations
 import functools
 import io
 import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -280,7 +281,7 @@ class _ParquetImagesBase:
             yield self._item(*buffer[j])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parquet_images_class() -> type:
     import torch.utils.data
 
@@ -303,7 +304,7 @@ def build_dataset(units: Sequence[Unit], transform: Callable | None, **kwargs: A
     return _parquet_images_class()(units, transform, **kwargs)
 
 
-def collate_bytes(batch: list) -> tuple[list, "torch.Tensor"]:
+def collate_bytes(batch: list) -> tuple[list, torch.Tensor]:
     """Collate for raw-bytes items: a list of uint8 tensors and a label tensor."""
     import torch
 
@@ -323,8 +324,8 @@ def make_loader(dataset: _ParquetImagesBase, batch_size: int, num_workers: int, 
                                        pin_memory=pin_memory, **kwargs)
 
 
-def gpu_decode_batch(encoded: list, device: "torch.device", image_size: int, train: bool,
-                     crop_scale_min: float = 0.08, eval_crop: float = 0.875) -> "torch.Tensor":
+def gpu_decode_batch(encoded: list, device: torch.device, image_size: int, train: bool,
+                     crop_scale_min: float = 0.08, eval_crop: float = 0.875) -> torch.Tensor:
     """Decode a list of encoded images on the GPU (nvJPEG) and augment there; a normalised batch.
 
     Non-JPEG items (PNG/WEBP shards) are decoded on the CPU instead, so mixed artifacts still work.

@@ -30,7 +30,7 @@ BUNDLE_FORMAT = "raugment-classifier/1"
 
 
 @MODELS.register("resnet50")
-def resnet50(num_classes: int) -> "torch.nn.Module":
+def resnet50(num_classes: int) -> torch.nn.Module:
     """torchvision ResNet-50 with random weights (the paper trains from scratch)."""
     from torchvision.models import resnet50 as build
 
@@ -38,7 +38,7 @@ def resnet50(num_classes: int) -> "torch.nn.Module":
 
 
 @MODELS.register("resnet18")
-def resnet18(num_classes: int) -> "torch.nn.Module":
+def resnet18(num_classes: int) -> torch.nn.Module:
     """torchvision ResNet-18 with random weights."""
     from torchvision.models import resnet18 as build
 
@@ -46,7 +46,7 @@ def resnet18(num_classes: int) -> "torch.nn.Module":
 
 
 @MODELS.register("tiny_cnn")
-def tiny_cnn(num_classes: int, width: int = 16) -> "torch.nn.Module":
+def tiny_cnn(num_classes: int, width: int = 16) -> torch.nn.Module:
     """Three conv blocks + global pooling: enough for shapes x colours at 32 px, cheap on CPU."""
     from torch import nn
 
@@ -62,7 +62,7 @@ def tiny_cnn(num_classes: int, width: int = 16) -> "torch.nn.Module":
     )
 
 
-def build_model(name: str, num_classes: int) -> "torch.nn.Module":
+def build_model(name: str, num_classes: int) -> torch.nn.Module:
     """The registered architecture ``name`` with ``num_classes`` outputs.
 
     Raises:
@@ -73,7 +73,7 @@ def build_model(name: str, num_classes: int) -> "torch.nn.Module":
     return MODELS.get(name)(num_classes)
 
 
-def save_classifier_state(state: dict[str, "torch.Tensor"], name: str, num_classes: int,
+def save_classifier_state(state: dict[str, torch.Tensor], name: str, num_classes: int,
                           out: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write a state dict as a bundle directory loadable by :func:`load_classifier`.
 
@@ -95,7 +95,7 @@ def save_classifier_state(state: dict[str, "torch.Tensor"], name: str, num_class
     return out
 
 
-def save_classifier(model: "torch.nn.Module", name: str, num_classes: int, out: str | Path,
+def save_classifier(model: torch.nn.Module, name: str, num_classes: int, out: str | Path,
                     extra: dict[str, Any] | None = None) -> Path:
     """Write ``model``'s weights as a bundle (see :func:`save_classifier_state`)."""
     return save_classifier_state(model.state_dict(), name, num_classes, out, extra)
@@ -113,7 +113,7 @@ def read_bundle_config(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_classifier(path: str | Path, device: str = "cpu") -> "torch.nn.Module":
+def load_classifier(path: str | Path, device: str = "cpu") -> torch.nn.Module:
     """Build the bundle's architecture and load its safetensors weights (strict), in eval mode."""
     from safetensors.torch import load_file
 

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from raugment.core.extras import require
 
@@ -89,8 +89,8 @@ def set_scheduler(pipe: Any, name: str) -> None:
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
-def load_pipeline(model: str, *, revision: Optional[str] = None, kind: PipelineKind = "text2img",
-                  dtype: str = "float32", device: str = "cpu", scheduler: Optional[str] = None,
+def load_pipeline(model: str, *, revision: str | None = None, kind: PipelineKind = "text2img",
+                  dtype: str = "float32", device: str = "cpu", scheduler: str | None = None,
                   safety_checker: bool = True, sdpa: bool = True, channels_last: bool = False,
                   compile: bool = False, vae_slicing: bool = False) -> Any:
     """Load a Stable Diffusion pipeline from a hub id or a local bundle directory.
@@ -149,7 +149,7 @@ def set_attention(pipe: Any, sdpa: bool) -> None:
         module.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
 
 
-def load_components(model: str, *, revision: Optional[str] = None, dtype: str = "float32",
+def load_components(model: str, *, revision: str | None = None, dtype: str = "float32",
                     device: str = "cpu") -> dict[str, Any]:
     """The trainable parts of a bundle, for fine-tuning (fine-tuning methods 5-9).
 
@@ -200,7 +200,7 @@ class SafetyScores:
         scores = emb @ concepts.T - self.checker.concept_embeds_weights.float()
         self.last = scores.max(dim=1).values.cpu().tolist()
 
-    def pop(self, n: int) -> list[Optional[float]]:
+    def pop(self, n: int) -> list[float | None]:
         """The scores of the last check (``None`` each when no check ran)."""
         out, self.last = self.last, []
         return out if len(out) == n else [None] * n

@@ -11,9 +11,10 @@ class's ``forward`` for its verdict. The continuous score comes from the generat
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

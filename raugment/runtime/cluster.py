@@ -14,7 +14,8 @@ import dataclasses
 import logging
 import os
 import threading
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from raugment.core.config import ActorPoolConfig, ClusterConfig, ConfigError, WorkersConfig
 
@@ -436,7 +437,7 @@ class ActorGroup:
                 return False
             self._pids.update(dict(ray.get(ready)))
             return True
-        except Exception:  # noqa: BLE001 - any actor error means: start a new group
+        except Exception:
             return False
 
     def batches(self, items: Sequence[Any]) -> list[Sequence[Any]]:
@@ -458,7 +459,7 @@ class ActorGroup:
         self.actors = []
         self._ready = []
 
-    def __enter__(self) -> "ActorGroup":
+    def __enter__(self) -> ActorGroup:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -516,7 +517,7 @@ class IdleScope:
 
 
 class ActorPools(IdleScope):
-    """Idle :class:`ActorGroup`\ s by (class, resources); reused only inside a :meth:`keep` scope.
+    r"""Idle :class:`ActorGroup`\ s by (class, resources); reused only inside a :meth:`keep` scope.
 
     A stage leases its group (:meth:`lease`); inside a scope (a study) the group goes back to the
     idle list afterwards, and the next lease of the same class and resources gets the same

@@ -31,7 +31,7 @@ class CheckpointState(Protocol):
     def write(self, directory: str | Path) -> None: ...
 
     @classmethod
-    def read(cls, directory: str | Path) -> "CheckpointState": ...
+    def read(cls, directory: str | Path) -> CheckpointState: ...
 
 
 class LoopContext(Protocol):
@@ -39,11 +39,11 @@ class LoopContext(Protocol):
 
     rank: int
     world_size: int
-    device: "torch.device"
+    device: torch.device
 
-    def prepare_model(self, model: "torch.nn.Module") -> "torch.nn.Module": ...
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
 
-    def all_reduce(self, tensor: "torch.Tensor") -> "torch.Tensor": ...
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
     def load_checkpoint(self) -> CheckpointState | None: ...
 
@@ -61,7 +61,7 @@ class LocalContext:
     world_size = 1
 
     def __init__(self, checkpoint_dir: str | Path, state_type: type[CheckpointState],
-                 device: "str | torch.device" = "cpu"):
+                 device: str | torch.device = "cpu"):
         import torch
 
         self.device = torch.device(device)
@@ -86,7 +86,7 @@ class LocalContext:
                 state.write(tmp)
 
 
-def _all_reduce(tensor: "torch.Tensor", world_size: int) -> "torch.Tensor":
+def _all_reduce(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
     """Sum over the default process group (in place); a no-op for one worker."""
     if world_size > 1:
         import torch.distributed as dist

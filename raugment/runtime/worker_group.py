@@ -19,8 +19,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from raugment.core.config import WorkersConfig
 from raugment.runtime.cluster import IdleScope, release_idle_pools
@@ -44,7 +45,7 @@ class Member:
 
     rank: int
     world_size: int
-    device: "torch.device"
+    device: torch.device
 
 
 class _MemberActor:

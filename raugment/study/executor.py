@@ -22,9 +22,10 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from raugment.config import Config
 from raugment.core import schema as S

@@ -28,9 +28,10 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from raugment.config import Config
 from raugment.core.config import ConfigError, section_hash, to_dict, with_overrides
@@ -248,7 +249,7 @@ class DatasetSize:
     measured: bool = False
 
     @classmethod
-    def from_counts(cls, counts: Mapping[Any, int]) -> "DatasetSize":
+    def from_counts(cls, counts: Mapping[Any, int]) -> DatasetSize:
         if not counts:
             raise ValueError("the dataset has no training images")
         return cls(len(counts), int(sum(counts.values())), int(max(counts.values())), measured=True)

@@ -24,9 +24,10 @@ import functools
 import json
 import logging
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import pyarrow as pa
 

@@ -124,10 +124,9 @@ def test_atomic_dir_replaces_whole_and_restart_removes_a_killed_writers_dir(tmp_
     final = tmp_path / "s" / "k" / "ckpt"
     with atomic_dir(final) as d:
         (d / "a.txt").write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_dir(final) as d:
-            (d / "a.txt").write_text("half")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_dir(final) as d:
+        (d / "a.txt").write_text("half")
+        raise RuntimeError("killed")
     assert (final / "a.txt").read_text() == "old"  # a failed writer leaves the old one whole
     with atomic_dir(final) as d:
         (d / "b.txt").write_text("new")

@@ -6,7 +6,7 @@ from a method's initial table, without training (:func:`hand_made_artifact`); an
 from __future__ import annotations
 
 import json
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from raugment.core import schema as S
 from raugment.core.storage import Artifact, StageRun, run_stage

@@ -6,7 +6,8 @@ differ in >= 18 of 64 bits); near copies are resized, JPEG re-encoded, upscaled 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw

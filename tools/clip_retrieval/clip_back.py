@@ -166,7 +166,7 @@ class ClipBack:
                 "--port", str(self.port), "--clip_model", self.clip_model, "--enable_mclip_option", "False",
                 "--provide_aesthetic_embeddings", "False", "--use_jit", "False"]
 
-    def __enter__(self) -> "ClipBack":
+    def __enter__(self) -> ClipBack:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
         env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
                     "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1",

@@ -29,7 +29,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -132,7 +132,7 @@ def checkpoints_table(refs: list[CheckpointRef], root: Path) -> pa.Table:
     return schema.to_table(rows, schema.CHECKPOINTS)
 
 
-def write_selected(out: Path, name: str, scores: Optional[dict[str, float]] = None) -> None:
+def write_selected(out: Path, name: str, scores: dict[str, float] | None = None) -> None:
     """Record the checkpoint the generator should use (and the scores that chose it)."""
     write_text_atomic(json.dumps({"checkpoint": name, "scores": scores or {}}, indent=2, sort_keys=True),
                       Path(out) / SELECTED)
@@ -148,7 +148,7 @@ def write_pointer(out: Path, finetune: Path, checkpoint: str, epoch: int, **extr
     write_text_atomic(json.dumps(data, indent=2, sort_keys=True), Path(out) / SELECTED)
 
 
-def read_pointer(path: str | Path) -> Optional[dict[str, Any]]:
+def read_pointer(path: str | Path) -> dict[str, Any] | None:
     """The ``selected.json`` of a pointer directory with ``finetune`` made absolute; None if
     ``path`` is not a pointer (a fine-tuning artifact's own ``selected.json`` has no target)."""
     p = Path(path) / SELECTED
@@ -177,12 +177,12 @@ class FinetunedModel:
     rows: list[dict[str, Any]]
     table: Any
     table_key: str
-    unet_dir: Optional[Path]
+    unet_dir: Path | None
     artifact: Path
     checkpoint: str
 
 
-def resolve(path: str | Path, checkpoint: Optional[str] = None) -> tuple[Path, Path, str]:
+def resolve(path: str | Path, checkpoint: str | None = None) -> tuple[Path, Path, str]:
     """(artifact dir, snapshot dir, checkpoint name) for an artifact or a snapshot directory.
 
     ``path`` may be the stage directory (then ``checkpoint``, else ``selected.json``, else
@@ -220,7 +220,7 @@ def artifact_config(artifact: str | Path) -> dict[str, Any]:
     return (yaml.safe_load(p.read_text()) or {}) if p.exists() else {}
 
 
-def load_finetuned(path: str | Path, checkpoint: Optional[str] = None) -> FinetunedModel:
+def load_finetuned(path: str | Path, checkpoint: str | None = None) -> FinetunedModel:
     """Load a checkpoint of a fine-tuning artifact (see :func:`resolve` for ``path``)."""
     from safetensors.torch import load_file
 

@@ -30,8 +30,9 @@ the same path serves training and generation.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -115,13 +116,13 @@ def sample_templates(n: int, rng: np.random.Generator) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def tokenize(tokenizer: Any, prompts: Sequence[str]) -> "torch.Tensor":
+def tokenize(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
     """Prompts -> ``[n, 77]`` token ids, padded and truncated like Stable Diffusion does."""
     return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
                      truncation=True, return_tensors="pt").input_ids
 
 
-def encode_prompts(text_encoder: Any, tokenizer: Any, prompts: Sequence[str]) -> "torch.Tensor":
+def encode_prompts(text_encoder: Any, tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
     """Text-encoder hidden states ``[n, 77, d]`` of plain prompts (no gradient)."""
     import torch
 
@@ -131,7 +132,7 @@ def encode_prompts(text_encoder: Any, tokenizer: Any, prompts: Sequence[str]) ->
 
 
 @contextlib.contextmanager
-def replaced_token_embeddings(text_encoder: Any, mask: "torch.Tensor", vectors: "torch.Tensor") -> Iterator[None]:
+def replaced_token_embeddings(text_encoder: Any, mask: torch.Tensor, vectors: torch.Tensor) -> Iterator[None]:
     """Within the block, the token embedding outputs at ``mask`` positions become ``vectors``.
 
     Args:
@@ -141,7 +142,7 @@ def replaced_token_embeddings(text_encoder: Any, mask: "torch.Tensor", vectors: 
     """
     import torch
 
-    def hook(module: Any, inputs: Any, output: "torch.Tensor") -> "torch.Tensor":
+    def hook(module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
         learned = vectors[:, None, :].to(output.dtype).expand_as(output)
         return torch.where(mask[..., None], learned, output)
 
@@ -152,8 +153,8 @@ def replaced_token_embeddings(text_encoder: Any, mask: "torch.Tensor", vectors: 
         handle.remove()
 
 
-def encode_with_pseudowords(text_encoder: Any, ids: "torch.Tensor", placeholder_id: int,
-                            vectors: "torch.Tensor") -> "torch.Tensor":
+def encode_with_pseudowords(text_encoder: Any, ids: torch.Tensor, placeholder_id: int,
+                            vectors: torch.Tensor) -> torch.Tensor:
     """Hidden states of prompts whose placeholder token carries each prompt's learned vector."""
     mask = ids == placeholder_id
     with replaced_token_embeddings(text_encoder, mask, vectors):
@@ -168,8 +169,8 @@ def placeholder_id(tokenizer: Any) -> int:
     return ids[0]
 
 
-def denoising_loss(unet: Any, noise_scheduler: Any, latents: "torch.Tensor", noise: "torch.Tensor",
-                   timesteps: "torch.Tensor", cond: "torch.Tensor") -> "torch.Tensor":
+def denoising_loss(unet: Any, noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
+                   timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
     """Stable Diffusion's training objective: MSE between the UNet's prediction and its target.
 
     The target is the noise (``epsilon`` models such as SD 1.x) or the velocity (``v_prediction``).
@@ -202,20 +203,20 @@ class Method:
     pseudowords = False
     table_key = "conditioning"  # safetensors key of the learned table in a checkpoint
 
-    def init_table(self, comps: dict[str, Any], rows: Sequence[CondRow]) -> "torch.Tensor":
+    def init_table(self, comps: dict[str, Any], rows: Sequence[CondRow]) -> torch.Tensor:
         """The table before training: one row per :class:`CondRow`."""
         raise NotImplementedError
 
-    def prompt_ids(self, comps: dict[str, Any], n: int, rng: np.random.Generator) -> "torch.Tensor | None":
+    def prompt_ids(self, comps: dict[str, Any], n: int, rng: np.random.Generator) -> torch.Tensor | None:
         """Token ids of the prompts of a batch, for methods that encode prompts while training."""
         return None
 
-    def encode(self, comps: dict[str, Any], table: "torch.Tensor", rows: "torch.Tensor",
-               ids: "torch.Tensor | None") -> "torch.Tensor":
+    def encode(self, comps: dict[str, Any], table: torch.Tensor, rows: torch.Tensor,
+               ids: torch.Tensor | None) -> torch.Tensor:
         """``encoder_hidden_states`` ``[b, 77, d]`` for table ``rows`` (and prompt ``ids``)."""
         raise NotImplementedError
 
-    def generation_ids(self, comps: dict[str, Any], n: int) -> "torch.Tensor | None":
+    def generation_ids(self, comps: dict[str, Any], n: int) -> torch.Tensor | None:
         """Token ids the generator encodes with :meth:`encode` (pseudo-word methods only)."""
         return None
 
@@ -223,14 +224,14 @@ class Method:
 class ConditioningFamily(Method):
     """A learned conditioning ``[77, d]`` per row, initialised by encoding the no-whitespace simple prompt."""
 
-    def init_table(self, comps: dict[str, Any], rows: Sequence[CondRow]) -> "torch.Tensor":
+    def init_table(self, comps: dict[str, Any], rows: Sequence[CondRow]) -> torch.Tensor:
         from raugment.lib.prompts import simple_nows_prompt
 
         prompts = [simple_nows_prompt(r.class_name) for r in rows]
         return encode_prompts(comps["text_encoder"], comps["tokenizer"], prompts).float().cpu().clone()
 
-    def encode(self, comps: dict[str, Any], table: "torch.Tensor", rows: "torch.Tensor",
-               ids: "torch.Tensor | None") -> "torch.Tensor":
+    def encode(self, comps: dict[str, Any], table: torch.Tensor, rows: torch.Tensor,
+               ids: torch.Tensor | None) -> torch.Tensor:
         return table[rows]
 
 
@@ -240,7 +241,7 @@ class PseudowordFamily(Method):
     pseudowords = True
     table_key = "embeddings"
 
-    def init_table(self, comps: dict[str, Any], rows: Sequence[CondRow]) -> "torch.Tensor":
+    def init_table(self, comps: dict[str, Any], rows: Sequence[CondRow]) -> torch.Tensor:
         import torch
 
         weight = comps["text_encoder"].get_input_embeddings().weight
@@ -250,14 +251,14 @@ class PseudowordFamily(Method):
             out.append(weight[ids].detach().float().mean(dim=0).cpu())
         return torch.stack(out)
 
-    def prompt_ids(self, comps: dict[str, Any], n: int, rng: np.random.Generator) -> "torch.Tensor":
+    def prompt_ids(self, comps: dict[str, Any], n: int, rng: np.random.Generator) -> torch.Tensor:
         return tokenize(comps["tokenizer"], sample_templates(n, rng))
 
-    def generation_ids(self, comps: dict[str, Any], n: int) -> "torch.Tensor":
+    def generation_ids(self, comps: dict[str, Any], n: int) -> torch.Tensor:
         return tokenize(comps["tokenizer"], [GENERATION_TEMPLATE.format(PLACEHOLDER)] * n)
 
-    def encode(self, comps: dict[str, Any], table: "torch.Tensor", rows: "torch.Tensor",
-               ids: "torch.Tensor | None") -> "torch.Tensor":
+    def encode(self, comps: dict[str, Any], table: torch.Tensor, rows: torch.Tensor,
+               ids: torch.Tensor | None) -> torch.Tensor:
         if ids is None:
             raise ValueError("pseudo-word methods need prompt token ids")
         return encode_with_pseudowords(comps["text_encoder"], ids.to(table.device),
@@ -282,7 +283,7 @@ def family_of(table_key: str) -> Method:
 # --------------------------------------------------------------------------------------------
 
 
-def build_trainable(method: Method, comps: dict[str, Any], table: "torch.Tensor"):
+def build_trainable(method: Method, comps: dict[str, Any], table: torch.Tensor):
     """The module DDP wraps: the learned table, plus the UNet when the method trains it.
 
     Frozen parts (text encoder, VAE, and the UNet when not trained) are kept out of the module's
@@ -309,7 +310,7 @@ def build_trainable(method: Method, comps: dict[str, Any], table: "torch.Tensor"
     return Trainable()
 
 
-def trainable_state(module: Any, method: Method) -> dict[str, "torch.Tensor"]:
+def trainable_state(module: Any, method: Method) -> dict[str, torch.Tensor]:
     """The learned tensors of a (possibly DDP-wrapped) trainable module, CPU, contiguous."""
     inner = getattr(module, "module", module)
     state = {method.table_key: inner.table.detach().cpu().contiguous()}
@@ -318,7 +319,7 @@ def trainable_state(module: Any, method: Method) -> dict[str, "torch.Tensor"]:
     return state
 
 
-def load_trainable_state(module: Any, method: Method, state: dict[str, "torch.Tensor"]) -> None:
+def load_trainable_state(module: Any, method: Method, state: dict[str, torch.Tensor]) -> None:
     """Inverse of :func:`trainable_state`."""
     import torch
 

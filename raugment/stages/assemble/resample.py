@@ -8,7 +8,7 @@ plus the artifact that holds them, never copies of the images.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import pyarrow as pa

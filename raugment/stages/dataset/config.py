@@ -8,7 +8,7 @@ subsection), in the same section.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from raugment.core.config import ConfigError, positive, with_plugins
 from raugment.stages.dataset.sources import DATASETS
@@ -21,16 +21,16 @@ class DatasetConfig:
 
     # A name in DATASETS (raugment.stages.dataset.sources): "imagefolder", "parquet" or "synthetic".
     source: str = "synthetic"
-    path: Optional[str] = None
+    path: str | None = None
     # The test split when it is not under ``path`` (ImageFolder: ``path/test`` or ``path/val``).
-    test_path: Optional[str] = None
+    test_path: str | None = None
     # subsample: train = fraction of each class, val = as many again, rest "unused";
     # full: all but that same val; split_80_10_10: Caltech256-style, for data without a test split.
     protocol: Literal["subsample", "split_80_10_10", "full"] = "subsample"
     fraction: float = 0.1
     class_names: Literal["auto", "wordnet", "folder"] = "auto"
     exclude_classes: list[str] = field(default_factory=list)
-    max_side: Optional[int] = None
+    max_side: int | None = None
     image_format: Literal["JPEG", "PNG", "WEBP"] = "JPEG"
     quality: int = 90
     seed: int = 0

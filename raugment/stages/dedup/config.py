@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from raugment.core.config import ActorPoolConfig, ConfigError
 
@@ -21,9 +20,9 @@ class DedupConfig:
     max_distance: int = 8
     hash_side: int = 64
     # Optional second test: a pHash pair is a duplicate only if CLIP cosine >= clip_cosine too.
-    clip_cosine: Optional[float] = None
+    clip_cosine: float | None = None
     clip_model: str = "ViT-L-14"
-    clip_pretrained: Optional[str] = "openai"
+    clip_pretrained: str | None = "openai"
     device: str = "auto"
     # Hashing runs as Ray Data tasks (no model to hold): num_cpus and batch_size per task are
     # used, concurrency is left to Ray Data.

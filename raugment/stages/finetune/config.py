@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from raugment.core.config import ConfigError, WorkersConfig, positive, with_plugins
 from raugment.stages.finetune.methods import FINETUNERS
@@ -34,12 +34,12 @@ class FinetuneConfig:
 
     method: str = "ft_conditioning"
     model: str = "CompVis/stable-diffusion-v1-4"
-    revision: Optional[str] = None
+    revision: str | None = None
     resolution: int = 512
     lr: float = 5e-3
     unet_lr: float = 1e-6
     weight_decay: float = 0.0
-    max_grad_norm: Optional[float] = 1.0
+    max_grad_norm: float | None = 1.0
     base_batch_size: int = 8
     batch_size: int = 8
     max_epochs: int = 40

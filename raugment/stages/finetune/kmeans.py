@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 FEATURES = "features"
 
 
-def build_inception(weights: Optional[str] = None):
+def build_inception(weights: str | None = None):
     """Inception-v3 with its classifier replaced by the identity (outputs 2048-d pool features).
 
     Args:
@@ -65,7 +65,7 @@ class InceptionFeatures:
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
     """
 
-    def __init__(self, weights: Optional[str] = None, size: int = 299, device: str = "auto"):
+    def __init__(self, weights: str | None = None, size: int = 299, device: str = "auto"):
         import torch
 
         from raugment.runtime.cluster import match_torch_threads, pick_device
@@ -90,7 +90,7 @@ class InceptionFeatures:
         return {schema.ID: batch[schema.ID], schema.LABEL: batch[schema.LABEL], FEATURES: list(feats)}
 
 
-def features_dataset(files: list[str], split: str, weights: Optional[str], size: int,
+def features_dataset(files: list[str], split: str, weights: str | None, size: int,
                      pool) -> tuple[list[str], np.ndarray]:
     """Ray wrapper: Inception features of one split of a dataset artifact, on an actor pool.
 

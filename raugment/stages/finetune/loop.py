@@ -54,7 +54,7 @@ VAL_SEED = 7919  # fixed noise for the validation loss, the same every epoch
 # --------------------------------------------------------------------------------------------
 
 
-def pixels_batch(images: list[bytes], resolution: int) -> "Any":
+def pixels_batch(images: list[bytes], resolution: int) -> Any:
     """Encoded images -> ``[n, 3, r, r]`` in [-1, 1]: shorter side to ``r``, centre crop."""
     import torch
     from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
@@ -68,7 +68,7 @@ def pixels_batch(images: list[bytes], resolution: int) -> "Any":
     return torch.stack(out).float().div(127.5).sub(1.0)
 
 
-def encode_latents_batch(vae: Any, pixels: "Any") -> tuple["Any", "Any"]:
+def encode_latents_batch(vae: Any, pixels: Any) -> tuple[Any, Any]:
     """VAE latent distribution of a pixel batch: (mean, std), unscaled, float32 on CPU."""
     import torch
 
@@ -77,7 +77,7 @@ def encode_latents_batch(vae: Any, pixels: "Any") -> tuple["Any", "Any"]:
     return dist.mean.float().cpu(), dist.std.float().cpu()
 
 
-def sample_latents(mean: "Any", std: "Any", scaling: float, generator: "Any") -> "Any":
+def sample_latents(mean: Any, std: Any, scaling: float, generator: Any) -> Any:
     """One latent sample per item, scaled like Stable Diffusion's training."""
     import torch
 
@@ -112,7 +112,7 @@ def _read_latent_cache(cache: Path) -> dict[str, tuple[Any, Any]]:
 
 
 def ensure_latent_cache(out: Path, ids: list[str], files: list[str], vae: Any, resolution: int,
-                        batch_size: int, rank: int, world: int) -> tuple["Any", "Any"]:
+                        batch_size: int, rank: int, world: int) -> tuple[Any, Any]:
     """Latent distributions of ``ids`` (in order), encoding only what ``latents/`` lacks.
 
     Each rank encodes every ``world``-th missing image and writes its own part file (a temporary
@@ -203,7 +203,7 @@ class Progress:
                            "history": [h.__dict__ for h in self.history]})
 
     @classmethod
-    def from_json(cls, text: str) -> "Progress":
+    def from_json(cls, text: str) -> Progress:
         data = json.loads(text)
         return cls(data["epoch"], data["stopped"], [EpochRecord(**h) for h in data["history"]], data["stopper"])
 
@@ -232,7 +232,7 @@ class FinetuneState:
         (d / PROGRESS).write_text(self.progress.to_json())
 
     @classmethod
-    def read(cls, directory: str | Path) -> "FinetuneState":
+    def read(cls, directory: str | Path) -> FinetuneState:
         import torch
         from safetensors.torch import load_file
 

@@ -34,8 +34,9 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -63,8 +64,15 @@ STAGE = "finetune"
 TRAIN_DIR = "ray_train"  # runner ray_train: Ray Train's storage path in the stage directory
 CHECKPOINT_DIR = "checkpoint"  # runner worker_group: the resumable state in ``checkpoint/latest``
 
-__all__ = ["run", "plan_rows", "build_trainer", "loop_config", "result_section", "list_checkpoints",
-           "CheckpointRef"]
+__all__ = [
+    "CheckpointRef",
+    "build_trainer",
+    "list_checkpoints",
+    "loop_config",
+    "plan_rows",
+    "result_section",
+    "run",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,7 +166,7 @@ def result_section(cfg: Config) -> dict[str, Any]:
     return data
 
 
-def loop_config(cfg: Config, run: StageRun, dataset: Artifact, extra: Optional[dict[str, Any]] = None
+def loop_config(cfg: Config, run: StageRun, dataset: Artifact, extra: dict[str, Any] | None = None
                 ) -> dict[str, Any]:
     """What every rank's :class:`~raugment.stages.finetune.loop.WorkerLoop` reads (absolute paths)."""
     from raugment.core.config import to_dict
@@ -170,7 +178,7 @@ def loop_config(cfg: Config, run: StageRun, dataset: Artifact, extra: Optional[d
             "images": [str(f.resolve()) for f in dataset.files("images")], **(extra or {})}
 
 
-def build_trainer(cfg: Config, run: StageRun, dataset: Artifact, extra: Optional[dict[str, Any]] = None):
+def build_trainer(cfg: Config, run: StageRun, dataset: Artifact, extra: dict[str, Any] | None = None):
     """The ``TorchTrainer`` of one fine-tuning run (runner ``ray_train``).
 
     Its name and storage path are fixed by the stage key, so re-running a killed stage resumes
@@ -192,7 +200,7 @@ def build_trainer(cfg: Config, run: StageRun, dataset: Artifact, extra: Optional
                              checkpoint_config=CheckpointConfig(num_to_keep=1)))
 
 
-def _fit_ray_train(cfg: Config, run: StageRun, dataset: Artifact, extra: Optional[dict[str, Any]]) -> dict:
+def _fit_ray_train(cfg: Config, run: StageRun, dataset: Artifact, extra: dict[str, Any] | None) -> dict:
     """Runner ``ray_train``: the progress of the trainer's last checkpoint."""
     from raugment.stages.finetune.loop import PROGRESS
 
@@ -205,7 +213,7 @@ def _fit_ray_train(cfg: Config, run: StageRun, dataset: Artifact, extra: Optiona
         return json.loads((Path(d) / PROGRESS).read_text())
 
 
-def _fit_group(cfg: Config, run: StageRun, dataset: Artifact, extra: Optional[dict[str, Any]]) -> dict:
+def _fit_group(cfg: Config, run: StageRun, dataset: Artifact, extra: dict[str, Any] | None) -> dict:
     """Runner ``worker_group``: the loop on a leased group, resuming from (and checkpointing to)
     ``<stage dir>/checkpoint/latest``; a failed run is retried on a new group up to
     ``finetune.workers.max_failures`` times. The progress of the last checkpoint."""
@@ -255,7 +263,7 @@ def _finish(run: StageRun, cfg: Config, progress: dict, train_s: float) -> None:
             shutil.rmtree(run.path / name, ignore_errors=True)
 
 
-def run(cfg: Config, dataset: Artifact, *, fail_after_epoch: Optional[int] = None) -> Artifact:
+def run(cfg: Config, dataset: Artifact, *, fail_after_epoch: int | None = None) -> Artifact:
     """Fine-tune ``cfg.finetune.method`` on the training split of ``dataset``.
 
     Args:

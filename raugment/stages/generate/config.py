@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from raugment.core.config import (
     AUTO,
@@ -48,7 +48,7 @@ class GenerateConfig:
 
     method: str = "simple"
     model: str = "CompVis/stable-diffusion-v1-4"
-    revision: Optional[str] = None
+    revision: str | None = None
     seed: int = 0
     images_per_class: int = 390
     num_sets: int = 5
@@ -66,7 +66,7 @@ class GenerateConfig:
     safety_checker: bool = True
     max_attempts_per_image: int = 10
     shard_images: int = 256
-    conditioning: Optional[str] = None
+    conditioning: str | None = None
     image_format: Literal["JPEG", "PNG", "WEBP"] = "JPEG"
     quality: int = 90
     pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(num_gpus=1.0, batch_size=8))
@@ -105,7 +105,7 @@ class GenerateConfig:
             return self.device
         return "cuda" if self.pool.num_gpus > 0 else "cpu"
 
-    def resolved(self, device: Optional[str] = None) -> "GenerateConfig":
+    def resolved(self, device: str | None = None) -> GenerateConfig:
         """A copy with ``device``, ``dtype`` and ``channels_last`` concrete for ``device``
         (default :meth:`run_device`): GPU -> float16 (SD v1's published half-precision weights)
         and a channels-last UNet; CPU -> float32 (half precision is slow or unsupported there)."""

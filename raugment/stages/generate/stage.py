@@ -46,8 +46,9 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict, deque
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 from raugment.config import Config
 from raugment.core import schema
@@ -85,7 +86,7 @@ def attempt_id(slot: str, attempt: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def image_params(cfg: GenerateConfig, row: Row, attempt: int, conditioning: Optional[str]) -> dict[str, Any]:
+def image_params(cfg: GenerateConfig, row: Row, attempt: int, conditioning: str | None) -> dict[str, Any]:
     """Provenance of one generated image (stored as the ``params`` JSON)."""
     params = {"scheduler": cfg.scheduler, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
               "height": cfg.height, "width": cfg.width, "dtype": cfg.dtype, "attempt": attempt,
@@ -95,7 +96,7 @@ def image_params(cfg: GenerateConfig, row: Row, attempt: int, conditioning: Opti
 
 
 def generate_batch(pipe: Any, method: GenerationMethod, rows: Sequence[Row], seeds: Sequence[int],
-                   cfg: GenerateConfig, scores: Any = None) -> list[tuple[Any, bool, Optional[float]]]:
+                   cfg: GenerateConfig, scores: Any = None) -> list[tuple[Any, bool, float | None]]:
     """One pipeline call for ``rows`` with one seed each -> [(PIL image, flagged, NSFW score)]."""
     import torch
 
@@ -112,7 +113,7 @@ def generate_batch(pipe: Any, method: GenerationMethod, rows: Sequence[Row], see
 
 
 def generate_class(pipe: Any, method: GenerationMethod, rows: Sequence[Row], cfg: GenerateConfig, *,
-                   scores: Any = None, conditioning: Optional[str] = None) -> Iterator[tuple[list[Row], list[Row]]]:
+                   scores: Any = None, conditioning: str | None = None) -> Iterator[tuple[list[Row], list[Row]]]:
     """Fill slots of one class, replacing flagged samples; yields (image rows, failure rows) per batch.
 
     A flagged sample's slot goes back to the queue with its next attempt, so later batches stay
@@ -221,7 +222,7 @@ class ClassGenerator:
     """
 
     def __init__(self, cfg: GenerateConfig, method: GenerationMethod, stage_dir: str,
-                 finetune_path: Optional[str] = None):
+                 finetune_path: str | None = None):
         t0 = time.perf_counter()
         from raugment.models.diffusion import SafetyScores, load_pipeline
         from raugment.runtime.cluster import pick_device
@@ -298,7 +299,7 @@ def class_work(rows: Sequence[Row]) -> list[tuple[int, list[Row]]]:
     return sorted(by_class.items())
 
 
-def generation_pool(cfg: GenerateConfig, method: GenerationMethod, stage_dir: str, finetune_path: Optional[str],
+def generation_pool(cfg: GenerateConfig, method: GenerationMethod, stage_dir: str, finetune_path: str | None,
                     size: int):
     """Lease ``size`` actors hosting a :class:`ClassGenerator` (``cluster.POOLS``; returns at once).
 
@@ -336,7 +337,7 @@ def key_section(cfg: GenerateConfig) -> dict[str, Any]:
     return data
 
 
-def method_for(g: GenerateConfig, finetune: Optional[Artifact] = None) -> GenerationMethod:
+def method_for(g: GenerateConfig, finetune: Artifact | None = None) -> GenerationMethod:
     """The method instance of ``g.method``: a registered generation method, or, given a
     fine-tuning artifact (``finetune`` or ``g.conditioning``), :class:`FinetunedGeneration` sampling from it.
 
@@ -352,7 +353,7 @@ def method_for(g: GenerateConfig, finetune: Optional[Artifact] = None) -> Genera
                       f"{NEEDS_ARTIFACT}")
 
 
-def check_config(cfg: Config, finetune: Optional[Artifact] = None) -> GenerationMethod:
+def check_config(cfg: Config, finetune: Artifact | None = None) -> GenerationMethod:
     """The method instance (:func:`method_for`) once the model reference is checked.
 
     Everything else in ``cfg.generate`` is validated when the config is loaded.
@@ -398,7 +399,7 @@ def summarize(run: StageRun, planned: Sequence[Row], max_attempts: int) -> None:
                     len(unfilled), max_attempts, dict(list(unfilled.items())[:10]))
 
 
-def run(cfg: Config, dataset: Artifact, finetune: Optional[Artifact] = None) -> Artifact:
+def run(cfg: Config, dataset: Artifact, finetune: Artifact | None = None) -> Artifact:
     """The ``generate`` stage: ``cfg.generate.images_per_class`` images per class of ``dataset``.
 
     Args:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from raugment.core.config import ActorPoolConfig, ConfigError
 
@@ -21,9 +21,9 @@ class IndexConfig:
     """
 
     source: Literal["images", "embeddings"] = "images"
-    path: Optional[str] = None
+    path: str | None = None
     clip_model: str = "ViT-L-14"
-    clip_pretrained: Optional[str] = "openai"
+    clip_pretrained: str | None = "openai"
     device: str = "auto"
     index_type: str = "Flat"   # any faiss index_factory string, e.g. "IVF256,Flat", "HNSW32"
     pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(batch_size=64))

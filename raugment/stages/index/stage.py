@@ -209,7 +209,7 @@ def write_index(out: Path, embeddings: np.ndarray, metadata: pa.Table, cfg: Inde
     np.save(out / EMBEDDINGS_FILE, embeddings.astype(np.float16))
     write_parquet_atomic(schema.conform(metadata, schema.INDEX_METADATA), out / f"{METADATA}.parquet")
     info = {"clip_model": cfg.clip_model, "clip_pretrained": cfg.clip_pretrained, "dim": int(embeddings.shape[1]),
-            "ntotal": int(len(embeddings)), "index_type": cfg.index_type, "metric": "inner_product",
+            "ntotal": len(embeddings), "index_type": cfg.index_type, "metric": "inner_product",
             "source": cfg.source}
     (out / INFO_FILE).write_text(json.dumps(info, indent=2))
     return info

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from raugment.core.config import positive
 
@@ -17,10 +16,10 @@ class ReportConfig:
     grid_classes: int = 8
     thumb_size: int = 64
     histogram_bins: int = 20
-    upper_bound: Optional[dict[str, float]] = None  # row label -> top-1 %, e.g. {"20% ImageNet": 70.2}
+    upper_bound: dict[str, float] | None = None  # row label -> top-1 %, e.g. {"20% ImageNet": 70.2}
     # A `raugment models train-mini` artifact (the demo sets it): its CLIP's precision@n and its
     # models' training cost go into the report.
-    mini_models: Optional[str] = None
+    mini_models: str | None = None
 
     def validate(self, key: str) -> None:
         positive(self.samples_per_cell, f"{key}.samples_per_cell")

@@ -249,7 +249,7 @@ def _recognisability(runs: list[dict], root: Path) -> dict[str, Any]:
         with torch.no_grad():
             x = torch.stack([transform(decode_image(b)) for b in table.column(S.IMAGE).to_pylist()])
             pred = model(x).argmax(1).numpy()
-        out[method] = {"images": int(len(labels)), "top1": float(np.mean(pred == labels)),
+        out[method] = {"images": len(labels), "top1": float(np.mean(pred == labels)),
                        "chance": 1.0 / num_classes, "classifier": str(model_dir.relative_to(root))}
     return out
 

@@ -8,7 +8,7 @@ the same section.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from raugment.core.config import ActorPoolConfig, ConfigError, positive, with_plugins
 from raugment.stages.retrieve.backends import RETRIEVERS
@@ -34,7 +34,7 @@ class DownloadConfig:
     max_redirects: int = 5
     allow_loopback: bool = False
     allow_private: bool = False
-    resize_max_side: Optional[int] = None
+    resize_max_side: int | None = None
     image_format: Literal["JPEG", "PNG", "WEBP"] = "JPEG"
     quality: int = 90
     user_agent: str = "raugment/0.1 (+research data augmentation)"
@@ -61,22 +61,22 @@ class RetrieveConfig:
 
     backend: str = "local"               # a name in RETRIEVERS (raugment.stages.retrieve.backends)
     # The index directory of a backend that needs one (default: the index stage's output).
-    index: Optional[str] = None
-    url_base: Optional[str] = None       # joined with relative URLs of the index (local demo pool)
-    clip_model: Optional[str] = None     # None: the model the index was built with
-    clip_pretrained: Optional[str] = None
+    index: str | None = None
+    url_base: str | None = None       # joined with relative URLs of the index (local demo pool)
+    clip_model: str | None = None     # None: the model the index was built with
+    clip_pretrained: str | None = None
     device: str = "auto"
     prompt: str = "simple_nows"
     images_per_class: int = 130
-    ratio: Optional[float] = None
+    ratio: float | None = None
     k_start_factor: float = 1.4
     k_step_factor: float = 1.4
     k_max_factor: float = 14.0
-    aesthetic_threshold: Optional[float] = 5.0
-    aesthetic_model: Optional[str] = None   # LAION predictor weights; None = random (demo/tests only)
+    aesthetic_threshold: float | None = 5.0
+    aesthetic_model: str | None = None   # LAION predictor weights; None = random (demo/tests only)
     nsfw_threshold: float = 0.5             # index tag / safety score at or above this is dropped
     drop_nsfw: bool = True
-    safety_model: Optional[str] = None      # SD safety checker on downloaded images (None: tag only)
+    safety_model: str | None = None      # SD safety checker on downloaded images (None: tag only)
     deduplicate: bool = True
     timeout_s: float = 30.0              # a request to a remote backend, and how often to retry it
     retries: int = 3

@@ -23,8 +23,9 @@ import logging
 import math
 import socket
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import pyarrow as pa
@@ -288,7 +289,7 @@ class DownloadPool:
         """Stop the actors."""
         self.group.close()
 
-    def __enter__(self) -> "DownloadPool":
+    def __enter__(self) -> DownloadPool:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -20,9 +20,10 @@ import logging
 import math
 import shutil
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 from urllib.parse import urljoin
 
 import numpy as np

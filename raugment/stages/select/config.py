@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from raugment.core.config import ConfigError, positive
 
@@ -33,9 +32,9 @@ class SelectConfig:
     """
 
     candidates: list[str] = field(default_factory=list)
-    images_per_class: Optional[int] = None
+    images_per_class: int | None = None
     ratio: float = 100.0
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
 
     def validate(self, key: str) -> None:
         for i, name in enumerate(self.candidates + ([self.checkpoint] if self.checkpoint else [])):

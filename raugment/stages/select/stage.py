@@ -22,8 +22,9 @@ which the generator follows to the snapshot:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 from raugment.config import Config
 from raugment.core import schema as S
@@ -99,7 +100,7 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def run(cfg: Config, finetune: Artifact, scores: Optional[Mapping[str, Artifact]] = None) -> Artifact:
+def run(cfg: Config, finetune: Artifact, scores: Mapping[str, Artifact] | None = None) -> Artifact:
     """Point at one checkpoint of ``finetune``: ``cfg.select.checkpoint``, or the best of ``scores``.
 
     Args:
@@ -122,7 +123,7 @@ def run(cfg: Config, finetune: Artifact, scores: Optional[Mapping[str, Artifact]
 
 
 def select_checkpoint(checkpoints: Sequence[CheckpointRef], score_fn: Callable[[CheckpointRef], float],
-                      artifact: Optional[Artifact] = None) -> CheckpointRef:
+                      artifact: Artifact | None = None) -> CheckpointRef:
     """The checkpoint with the highest ``score_fn``; snapshots shared by names are scored once.
 
     Args:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from raugment.core.config import AutoBool, ConfigError, WorkersConfig, positive, resolve_auto
 
@@ -80,7 +80,7 @@ class TrainConfig:
         """``"cuda"`` when the workers use GPUs, else ``"cpu"`` (Ray Train's device per worker)."""
         return "cuda" if self.workers.use_gpu else "cpu"
 
-    def resolved(self, device: Optional[str] = None) -> "TrainConfig":
+    def resolved(self, device: str | None = None) -> TrainConfig:
         """A copy with ``amp``, ``channels_last`` and ``compile`` concrete for ``device`` (default
         :meth:`run_device`): GPU -> bf16, channels-last, compiled (ResNet-50's fast path on
         Ampere/Hopper; bf16 needs no loss scaling); CPU -> float32, contiguous, eager."""

@@ -32,9 +32,10 @@ import resource
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, ContextManager
 
 import pyarrow as pa
 
@@ -106,7 +107,7 @@ class PlateauRecipe:
     reason: str | None = None
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig) -> "PlateauRecipe":
+    def from_config(cls, cfg: TrainConfig) -> PlateauRecipe:
         return cls(lr=cfg.lr, lr_patience=cfg.lr_patience, lr_factor=cfg.lr_factor,
                    stop_patience=cfg.stop_patience, max_epochs=cfg.max_epochs)
 
@@ -138,7 +139,7 @@ class PlateauRecipe:
         return state
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "PlateauRecipe":
+    def from_state(cls, state: dict[str, Any]) -> PlateauRecipe:
         state = dict(state)
         state["best"] = -math.inf if state.get("best") is None else state["best"]
         return cls(**state)
@@ -156,9 +157,9 @@ class LoopSpec:
     train: TrainConfig
     num_classes: int
     class_names: list[str]
-    train_units: list["Unit"]
-    val_units: list["Unit"]
-    test_units: list["Unit"]
+    train_units: list[Unit]
+    val_units: list[Unit]
+    test_units: list[Unit]
     # Called as hook(epoch, rank) when an epoch starts (progress, fault injection in tests).
     epoch_hook: Callable[[int, int], None] | None = None
 
@@ -194,7 +195,7 @@ class TrainState:
         (d / CKPT_STATE).write_text(json.dumps(meta))
 
     @classmethod
-    def read(cls, directory: str | Path) -> "TrainState":
+    def read(cls, directory: str | Path) -> TrainState:
         """Load a checkpoint directory (safetensors + ``torch.load(weights_only=True)``: no pickle)."""
         import torch
         from safetensors.torch import load_file
@@ -219,7 +220,7 @@ def _cpu_state(state: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
-def _autocast_factory(amp: str, device: "torch.device") -> Callable[[], ContextManager]:
+def _autocast_factory(amp: str, device: torch.device) -> Callable[[], ContextManager]:
     import torch
 
     if amp == "none":
@@ -231,7 +232,7 @@ def _autocast_factory(amp: str, device: "torch.device") -> Callable[[], ContextM
 class _Batches:
     """Per-epoch loaders of one split for this rank (CPU decode, or raw bytes for GPU decode)."""
 
-    def __init__(self, spec: LoopSpec, ctx: LoopContext, units: list["Unit"], train: bool):
+    def __init__(self, spec: LoopSpec, ctx: LoopContext, units: list[Unit], train: bool):
         from raugment.lib import loader
 
         cfg = spec.train
@@ -257,7 +258,7 @@ class _Batches:
             yield images, labels
 
 
-def _evaluate(model, batches: _Batches, spec: LoopSpec, ctx: LoopContext, autocast) -> "torch.Tensor":
+def _evaluate(model, batches: _Batches, spec: LoopSpec, ctx: LoopContext, autocast) -> torch.Tensor:
     from raugment.lib.evaluate import evaluate
 
     mem = _memory_format(spec.train)
@@ -272,7 +273,7 @@ def _memory_format(cfg: TrainConfig):
     return torch.channels_last if cfg.channels_last else torch.contiguous_format
 
 
-def _train_epoch(model, batches, optimizer, scaler, autocast, device, memory_format) -> "torch.Tensor":
+def _train_epoch(model, batches, optimizer, scaler, autocast, device, memory_format) -> torch.Tensor:
     """One pass of SGD over ``batches``; ``[loss sum, images]`` of this rank (float64)."""
     import torch
 

@@ -8,8 +8,9 @@ predicted aesthetic score, about 1-10.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from raugment.core import schema as S
 from raugment.core.config import ConfigError, PluginSettings

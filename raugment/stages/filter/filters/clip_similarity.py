@@ -9,8 +9,9 @@ Score (column ``clip_similarity``): the cosine, in [-1, 1].
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 

@@ -5,8 +5,9 @@ Score: the shorter side in pixels (not stored in a column; a dropped row keeps i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 

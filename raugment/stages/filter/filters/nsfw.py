@@ -9,8 +9,9 @@ Score (column ``nsfw_score``): the checker's NSFW score, > 0 where it flags the 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from raugment.core import schema as S
 from raugment.core.config import PluginSettings
