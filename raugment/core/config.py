@@ -66,7 +66,7 @@ def check_local_model(ref: str | None, key: str, marker: str, hint: str = "") ->
 # (``"cuda..."`` -> the GPU setting, anything else -> the CPU one) by each section's
 # ``resolved(device)``, so one config is fast on a GPU and exact on a CPU.
 AUTO = "auto"
-AutoBool = Union[bool, Literal["auto"]]
+AutoBool = bool | Literal["auto"]
 
 
 def on_gpu(device: str) -> bool:

@@ -26,7 +26,8 @@ How it stays within tens of CPU seconds:
 3. **UNet**: a ``UNet2DConditionModel`` whose cross-attention sits only in the mid block (the
    lowest resolution), plus diffusers' ``addition_embed_type="text"`` (the prompt's token states,
    attention-pooled, added to the time embedding of every ResNet): the class is a global property
-   of these images, and 77-token attention at full latent resolution would dominate a CPU step. Trained with SD's DDPM objective
+   of these images, and 77-token attention at full latent resolution would dominate a CPU step.
+   Trained with SD's DDPM objective
    (:func:`raugment.lib.finetuned.families.denoising_loss`, SD v1.4's noise schedule), captions
    dropped to "" for 10 % of samples so classifier-free guidance works.
 

@@ -428,7 +428,8 @@ def grow_and_select(queries: list[ClassQuery], backend: Any, cache: DownloadCach
         rows = cache.fetch([c[schema.URL] for c in pending])
         for c in pending:
             row = rows[c[schema.URL]]
-            c["reason"], c[schema.DETAIL], c[schema.CONTENT_HASH] = row[schema.REASON], row[schema.DETAIL], row[schema.CONTENT_HASH]
+            c["reason"], c[schema.DETAIL], c[schema.CONTENT_HASH] = (row[schema.REASON], row[schema.DETAIL],
+                                                                     row[schema.CONTENT_HASH])
         screener.after_download(pending, cache.images)
         for q in open_:
             q.accepted.extend(c for c in fresh if c[schema.LABEL] == q.label and c["reason"] is None)
@@ -483,7 +484,8 @@ def _image_rows(cands: list[dict[str, Any]], queries: list[ClassQuery], cache: D
     for c in cands:
         dl = cache.rows[c[schema.URL]]
         rows.append({
-            schema.ID: item_id("ret", c[schema.URL]) if cfg.deduplicate else item_id("ret", c[schema.URL], c[schema.LABEL]),
+            schema.ID: (item_id("ret", c[schema.URL]) if cfg.deduplicate
+                        else item_id("ret", c[schema.URL], c[schema.LABEL])),
             schema.LABEL: c[schema.LABEL], schema.CLASS_ID: class_ids[c[schema.LABEL]],
             schema.CLASS_NAME: c[schema.CLASS_NAME], schema.SPLIT: "added", schema.SOURCE: "retrieved",
             schema.METHOD: METHOD, schema.PROMPT: c[schema.PROMPT], schema.MODEL_ID: backend.clip_model,

@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, ContextManager
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 
@@ -220,7 +220,7 @@ def _cpu_state(state: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
-def _autocast_factory(amp: str, device: torch.device) -> Callable[[], ContextManager]:
+def _autocast_factory(amp: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     import torch
 
     if amp == "none":

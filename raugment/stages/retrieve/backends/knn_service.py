@@ -71,7 +71,7 @@ def build_request(cfg: Config, prompt: str, k: int) -> dict[str, Any]:
         "modality": "image",
         "indice_name": keys.indice_name,
         "num_images": int(k),
-        "num_result_ids": int(math.ceil(k * keys.result_ids_factor)),
+        "num_result_ids": math.ceil(k * keys.result_ids_factor),
         "use_mclip": False,
         "deduplicate": bool(rcfg.deduplicate),
         "use_safety_model": bool(rcfg.drop_nsfw),
