@@ -125,7 +125,7 @@ def _pool_tensors(pool_dir: Path, size: int) -> tuple[torch.Tensor, list[str], l
     for data in table.column(schema.IMAGE).to_pylist():
         img = decode_image(data).convert("RGB")
         if img.size != (size, size):
-            img = img.resize((size, size), Image.BICUBIC)
+            img = img.resize((size, size), Image.Resampling.BICUBIC)
         arrays.append(np.asarray(img, np.float32))
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
     info = pool_dir / "pool.json"

@@ -49,7 +49,7 @@ def reduce_for_hash(img: Image.Image, side: int) -> Image.Image:
     if grey.size == (side, side):
         return grey
     # BOX averages every source pixel once: an anti-aliased reduction at a fraction of Lanczos' cost.
-    return grey.resize((side, side), Image.BOX)
+    return grey.resize((side, side), Image.Resampling.BOX)
 
 
 def phash_image(img: Image.Image, side: int = 64) -> int:

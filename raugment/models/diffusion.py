@@ -203,7 +203,9 @@ class SafetyScores:
     def pop(self, n: int) -> list[float | None]:
         """The scores of the last check (``None`` each when no check ran)."""
         out, self.last = self.last, []
-        return out if len(out) == n else [None] * n
+        if len(out) != n:
+            return [None] * n
+        return list(out)
 
     def close(self) -> None:
         self._handle.remove()

@@ -234,6 +234,16 @@ def _spec_key(cls: type, args: tuple, kwargs: dict) -> str:
     return hashlib.sha256(cloudpickle.dumps((cls, args, kwargs))).hexdigest()[:16]
 
 
+def _actor_id() -> str:
+    """The id of the Ray actor this runs in (:class:`_Hosted` methods run only inside one)."""
+    import ray
+
+    actor_id = ray.get_runtime_context().get_actor_id()
+    if actor_id is None:
+        raise RuntimeError("_Hosted methods run inside a Ray actor; this process is not one")
+    return actor_id
+
+
 class _Hosted:
     """A Ray actor that hosts one plain object and calls its methods (see :class:`ActorGroup`).
 
@@ -269,26 +279,20 @@ class _Hosted:
         self.build_s += time.perf_counter() - t0
 
     def whoami(self) -> tuple[str, int]:
-        import ray
-
-        return ray.get_runtime_context().get_actor_id(), os.getpid()
+        return _actor_id(), os.getpid()
 
     def info(self, key: str, box: list) -> dict[str, Any]:
         """The process's builds; the hosted object's own ``info()`` too when it has one."""
-        import ray
-
         self._host(key, box)
-        out = {"actor_id": ray.get_runtime_context().get_actor_id(), "pid": os.getpid(),
+        out = {"actor_id": _actor_id(), "pid": os.getpid(),
                "builds": self.builds, "build_s": self.build_s}
         if hasattr(self.obj, "info"):
             out.update(self.obj.info())
         return out
 
     def call(self, key: str, box: list, method: str, item: Any) -> tuple[str, Any]:
-        import ray
-
         self._host(key, box)
-        return ray.get_runtime_context().get_actor_id(), getattr(self.obj, method)(item)
+        return _actor_id(), getattr(self.obj, method)(item)
 
 
 class ActorGroup:
@@ -330,8 +334,10 @@ class ActorGroup:
         remote = ray.remote(_Hosted).options(num_cpus=pool.num_cpus, num_gpus=gpus, max_restarts=2,
                                              max_task_retries=2)
         # The first spec goes by value: Ray restarts an actor with its constructor arguments, and
-        # those must not depend on an object-store entry staying alive.
-        self.actors = [remote.remote(self._key, [(cls, args, kwargs)]) for _ in range(self.resources[0])]
+        # those must not depend on an object-store entry staying alive. Handles are typed Any: Ray
+        # types ``handle.method.remote`` only for methods decorated with ``@ray.method``, which would
+        # import Ray with this module.
+        self.actors: list[Any] = [remote.remote(self._key, [(cls, args, kwargs)]) for _ in range(self.resources[0])]
         self._ready = [a.whoami.remote() for a in self.actors]
         self._pool: Any = None
 

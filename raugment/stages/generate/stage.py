@@ -238,6 +238,9 @@ class ClassGenerator:
             self.pipe = _PIPELINE["pipe"]
         else:
             _PIPELINE.clear()  # one pipeline per process: free the last before loading the next
+            if not isinstance(cfg.channels_last, bool):
+                raise ValueError(f"generate.channels_last={cfg.channels_last!r}: ClassGenerator takes a "
+                                 "GenerateConfig.resolved() section (auto options made concrete)")
             self.pipe = load_pipeline(cfg.model, revision=cfg.revision, kind=method.kind, dtype=cfg.dtype,
                                       device=self.device, scheduler=cfg.scheduler,
                                       safety_checker=cfg.safety_checker, sdpa=cfg.sdpa,
@@ -255,8 +258,9 @@ class ClassGenerator:
 
     def __del__(self) -> None:
         # the safety-score hook stays on a shared pipeline's checker otherwise
-        if getattr(self, "scores", None) is not None:
-            self.scores.close()
+        scores = getattr(self, "scores", None)
+        if scores is not None:
+            scores.close()
 
     def info(self) -> dict[str, float]:
         """Seconds to build this object (pipeline load; imports too in a fresh process) and its pipeline loads."""
