@@ -73,12 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         make_tree(root, args.images)
         figures = []
         for label, max_side in (("resize", 256), ("keep", None)):
-            plain_s = timed(lambda: plain_loop(root, Path(tmp) / f"plain-{label}.parquet", max_side))
+            plain_s = timed(lambda label=label, max_side=max_side:
+                            plain_loop(root, Path(tmp) / f"plain-{label}.parquet", max_side))
             cfg = load_config(None, [f"run.root={tmp}/runs-{label}", "run.progress=false",
                                      "dataset.source=imagefolder", f"dataset.path={root}",
                                      "dataset.protocol=full", f"dataset.read_threads={args.threads}",
                                      f"dataset.max_side={max_side if max_side else 'null'}"])
-            stage_s = timed(lambda: dataset.run(cfg))
+            stage_s = timed(lambda cfg=cfg: dataset.run(cfg))
             figures.append(f"{label}: plain {args.images / plain_s:.0f} img/s, raugment "
                            f"{args.images / stage_s:.0f} img/s, ratio {plain_s / stage_s:.2f}x")
     print(f"dataset: {args.images} JPEG 500x375, {args.threads} threads, {os.cpu_count()} CPUs; "

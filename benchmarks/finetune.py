@@ -145,7 +145,8 @@ def runners_line(args) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="runs/models/sd", help="diffusers bundle (tiny: raugment models tiny runs/models)")
+    p.add_argument("--model", default="runs/models/sd",
+                   help="diffusers bundle (tiny: raugment models tiny runs/models)")
     p.add_argument("--full-size", action="store_true", help="SD v1.4 architecture, random weights")
     p.add_argument("--device", default="cpu")
     p.add_argument("--resolution", type=int, default=64)

@@ -106,7 +106,8 @@ def main() -> None:
           f"| after (persistent pool) {mean(after):.2f} s/round + start {start_s:.2f} s once "
           f"| overhead/round before {over_before:.2f} s after {over_after:.2f} s "
           f"| ratio {over_before / max(over_after, 1e-3):.1f}x (median round, start not counted: "
-          f"{steady[0]:.2f} s vs {steady[1]:.2f} s = {steady[0] / max(steady[1], 1e-3):.0f}x) | ok {ok[0]}/{ok[1]}/{ok[2]} of {args.rounds * args.urls} "
+          f"{steady[0]:.2f} s vs {steady[1]:.2f} s = {steady[0] / max(steady[1], 1e-3):.0f}x) "
+          f"| ok {ok[0]}/{ok[1]}/{ok[2]} of {args.rounds * args.urls} "
           f"| rounds before {' '.join(f'{t:.2f}' for t in before)} after {' '.join(f'{t:.2f}' for t in after)}")
 
 

@@ -1,4 +1,6 @@
-"""``ray job submit --working-dir . -- python -m jobs.audit --config jobs/configs/filter_demo.yaml [--dataset DIR] [--added DIR ...]``.
+"""``ray job submit --working-dir . -- python -m jobs.audit --config jobs/configs/filter_demo.yaml``.
+
+Options: ``[--dataset DIR] [--added DIR ...]``.
 
 The test-leakage audit (``raugment audit``), per method: candidate pairs, ``summary.json`` and
 ``gallery.html``. ``--added DIR`` is what the audit reads (e.g. a dedup output); without it the

@@ -1,6 +1,6 @@
-"""``ray job submit --working-dir . -- python -m jobs.index build --config jobs/configs/retrieve_demo.yaml --set index.path=...``.
+"""``ray job submit --working-dir . -- python -m jobs.index build --config jobs/configs/retrieve_demo.yaml``.
 
-Builds a local CLIP kNN index (``raugment index build``).
+Builds a local CLIP kNN index (``raugment index build``); ``--set index.path=...`` says where.
 """
 
 import sys

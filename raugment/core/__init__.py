@@ -1,1 +1,4 @@
-"""Core: config machinery and errors, resources, schema, storage (the stage contract), shared artifact readers, registry, image io, stats, extras. Knows no stage; imports neither torch nor Ray."""
+"""Core: config machinery and errors, resources, schema, storage (the stage contract), shared artifact readers.
+
+Also the registry, image io, stats and extras. Knows no stage; imports neither torch nor Ray.
+"""

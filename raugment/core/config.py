@@ -24,7 +24,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union, cast
 
 import yaml
 
@@ -66,7 +66,7 @@ def check_local_model(ref: str | None, key: str, marker: str, hint: str = "") ->
 # (``"cuda..."`` -> the GPU setting, anything else -> the CPU one) by each section's
 # ``resolved(device)``, so one config is fast on a GPU and exact on a CPU.
 AUTO = "auto"
-AutoBool = Union[bool, Literal["auto"]]
+AutoBool = bool | Literal["auto"]
 
 
 def on_gpu(device: str) -> bool:
@@ -192,7 +192,8 @@ class PluginSettings:
     registered class (``settings = Settings``); :func:`with_plugins` adds those fields to its
     stage's section, so they are written flat in YAML (``filter.aesthetic_threshold``), checked,
     hashed and listed like the section's own keys. A ``validate(self, key)`` method checks them.
-    The plug-in reads them with ``Settings.of(section)``.
+    The plug-in reads them with ``Settings.of(section)`` and changes them with
+    ``Settings.replace_in(section, key=value)``.
     """
 
     @classmethod
@@ -202,6 +203,19 @@ class PluginSettings:
             raise TypeError(f"{type(section).__name__} does not carry the keys of {cls.__qualname__}; "
                             "declare the section with @with_plugins(<the plug-in registry>)")
         return section
+
+    @classmethod
+    def replace_in(cls, section: C, **changes: Any) -> C:
+        """A copy of ``section`` with some of these settings' keys changed (``dataclasses.replace``).
+
+        Type checkers see a section as its own fields only, so ``dataclasses.replace(section,
+        <plug-in key>=...)`` does not check; this does, at run time: only these settings' keys.
+        """
+        cls.of(section)
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(cast(Any, cls))})
+        if unknown:
+            raise TypeError(f"{cls.__qualname__} declares no key(s) {unknown}")
+        return cast(C, dataclasses.replace(cast(Any, section), **changes))
 
 
 def with_plugins(registry: Any) -> Callable[[type], type]:
@@ -279,7 +293,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a section class (never an instance)
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
         return _build(tp, value, key)

@@ -64,7 +64,7 @@ def resize_max_side(img: Image.Image, max_side: int | None) -> Image.Image:
         return img
     scale = max_side / max(img.size)
     size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-    return img.resize(size, Image.BICUBIC)
+    return img.resize(size, Image.Resampling.BICUBIC)
 
 
 def encode_image(img: Image.Image, fmt: str = "JPEG", quality: int = 90) -> bytes:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 def round_half_up(x: float) -> int:
     """``round`` without banker's rounding: 12.5 -> 13 (``fraction * n`` and ``n * ratio / 100`` are
     often exactly .5). The epsilon absorbs float noise such as 0.35 * 10 = 3.4999999999999996."""
-    return int(math.floor(x + 0.5 + 1e-9))
+    return math.floor(x + 0.5 + 1e-9)
 
 
 def mean_se(values: Iterable[float]) -> tuple[float, float]:

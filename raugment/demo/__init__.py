@@ -1,1 +1,5 @@
-"""The embedded demo world: mini-world, the captioned corpus and its HTTP server, the mini diffusion model, tiny bundles, `raugment demo`. Imported by nothing but the CLI."""
+"""The embedded demo world, imported by nothing but the CLI.
+
+The mini-world, the captioned corpus and its HTTP server, the mini diffusion model, tiny bundles,
+`raugment demo`.
+"""

@@ -154,7 +154,9 @@ def run(config_path: str | None = None, overrides: list[str] | None = None,
 
     t0 = time.perf_counter()
     with world(config_path, overrides, root) as cfg:
-        result, rep = study.run(cfg)
+        result, rep = study.run(cfg)  # report=True (the default): a report artifact
+    if rep is None:
+        raise RuntimeError("the demo study ran without its report")
     html = rep.path / "report.html"
     log.info("demo: finished in %.1f s; report: %s", time.perf_counter() - t0, html)
     return html, len(study.failures(result))

@@ -26,7 +26,8 @@ How it stays within tens of CPU seconds:
 3. **UNet**: a ``UNet2DConditionModel`` whose cross-attention sits only in the mid block (the
    lowest resolution), plus diffusers' ``addition_embed_type="text"`` (the prompt's token states,
    attention-pooled, added to the time embedding of every ResNet): the class is a global property
-   of these images, and 77-token attention at full latent resolution would dominate a CPU step. Trained with SD's DDPM objective
+   of these images, and 77-token attention at full latent resolution would dominate a CPU step.
+   Trained with SD's DDPM objective
    (:func:`raugment.lib.finetuned.families.denoising_loss`, SD v1.4's noise schedule), captions
    dropped to "" for 10 % of samples so classifier-free guidance works.
 
@@ -124,7 +125,7 @@ def _pool_tensors(pool_dir: Path, size: int) -> tuple[torch.Tensor, list[str], l
     for data in table.column(schema.IMAGE).to_pylist():
         img = decode_image(data).convert("RGB")
         if img.size != (size, size):
-            img = img.resize((size, size), Image.BICUBIC)
+            img = img.resize((size, size), Image.Resampling.BICUBIC)
         arrays.append(np.asarray(img, np.float32))
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
     info = pool_dir / "pool.json"

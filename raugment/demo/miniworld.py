@@ -34,6 +34,7 @@ from raugment.core import schema
 from raugment.core.artifacts import MINI_MODELS_INFO
 from raugment.core.config import to_dict
 from raugment.demo.config import MiniConfig
+from raugment.stages.dataset.sources.synthetic import Settings as SyntheticSettings
 from raugment.stages.dataset.sources.synthetic import SyntheticConfig
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,8 @@ def clip_precision(clip_dir: str | Path, pool_dir: str | Path, names: Sequence[s
 
 def section(cfg: Config) -> dict[str, Any]:
     """What the ``mini_models`` key hashes: the world, the training settings, the seed."""
-    return {"mini": to_dict(cfg.mini), "synthetic": to_dict(cfg.dataset.synthetic), "seed": cfg.dataset.seed}
+    synthetic = SyntheticSettings.of(cfg.dataset).synthetic
+    return {"mini": to_dict(cfg.mini), "synthetic": to_dict(synthetic), "seed": cfg.dataset.seed}
 
 
 def train_mini(root: str | Path, cfg: Config) -> MiniModels:
@@ -175,14 +177,15 @@ def train_mini(root: str | Path, cfg: Config) -> MiniModels:
     from raugment.core.storage import run_stage
 
     cfg.mini.validate("mini")
-    names = class_names(cfg.dataset.synthetic)
+    synthetic = SyntheticSettings.of(cfg.dataset).synthetic
+    names = class_names(synthetic)
     mini = cfg.mini
 
     def body(run) -> None:
         from raugment.demo.corpus import train_small_clip
 
         seed = cfg.dataset.seed
-        paths = build_world(run.path, mini, cfg.dataset.synthetic, seed)
+        paths = build_world(run.path, mini, synthetic, seed)
         t0 = time.process_time()
         w0 = time.perf_counter()
         train_small_clip([p for k, p in paths.items() if k != "heldout"], run.path / CLIP_DIR, seed=seed,
@@ -205,7 +208,7 @@ def train_mini(root: str | Path, cfg: Config) -> MiniModels:
 
             t0, w0 = time.process_time(), time.perf_counter()
             train_mini_diffusion(paths["pool"], run.path / DIFFUSION_DIR, seed=seed,
-                                 max_steps=mini.diffusion_steps, size=cfg.dataset.synthetic.size,
+                                 max_steps=mini.diffusion_steps, size=synthetic.size,
                                  num_threads=mini.num_threads)
             info["diffusion"] = {"steps": mini.diffusion_steps,
                                  "train_cpu_s": round(time.process_time() - t0, 2),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, ContextManager
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -47,7 +47,7 @@ def score_batch(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
 
 def evaluate(model: torch.nn.Module, batches: Iterable, num_classes: int,
              device: torch.device | str = "cpu",
-             autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> torch.Tensor:
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> torch.Tensor:
     """Run ``model`` over ``(images, labels)`` batches; the summed per-class counts (on ``device``).
 
     Args:

@@ -1,7 +1,7 @@
 """64-bit perceptual hashes (pHash) on reduced images, and Hamming-radius search over them.
 
-Shared by de-duplication (:mod:`raugment.stages.dedup.stage`) and the leakage audit (:mod:`raugment.stages.audit.stage`),
-so both compare hashes made the same way.
+Shared by de-duplication (:mod:`raugment.stages.dedup.stage`) and the leakage audit
+(:mod:`raugment.stages.audit.stage`), so both compare hashes made the same way.
 
 * Hashing: ``imagehash.phash`` resizes its input to 32x32 with a Lanczos filter; on a 256 px image
   that resize is most of the cost (STACK-NOTES: 2.6k/s at 256 px vs 12.7k/s at 64 px). We first
@@ -49,7 +49,7 @@ def reduce_for_hash(img: Image.Image, side: int) -> Image.Image:
     if grey.size == (side, side):
         return grey
     # BOX averages every source pixel once: an anti-aliased reduction at a fraction of Lanczos' cost.
-    return grey.resize((side, side), Image.BOX)
+    return grey.resize((side, side), Image.Resampling.BOX)
 
 
 def phash_image(img: Image.Image, side: int = 64) -> int:

@@ -56,7 +56,7 @@ class LocalIndex:
         scores, ids = self.index.search(q, max(1, min(int(k), self.ntotal)))
         return scores, ids
 
-    def rows(self, ids: np.ndarray | list[int]) -> list[dict[str, Any]]:
+    def rows(self, ids: np.ndarray | list[int]) -> list[dict[str, Any] | None]:
         """Metadata rows (dicts of ``schema.INDEX_METADATA``) of faiss ids (-1 gives None)."""
         ids = [int(i) for i in ids]
         valid = [i for i in ids if i >= 0]

@@ -29,7 +29,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -150,11 +150,11 @@ def plan_epoch(units: Sequence[Unit], *, epoch: int, seed: int, shuffle: bool, r
     every rank gets exactly ``total // world`` images (training); otherwise ranks split all images
     (evaluation, where nothing may be lost).
     """
-    order = np.arange(len(units))
+    order: list[int] = list(range(len(units)))
     perms: list[np.ndarray | None] = [None] * len(units)
     if shuffle:
         rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(len(units))
+        order = rng.permutation(len(units)).tolist()
         perms = [rng.permutation(len(u)) for u in units]
     lengths = np.array([len(units[i]) for i in order], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)])
@@ -167,7 +167,8 @@ def plan_epoch(units: Sequence[Unit], *, epoch: int, seed: int, shuffle: bool, r
         a, b = max(lo, starts[pos]), min(hi, starts[pos + 1])
         if a >= b:
             continue
-        sel = perms[u] if perms[u] is not None else np.arange(len(units[u]))
+        perm = perms[u]
+        sel = perm if perm is not None else np.arange(len(units[u]))
         sel = sel[a - starts[pos]:b - starts[pos]]
         plan.append((int(u), units[u].rows[sel], units[u].labels[sel]))
     return plan
@@ -256,7 +257,7 @@ class _ParquetImagesBase:
             images = col.take(pa.array(rows)).to_pylist()
             yield from zip(images, labels.tolist())
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         import torch.utils.data
 
         info = torch.utils.data.get_worker_info()
@@ -320,7 +321,9 @@ def make_loader(dataset: _ParquetImagesBase, batch_size: int, num_workers: int, 
         kwargs["collate_fn"] = collate_bytes
     if num_workers > 0:
         kwargs["prefetch_factor"] = 4
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+    # a ParquetImages instance: _parquet_images_class() mixes IterableDataset in at run time
+    torch_dataset = cast("torch.utils.data.Dataset", dataset)
+    return torch.utils.data.DataLoader(torch_dataset, batch_size=batch_size, num_workers=num_workers,
                                        pin_memory=pin_memory, **kwargs)
 
 

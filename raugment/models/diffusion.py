@@ -203,7 +203,9 @@ class SafetyScores:
     def pop(self, n: int) -> list[float | None]:
         """The scores of the last check (``None`` each when no check ran)."""
         out, self.last = self.last, []
-        return out if len(out) == n else [None] * n
+        if len(out) != n:
+            return [None] * n
+        return list(out)
 
     def close(self) -> None:
         self._handle.remove()
@@ -293,7 +295,8 @@ def write_clip_tokenizer(out: str | Path) -> Path:
     open_clip_tok = require("open_clip.tokenizer")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = gzip.open(open_clip_tok.default_bpe()).read().decode("utf-8").split("\n")
+    with gzip.open(open_clip_tok.default_bpe()) as fh:
+        lines = fh.read().decode("utf-8").split("\n")
     merges = lines[1:49152 - 256 - 2 + 1]  # the slice CLIP itself uses
     byte_symbols = list(open_clip_tok.bytes_to_unicode().values())
     vocab = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m.split()) for m in merges]

@@ -92,9 +92,10 @@ def load_safety_checker(model: str, device: str = "cpu", revision: str | None = 
                              f"(missing {', '.join(missing)}/); point filter.safety_model at one")
         revision = None
     device = pick_device(device)
-    checker = StableDiffusionSafetyChecker.from_pretrained(model, subfolder=CHECKER_DIR, revision=revision)
-    checker.to(device).eval()
-    processor = transformers.CLIPImageProcessor.from_pretrained(model, subfolder=PROCESSOR_DIR,
-                                                                 revision=revision)
+    hub: dict[str, Any] = {} if revision is None else {"revision": revision}  # None: the default revision
+    checker = StableDiffusionSafetyChecker.from_pretrained(model, subfolder=CHECKER_DIR, **hub)
+    # transformers declares ``to`` as ``@wraps(torch.nn.Module.to)``, whose stub type does not bind self
+    checker.to(device).eval()  # type: ignore[arg-type]
+    processor = transformers.CLIPImageProcessor.from_pretrained(model, subfolder=PROCESSOR_DIR, **hub)
     log.info("loaded safety checker from %s on %s", model, device)
     return SafetyChecker(checker=checker, processor=processor, device=device, source=model)

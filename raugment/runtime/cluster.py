@@ -69,7 +69,7 @@ def _start(cfg: ClusterConfig, progress: bool, runtime_env: dict | None) -> None
         if cfg.preload_modules:
             kwargs["_system_config"] = {"preload_python_modules": list(cfg.preload_modules)}
         # read by the raylet this starts (a joined cluster's raylets were started elsewhere)
-        os.environ["RAY_worker_niceness"] = str(cfg.worker_niceness)
+        os.environ["RAY_worker_niceness"] = str(cfg.worker_niceness)  # noqa: SIM112 - Ray's own (lower-case) name
         log.info("starting a local Ray (%s)", ", ".join(f"{k}={v}" for k, v in kwargs.items()))
         ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()
@@ -132,16 +132,16 @@ def check_resources(cluster: ClusterConfig, section: Any, key: str) -> None:
     if _joined(c) or section is None:
         return
     gpus_here: int | None = None
-    for key, cpus, gpus, optional in _resource_requests(section, key):
+    for req_key, cpus, gpus, optional in _resource_requests(section, key):
         if c.num_cpus is not None and cpus > c.num_cpus:
-            raise ConfigError(f"{key} asks for {cpus:g} CPUs but cluster.num_cpus={c.num_cpus}; lower it "
+            raise ConfigError(f"{req_key} asks for {cpus:g} CPUs but cluster.num_cpus={c.num_cpus}; lower it "
                               "(fractions such as 0.5 are fine) or raise cluster.num_cpus")
         if gpus <= 0:
             continue
         gpus_here = local_gpu_count(c) if gpus_here is None else gpus_here
         if gpus > gpus_here and not (optional and gpus_here == 0):
             where = f"cluster.num_gpus={c.num_gpus}" if c.num_gpus is not None else "this machine"
-            raise _gpu_error(key, gpus, gpus_here, where)
+            raise _gpu_error(req_key, gpus, gpus_here, where)
 
 
 def actor_pool_args(pool: ActorPoolConfig) -> dict[str, Any]:
@@ -234,13 +234,24 @@ def _spec_key(cls: type, args: tuple, kwargs: dict) -> str:
     return hashlib.sha256(cloudpickle.dumps((cls, args, kwargs))).hexdigest()[:16]
 
 
+def _actor_id() -> str:
+    """The id of the Ray actor this runs in (:class:`_Hosted` methods run only inside one)."""
+    import ray
+
+    actor_id = ray.get_runtime_context().get_actor_id()
+    if actor_id is None:
+        raise RuntimeError("_Hosted methods run inside a Ray actor; this process is not one")
+    return actor_id
+
+
 class _Hosted:
     """A Ray actor that hosts one plain object and calls its methods (see :class:`ActorGroup`).
 
     The object is built from a spec (class, args, kwargs): the first comes with the constructor,
-    later ones are fetched from the object store; every call carries the key of the spec it wants, and the actor builds a new object first when its own
-    differs. So a group re-hosts a new object without a new process, and an actor that Ray
-    restarted (which re-runs ``__init__`` with the first spec) catches up on its next call.
+    later ones are fetched from the object store; every call carries the key of the spec it wants,
+    and the actor builds a new object first when its own differs. So a group re-hosts a new object
+    without a new process, and an actor that Ray restarted (which re-runs ``__init__`` with the first
+    spec) catches up on its next call.
     """
 
     def __init__(self, key: str, box: list):
@@ -268,26 +279,20 @@ class _Hosted:
         self.build_s += time.perf_counter() - t0
 
     def whoami(self) -> tuple[str, int]:
-        import ray
-
-        return ray.get_runtime_context().get_actor_id(), os.getpid()
+        return _actor_id(), os.getpid()
 
     def info(self, key: str, box: list) -> dict[str, Any]:
         """The process's builds; the hosted object's own ``info()`` too when it has one."""
-        import ray
-
         self._host(key, box)
-        out = {"actor_id": ray.get_runtime_context().get_actor_id(), "pid": os.getpid(),
+        out = {"actor_id": _actor_id(), "pid": os.getpid(),
                "builds": self.builds, "build_s": self.build_s}
         if hasattr(self.obj, "info"):
             out.update(self.obj.info())
         return out
 
     def call(self, key: str, box: list, method: str, item: Any) -> tuple[str, Any]:
-        import ray
-
         self._host(key, box)
-        return ray.get_runtime_context().get_actor_id(), getattr(self.obj, method)(item)
+        return _actor_id(), getattr(self.obj, method)(item)
 
 
 class ActorGroup:
@@ -329,8 +334,10 @@ class ActorGroup:
         remote = ray.remote(_Hosted).options(num_cpus=pool.num_cpus, num_gpus=gpus, max_restarts=2,
                                              max_task_retries=2)
         # The first spec goes by value: Ray restarts an actor with its constructor arguments, and
-        # those must not depend on an object-store entry staying alive.
-        self.actors = [remote.remote(self._key, [(cls, args, kwargs)]) for _ in range(self.resources[0])]
+        # those must not depend on an object-store entry staying alive. Handles are typed Any: Ray
+        # types ``handle.method.remote`` only for methods decorated with ``@ray.method``, which would
+        # import Ray with this module.
+        self.actors: list[Any] = [remote.remote(self._key, [(cls, args, kwargs)]) for _ in range(self.resources[0])]
         self._ready = [a.whoami.remote() for a in self.actors]
         self._pool: Any = None
 
@@ -445,7 +452,10 @@ class ActorGroup:
         return [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
 
     def stats(self) -> dict[str, Any]:
-        """Actors started (actor id -> pid), calls served per actor id, leases (a stage's ``stats.json`` records these)."""
+        """Actors started (actor id -> pid), calls served per actor id, leases.
+
+        A stage's ``stats.json`` records these.
+        """
         return {"started": len(self.started), "pids": dict(self.started), "served": dict(self.served),
                 "reused": self.leases > 1}
 

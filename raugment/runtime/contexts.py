@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from raugment.core.storage import atomic_dir
 
@@ -34,8 +34,14 @@ class CheckpointState(Protocol):
     def read(cls, directory: str | Path) -> CheckpointState: ...
 
 
-class LoopContext(Protocol):
-    """Where :func:`fit` runs: one rank of a DDP group (Ray) or a plain process."""
+StateT = TypeVar("StateT", bound=CheckpointState)
+
+
+class LoopContext(Protocol[StateT]):
+    """Where :func:`fit` runs: one rank of a DDP group (Ray) or a plain process.
+
+    ``LoopContext[TrainState]``: a context built with ``state_type=TrainState`` (it restores those).
+    """
 
     rank: int
     world_size: int
@@ -45,9 +51,9 @@ class LoopContext(Protocol):
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
-    def load_checkpoint(self) -> CheckpointState | None: ...
+    def load_checkpoint(self) -> StateT | None: ...
 
-    def report(self, metrics: dict[str, Any], state: CheckpointState | None) -> None: ...
+    def report(self, metrics: dict[str, Any], state: StateT | None) -> None: ...
 
 
 class LocalContext:

@@ -109,9 +109,11 @@ class WorkerGroup:
         if workers.use_gpu:
             options["num_gpus"] = workers.gpus_per_worker
         threads = max(1, int(workers.cpus_per_worker))
-        actor = ray.remote(_MemberActor)
-        self.actors = [actor.options(**options).remote(rank, workers.num_workers, workers.use_gpu, threads)
-                       for rank in range(workers.num_workers)]
+        actor = ray.remote(_MemberActor).options(**options)
+        # Handles are typed Any: Ray types ``handle.method.remote`` only for methods decorated with
+        # ``@ray.method``, which would import Ray with this module.
+        self.actors: list[Any] = [actor.remote(rank, workers.num_workers, workers.use_gpu, threads)
+                                  for rank in range(workers.num_workers)]
         self._pid_refs = [a.pid.remote() for a in self.actors]
         self._pids: list[int] = []
 

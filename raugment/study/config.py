@@ -117,7 +117,7 @@ class StudyConfig:
         for name, variant in self.variants.items():
             if not isinstance(variant, dict):
                 raise ConfigError(f"{key}.variants.{name} must be a mapping of dotted overrides")
-        for name, hint in self.expected.items():
+        for name in self.expected:
             if name not in ("classes", "train_images", "max_per_class"):
                 raise ConfigError(f"{key}.expected.{name}: unknown hint; known: classes, "
                                   "train_images, max_per_class")

@@ -185,8 +185,9 @@ def run(cfg: Config, dataset: Artifact, *, added: Mapping[str, Artifact] | None 
                                       storage_path=str((run.path / "ray").resolve())),
         )
         grid = tuner.fit()
-        results = []
-        for r in grid:
+        results: list[dict[str, Any]] = []
+        # a ResultGrid is a sequence through __len__/__getitem__ (it declares no __iter__)
+        for r in (grid[i] for i in range(len(grid))):
             metrics = dict(r.metrics or {})
             status = "error" if r.error is not None else ("complete" if metrics.get(FINISHED) else "stopped")
             run.stats.add(status)

@@ -1,10 +1,19 @@
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 
 from raugment.config import Config, from_dict, load_config
-from raugment.core.config import ConfigError, apply_overrides, section_hash, with_overrides
+from raugment.core.config import (
+    ConfigError,
+    PluginSettings,
+    apply_overrides,
+    section_hash,
+    with_overrides,
+    with_plugins,
+)
+from raugment.core.registry import Registry
 from raugment.stages.train.config import TrainConfig
 
 
@@ -92,6 +101,32 @@ def test_with_overrides_dotted_keys():
         with_overrides(Config(), {"train.nope": 1})
     with pytest.raises(ConfigError, match="expected an integer"):
         with_overrides(Config(), {"finetune.clusters": "five"})
+
+
+def test_plugin_settings_replace_in_changes_only_its_own_keys():
+    registry = Registry("thing")
+
+    @dataclass
+    class ThingSettings(PluginSettings):
+        threshold: float = 1.0
+
+    @registry.register("thing")
+    class Thing:
+        settings = ThingSettings
+
+    @with_plugins(registry)
+    @dataclass
+    class Section:
+        name: str = "a"
+
+    section = Section()
+    out = ThingSettings.replace_in(section, threshold=2.0)
+    assert type(out) is Section and (out.name, out.threshold) == ("a", 2.0)
+    assert section.threshold == 1.0  # a copy
+    with pytest.raises(TypeError, match=r"declares no key\(s\) \['name'\]"):
+        ThingSettings.replace_in(section, name="b")
+    with pytest.raises(TypeError, match="does not carry the keys of"):
+        ThingSettings.replace_in(TrainConfig(), threshold=2.0)
 
 
 def test_config_import_is_light():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 
 import numpy as np
 import pytest
@@ -135,7 +136,7 @@ def test_lr_at_warms_up_then_follows_a_half_cosine_to_zero():
     cos = [lr_at(s, 2.0, 4, 12) for s in range(13)]
     assert cos[:4] == [0.5, 1.0, 1.5, 2.0] and cos[4] == 2.0
     assert cos[8] == pytest.approx(1.0) and cos[12] == pytest.approx(0.0)
-    assert all(a > b for a, b in zip(cos[4:], cos[5:]))
+    assert all(a > b for a, b in itertools.pairwise(cos[4:]))
     assert lr_at(3, 1.0) == 1.0  # no warm-up, no decay: the plain constant rate
 
 

@@ -44,7 +44,7 @@ def test_near_copies_within_dedup_distance_and_unrelated_far(kind):
 
 def test_unrelated_images_are_not_candidates_at_audit_radius():
     base = _codes([png(b) for b in BASES])
-    q, r, _ = self_pairs(base, 9)  # the audit radius: distance < 10
+    q, _r, _ = self_pairs(base, 9)  # the audit radius: distance < 10
     assert len(q) == 0
     dists = [hamming(base[[i]], base[[j]])[0] for i, j in itertools.combinations(range(len(base)), 2)]
     assert min(dists) >= 10

@@ -124,9 +124,9 @@ def test_leased_pools_follow_the_gpu_policy(ray_session, monkeypatch):
 
     monkeypatch.setattr(cluster, "_JOINED", False)
     started = POOLS.started
-    with pytest.raises(ConfigError, match="filter.pool asks for 1 GPUs but this Ray cluster has none"):
-        with POOLS.lease(_Scale, ActorPoolConfig(num_gpus=1), 2, name="filter", key="filter.pool"):
-            pass
+    with (pytest.raises(ConfigError, match="filter.pool asks for 1 GPUs but this Ray cluster has none"),
+          POOLS.lease(_Scale, ActorPoolConfig(num_gpus=1), 2, name="filter", key="filter.pool")):
+        pass
     assert POOLS.started == started
     with POOLS.lease(_Scale, ActorPoolConfig(num_gpus=0.5, num_cpus=0.25, gpu_fallback=True), 2) as group:
         assert group.resources[2] == 0.0 and list(group.map("scale", [[1, 2]])) == [[2, 4]]

@@ -89,7 +89,8 @@ def test_estimates_scale_with_ratio_and_follow_cost_overrides():
     assert gen.gpu_h == pytest.approx(expected)
     cheap = build_plan(_cfg("study.methods=[simple]", "study.ratios=[100]", "study.sets=1",
                             "study.costs={generate.gpu_s_per_image: 0.01}"))
-    assert cheap.by_stage("generate")[0].gpu_h == pytest.approx(expected * 0.01 / DEFAULT_COSTS["generate.gpu_s_per_image"])
+    want = expected * 0.01 / DEFAULT_COSTS["generate.gpu_s_per_image"]
+    assert cheap.by_stage("generate")[0].gpu_h == pytest.approx(want)
     text = format_plan(p100)
     assert "generate" in text and "1 classifiers" not in text and "2 classifiers" in text
     assert "8 GPUs" in text
@@ -205,7 +206,8 @@ def test_checkpoint_selection_nodes_for_finetuned_methods_only():
             assemble = plan.nodes[train.inputs["manifest"]]
             gen = plan.nodes[assemble.inputs["added"][method]]
             pointer = plan.nodes[gen.inputs["finetune"]]
-            assert (train.stage, assemble.stage, gen.stage, pointer.stage) == ("train", "assemble", "generate", "select")
+            stages = (train.stage, assemble.stage, gen.stage, pointer.stage)
+            assert stages == ("train", "assemble", "generate", "select")
             assert pointer.cfg.select.checkpoint == name and pointer.inputs == {"finetune": ft.id}
             assert assemble.cfg.assemble.ratio == 100.0 and assemble.cfg.assemble.sources == [method]
             assert gen.cfg.generate.images_per_class == generation_quota(100, SIZE, 1.0) == 130

@@ -395,7 +395,8 @@ def test_study_with_selection_off_uses_best_val_and_says_so(fake_stages, tmp_pat
     assert "select" not in stages.calls and stages.bodies["train"] == 3
     sel = _report(rep)["checkpoints"]["ft_conditioning"]
     assert (sel["selection"], sel["checkpoint"], sel["epoch"]) == ("off", "best_val", 1)
-    assert "| ft_conditioning | best_val | 1 | - | used (selection off: best_val) |" in (rep.path / "report.md").read_text()
+    report_md = (rep.path / "report.md").read_text()
+    assert "| ft_conditioning | best_val | 1 | - | used (selection off: best_val) |" in report_md
 
 
 @pytest.mark.slow
@@ -419,7 +420,7 @@ def test_real_checkpoint_selection_on_tiny_models(ray_session, tiny_sd, tmp_path
                         "workers": {"num_workers": 1, "cpus_per_worker": 0.5}, "feature_weights": None}
     data["select"] = {"candidates": ["epoch_001", "epoch_002"], "ratio": 50}
     cfg = load_config(None, base=data)
-    st, rep = study.run(cfg)
+    _st, rep = study.run(cfg)
     root = tmp_path.resolve()
     (run,) = _study_runs(root)
     chosen = json.loads((root / run["artifacts"]["select"] / "selected.json").read_text())
@@ -455,7 +456,7 @@ def test_killed_study_resumes_to_the_same_report(ray_session, tmp_path, caplog):
     # Same study in another process, killed once its first stages are done ...
     address = ray_session.get_runtime_context().gcs_address
     cfg_b = _write_config(tmp_path / "b.yaml", tmp_path / "b", address)
-    cmd = [sys.executable, "-m", "raugment.cli", "run", str(cfg_b), *sum((["--set", o] for o in overrides), [])]
+    cmd = [sys.executable, "-m", "raugment.cli", "run", str(cfg_b), *(arg for o in overrides for arg in ("--set", o))]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -468,7 +469,7 @@ def test_killed_study_resumes_to_the_same_report(ray_session, tmp_path, caplog):
     done_before = read_state(tmp_path / "b")
     assert 2 <= len(done_before) < len(read_state(tmp_path / "a"))  # killed part-way
     # ... then resumed here: the report is the one of the uninterrupted run.
-    cfg_b = load_config(tmp_path / "b.yaml", overrides + ["cluster.address=null"])
+    cfg_b = load_config(tmp_path / "b.yaml", [*overrides, "cluster.address=null"])
     caplog.set_level("INFO", logger="raugment.study.executor")
     _, rep_b = study.run(cfg_b)
     assert _comparable(rep_b.path) == _comparable(rep_a.path)

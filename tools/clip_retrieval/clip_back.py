@@ -42,6 +42,7 @@ Usage from the command line (a manual check)::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -239,10 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     with ClipBack(venv, Path(args.export_dir) / "indices.json", register_clip(venv, args.clip_dir),
                   Path(args.export_dir) / "clip_back.log", port=args.port) as srv:
         log.info("clip back on %s (binds 0.0.0.0); Ctrl-C stops it", srv.url)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             srv.proc.wait()
-        except KeyboardInterrupt:
-            pass
     return 0
 
 

@@ -292,6 +292,8 @@ def build_trainable(method: Method, comps: dict[str, Any], table: torch.Tensor):
     import torch
 
     class Trainable(torch.nn.Module):
+        comps: dict[str, Any]  # set with object.__setattr__ below (a plain attribute, not a submodule)
+
         def __init__(self) -> None:
             super().__init__()
             self.table = torch.nn.Parameter(table.clone().float())

@@ -28,7 +28,7 @@ def _class_order(ids: list[str], ranks: list | None, rng: np.random.Generator) -
     Ranks put the best candidates first (retrieval: most similar to the query); a random
     permutation breaks ties, so equal ranks still come out in a seeded random order.
     """
-    perm = rng.permutation(len(ids))
+    perm: list[int] = rng.permutation(len(ids)).tolist()
     if ranks is not None and all(r is not None for r in ranks):
         perm = sorted(perm, key=lambda i: ranks[i])  # stable: ties keep the random order
     return [ids[i] for i in perm]

@@ -76,7 +76,8 @@ def resolve_config(cfg: Config) -> FilterConfig:
 # ---- one batch -------------------------------------------------------------------------------
 
 def _decode_all(data: list[bytes | None]) -> tuple[list[Any], list[str | None]]:
-    images, errors = [], []
+    images: list[Any] = []
+    errors: list[str | None] = []
     for blob in data:
         try:
             images.append(decode_image(blob or b""))

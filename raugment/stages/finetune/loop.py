@@ -296,7 +296,7 @@ class WorkerLoop:
         batch = self.cfg.batch_size * self.world
         self.lr = scaled_lr(self.cfg.lr, batch, self.cfg.base_batch_size)
         self.unet_lr = scaled_lr(self.cfg.unet_lr, batch, self.cfg.base_batch_size)
-        groups = [{"params": [self.model.table], "lr": self.lr, "weight_decay": 0.0}]
+        groups: list[dict[str, Any]] = [{"params": [self.model.table], "lr": self.lr, "weight_decay": 0.0}]
         if self.method.trains_unet:
             groups.append({"params": [p for p in self.model.unet.parameters() if p.requires_grad],
                            "lr": self.unet_lr, "weight_decay": self.cfg.weight_decay})
@@ -399,8 +399,9 @@ class WorkerLoop:
             state = (FinetuneState(trainable_state(self.model, self.method), self.optimizer.state_dict(),
                                    self.progress) if self.rank == 0 else None)
             self.ctx.report(metrics, state)
-            marker = self.config.get("fail_marker")
-            if self.config.get("fail_after_epoch") == epoch and not Path(marker).exists():
-                Path(marker).write_text("failed once\n")
-                raise RuntimeError(f"injected failure after epoch {epoch}")
+            if self.config.get("fail_after_epoch") == epoch:
+                marker = Path(self.config["fail_marker"])  # the stage sets both keys together
+                if not marker.exists():
+                    marker.write_text("failed once\n")
+                    raise RuntimeError(f"injected failure after epoch {epoch}")
 

@@ -80,7 +80,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
-def plan_rows(labels: Sequence[int], class_names: dict[int, str], clusters: Sequence[int],
+def plan_rows(labels: Sequence[int], class_names: dict[int, str], clusters: Sequence[int] | np.ndarray,
               pseudowords: bool) -> tuple[list[CondRow], np.ndarray]:
     """The learned table's rows (one per class x cluster present) and each image's row.
 

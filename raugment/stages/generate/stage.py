@@ -23,11 +23,11 @@ Dataflow of ``run(cfg, dataset, finetune=None)`` (stage ``generate``)::
 * **Resumable, and the same after a resume.** A class's slots are cut into chunks of
   ``generate.shard_images`` by slot index; an actor makes a whole chunk (NSFW replacements
   included) and writes it as one ``images`` shard and then one ``failures`` shard (the chunk's
-  done marker, empty when nothing was flagged), both named by class and chunk. A killed run keeps its finished chunks; a re-run (or a retried call after an actor
-  restart) skips them and redoes an unfinished chunk from its first slot, with the same batches
-  and seeds, so a resumed study trains on exactly the shards an uninterrupted one writes (shard
-  boundaries never depend on timing or on where a kill landed). Failure rows have ids
-  ``<slot id>#<attempt>``.
+  done marker, empty when nothing was flagged), both named by class and chunk. A killed run keeps
+  its finished chunks; a re-run (or a retried call after an actor restart) skips them and redoes
+  an unfinished chunk from its first slot, with the same batches and seeds, so a resumed study
+  trains on exactly the shards an uninterrupted one writes (shard boundaries never depend on
+  timing or on where a kill landed). Failure rows have ids ``<slot id>#<attempt>``.
 * **Provenance.** Every image row has method, prompt, seed, model id/revision, NSFW score and
   ``params`` (scheduler, steps, guidance, size, dtype, attempt, base seed, conditioning, and the
   method's own fields).
@@ -186,8 +186,10 @@ def write_chunk(stage_dir: str | Path, label: int, chunk: int, images: list[Row]
     shard (empty when nothing was flagged) marks the chunk done; a rewrite after a crash between
     the two replaces the images shard with identical content."""
     if images:
-        write_parquet_atomic(schema.to_table(images, schema.IMAGES), Path(stage_dir) / IMAGES / shard_name(label, chunk))
-    write_parquet_atomic(schema.to_table(failures, schema.FAILURES), Path(stage_dir) / FAILURES / shard_name(label, chunk))
+        write_parquet_atomic(schema.to_table(images, schema.IMAGES),
+                             Path(stage_dir) / IMAGES / shard_name(label, chunk))
+    write_parquet_atomic(schema.to_table(failures, schema.FAILURES),
+                         Path(stage_dir) / FAILURES / shard_name(label, chunk))
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,13 +231,16 @@ class ClassGenerator:
 
         self.cfg, self.method, self.stage_dir = cfg, method, stage_dir
         self.device = pick_device(cfg.device)
-        key = pipeline_key(cfg, method.kind) + (self.device,)
+        key = (*pipeline_key(cfg, method.kind), self.device)
         shared = not changes_pipeline(method)
         self.loads = 0  # pipeline loads of this object (0: the process's pipeline was reused)
         if shared and _PIPELINE.get("key") == key:
             self.pipe = _PIPELINE["pipe"]
         else:
             _PIPELINE.clear()  # one pipeline per process: free the last before loading the next
+            if not isinstance(cfg.channels_last, bool):
+                raise ValueError(f"generate.channels_last={cfg.channels_last!r}: ClassGenerator takes a "
+                                 "GenerateConfig.resolved() section (auto options made concrete)")
             self.pipe = load_pipeline(cfg.model, revision=cfg.revision, kind=method.kind, dtype=cfg.dtype,
                                       device=self.device, scheduler=cfg.scheduler,
                                       safety_checker=cfg.safety_checker, sdpa=cfg.sdpa,
@@ -253,8 +258,9 @@ class ClassGenerator:
 
     def __del__(self) -> None:
         # the safety-score hook stays on a shared pipeline's checker otherwise
-        if getattr(self, "scores", None) is not None:
-            self.scores.close()
+        scores = getattr(self, "scores", None)
+        if scores is not None:
+            scores.close()
 
     def info(self) -> dict[str, float]:
         """Seconds to build this object (pipeline load; imports too in a fresh process) and its pipeline loads."""

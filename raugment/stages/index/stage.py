@@ -222,10 +222,11 @@ def build_index(cfg: IndexConfig, out: str | Path, stats: Any = None,
     ``table``: the captioned images when the caller has read them already (``read_captioned_images``).
     """
     out = Path(out)
+    path = check_config(cfg)
     if cfg.source == "embeddings":
-        embeddings, metadata = read_laion_embeddings(cfg.path)
+        embeddings, metadata = read_laion_embeddings(path)
     else:
-        table = read_captioned_images(cfg.path) if table is None else table
+        table = read_captioned_images(path) if table is None else table
         embeddings = embed_images_ray(table.column(schema.IMAGE).combine_chunks(), cfg)
         ok = ~np.isnan(embeddings).any(axis=1)
         if stats is not None and (~ok).sum():
@@ -242,14 +243,15 @@ def build_index(cfg: IndexConfig, out: str | Path, stats: Any = None,
     return info
 
 
-def check_config(cfg: IndexConfig) -> None:
-    """Errors naming the key, before any work."""
+def check_config(cfg: IndexConfig) -> str:
+    """Errors naming the key, before any work; ``index.path`` when it is fine."""
     if not cfg.path:
         raise ConfigError("index.path is required: a Parquet file/directory or image folder "
                           "(index.source=images) or a LAION embeddings directory (index.source=embeddings)")
     if not Path(cfg.path).exists():
         raise ConfigError(f"index.path {cfg.path!r} does not exist; point it at the captioned images "
                           "(index.source=images) or the LAION embeddings (index.source=embeddings)")
+    return cfg.path
 
 
 def preflight(cfg: Config) -> None:
@@ -261,11 +263,11 @@ def run(cfg: Config) -> Artifact:
     """Stage "index": build (or reuse) the local CLIP kNN index of ``cfg.index.path``."""
     from raugment.runtime.cluster import init_ray
 
-    check_config(cfg.index)
-    inputs = {"source": source_key(cfg.index.path)}
+    path = check_config(cfg.index)
+    inputs = {"source": source_key(path)}
     table = None
     if cfg.index.source == "images" and not StageRun(cfg.run.root, "index", cfg.index, inputs).complete:
-        table = read_captioned_images(cfg.index.path)  # input errors before anything is written
+        table = read_captioned_images(path)  # input errors before anything is written
 
     def body(run_: StageRun) -> None:
         if cfg.index.source == "images":  # only image sources need Ray (a skipped stage starts nothing)
@@ -326,8 +328,8 @@ def build_outside(cfg: Config, out: str | Path) -> None:
     the run root (no stage directory; e.g. for ``retrieve.index`` or an export)."""
     from raugment.runtime.cluster import init_ray
 
-    check_config(cfg.index)
-    table = read_captioned_images(cfg.index.path) if cfg.index.source == "images" else None
+    path = check_config(cfg.index)
+    table = read_captioned_images(path) if cfg.index.source == "images" else None
     if table is not None:
         init_ray(cfg.cluster, cfg.run.progress)
     build_index(cfg.index, out, table=table)

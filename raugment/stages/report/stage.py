@@ -512,7 +512,7 @@ class _Doc:
         self.md += [f"[{text}]({rel})", ""]
 
     def finish(self) -> tuple[str, str]:
-        return "\n".join(self.html + ["</body></html>"]), "\n".join(self.md) + "\n"
+        return "\n".join([*self.html, "</body></html>"]), "\n".join(self.md) + "\n"
 
 
 def _copy_gallery(root: Path, audit_rel: str, out: Path, name: str) -> str:

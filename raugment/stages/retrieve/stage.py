@@ -75,7 +75,8 @@ class ClassQuery:
 def k_schedule(n: int, cfg: RetrieveConfig) -> list[int]:
     """k for each round: start·n, (start+step)·n, ... up to max·n (paper: 1.4n ... 14n)."""
     k_max = math.ceil(cfg.k_max_factor * n)
-    ks, factor = [], cfg.k_start_factor
+    ks: list[int] = []
+    factor = cfg.k_start_factor
     while True:
         k = min(math.ceil(factor * n - 1e-9), k_max)
         if not ks or k > ks[-1]:
@@ -185,7 +186,7 @@ class Screener:
                 c["reason"] = "aesthetic"
         if self.safety is not None and self.cfg.drop_nsfw:
             checked = [c for c in live if c["reason"] is None]
-            scores = self.safety([data[c[schema.URL]] for c in checked]) if checked else []
+            scores: np.ndarray | list[float] = self.safety([data[c[schema.URL]] for c in checked]) if checked else []
             for c, s in zip(checked, scores):
                 c[schema.NSFW_SCORE] = float(s)
                 if s >= self.cfg.nsfw_threshold:
@@ -428,7 +429,8 @@ def grow_and_select(queries: list[ClassQuery], backend: Any, cache: DownloadCach
         rows = cache.fetch([c[schema.URL] for c in pending])
         for c in pending:
             row = rows[c[schema.URL]]
-            c["reason"], c[schema.DETAIL], c[schema.CONTENT_HASH] = row[schema.REASON], row[schema.DETAIL], row[schema.CONTENT_HASH]
+            c["reason"], c[schema.DETAIL], c[schema.CONTENT_HASH] = (row[schema.REASON], row[schema.DETAIL],
+                                                                     row[schema.CONTENT_HASH])
         screener.after_download(pending, cache.images)
         for q in open_:
             q.accepted.extend(c for c in fresh if c[schema.LABEL] == q.label and c["reason"] is None)
@@ -483,7 +485,8 @@ def _image_rows(cands: list[dict[str, Any]], queries: list[ClassQuery], cache: D
     for c in cands:
         dl = cache.rows[c[schema.URL]]
         rows.append({
-            schema.ID: item_id("ret", c[schema.URL]) if cfg.deduplicate else item_id("ret", c[schema.URL], c[schema.LABEL]),
+            schema.ID: (item_id("ret", c[schema.URL]) if cfg.deduplicate
+                        else item_id("ret", c[schema.URL], c[schema.LABEL])),
             schema.LABEL: c[schema.LABEL], schema.CLASS_ID: class_ids[c[schema.LABEL]],
             schema.CLASS_NAME: c[schema.CLASS_NAME], schema.SPLIT: "added", schema.SOURCE: "retrieved",
             schema.METHOD: METHOD, schema.PROMPT: c[schema.PROMPT], schema.MODEL_ID: backend.clip_model,
@@ -618,8 +621,12 @@ def run(cfg: Config, dataset: Artifact, index: Artifact | None = None, *, force:
             # Actors live for the whole stage: every k round reuses them (started on first use).
             scoring = ScoringPools(cfg.retrieve, backend.clip_model, backend.clip_pretrained)
             stack.callback(scoring.close)
-            pool = stack.enter_context(DownloadPool(cfg.retrieve.download)) if downloader is None else None
-            cache = DownloadCache(run_, downloader or pool.download)
+            pool: DownloadPool | None = None
+            download = downloader
+            if download is None:
+                pool = stack.enter_context(DownloadPool(cfg.retrieve.download))
+                download = pool.download
+            cache = DownloadCache(run_, download)
             cands = grow_and_select(queries, backend, cache, scoring.screener(), cfg.retrieve.url_base)
             actors = {**scoring.stats(), **({"download": pool.group.stats()} if pool is not None else {})}
         _write_outputs(run_, cands, queries, cache, backend, cfg.retrieve)

@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, ContextManager
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import pyarrow as pa
 
@@ -220,7 +220,7 @@ def _cpu_state(state: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
-def _autocast_factory(amp: str, device: torch.device) -> Callable[[], ContextManager]:
+def _autocast_factory(amp: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     import torch
 
     if amp == "none":
@@ -294,7 +294,7 @@ def _train_epoch(model, batches, optimizer, scaler, autocast, device, memory_for
     return totals
 
 
-def fit(spec: LoopSpec, ctx: LoopContext) -> dict[str, Any]:
+def fit(spec: LoopSpec, ctx: LoopContext[TrainState]) -> dict[str, Any]:
     """Train with the plateau recipe, checkpointing each epoch; then score the best weights on test.
 
     Resumes from ``ctx.load_checkpoint()`` when there is one. Every rank calls ``ctx.report`` the
@@ -310,10 +310,12 @@ def fit(spec: LoopSpec, ctx: LoopContext) -> dict[str, Any]:
     spec = replace(spec, train=spec.train.resolved(ctx.device.type))
     cfg = spec.train
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    net = build_model(cfg.model, spec.num_classes).to(ctx.device, memory_format=_memory_format(cfg))
+    # torch's stub of Module.to lacks the (device, memory_format=...) form that Module.to accepts
+    net = build_model(cfg.model, spec.num_classes).to(ctx.device, memory_format=_memory_format(cfg))  # type: ignore[call-overload]
     model = ctx.prepare_model(net)
     if cfg.compile:  # the training step only; state dicts and evaluation use the plain ``net``
-        model = torch.compile(model)
+        # a compiled Module is an OptimizedModule (a Module); the stub types the result as a Callable
+        model = cast("torch.nn.Module", torch.compile(model))
     # augmentation randomness (crops, flips, loader worker seeds) must differ between ranks
     torch.manual_seed(cfg.seed * 100_003 + 1 + ctx.rank)
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -460,6 +462,8 @@ def fit_ray(spec: LoopSpec, cfg: Config, storage: Path, name: str,
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {name} ended without a checkpoint (fit reports one every epoch)")
     with result.checkpoint.as_directory() as d:
         return TrainState.read(d)
 
@@ -490,6 +494,8 @@ def write_outputs(run: StageRun, cfg: Config, spec: LoopSpec, state: TrainState,
     from raugment.lib.evaluate import overall, results_table
     from raugment.models.classifier import save_classifier_state
 
+    if state.test_counts is None or state.best is None:
+        raise ValueError("the final training state lacks test counts or best weights: training did not finish")
     recipe = PlateauRecipe.from_state(state.recipe)
     test = overall(state.test_counts)
     seen = sum(int(r[S.TRAIN_IMAGES]) for r in state.history)

@@ -27,8 +27,8 @@ def _cfg(root, **sets):
 
 
 def _added_counts(manifest):
-    return Counter(l for l, s in zip(manifest.column(S.LABEL).to_pylist(),
-                                     manifest.column(S.SOURCE).to_pylist()) if s != "original")
+    return Counter(lab for lab, s in zip(manifest.column(S.LABEL).to_pylist(),
+                                         manifest.column(S.SOURCE).to_pylist()) if s != "original")
 
 
 def _original(dataset):
@@ -47,7 +47,7 @@ def test_exact_per_class_counts_at_every_ratio(world, ratio):
                                 set_index=0, num_sets=5, seed=0, original_artifact="dataset/x")
     want = {label: int(n * ratio / 100 + 0.5) for label, n in enumerate(TRAIN_COUNTS)}
     assert dict(_added_counts(m)) == {k: v for k, v in want.items() if v}
-    orig = Counter(l for l, s in zip(m.column(S.LABEL).to_pylist(), m.column(S.SOURCE).to_pylist())
+    orig = Counter(lab for lab, s in zip(m.column(S.LABEL).to_pylist(), m.column(S.SOURCE).to_pylist())
                    if s == "original")
     assert [orig[c] for c in range(3)] == TRAIN_COUNTS
     assert m.schema == S.MANIFEST
@@ -58,8 +58,8 @@ def test_generated_sets_differ_by_set_index_and_repeat_by_seed(world):
     root, dataset, gen, _ = world
     pools = [_pool("simple", gen, root)]
     kw = dict(ratio=500, num_sets=5, seed=0, original_artifact="dataset/x")
-    added = lambda m: {i for i, s in zip(m.column(S.ID).to_pylist(), m.column(S.SOURCE).to_pylist())
-                       if s == "generated"}
+    def added(m):
+        return {i for i, s in zip(m.column(S.ID).to_pylist(), m.column(S.SOURCE).to_pylist()) if s == "generated"}
     s0 = assemble.build_manifest(_original(dataset), pools, set_index=0, **kw)
     s1 = assemble.build_manifest(_original(dataset), pools, set_index=1, **kw)
     again = assemble.build_manifest(_original(dataset), pools, set_index=0, **kw)

@@ -37,7 +37,7 @@ def test_exact_counts_and_disjoint_when_pool_is_large_enough():
     table = resample_sets(pool, targets, ratio=100, num_sets=4, seed=3, artifact="generate/abc")
     assert table.schema == schema.MANIFEST
     sets = _sets(table)
-    for (s, label), ids in sets.items():
+    for (_set_index, label), ids in sets.items():
         assert len(ids) == targets[label]
         assert len(set(ids)) == len(ids)
     for label in targets:

@@ -71,7 +71,7 @@ def test_generator_parses_wordnet_lines(tmp_path):
     tool = _load_tool()
     shark = ("01491361 05 n 02 tiger_shark 0 Galeocerdo_cuvieri 0 002 @ 01488918 n 0000 "
              "#m 01491235 n 0000 | large dangerous warm-water shark with striped or spotted body  ")
-    lemmas, pointers, gloss = tool.parse_data_line(shark)
+    lemmas, pointers, _gloss = tool.parse_data_line(shark)
     assert lemmas == ["tiger shark", "Galeocerdo cuvieri"]
     assert pointers == [("@", 1488918), ("#m", 1491235)]
     assert tool.definition_of('a thing; used for stuff; "an example"; "another"') == "a thing; used for stuff"

@@ -90,7 +90,7 @@ def test_dedup_stage_across_methods_and_classes(tmp_path, ray_session):
     kept = out.read("images")
     assert sorted(kept.column(S.ID).to_pylist()) == ["g-base2", "g-base4", "r-base0", "r-base1", "r-base3"]
     by_id = {r[S.ID]: r for r in kept.to_pylist()}
-    for rid, r in by_id.items():
+    for r in by_id.values():
         assert S.int64_to_phash(r[S.PHASH]) == phash_bytes(r[S.IMAGE])
     dropped = {r[S.ID]: r for r in out.read("dropped").to_pylist()}
     assert {k: (v[S.REASON], v[S.DUPLICATE_OF]) for k, v in dropped.items()} == {

@@ -224,7 +224,7 @@ def pipe(tiny_sd):
 def test_trained_conditioning_changes_the_generators_output(killed_run, pipe):
     from raugment.lib.prompts import simple_nows_prompt
 
-    cfg, ds, art = killed_run
+    _cfg, ds, art = killed_run
     g = load_config(None, ["generate.method=ft_conditioning", f"generate.conditioning={art.path}",
                            "generate.images_per_class=3", "generate.height=64", "generate.width=64"]).generate
     method = generate.method_for(g)
@@ -274,7 +274,7 @@ def test_cli_two_worker_ddp_run_then_generation_from_the_artifact(ray_session, t
         assert len(rows) == 2 * len({r[schema.LABEL] for r in rows})
     else:
         assert load_finetuned(art.path).unet_dir is not None
-    cfg = load_config(config, sets + [f"generate.method={name}", f"generate.conditioning={art.path}"])
+    cfg = load_config(config, [*sets, f"generate.method={name}", f"generate.conditioning={art.path}"])
     out = generate.run(cfg, dataset.run(cfg))
     images = out.read("images").to_pylist()
     n_classes = len({r[schema.LABEL] for r in rows})

@@ -128,7 +128,8 @@ def test_nsfw_samples_are_replaced_until_the_quota_is_met(dataset, tmp_path, sd_
     from raugment.models.diffusion import SafetyScores
 
     images, failures = [], []
-    for imgs, fails in generate.generate_class(pipe, method, rows, cfg.generate, scores=SafetyScores(pipe.safety_checker)):
+    scores = SafetyScores(pipe.safety_checker)
+    for imgs, fails in generate.generate_class(pipe, method, rows, cfg.generate, scores=scores):
         images += imgs
         failures += fails
     # every 3rd sample is flagged. Batches of 3: [s0 s1 s2*] [s3 s4 s2'*] [s2''] -> slot 2 is
@@ -220,7 +221,8 @@ def test_killed_run_resumes_without_duplicates(ray_session, dataset, tmp_path, t
     (stage_dir,) = gen_root.iterdir()
     assert not (stage_dir / "_SUCCESS").exists()
     time.sleep(1.0)  # the driver's actor is torn down after its driver died
-    before = {f.name: set(pq.read_table(f).column("id").to_pylist()) for f in (stage_dir / "images").glob("part-*.parquet")}
+    before = {f.name: set(pq.read_table(f).column("id").to_pylist())
+              for f in (stage_dir / "images").glob("part-*.parquet")}
     done_before = set().union(*before.values())
     assert 0 < len(done_before) < 16
 

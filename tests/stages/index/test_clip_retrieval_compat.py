@@ -48,7 +48,8 @@ SIM_TOL = 1e-4      # text embeddings from open_clip 2.32 (server) vs 3.3 (here)
 
 
 def _helper():
-    spec = importlib.util.spec_from_file_location("clip_back_helper", REPO / "tools" / "clip_retrieval" / "clip_back.py")
+    spec = importlib.util.spec_from_file_location("clip_back_helper",
+                                                  REPO / "tools" / "clip_retrieval" / "clip_back.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -105,7 +106,7 @@ def _post(url: str, body: dict) -> object:
 
 
 def _configs(served, srv_url: str | None = None, pool_url: str = "http://127.0.0.1:1/"):
-    root, pool, clip, index_dir, dataset, names, srv = served
+    root, _pool, clip, index_dir, _dataset, _names, srv = served
     common = {"images_per_class": QUOTA, "device": "cpu", "deduplicate": False, "aesthetic_threshold": None,
               "url_base": pool_url,
               "download": {"timeout_s": 5.0, "retries": 1, "backoff_s": 0.05, "max_bytes": 1_000_000,
@@ -123,7 +124,7 @@ def test_clip_back_serves_the_exported_index(served):
     """The server lists the export under its name and returns our metadata columns by faiss id."""
     from raugment.lib.knn_index import open_index
 
-    root, pool, clip, index_dir, dataset, names, srv = served
+    _root, _pool, _clip, index_dir, _dataset, _names, srv = served
     with urllib.request.urlopen(srv.url + "/indices-list", timeout=30) as resp:
         assert json.loads(resp.read()) == ["raugment"]
     ids = [0, 7, 31]
@@ -153,7 +154,7 @@ def test_knn_service_hits_match_the_local_backend(served):
     from raugment.stages.retrieve.backends.local import LocalRetriever
     from raugment.stages.retrieve.stage import plan_queries
 
-    root, pool, clip, index_dir, dataset, names, srv = served
+    _root, _pool, _clip, index_dir, dataset, _names, _srv = served
     local_cfg, knn_cfg = _configs(served)
     prompts = [q.prompt for q in plan_queries(dataset.read("classes"), local_cfg.retrieve)]
     assert len(prompts) == NUM_CLASSES
@@ -184,7 +185,7 @@ def test_retrieve_stage_through_clip_back_matches_local(served):
     from raugment.stages.retrieve import stage as retrieve
     from raugment.stages.retrieve.download import download_urls, results_table
 
-    root, pool, clip, index_dir, dataset, names, srv = served
+    _root, pool, _clip, _index_dir, dataset, _names, _srv = served
     with CorpusServer(pool, faults=False) as pool_srv:
         local_cfg, knn_cfg = _configs(served, pool_url=pool_srv.url)
 
@@ -194,7 +195,7 @@ def test_retrieve_stage_through_clip_back_matches_local(served):
         arts = [retrieve.run(cfg, dataset, downloader=downloader) for cfg in (local_cfg, knn_cfg)]
     cols = [schema.LABEL, schema.RANK, schema.K, schema.URL, schema.CAPTION, schema.POOL_LABEL,
             schema.STATUS, schema.REASON]
-    local, knn = ([{c: r[c] for c in cols + [schema.CLIP_SIMILARITY]}
+    local, knn = ([{c: r[c] for c in [*cols, schema.CLIP_SIMILARITY]}
                    for r in sorted(a.read("candidates").to_pylist(), key=lambda r: (r[schema.LABEL], r[schema.RANK]))]
                   for a in arts)
     assert {r[schema.LABEL] for r in local} == set(range(NUM_CLASSES))
@@ -218,7 +219,7 @@ def test_raugment_retrieve_command_through_clip_back_matches_local(served, tmp_p
     from raugment.core.storage import latest
     from raugment.demo.corpus import CorpusServer
 
-    root, pool, clip, index_dir, dataset, names, srv = served
+    _root, pool, _clip, _index_dir, _dataset, _names, _srv = served
     with CorpusServer(pool, faults=False) as pool_srv:
         local_cfg, knn_cfg = _configs(served, pool_url=pool_srv.url)
         runs = []

@@ -142,7 +142,7 @@ def test_export_clip_back_layout_is_what_clip_back_reads(laion_index, tmp_path):
     from raugment import cli
     from raugment.stages.index.stage import CLIP_BACK_COLUMNS, export_clip_back
 
-    path, info, emb, labels, directions = laion_index
+    path, _info, _emb, _labels, directions = laion_index
     out = tmp_path / "clip_back"
     assert cli.main(["index", "export-clip-back", "--index", str(path), "--out", str(out), "--name", "pool"]) == 0
     spec = json.loads((out / "indices.json").read_text())

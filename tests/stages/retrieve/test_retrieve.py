@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def by_reason(cands, label=None):
 def test_k_schedule_is_the_papers():
     ks = k_schedule(130, from_dict({}).retrieve)
     assert ks[0] == 182 and ks[-1] == 1820 and len(ks) == 10          # 1.4 n ... 10 x 1.4 n
-    assert all(b - a in (182, 182 + 1, 182 - 1) for a, b in zip(ks, ks[1:]))
+    assert all(b - a in (182, 182 + 1, 182 - 1) for a, b in itertools.pairwise(ks))
 
 
 def test_plan_uses_the_no_whitespace_prompt_and_ratio_quotas():
@@ -142,14 +143,14 @@ def test_quota_growth_reaches_the_quota_most_similar_first():
 def test_shortfall_when_candidates_run_out():
     hits = {"a": [hit(f"http://h/a{i}.jpg", 0.9) for i in range(3)] + [hit("http://h/dead.jpg", 0.1)],
             "b": [hit(f"http://h/b{i}.jpg", 0.9) for i in range(100)]}
-    cands, queries, backend, _ = select({"images_per_class": 10, "k_max_factor": 2.8}, ["a", "b"], hits)
+    _cands, queries, backend, _ = select({"images_per_class": 10, "k_max_factor": 2.8}, ["a", "b"], hits)
     qa, qb = queries
     assert len(qa.accepted) == 3 and qa.done and qa.exhausted                 # short by 7, stopped early
     assert len(qb.accepted) == 10 and backend.asked == [14]
     many = {"a": [hit(f"http://h/{'dead' if i % 2 else 'a'}{i}.jpg", 0.9) for i in range(100)]}
-    cands, queries, backend, _ = select({"images_per_class": 10, "k_max_factor": 2.8}, ["a"], many)
+    _cands, queries, backend, _ = select({"images_per_class": 10, "k_max_factor": 2.8}, ["a"], many)
     assert len(queries[0].accepted) == 10 and backend.asked == [14, 28]
-    cands, queries, backend, _ = select({"images_per_class": 10, "k_max_factor": 1.4}, ["a"], many)
+    _cands, queries, backend, _ = select({"images_per_class": 10, "k_max_factor": 1.4}, ["a"], many)
     assert len(queries[0].accepted) == 7 and backend.asked == [14]           # k at its maximum: short by 3
 
 
@@ -158,7 +159,8 @@ def test_filters_drop_before_download_and_record_reasons():
                   hit("http://h/nsfw.jpg", 0.89, nsfw=1.0),
                   hit("http://h/ok1.jpg", 0.88, aesthetic=5.0),
                   hit("http://h/same1.jpg", 0.87), hit("http://h/same2.jpg", 0.86),
-                  hit("http://h/shared.jpg", 0.85), hit(None, 0.84)] + [hit(f"http://h/a{i}.jpg", 0.5) for i in range(20)],
+                  hit("http://h/shared.jpg", 0.85), hit(None, 0.84)]
+                 + [hit(f"http://h/a{i}.jpg", 0.5) for i in range(20)],
             "b": [hit("http://h/shared.jpg", 0.99)] + [hit(f"http://h/b{i}.jpg", 0.5) for i in range(20)]}
     cands, _, _, downloads = select({"images_per_class": 3}, ["a", "b"], hits)
     reason = {(c[schema.LABEL], c[schema.URL]): c["reason"] for c in cands}
@@ -328,7 +330,8 @@ def check_stage(art, srv, pool, rerun):
             assert c[schema.REASON] == "aesthetic"          # the threshold drops what it should
     # Every download fault met is a recorded row with its reason; nothing crashed.
     table = read_corpus(pool)
-    fault_of = {srv.url + u: f for u, f in zip(table.column(schema.URL).to_pylist(), table.column(schema.FAULT).to_pylist())}
+    fault_of = {srv.url + u: f
+                for u, f in zip(table.column(schema.URL).to_pylist(), table.column(schema.FAULT).to_pylist())}
     met = [c for c in cands if fault_of.get(c[schema.URL]) and c[schema.REASON] in set(FAULT_REASONS.values())]
     assert met and all(c[schema.REASON] == FAULT_REASONS[fault_of[c[schema.URL]]] for c in met)
     failed = {c[schema.URL] for c in met}
@@ -390,7 +393,7 @@ def test_retrieve_stage_on_the_fault_pool(ray_session, demo, tiny_sd, tmp_path, 
     from raugment.stages.retrieve import stage as retrieve
     from raugment.stages.retrieve.download import download_urls
 
-    root, pool, clip, dataset, names = demo
+    _root, pool, clip, dataset, _names = demo
     index_dir = embeddings_index(pool, clip, tmp_path / "laion")
     sd = Path(shutil.copytree(tiny_sd, tmp_path / "sd"))
     flag_a_fifth(sd, pool)
@@ -414,7 +417,8 @@ def test_retrieve_stage_on_the_fault_pool(ray_session, demo, tiny_sd, tmp_path, 
             return checker.verdicts(data)
 
         cache = DownloadCache(None, lambda urls: iter([results_table(download_urls(urls, rcfg.download))]))
-        ref = grow_and_select(queries, backend, cache, Screener(rcfg, scorer.embeddings, images, verdicts), rcfg.url_base)
+        screener = Screener(rcfg, scorer.embeddings, images, verdicts)
+        ref = grow_and_select(queries, backend, cache, screener, rcfg.url_base)
         expected = outcome(ref, srv.url)
         # Both models had work here: CLIP on downloaded images, the checker dropping downloaded ones.
         assert scored["images"] > 0 and scored["checked"] > 0
@@ -450,7 +454,7 @@ def test_retrieve_stage_with_ray_index_and_downloads(ray_session, demo, tmp_path
     from raugment.stages.index import stage as index_stage
     from raugment.stages.retrieve import stage as retrieve
 
-    root, pool, clip, dataset, names = demo
+    _root, pool, clip, dataset, _names = demo
     with CorpusServer(pool) as srv:
         cfg = stage_config(tmp_path, pool, clip, srv)
         idx = index_stage.run(cfg)

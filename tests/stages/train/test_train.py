@@ -116,7 +116,7 @@ def test_loader_yields_every_image_once_with_labels(data):
     units = loader.split_index(dataset, "test")
     ds = loader.build_dataset(units, loader.build_transform(32, train=False), shuffle=False)
     labels = [int(y) for _, y in ds]
-    assert sorted(labels) == sorted(sum(([c] * 8 for c in range(CLASSES)), []))
+    assert sorted(labels) == sorted(c for c in range(CLASSES) for _ in range(8))
     shuffled = loader.build_dataset(units, loader.build_transform(32, train=True), shuffle=True,
                                     buffer_size=5)
     batch = next(iter(loader.make_loader(shuffled, 7, num_workers=2)))
@@ -130,7 +130,7 @@ def test_loader_yields_every_image_once_with_labels(data):
 def test_manifest_with_unknown_ids_is_refused(data, tmp_path):
     root, _, manifest = data
     table = manifest.read("manifest")
-    bad = table.set_column(0, S.ID, __import__("pyarrow").array(["nope"] + table.column(S.ID).to_pylist()[1:]))
+    bad = table.set_column(0, S.ID, __import__("pyarrow").array(["nope", *table.column(S.ID).to_pylist()[1:]]))
     with pytest.raises(ValueError, match="1 manifest ids are not in"):
         loader.build_index(bad, root)
 
@@ -276,8 +276,9 @@ def test_gpu_decode_path_matches_cpu_decode_on_cpu():
 def test_training_modules_import_without_torch_or_ray():
     import subprocess
 
-    code = ("import sys, raugment.stages.train.stage, raugment.study.tune, raugment.stages.assemble.stage, raugment.lib.loader, "
-            "raugment.lib.evaluate, raugment.core.stats; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
+    code = ("import sys, raugment.stages.train.stage, raugment.study.tune, raugment.stages.assemble.stage, "
+            "raugment.lib.loader, raugment.lib.evaluate, raugment.core.stats; "
+            "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -41,7 +41,7 @@ def _list_class_folders(root: Path, key: str) -> dict[str, list[str]]:
         raise ConfigError(f"{key}: {root} has no class folders; expected {root}/<class>/<image files>")
     out: dict[str, list[str]] = {}
     for name in classes:
-        files = []
+        files: list[str] = []
         for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             rel_dir = os.path.relpath(dirpath, root)
@@ -62,8 +62,9 @@ def list_imagefolder(cfg: DatasetConfig, run_root: Path) -> Listing:
     if not root.is_dir():
         raise ConfigError(f"dataset.path: {str(root)!r} is not a directory")
     train_root = root / "train" if (root / "train").is_dir() else root
+    test_root: Path | None
     if cfg.test_path:
-        test_root: Path | None = Path(cfg.test_path)
+        test_root = Path(cfg.test_path)
         if not test_root.is_dir():
             raise ConfigError(f"dataset.test_path: {cfg.test_path!r} is not a directory")
     elif train_root != root:

@@ -138,7 +138,7 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, radius: float, angl
         cos, sin = math.cos(angle), math.sin(angle)
         pts = [(x + r * (px * cos - py * sin), y + r * (px * sin + py * cos)) for px, py in _polygon(shape)]
         d.polygon(pts, fill=255)
-    return mask.resize((size, size), Image.BOX)
+    return mask.resize((size, size), Image.Resampling.BOX)
 
 
 def draw_named(name: str, rng: np.random.Generator, size: int = 32) -> Image.Image:

@@ -8,13 +8,12 @@ Score (column ``nsfw_score``): the checker's NSFW score, > 0 where it flags the 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from raugment.core import schema as S
-from raugment.core.config import PluginSettings
+from raugment.core.config import ConfigError, PluginSettings
 from raugment.stages.filter.filters import FILTERS, Filter, FilterContext, FilterOutcome
 
 if TYPE_CHECKING:
@@ -42,7 +41,11 @@ class NsfwFilter(Filter):
     def __init__(self, section: FilterConfig, ctx: FilterContext):
         from raugment.models.safety import load_safety_checker
 
-        self.checker = load_safety_checker(Settings.of(section).safety_model, section.device)
+        model = Settings.of(section).safety_model
+        if model is None:  # the stage fills it in (resolve) before it builds filters
+            raise ConfigError("filter.safety_model is unset; the filter stage's resolve_config fills it from "
+                              "generate.model (NsfwFilter.resolve)")
+        self.checker = load_safety_checker(model, section.device)
 
     def __call__(self, images: Sequence[Image.Image], batch: pa.Table) -> FilterOutcome:
         flags, scores = self.checker.score(images)
@@ -51,4 +54,4 @@ class NsfwFilter(Filter):
     @classmethod
     def resolve(cls, section: FilterConfig, cfg: Config) -> FilterConfig:
         """The safety checker belongs to the diffusion model used for generation unless set otherwise."""
-        return dataclasses.replace(section, safety_model=Settings.of(section).safety_model or cfg.generate.model)
+        return Settings.replace_in(section, safety_model=Settings.of(section).safety_model or cfg.generate.model)

@@ -39,6 +39,7 @@ from raugment.core.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from raugment.core.storage import Artifact
+    from raugment.models.diffusion import PipelineKind
 
 GENERATORS: Registry = Registry("generation method", package=__name__)
 
@@ -100,7 +101,7 @@ class GenerationMethod:
        input's size); default: unchanged.
     """
 
-    kind: str = "text2img"
+    kind: PipelineKind = "text2img"
     name: str = ""
     settings: type | None = None
     cost_fraction: float = 1.0

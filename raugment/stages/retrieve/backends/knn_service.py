@@ -71,7 +71,7 @@ def build_request(cfg: Config, prompt: str, k: int) -> dict[str, Any]:
         "modality": "image",
         "indice_name": keys.indice_name,
         "num_images": int(k),
-        "num_result_ids": int(math.ceil(k * keys.result_ids_factor)),
+        "num_result_ids": math.ceil(k * keys.result_ids_factor),
         "use_mclip": False,
         "deduplicate": bool(rcfg.deduplicate),
         "use_safety_model": bool(rcfg.drop_nsfw),
@@ -113,7 +113,7 @@ def parse_response(items: Any) -> list[dict[str, Any]]:
         raise KnnServiceError(f"knn service error: {items['error']}")
     if not isinstance(items, list):
         raise KnnServiceError(f"knn service answered {type(items).__name__}, expected a list of results")
-    hits = []
+    hits: list[dict[str, Any]] = []
     for item in items:
         if not isinstance(item, dict) or not _field(item, "url"):
             continue
@@ -139,7 +139,10 @@ class KnnServiceRetriever(RetrievalBackend):
         import requests
 
         self.cfg = cfg
-        self.url = Settings.of(cfg.retrieve).service_url
+        url = Settings.of(cfg.retrieve).service_url
+        if not url:  # the section's validate() requires it with this backend
+            raise ConfigError(f"retrieve.service_url is required when retrieve.backend='{NAME}'")
+        self.url: str = url
         self.session = requests.Session()
         # Images were embedded by the service's model; name it to score downloads (aesthetics).
         self.clip_model = cfg.retrieve.clip_model or "ViT-L-14"

@@ -12,7 +12,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from raugment.core import schema
-from raugment.core.config import ConfigError
+from raugment.core.config import ConfigError, InputError
 from raugment.stages.retrieve.backends import INDEX, RETRIEVERS, RetrievalBackend
 
 if TYPE_CHECKING:
@@ -43,6 +43,9 @@ class LocalRetriever(RetrievalBackend):
             raise ConfigError(f"retrieve.clip_model={rcfg.clip_model!r} but the index was built with "
                               f"{built_with!r}; text and image embeddings must come from the same model "
                               "(leave retrieve.clip_model unset to use the index's)")
+        if not built_with:
+            raise InputError(f"retrieve.index: {index_path}/index_info.json names no clip_model; "
+                             "rebuild it with `raugment index build`")
         self.clip_model = built_with
         self.clip_pretrained = self.index.info.get("clip_pretrained")
         self._encoder: Any = None
@@ -64,6 +67,7 @@ class LocalRetriever(RetrievalBackend):
             vectors = self.index.vectors(row_ids[keep])
             hits = []
             for meta, score, vec in zip(self.index.rows(row_ids[keep]), row_scores[keep], vectors):
+                assert meta is not None  # only ids >= 0 were asked for
                 hits.append({**meta, schema.CLIP_SIMILARITY: float(score), "embedding": vec})
             out.append(hits)
         return out
