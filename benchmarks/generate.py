@@ -205,7 +205,7 @@ def ceiling(args, img_s: float, device: str) -> str:
     """On a GPU with the full-size UNet: TFLOP/s reached and the fraction of the ceiling.
 
     SD v1 costs ~0.83 TFLOP per UNet call per 512 px image, two calls per step with guidance
-    (DESIGN section 7: ~83 TFLOP per 50-step image), scaling with the latent area.
+    (~83 TFLOP per 50-step image), scaling with the latent area.
     """
     if device == "cpu" or (args.arch != "sd14" and not args.model):
         return ""

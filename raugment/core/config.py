@@ -90,8 +90,8 @@ class ActorPoolConfig:
     pools: ``concurrency`` actors) or a Ray Data ``map_batches`` actor pool (Inception features);
     ``batch_size`` is the items per model call.
 
-    On a 2-CPU box an actor pool that holds every CPU starves its own read tasks (STACK-NOTES,
-    hang 1), hence fractional CPUs by default. Inside a study a group is kept between stage runs
+    On a 2-CPU box an actor pool that holds every CPU starves its own read tasks (Ray
+    hangs silently), hence fractional CPUs by default. Inside a study a group is kept between stage runs
     of the same class and resources (``cluster.POOLS``) and given back before any stage that
     needs the CPUs. ``gpu_fallback``: what a GPU request means on a cluster without GPUs — run on
     CPU instead (logged; for light, optional GPU work such as retrieval's scoring) or, when false,

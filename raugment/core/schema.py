@@ -1,7 +1,7 @@
 """Column names and one Arrow schema per artifact.
 
 Every stage reads and writes through these names, so a rename happens here once. Image rows carry
-their provenance (DESIGN section 2): where an image came from, how it was made, and which filters
+their provenance: where an image came from, how it was made, and which filters
 it passed. Method-specific provenance (scheduler, steps, guidance, conditioning artifact, ...) goes
 into the ``params`` column as a JSON object.
 """

@@ -4,7 +4,8 @@ Why a DataLoader over the shards rather than Ray Data: the assembled training se
 ids pointing into artifacts that already hold encoded (ideally pre-resized) images, so the only
 work per image is decode + crop + flip. That work scales with DataLoader worker processes on the
 node that owns the GPU, with no object-store copies, no extra scheduling round trip per batch and
-nothing to starve on a 2-CPU box (STACK-NOTES hang 2). A Ray Data pipeline would pay off when
+nothing to starve on a 2-CPU box (Ray Train workers reading a Ray Dataset at 1 CPU each leave
+none for ingest and hang). A Ray Data pipeline would pay off when
 decoding must spill to CPU-only nodes; the index below is the same either way.
 
 How it streams without holding the data set in memory:

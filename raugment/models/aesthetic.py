@@ -115,7 +115,7 @@ def _read_state(path: Path) -> dict[str, Any]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    # LAION publishes a .pth state dict; weights_only refuses pickled code (DESIGN section 8).
+    # LAION publishes a .pth state dict; weights_only refuses pickled code (untrusted checkpoint).
     return torch.load(str(path), map_location="cpu", weights_only=True)
 
 

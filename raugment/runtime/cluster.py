@@ -1,7 +1,7 @@
 """Reaching Ray, and turning config sections into Ray resource arguments.
 
 Resources for every Ray operation come from config (never hard-coded in a stage). The defaults are
-sized so they run on a 2-CPU machine without the three hangs in STACK-NOTES: actor pools use
+sized so they run on a 2-CPU machine without Ray's three known hangs there: actor pools use
 fractional CPUs (their read tasks still get a CPU), Train workers use 0.5 CPU (ingest still runs),
 and the dashboard is on so Tune can clean up the placement groups of early-stopped trials.
 :class:`ActorGroup` keeps actors up across many calls, for stages that map in rounds.

@@ -3,7 +3,7 @@
 A Ray Train ``TorchTrainer`` starts its controller, its worker processes and its process group
 for every run; on 2 CPUs that costs tens of seconds per classifier, more than training a small
 one. A :class:`WorkerGroup` pays it once: ``num_workers`` actors (resources from a
-:class:`~raugment.core.config.WorkersConfig`, so the defaults that avoid STACK-NOTES' hangs apply), one
+:class:`~raugment.core.config.WorkersConfig`, whose defaults leave CPUs for data ingest), one
 ``torch.distributed`` process group among them (gloo on CPU, NCCL on GPU), then any number of
 ``group.run(fn, *args)`` calls, each running ``fn(member, *args)`` on every rank at once.
 

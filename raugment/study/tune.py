@@ -12,7 +12,8 @@ generate -> assemble -> train); pass one as ``pipeline=``: any importable functi
 trials that share, say, a fine-tuned model compute it once.
 
 When Tune stops a trial early, its Train workers' placement group is freed through the State API,
-which needs the Ray dashboard (STACK-NOTES hang 3); :func:`run` checks that it is up.
+which needs the Ray dashboard (without it the next trial waits forever); :func:`run` checks that it
+is up.
 
 Output: stage "tune" with ``results.parquet`` — one row per trial: the swept dotted keys, the
 trial id and status, and the run metrics (val_top1_best, test_top1, ...) — and ``best.json``.
@@ -172,7 +173,7 @@ def run(cfg: Config, dataset: Artifact, *, added: Mapping[str, Artifact] | None 
         init_ray(cfg.cluster, cfg.run.progress)
         if not _dashboard_up():
             log.warning("the Ray dashboard is not running: trials that Tune stops early may leave "
-                        "their Train workers' resources held (STACK-NOTES hang 3)")
+                        "their Train workers' resources held, and the next trial then waits forever")
         fn = functools.partial(trial, base=base, inputs={k: str(a.path.resolve()) for k, a in inputs.items()},
                                pipeline=pipeline, metric=cfg.tune.metric)
         tuner = tune.Tuner(

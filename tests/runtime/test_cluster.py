@@ -1,4 +1,4 @@
-"""The default resources must not hang on this machine (STACK-NOTES, hangs 1 and 2).
+"""The default resources must not hang on a 2-CPU machine (Ray hangs silently when a pool or Train starves ingest).
 
 Each test here would hang — and the timeout turn it into a failure — if the defaults in
 config.py took every CPU: an actor pool holding all CPUs starves its own read tasks, and Train

@@ -1,7 +1,7 @@
 """Run the real clip-retrieval ``clip back`` from its own virtual environment (slow tests, manual checks).
 
 Why a separate environment: clip-retrieval 2.45.0 pins numpy<2, pyarrow<16, open-clip-torch<3,
-sentence-transformers<3 and fire<0.6; Ray 2.60 needs pyarrow>=17 (STACK-NOTES "Installing"), so
+sentence-transformers<3 and fire<0.6; Ray 2.60 needs pyarrow>=17, so
 it cannot live in the project's ``.venv``.
 
 How the environment is made (:func:`ensure_venv`), and why:

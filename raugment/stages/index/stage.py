@@ -11,7 +11,7 @@ layout (``img_emb/*.npy`` + ``metadata/*.parquet``). The output directory holds:
     index_info.json    CLIP model that made the embeddings, dim, size, index type
 
 Why faiss directly and not clip-retrieval/autofaiss: neither installs beside Ray 2.60 (they pin
-numpy<2 and pyarrow<16, STACK-NOTES); faiss-cpu does, and faiss-gpu takes the same calls.
+numpy<2 and pyarrow<16; Ray 2.60 needs pyarrow>=17); faiss-cpu does, and faiss-gpu takes the same calls.
 """
 
 from __future__ import annotations

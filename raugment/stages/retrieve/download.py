@@ -6,7 +6,7 @@ as one row of ``schema.DOWNLOADS``: the verified image bytes, or a ``reason`` su
 ``timeout``, ``too_large``, ``too_many_pixels``, ``not_an_image``, ``corrupt``, ``refused_address``,
 ``too_many_redirects``, ``bad_url``.
 
-Security (DESIGN section 8): only http/https; the host of every hop (first request and each
+Security (downloads are untrusted input): only http/https; the host of every hop (first request and each
 redirect, followed by hand) is resolved and checked *before* a connection is made, and the
 connector's resolver checks again so a DNS answer that changes in between is refused too
 (aiohttp skips the resolver for IP literals, which the pre-check covers). Response size is capped
