@@ -6,8 +6,9 @@ Serves a demo pool on 127.0.0.1 with injected per-image latency (plus ~5 % dead 
 downloads the same URL list with (a) raugment's core downloader (one process, ``--concurrency``
 requests in flight) and (b) img2dataset (one process, ``--concurrency`` threads, no re-encoding),
 in one run. img2dataset cannot be installed beside Ray 2.60's pins, so it is run in a subprocess
-from ``I2D_PATH`` (a ``pip install --no-deps --target`` directory, plus opencv-python-headless and albumentations<2); when it is not
-importable, a plain ``requests`` thread-pool loop is measured instead and the line says so.
+from ``I2D_PATH`` (a ``pip install --no-deps --target`` directory, plus opencv-python-headless
+and albumentations<2); when it is not importable, a plain ``requests`` thread-pool loop is
+measured instead and the line says so.
 Prints one line: images/s of each, the ratio, and success counts.
 """
 
