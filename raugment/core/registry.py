@@ -19,6 +19,8 @@ import pkgutil
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
+from raugment.core.config import ConfigError
+
 T = TypeVar("T")
 
 
@@ -62,14 +64,20 @@ class Registry(Generic[T]):
             if self.package:
                 import_package(self.package)
 
-    def get(self, name: str) -> T:
-        """The implementation registered as ``name``; a ValueError listing the known names."""
+    def get(self, name: str, key: str | None = None) -> T:
+        """The implementation registered as ``name``.
+
+        Raises:
+            ValueError: listing the known names; a :class:`~raugment.core.config.ConfigError`
+                naming the config ``key`` when ``name`` came from one.
+        """
         self._load()
         try:
             return self._entries[name]
         except KeyError:
             known = ", ".join(sorted(self._entries)) or "(none)"
-            raise ValueError(f"unknown {self.kind} {name!r}; known: {known}") from None
+            message = f"unknown {self.kind} {name!r}; known: {known}"
+            raise (ConfigError(f"{key}: {message}") if key else ValueError(message)) from None
 
     def names(self) -> list[str]:
         self._load()

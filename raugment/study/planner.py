@@ -491,10 +491,7 @@ def candidate_names(cfg: Config, base: str) -> list[str]:
     from raugment.stages.finetune.methods import get_method
 
     f = cfg.finetune
-    try:
-        kept = get_method(base).keep_epochs(f)
-    except ValueError as exc:
-        raise ConfigError(f"finetune.method: {exc}") from None
+    kept = get_method(base, key="finetune.method").keep_epochs(f)
     epochs = sorted(e for e in set(kept) if e <= f.max_epochs)
     asked = {"select.candidates": cfg.select.candidates, "select.checkpoint": [cfg.select.checkpoint or BEST_VAL]}
     for key, names in asked.items():

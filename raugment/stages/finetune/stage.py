@@ -42,7 +42,7 @@ import numpy as np
 
 from raugment.config import Config
 from raugment.core import schema
-from raugment.core.config import DIFFUSERS_HINT, ConfigError, check_local_model
+from raugment.core.config import DIFFUSERS_HINT, check_local_model
 from raugment.core.storage import Artifact, StageRun, run_stage
 from raugment.lib.finetuned.artifact import (
     BEST_VAL,
@@ -55,7 +55,7 @@ from raugment.lib.finetuned.artifact import (
     write_selected,
 )
 from raugment.lib.finetuned.families import CondRow, pseudo_token
-from raugment.stages.finetune.methods import FINETUNERS, FinetuneMethod
+from raugment.stages.finetune.methods import FinetuneMethod, get_method
 from raugment.stages.finetune.policy import split_train_val
 
 log = logging.getLogger(__name__)
@@ -105,10 +105,7 @@ def plan_rows(labels: Sequence[int], class_names: dict[int, str], clusters: Sequ
 def _check(cfg: Config) -> FinetuneMethod:
     """Config checks that need the registry or the file system, before any work."""
     fcfg = cfg.finetune
-    try:
-        method = FINETUNERS.get(fcfg.method)()
-    except ValueError as exc:
-        raise ConfigError(f"finetune.method: {exc}") from None
+    method = get_method(fcfg.method, key="finetune.method")
     check_local_model(fcfg.model, "finetune.model", "model_index.json", DIFFUSERS_HINT)
     return method
 

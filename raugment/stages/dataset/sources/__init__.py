@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from raugment.core.config import ConfigError, PluginSettings
+from raugment.core.config import PluginSettings
 from raugment.core.registry import Registry
 
 DATASETS: Registry = Registry("dataset source", package=__name__)
@@ -77,7 +77,4 @@ class DatasetSource:
 
 def source_class(name: str) -> type[DatasetSource]:
     """The source registered as ``name``; a ConfigError naming ``dataset.source`` otherwise."""
-    try:
-        return DATASETS.get(name)
-    except ValueError as exc:
-        raise ConfigError(f"dataset.source: {exc}") from None
+    return DATASETS.get(name, key="dataset.source")

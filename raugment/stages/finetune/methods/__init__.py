@@ -71,6 +71,6 @@ class FinetuneMethod(Method):
         return np.zeros(len(ids), dtype=np.int64)
 
 
-def get_method(name: str) -> FinetuneMethod:
-    """An instance of the fine-tuning method registered as ``name`` (ValueError listing the known ones)."""
-    return FINETUNERS.get(name)()
+def get_method(name: str, key: str | None = None) -> FinetuneMethod:
+    """An instance of the fine-tuning method registered as ``name`` (see :meth:`Registry.get`)."""
+    return FINETUNERS.get(name, key)()

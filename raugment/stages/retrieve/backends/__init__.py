@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from raugment.core import schema
-from raugment.core.config import ConfigError, PluginSettings
+from raugment.core.config import PluginSettings
 from raugment.core.registry import Registry
 
 RETRIEVERS: Registry = Registry("retrieval backend", package=__name__)
@@ -55,10 +55,7 @@ class RetrievalBackend:
 
 def backend_class(name: str) -> type[RetrievalBackend]:
     """The backend registered as ``name``; a ConfigError naming ``retrieve.backend`` otherwise."""
-    try:
-        return RETRIEVERS.get(name)
-    except ValueError as exc:
-        raise ConfigError(f"retrieve.backend: {exc}") from None
+    return RETRIEVERS.get(name, key="retrieve.backend")
 
 
 def needs_index(name: str) -> bool:
