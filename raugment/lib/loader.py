@@ -186,11 +186,14 @@ def decode_rgb(data: bytes):
 
     Artifacts hold images that an earlier stage already decoded and verified (imageio.decode_image
     with its pixel cap), so this is the fast path; PIL's own decompression-bomb limit still applies.
+    Stages keep the original bytes when they need no resize, so the mode is converted as
+    decode_image converts it (16-bit, float, transparency).
     """
     from PIL import Image
 
-    img = Image.open(io.BytesIO(data))
-    return img.convert("RGB") if img.mode != "RGB" else img
+    from raugment.core.imageio import to_rgb
+
+    return to_rgb(Image.open(io.BytesIO(data)))
 
 
 def _geometry(image_size: int, train: bool, crop_scale_min: float, eval_crop: float) -> list:
