@@ -11,7 +11,9 @@ redirect, followed by hand) is resolved and checked *before* a connection is mad
 connector's resolver checks again so a DNS answer that changes in between is refused too
 (aiohttp skips the resolver for IP literals, which the pre-check covers). Response size is capped
 while streaming, pixels are capped before decoding, and the bytes must decode fully. Nothing from
-a URL becomes a file path.
+a URL becomes a file path. Decoding runs on at most :func:`decode_threads` threads per actor (its
+``pool.num_cpus``): a decoded image takes up to ``3 x max_pixels`` bytes, and the machine's CPU
+count says nothing about the memory one actor may use.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import math
 import socket
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -190,8 +193,13 @@ def _verify(data: bytes, cfg: DownloadConfig) -> tuple[bytes, int, int]:
     return data, img.width, img.height
 
 
+def decode_threads(num_cpus: float) -> int:
+    """Images an actor with ``num_cpus`` CPUs decodes at once: its whole CPUs, at least 1."""
+    return max(1, math.floor(num_cpus))
+
+
 async def _download_one(session: Any, url: str, resolver: Any, cfg: DownloadConfig,
-                        gate: asyncio.Semaphore) -> DownloadResult:
+                        gate: asyncio.Semaphore, decoder: Executor) -> DownloadResult:
     result = DownloadResult(url=url)
     async with gate:
         for attempt in range(cfg.retries + 1):
@@ -212,14 +220,14 @@ async def _download_one(session: Any, url: str, resolver: Any, cfg: DownloadConf
         loop = asyncio.get_running_loop()
         result.num_bytes = len(data)
         result.content_hash = hashlib.sha256(data).hexdigest()
-        result.image, result.width, result.height = await loop.run_in_executor(None, _verify, data, cfg)
+        result.image, result.width, result.height = await loop.run_in_executor(decoder, _verify, data, cfg)
     except ImageDecodeError as exc:
         result.reason, result.detail = exc.reason, str(exc)
         result.image = None
     return result
 
 
-async def _download_all(urls: Sequence[str], cfg: DownloadConfig) -> list[DownloadResult]:
+async def _download_all(urls: Sequence[str], cfg: DownloadConfig, decoder: Executor) -> list[DownloadResult]:
     import aiohttp
 
     resolver = _guarded_resolver(cfg)
@@ -229,14 +237,19 @@ async def _download_all(urls: Sequence[str], cfg: DownloadConfig) -> list[Downlo
     gate = asyncio.Semaphore(cfg.concurrency_per_actor)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False,
                                      headers={"User-Agent": cfg.user_agent}) as session:
-        return list(await asyncio.gather(*(_download_one(session, u, resolver, cfg, gate) for u in urls)))
+        return list(await asyncio.gather(*(_download_one(session, u, resolver, cfg, gate, decoder) for u in urls)))
 
 
 def download_urls(urls: Sequence[str], cfg: DownloadConfig) -> list[DownloadResult]:
-    """Download ``urls`` concurrently (``cfg.concurrency_per_actor`` in flight); one result each, in order."""
+    """Download ``urls`` concurrently (``cfg.concurrency_per_actor`` in flight); one result each, in order.
+
+    At most ``decode_threads(cfg.pool.num_cpus)`` images decode at once: the pool's actors are
+    started with those CPUs.
+    """
     if not urls:
         return []
-    return asyncio.run(_download_all(list(urls), cfg))
+    with ThreadPoolExecutor(decode_threads(cfg.pool.num_cpus), thread_name_prefix="decode") as decoder:
+        return asyncio.run(_download_all(list(urls), cfg, decoder))
 
 
 def results_table(results: Sequence[DownloadResult]) -> pa.Table:
