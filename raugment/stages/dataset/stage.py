@@ -15,7 +15,9 @@ Work happens in two steps: a cheap plan from the file listing (every error in co
 raised here, before any image is read), then shards of ``shard_size`` rows per split, each read by a
 thread pool and written as soon as it is full, so an ImageNet-size tree streams with bounded memory.
 Shard names are fixed by the plan, so a killed run resumes with the shards it has not yet written.
-Unreadable or corrupt files become rows of the ``failures`` table with a reason.
+Unreadable or corrupt files become rows of the ``failures`` table with a reason; a class left with
+no usable training image is refused like an empty one, found in between by reading each class's
+train split until one file decodes (usually its first).
 
 Outputs: ``images`` (schema.IMAGES, split in train/val/test/unused, source and method "original"),
 ``failures`` (schema.FAILURES) and ``classes.parquet`` (schema.CLASSES with n_train).
@@ -208,16 +210,57 @@ def check_unique_names(classes: list[ClassRow]) -> None:
     """
     by_name: dict[str, list[ClassRow]] = defaultdict(list)
     for c in classes:
-        by_name[c.class_name].append(c)
-    for name, rows in by_name.items():
+        by_name[c.class_name.casefold()].append(c)  # "Cat" and "cat" prompt alike
+    for rows in by_name.values():
         if len(rows) < 2:
             continue
         ids = [r.class_id for r in rows]
+        names = sorted({r.class_name for r in rows})
         if all(r.definition for r in rows):  # WordNet synsets: distinct meanings, same lemma
-            log.warning("dataset: classes %s share the WordNet name %r; their prompts are alike", ids, name)
+            log.warning("dataset: classes %s share the WordNet name %r; their prompts are alike", ids, names[0])
             continue
-        raise ConfigError(f"dataset.path: classes {ids} have the same name {name!r}; prompts and retrieval "
+        same = f"the same name {names[0]!r}" if len(names) == 1 else f"names that differ only in case {names}"
+        raise ConfigError(f"dataset.path: classes {ids} have {same}; prompts and retrieval "
                           "could not tell them apart: rename one folder (or its class_name values)")
+
+
+def check_trainable(listing: Listing, classes: list[ClassRow], plan: dict[str, dict[str, list[str]]],
+                    read_threads: int) -> None:
+    """Refuse a class whose train split has no usable image (every file corrupt), like an empty one.
+
+    Reads each class's train-split files in plan order until one decodes, so a healthy class costs
+    one decode; the shards read them again.
+
+    Raises:
+        ConfigError: naming the class, its folder, the failure reasons and the fix.
+    """
+
+    def unusable(cid: str) -> str | None:
+        refs, reasons, example = plan["train"][cid], Counter[str](), ""
+        for ref in refs:
+            try:
+                decode_image(listing.reader.read(ref))
+                return None
+            except ImageDecodeError as exc:
+                reason, detail = exc.reason, str(exc)
+            except OSError as exc:
+                reason, detail = "unreadable", f"{type(exc).__name__}: {exc}"
+            reasons[reason] += 1
+            example = example or f"{ref}: {detail}"
+        counts = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items()))
+        which = "the one file of its train split does not" if len(refs) == 1 else \
+            f"none of the {len(refs)} files of its train split"
+        return f"{which} decode ({counts}; e.g. {example[:200]})"
+
+    with ThreadPoolExecutor(max_workers=read_threads) as pool:
+        bad = [(cid, why) for cid, why in zip([c.class_id for c in classes],
+                                               pool.map(unusable, [c.class_id for c in classes])) if why]
+    if bad:
+        cid, why = bad[0]
+        folder = f" ({listing.folders[cid]})" if cid in listing.folders else ""
+        more = f" (and {len(bad) - 1} more such classes: {[c for c, _ in bad[1:6]]})" if len(bad) > 1 else ""
+        raise ConfigError(f"dataset.path: class {cid!r}{folder} has no usable training images: {why}{more}; "
+                          f"replace or remove its files, or list it in dataset.exclude_classes")
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,6 +360,11 @@ def _write_dataset(run: StageRun, cfg: Config, listing: Listing, classes: list[C
     # Counts come from the shards on disk, so a resumed run reports the whole dataset.
     written = run.artifact.read("images", columns=[S.LABEL, S.SPLIT], schema=S.IMAGES)
     per_split = Counter(zip(written.column(S.SPLIT).to_pylist(), written.column(S.LABEL).to_pylist()))
+    empty = [c.class_id for c in classes if not per_split.get(("train", c.label))]
+    if empty:  # check_trainable read a usable file of each class before; the files changed since
+        raise ConfigError(f"dataset.path: classes {empty[:5]} have no usable training images (see the failures "
+                          f"table in {run.path}); replace or remove their files, or list them in "
+                          "dataset.exclude_classes")
     for split in SPLIT_ORDER:
         run.stats.add(split, sum(n for (s, _), n in per_split.items() if s == split))
     fails = run.artifact.read("failures", columns=[S.REASON], schema=S.FAILURES)
@@ -363,5 +411,6 @@ def run(cfg: Config) -> Artifact:
         return probe.artifact
     listing = source.listing(cfg.dataset, root)
     classes, plan = plan_splits(listing, cfg.dataset)
+    check_trainable(listing, classes, plan, cfg.dataset.read_threads)
     return run_stage(root, STAGE, cfg.dataset, None,
                      lambda r: _write_dataset(r, cfg, listing, classes, plan), resumable=True)

@@ -151,6 +151,33 @@ def test_corrupt_files_are_recorded_not_fatal(tmp_path):
     assert total == 12 + 4 == art.read("images", columns=[S.ID]).num_rows
 
 
+def test_a_class_of_only_corrupt_files_is_refused_like_an_empty_one(tmp_path, monkeypatch):
+    root = make_tree(tmp_path / "bad", {"ant": 4, "bee": 4}, test=1)
+    good = (root / "train" / "ant" / "000.png").read_bytes()
+    for i, data in enumerate([b"not an image", good[: len(good) // 2], b""]):
+        (root / "train" / "cat" / f"{i}.png").parent.mkdir(exist_ok=True)
+        (root / "train" / "cat" / f"{i}.png").write_bytes(data)
+    with pytest.raises(ConfigError, match=r"dataset\.path: class 'cat' \(.*train/cat\) has no usable training "
+                                          r"images: (none of the \d files|the one file) of its train split "
+                                          r"do(es not)? decode \(.*exclude_classes"):
+        dataset.run(cfg_for(tmp_path, root, "dataset.fraction=0.3"))
+    assert not (tmp_path / "runs" / "dataset").exists()   # refused before any work
+    art = dataset.run(cfg_for(tmp_path, root, "dataset.fraction=0.3", "dataset.exclude_classes=[cat]"))
+    assert read_classes(art).column(S.CLASS_ID).to_pylist() == ["ant", "bee"]
+    # files that break between that check and the read: still no stage that looks complete
+    monkeypatch.setattr(dataset, "check_trainable", lambda *args: None)
+    with pytest.raises(ConfigError, match=r"classes \['cat'\] have no usable training images"):
+        dataset.run(cfg_for(tmp_path, root, "dataset.fraction=0.3"))
+    assert len(list((tmp_path / "runs" / "dataset").glob("*/_SUCCESS"))) == 1   # the exclude_classes run
+
+
+def test_class_names_that_differ_only_in_case_are_refused(tmp_path):
+    root = make_tree(tmp_path / "cats", {"Cat": 3, "cat": 3, "dog": 3}, test=1)
+    with pytest.raises(ConfigError, match=r"classes \['Cat', 'cat'\].*differ only in case.*rename one folder"):
+        dataset.run(cfg_for(tmp_path, root, "dataset.fraction=0.3"))
+    assert not (tmp_path / "runs" / "dataset").exists()
+
+
 def test_rerun_skips_and_a_new_setting_reruns(tmp_path, tree, monkeypatch, caplog):
     cfg = cfg_for(tmp_path, tree)
     art = dataset.run(cfg)

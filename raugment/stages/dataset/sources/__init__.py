@@ -47,6 +47,8 @@ class Listing:
         reader: turns a ref into bytes.
         names: class id -> a name the source itself provides (Parquet ``class_name``), if any.
         ignored: files skipped because they are not images (by extension).
+        folders: class id -> the folder of its training-pool items, for messages (sources of
+            class folders).
     """
 
     train: dict[str, list[str]]
@@ -54,6 +56,7 @@ class Listing:
     reader: Reader
     names: dict[str, str] = field(default_factory=dict)
     ignored: int = 0
+    folders: dict[str, str] = field(default_factory=dict)
 
 
 class DatasetSource:

@@ -80,7 +80,8 @@ def list_imagefolder(cfg: DatasetConfig, run_root: Path) -> Listing:
         roots["test"] = test_root
         test = {c: [f"test/{f}" for f in fs] for c, fs in test.items()}
     train = {c: [f"train/{f}" for f in fs] for c, fs in train.items()}
-    return Listing(train=train, test=test, reader=FolderReader(roots), ignored=ignored)
+    return Listing(train=train, test=test, reader=FolderReader(roots), ignored=ignored,
+                   folders={c: str(train_root / c) for c in train})
 
 
 @DATASETS.register("imagefolder")
