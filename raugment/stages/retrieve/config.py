@@ -18,9 +18,12 @@ from raugment.stages.retrieve.backends import RETRIEVERS
 class DownloadConfig:
     """Untrusted downloads (``raugment.stages.retrieve.download``): CPU actors, many requests in flight each.
 
-    Link-local (169.254.x, fe80::), multicast, unspecified and reserved addresses are always
-    refused; loopback and private ranges only when allowed (tests and the local demo allow
-    loopback). Every redirect hop is checked again.
+    Addresses follow :mod:`raugment.stages.retrieve.addresses` (the IANA special-purpose
+    registries): link-local (169.254.x, fe80::), cloud metadata, multicast, unspecified,
+    documentation, benchmarking, reserved and site-local addresses are always refused, and 6to4,
+    NAT64 and Teredo addresses are judged by the IPv4 address they embed; ``allow_loopback`` opens
+    127/8 and ::1 (tests and the local demo), ``allow_private`` RFC 1918, 100.64/10 and fc00::/7
+    only. Every redirect hop is checked again.
     """
 
     pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(concurrency=2, num_cpus=0.25,

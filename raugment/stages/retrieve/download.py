@@ -35,6 +35,7 @@ import pyarrow as pa
 
 from raugment.core import schema
 from raugment.core.imageio import ImageDecodeError, decode_image, encode_image, item_id, resize_max_side
+from raugment.stages.retrieve.addresses import refusal
 from raugment.stages.retrieve.config import DownloadConfig
 
 log = logging.getLogger(__name__)
@@ -84,23 +85,18 @@ def download_id(url: str) -> str:
 
 
 def address_refused(ip: str, cfg: DownloadConfig) -> bool:
-    """True if connecting to ``ip`` is not allowed by ``cfg``."""
-    addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    # Link-local covers cloud metadata endpoints (169.254.169.254); never a reason to allow them.
-    if addr.is_link_local or addr.is_multicast or addr.is_unspecified:
-        return True
-    if addr.is_loopback:  # before is_reserved: ::1 lies in IPv6's reserved ::/8
-        return not cfg.allow_loopback
-    if addr.is_reserved:
-        return True
-    if addr.is_private or (isinstance(addr, ipaddress.IPv4Address) and addr in _CGNAT):
-        return not cfg.allow_private
-    return False
+    """True if connecting to ``ip`` is not allowed by ``cfg`` (:func:`refused_because` says why)."""
+    return refused_because(ip, cfg) is not None
 
 
-_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+def refused_because(ip: str, cfg: DownloadConfig) -> str | None:
+    """Why ``ip`` is refused under ``cfg`` (the special-purpose block it lies in), or None if allowed.
+
+    The policy is :mod:`raugment.stages.retrieve.addresses`: the IANA special-purpose registries;
+    ``allow_loopback`` / ``allow_private`` open loopback / private-use ranges only, never
+    link-local, metadata, or loopback and private hosts behind 6to4, NAT64 or Teredo.
+    """
+    return refusal(ip, cfg.allow_loopback, cfg.allow_private)
 
 
 def _is_ip(host: str) -> bool:
@@ -120,7 +116,7 @@ def _guarded_resolver(cfg: DownloadConfig):
             infos = await super().resolve(host, port, family)
             allowed = [i for i in infos if not address_refused(i["host"], cfg)]
             if not allowed:
-                refused = ", ".join(sorted({i["host"] for i in infos}))
+                refused = "; ".join(sorted({refused_because(i["host"], cfg) or i["host"] for i in infos}))
                 raise RefusedAddress(f"{host} resolves only to refused addresses ({refused})")
             return allowed
 
@@ -129,8 +125,9 @@ def _guarded_resolver(cfg: DownloadConfig):
 
 async def _check_host(host: str, resolver: Any, cfg: DownloadConfig) -> None:
     if _is_ip(host):
-        if address_refused(host, cfg):
-            raise _Failed("refused_address", host)
+        why = refused_because(host, cfg)
+        if why is not None:
+            raise _Failed("refused_address", why)
         return
     try:
         await resolver.resolve(host, 0, socket.AF_UNSPEC)
