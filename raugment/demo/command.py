@@ -40,7 +40,6 @@ from raugment.demo.corpus import CorpusServer
 log = logging.getLogger(__name__)
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "demo.yaml"
-PORT_FILE = "pool_port"
 
 
 def demo_config_path() -> Path:
@@ -105,19 +104,13 @@ def asset_overrides(paths: dict[str, Path], url: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def serve_corpus(pool_dir: Path, port_file: Path) -> Iterator[str]:
-    """Serve the pool on 127.0.0.1, on the port of the previous run when it is free.
+def serve_corpus(pool_dir: Path) -> Iterator[str]:
+    """Serve the pool on 127.0.0.1 on a free port; yields its base URL.
 
-    The server's address is part of the retrieval stage's config (``retrieve.url_base``), so the
-    demo keeps the port of its previous run to keep that stage's key.
+    The port changes from run to run; the retrieval stage's key does not depend on it (its tables
+    keep the pool's relative URLs, ``retrieve.url_base`` is joined only to fetch them).
     """
-    port = int(port_file.read_text()) if port_file.exists() else 0
-    try:
-        server = CorpusServer(pool_dir, port=port, hang_s=5.0).start()
-    except OSError:
-        log.warning("demo: port %d is taken; the retrieval stage will run again on a new port", port)
-        server = CorpusServer(pool_dir, port=0, hang_s=5.0).start()
-    port_file.write_text(str(server.port))
+    server = CorpusServer(pool_dir, port=0, hang_s=5.0).start()
     try:
         yield server.url
     finally:
@@ -143,7 +136,7 @@ def world(config_path: str | None = None, overrides: list[str] | None = None,
     run_root = Path(cfg.run.root)
     run_root.mkdir(parents=True, exist_ok=True)
     paths = prepare_assets(run_root, cfg)
-    with serve_corpus(paths["pool"], run_root / "assets" / PORT_FILE) as url:
+    with serve_corpus(paths["pool"]) as url:
         yield with_overrides(cfg, asset_overrides(paths, url))
 
 

@@ -161,8 +161,7 @@ class CorpusServer:
         hang_s: how long a ``hang`` URL stalls (longer than any client timeout used here).
         drip_interval_s: pause between the 16-byte pieces of a ``slow_drip`` response.
         bomb_bytes: how much a ``byte_bomb`` URL streams at most.
-        port: port to bind (0 = a free one). A fixed port keeps ``retrieve.url_base``, and so the
-            retrieval stage's key, the same across runs.
+        port: port to bind (0 = a free one). The retrieval stage's key does not depend on it.
 
     Attributes:
         url: base URL, ``http://127.0.0.1:<port>/``.

@@ -1,4 +1,3 @@
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -42,33 +41,18 @@ def test_asset_overrides_point_every_stage_at_local_models(tmp_path):
     assert cfg.retrieve.url_base == "http://127.0.0.1:1234/" and cfg.retrieve.download.allow_loopback
 
 
-def _free_port_taken() -> socket.socket:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(1)
-    return s
-
-
-def test_pool_server_keeps_its_port_and_falls_back_when_taken(tmp_path):
+def test_pool_server_serves_the_pool_on_a_free_port(tmp_path):
+    """No saved port: each run takes a free one (the retrieval stage's key does not depend on it)."""
     from raugment.demo.corpus import build_corpus
 
     pool_dir = build_corpus(tmp_path / "pool", ["red circle"], per_class=2, distractors=0, seed=0)
-    port_file = tmp_path / "port"
-    with demo.serve_corpus(pool_dir, port_file) as url:
-        first = url
+    with demo.serve_corpus(pool_dir) as url:
         name = f"img/{_pool_ids(pool_dir)[0]}.jpg"  # the server serves every pool image here
         with urllib.request.urlopen(url + name, timeout=5) as resp:
             assert resp.status == 200 and resp.read()
-    with demo.serve_corpus(pool_dir, port_file) as url:
-        assert url == first  # same address: the retrieval stage keeps its key
-    blocker = _free_port_taken()
-    try:
-        port_file.write_text(str(blocker.getsockname()[1]))
-        with demo.serve_corpus(pool_dir, port_file) as url:
-            assert url != f"http://127.0.0.1:{blocker.getsockname()[1]}/"
-        assert port_file.read_text() == url.rstrip("/").rsplit(":", 1)[1]
-    finally:
-        blocker.close()
+        with demo.serve_corpus(pool_dir) as other:   # a second server beside it: another port
+            assert other != url and other.startswith("http://127.0.0.1:")
+    assert not list(tmp_path.rglob("*port*"))
 
 
 def _pool_ids(pool_dir: Path) -> list[str]:

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from raugment.config import Config
 from raugment.core import schema
-from raugment.core.config import ConfigError
+from raugment.core.config import ConfigError, to_dict
 from raugment.core.storage import Artifact, StageRun, run_stage
 from raugment.stages.retrieve.backends import backend_class, needs_index
 from raugment.stages.retrieve.config import RetrieveConfig
@@ -331,34 +331,86 @@ class ScoringPools:
 # --------------------------------------------------------------------------------------------
 
 
+def absolute_url(url: str | None, url_base: str | None) -> str | None:
+    """Where a table URL is fetched from: a relative one (a local pool's) joined with ``url_base``."""
+    if url and url_base and "://" not in url:
+        return urljoin(url_base, url)
+    return url
+
+
 class DownloadCache:
     """Downloads (``downloader``: urls -> DOWNLOADS tables; the stage's download actors), written as
     ``downloads`` shards; successes of earlier attempts are reused.
 
+    URLs are kept as the index gives them (a local pool's are relative): ``url_base`` is joined to
+    them only to fetch, so rows, ids and the stage's key stay the same when the pool is served
+    elsewhere (the demo's server takes a free port each run).
+
     Failed URLs of an earlier (interrupted or forced) attempt are not loaded, so a re-run retries
-    exactly those. Image bytes stay on disk; :meth:`images` reads them back by shard.
+    exactly those; their rows (and any second copy of a URL) are dropped from the shards on load,
+    so the ``downloads`` table never holds an id twice. Image bytes stay on disk; :meth:`images`
+    reads them back by shard.
     """
 
-    def __init__(self, run: StageRun | None, downloader: Callable[[list[str]], Iterable[pa.Table]]):
+    def __init__(self, run: StageRun | None, downloader: Callable[[list[str]], Iterable[pa.Table]],
+                 url_base: str | None = None):
         self.run = run
         self._download = downloader
+        self.url_base = url_base
         self.rows: dict[str, dict[str, Any]] = {}
         self.shard_of: dict[str, Path] = {}
         self.outcomes: Counter = Counter()
         self.reused = 0
+        self.dropped_on_load = 0
         if run is not None:
             for f in run.artifact.files("downloads"):
-                small = pq.read_table(f, columns=[c for c in schema.DOWNLOADS.names if c != schema.IMAGE])
-                for row in small.to_pylist():
-                    if row[schema.REASON] is None:
-                        self.rows[row[schema.URL]] = row
-                        self.shard_of[row[schema.URL]] = f
+                self._load(f)
+
+    def _load(self, shard: Path) -> None:
+        """Take a shard's first successful row of each URL not seen yet; rewrite the shard without
+        the rest (failed rows a re-run retries, duplicates), or remove it when nothing is left."""
+        from raugment.core.storage import write_parquet_atomic
+
+        small = pq.read_table(shard, columns=[c for c in schema.DOWNLOADS.names if c != schema.IMAGE])
+        keep = []
+        for i, row in enumerate(small.to_pylist()):
+            if row[schema.REASON] is None and row[schema.URL] not in self.rows:
+                self.rows[row[schema.URL]] = row
+                self.shard_of[row[schema.URL]] = shard
+                keep.append(i)
+        dropped = small.num_rows - len(keep)
+        if not dropped:
+            return
+        self.dropped_on_load += dropped
+        if keep:  # atomic replace: a kill now leaves the old shard or the new one, both readable
+            write_parquet_atomic(pq.read_table(shard).take(keep), shard)
+        else:
+            shard.unlink()
+
+    def _as_table_urls(self, table: pa.Table, where: dict[str, list[str]]) -> pa.Table:
+        """Rows of fetched (absolute) URLs -> one row per table URL, with its URL and id."""
+        from raugment.stages.retrieve.download import download_id
+
+        idx, urls = [], []
+        for i, fetched in enumerate(table.column(schema.URL).to_pylist()):
+            for url in where.get(fetched, ()):
+                idx.append(i)
+                urls.append(url)
+        out = table.take(idx)
+        for name, values in ((schema.URL, urls), (schema.ID, [download_id(u) for u in urls])):
+            pos = out.schema.get_field_index(name)
+            out = out.set_column(pos, out.schema.field(pos), pa.array(values, out.schema.field(pos).type))
+        return out
 
     def fetch(self, urls: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Download rows (without bytes) for ``urls``; only URLs not already known are downloaded."""
         todo = list(dict.fromkeys(u for u in urls if u not in self.rows))
         self.reused += sum(1 for u in set(urls) if u in self.rows)
-        for table in self._download(todo) if todo else []:
+        where: dict[str, list[str]] = defaultdict(list)
+        for u in todo:
+            where[str(absolute_url(u, self.url_base))].append(u)
+        for fetched in self._download(list(where)) if todo else []:
+            table = self._as_table_urls(fetched, where)
             path = self.run.write(table, "downloads") if self.run is not None else None
             for row in table.drop_columns([schema.IMAGE]).to_pylist():
                 self.rows[row[schema.URL]] = row
@@ -391,10 +443,8 @@ class DownloadCache:
 # --------------------------------------------------------------------------------------------
 
 
-def _candidate(q: ClassQuery, rank: int, hit: dict[str, Any], url_base: str | None) -> dict[str, Any]:
-    url = hit.get(schema.URL)
-    if url and url_base and "://" not in url:
-        url = urljoin(url_base, url)
+def _candidate(q: ClassQuery, rank: int, hit: dict[str, Any]) -> dict[str, Any]:
+    url = hit.get(schema.URL)  # as the index gives it: a relative one is fetched from retrieve.url_base
     return {schema.LABEL: q.label, schema.CLASS_NAME: q.class_name, schema.PROMPT: q.prompt,
             schema.RANK: rank, schema.K: q.k, schema.CLIP_SIMILARITY: hit.get(schema.CLIP_SIMILARITY),
             schema.URL: url, schema.CAPTION: hit.get(schema.CAPTION),
@@ -403,8 +453,8 @@ def _candidate(q: ClassQuery, rank: int, hit: dict[str, Any], url_base: str | No
             "reason": None, schema.DETAIL: None, schema.CONTENT_HASH: None}
 
 
-def grow_and_select(queries: list[ClassQuery], backend: Any, cache: DownloadCache, screener: Screener,
-                    url_base: str | None = None) -> list[dict[str, Any]]:
+def grow_and_select(queries: list[ClassQuery], backend: Any, cache: DownloadCache,
+                    screener: Screener) -> list[dict[str, Any]]:
     """Grow k per class until each quota is met or k is at its maximum; return every candidate.
 
     Candidates get ``status`` ``selected`` (the n most similar survivors of their class) or
@@ -419,7 +469,7 @@ def grow_and_select(queries: list[ClassQuery], backend: Any, cache: DownloadCach
         results = backend.query([q.prompt for q in open_], k)
         fresh: list[dict[str, Any]] = []
         for q, hits in zip(open_, results):
-            fresh.extend(_candidate(q, rank, hit, url_base) for rank, hit in enumerate(hits[:q.k]) if rank >= q.seen)
+            fresh.extend(_candidate(q, rank, hit) for rank, hit in enumerate(hits[:q.k]) if rank >= q.seen)
             q.seen = max(q.seen, min(len(hits), q.k))
             q.exhausted = len(hits) < q.k  # the backend has no more neighbours to give
         screener.fill_scores_from_embeddings(fresh)  # one call per round (scoring runs on actors)
@@ -550,6 +600,14 @@ def _record_stats(run: StageRun, cands: list[dict[str, Any]], queries: list[Clas
 # --------------------------------------------------------------------------------------------
 
 
+def key_section(cfg: RetrieveConfig) -> dict[str, Any]:
+    """What keys the stage's output: the section without ``url_base``, which says where a local pool
+    is served (the demo's server takes a free port each run), not what it holds."""
+    data = to_dict(cfg)
+    data.pop("url_base")
+    return data
+
+
 def preflight(cfg: Config) -> None:
     """Checks before a study starts Ray: a known backend, and ``retrieve.index`` when it is set and
     the backend needs an index (otherwise the study's index stage provides the index)."""
@@ -626,12 +684,13 @@ def run(cfg: Config, dataset: Artifact, index: Artifact | None = None, *, force:
             if download is None:
                 pool = stack.enter_context(DownloadPool(cfg.retrieve.download))
                 download = pool.download
-            cache = DownloadCache(run_, download)
-            cands = grow_and_select(queries, backend, cache, scoring.screener(), cfg.retrieve.url_base)
+            cache = DownloadCache(run_, download, cfg.retrieve.url_base)
+            cands = grow_and_select(queries, backend, cache, scoring.screener())
             actors = {**scoring.stats(), **({"download": pool.group.stats()} if pool is not None else {})}
         _write_outputs(run_, cands, queries, cache, backend, cfg.retrieve)
         _record_stats(run_, cands, queries, cache)
         run_.stats.extra.update({"clip_model": backend.clip_model, "actors": actors,
                                  "rounds": max((q.round for q in queries), default=-1) + 1})
 
-    return run_stage(cfg.run.root, "retrieve", cfg.retrieve, inputs, body, resumable=True, force=force)
+    return run_stage(cfg.run.root, "retrieve", key_section(cfg.retrieve), inputs, body, resumable=True,
+                     force=force)

@@ -330,8 +330,8 @@ def check_stage(art, srv, pool, rerun):
             assert c[schema.REASON] == "aesthetic"          # the threshold drops what it should
     # Every download fault met is a recorded row with its reason; nothing crashed.
     table = read_corpus(pool)
-    fault_of = {srv.url + u: f
-                for u, f in zip(table.column(schema.URL).to_pylist(), table.column(schema.FAULT).to_pylist())}
+    # The pool's URLs are relative: the tables keep them so (retrieve.url_base is joined to fetch).
+    fault_of = dict(zip(table.column(schema.URL).to_pylist(), table.column(schema.FAULT).to_pylist()))
     met = [c for c in cands if fault_of.get(c[schema.URL]) and c[schema.REASON] in set(FAULT_REASONS.values())]
     assert met and all(c[schema.REASON] == FAULT_REASONS[fault_of[c[schema.URL]]] for c in met)
     failed = {c[schema.URL] for c in met}
@@ -340,7 +340,7 @@ def check_stage(art, srv, pool, rerun):
     # A killed run (no _SUCCESS) resumes: only the failed URLs are downloaded again.
     os.remove(art.path / "_SUCCESS")
     again = rerun()
-    asked = {srv.url + p.lstrip("/") for p in srv.requests[first_requests:]}
+    asked = {p.lstrip("/") for p in srv.requests[first_requests:]}
     assert asked and asked <= failed
     assert again.read("images").column(schema.ID).to_pylist() == images.column(schema.ID).to_pylist()
     assert again.stats["counts"]["download_reused"] > 0
@@ -416,9 +416,10 @@ def test_retrieve_stage_on_the_fault_pool(ray_session, demo, tiny_sd, tmp_path, 
             scored["checked"] += len(data)
             return checker.verdicts(data)
 
-        cache = DownloadCache(None, lambda urls: iter([results_table(download_urls(urls, rcfg.download))]))
+        cache = DownloadCache(None, lambda urls: iter([results_table(download_urls(urls, rcfg.download))]),
+                              rcfg.url_base)
         screener = Screener(rcfg, scorer.embeddings, images, verdicts)
-        ref = grow_and_select(queries, backend, cache, screener, rcfg.url_base)
+        ref = grow_and_select(queries, backend, cache, screener)
         expected = outcome(ref, srv.url)
         # Both models had work here: CLIP on downloaded images, the checker dropping downloaded ones.
         assert scored["images"] > 0 and scored["checked"] > 0
