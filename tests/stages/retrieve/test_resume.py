@@ -10,11 +10,11 @@ import pytest
 
 from raugment.config import from_dict
 from raugment.core import schema
-from raugment.core.storage import StageRun
+from raugment.core.storage import Artifact, StageRun
 from raugment.stages.retrieve.download import DownloadResult, download_id, results_table
 from raugment.stages.retrieve.stage import DownloadCache, key_section
 
-from .test_retrieve import png
+from .test_retrieve import demo, embeddings_index, png, stage_config  # noqa: F401  (demo: a fixture)
 
 BASE_A, BASE_B = "http://127.0.0.1:40001/", "http://127.0.0.1:40002/"
 
@@ -125,3 +125,66 @@ def test_shards_of_only_failures_are_removed_and_duplicates_keep_the_success(tmp
     assert sorted(r[1] for r in got) == sorted(URLS[:6]) and all(r[2] is None for r in got)
     assert len(run.artifact.files("downloads")) == 2
     assert set(cache.images(URLS[:6])) == set(URLS[:6])
+
+
+# --------------------------------------------------------------------------------------------
+# the stage on the demo's fault pool, killed between download shards and resumed on another port
+# --------------------------------------------------------------------------------------------
+
+DL_COLUMNS = [schema.ID, schema.URL, schema.REASON, schema.CONTENT_HASH, schema.WIDTH, schema.HEIGHT]
+
+
+def shard_downloader(dcfg, batch=8, kill_after=None):
+    """Real downloads in shards of ``batch`` URLs; :class:`Killed` before shard ``kill_after``."""
+    from raugment.stages.retrieve.download import download_urls
+
+    shards = []
+
+    def download(urls):
+        for i in range(0, len(urls), batch):
+            if kill_after is not None and len(shards) >= kill_after:
+                raise Killed()
+            shards.append(i)
+            yield results_table(download_urls(urls[i:i + batch], dcfg))
+
+    return download
+
+
+@pytest.mark.slow
+def test_killed_retrieve_resumes_to_the_uninterrupted_rows(ray_session, demo, tmp_path):  # noqa: F811
+    from raugment.core.config import with_overrides
+    from raugment.demo.corpus import CorpusServer
+    from raugment.stages.retrieve import stage as retrieve
+
+    _root, pool, clip, dataset, _names = demo
+    index_dir = embeddings_index(pool, clip, tmp_path / "laion")
+
+    def config(root, srv):
+        return with_overrides(stage_config(root, pool, clip, srv, index_dir), {"retrieve.aesthetic_threshold": None})
+
+    def rows(art, table, columns):
+        return sorted(tuple(r[c] for c in columns) for r in art.read(table).to_pylist())
+
+    with CorpusServer(pool) as srv:
+        cfg = config(tmp_path / "whole", srv)
+        whole = retrieve.run(cfg, dataset, downloader=shard_downloader(cfg.retrieve.download))
+        killed = config(tmp_path / "killed", srv)
+        with pytest.raises(Killed):
+            retrieve.run(killed, dataset, downloader=shard_downloader(killed.retrieve.download, kill_after=2))
+    with CorpusServer(pool) as srv2:  # the next run's server: another port, the same stage key
+        assert srv2.url != srv.url
+        resumed_cfg = config(tmp_path / "killed", srv2)
+        stage_dir = tmp_path / "killed" / "runs" / "retrieve"
+        (partial,) = stage_dir.iterdir()
+        before = rows(Artifact("retrieve", partial.name, partial), "downloads", DL_COLUMNS)
+        assert len(before) == 16 and any(r[2] is not None for r in before)  # two shards, failures among them
+        resumed = retrieve.run(resumed_cfg, dataset, downloader=shard_downloader(resumed_cfg.retrieve.download))
+    assert resumed.path == partial and resumed.key == whole.key
+    got = rows(resumed, "downloads", DL_COLUMNS)
+    ids = [r[0] for r in got]
+    assert len(ids) == len(set(ids))                                    # no duplicate ids
+    assert got == rows(whole, "downloads", DL_COLUMNS)                  # the uninterrupted rows
+    assert resumed.stats["counts"]["download_reused"] > 0
+    cand = [schema.LABEL, schema.RANK, schema.URL, schema.STATUS, schema.REASON]
+    assert rows(resumed, "candidates", cand) == rows(whole, "candidates", cand)
+    assert resumed.read("images").column(schema.ID).to_pylist() == whole.read("images").column(schema.ID).to_pylist()
