@@ -11,7 +11,9 @@ reported with its shortfall. Every candidate keeps rank, similarity and why it w
 
 Outputs (tables): ``images`` (schema.IMAGES), ``candidates`` (schema.CANDIDATES), ``failures``
 (schema.FAILURES: dropped candidates, except those only over quota), ``downloads``
-(schema.DOWNLOADS, the download cache: a resumed run re-downloads only what failed).
+(schema.DOWNLOADS, the download cache: a resumed run re-downloads only what failed, and each id
+appears once). URLs stay as the index gives them: a local pool's relative ones are fetched from
+``retrieve.url_base``, which is not part of the stage's key (:func:`key_section`).
 """
 
 from __future__ import annotations
