@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from raugment.core.config import ConfigError, positive
+from raugment.core.config import MAX_SETS, SETS_REASON, ConfigError, at_most, no_duplicates, positive
 
 
 @dataclass
@@ -101,6 +101,10 @@ class StudyConfig:
 
     def validate(self, key: str) -> None:
         positive(self.sets, f"{key}.sets")
+        at_most(self.sets, MAX_SETS, f"{key}.sets", SETS_REASON)
+        at_most(len(self.seeds), MAX_SETS, f"{key}.seeds (count)", "each seed trains every classifier once more")
+        no_duplicates(self.seeds, f"{key}.seeds", "a seed twice trains the same classifier twice and counts "
+                      "it as two runs")
         positive(self.parallel, f"{key}.parallel")
         positive(self.pool_factor, f"{key}.pool_factor")
         positive(self.node_gpus, f"{key}.node_gpus")

@@ -8,9 +8,12 @@ from typing import Literal
 
 from raugment.core.config import (
     AUTO,
+    MAX_SETS,
+    SETS_REASON,
     ActorPoolConfig,
     AutoBool,
     ConfigError,
+    at_most,
     on_gpu,
     positive,
     resolve_auto,
@@ -77,6 +80,7 @@ class GenerateConfig:
         positive(self.images_per_class, f"{key}.images_per_class")
         positive(self.steps, f"{key}.steps")
         positive(self.num_sets, f"{key}.num_sets")
+        at_most(self.num_sets, MAX_SETS, f"{key}.num_sets", SETS_REASON)
         positive(self.max_attempts_per_image, f"{key}.max_attempts_per_image")
         positive(self.shard_images, f"{key}.shard_images")
         if self.pool.gpu_fallback:
