@@ -109,6 +109,7 @@ class ActorPoolConfig:
 
     def validate(self, key: str) -> None:
         positive(self.concurrency, f"{key}.concurrency")
+        at_most(self.concurrency, MAX_ACTORS, f"{key}.concurrency", ACTORS_REASON)
         positive(self.batch_size, f"{key}.batch_size")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ConfigError(f"{key}: num_cpus/num_gpus must be >= 0")
@@ -126,6 +127,7 @@ class WorkersConfig:
 
     def validate(self, key: str) -> None:
         positive(self.num_workers, f"{key}.num_workers")
+        at_most(self.num_workers, MAX_ACTORS, f"{key}.num_workers", ACTORS_REASON)
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"{key}.cpus_per_worker must be > 0 (Ray refuses 0); try 0.5")
 
@@ -294,6 +296,12 @@ def no_duplicates(values: list[Any], key: str, reason: str) -> None:
         raise ConfigError(f"{key} lists {', '.join(map(repr, dict.fromkeys(repeated)))} more than once "
                           f"({reason}); list each once")
 
+
+# Actors of one pool or workers of one group: one process each, far beyond any cluster this runs on.
+MAX_ACTORS = 4096
+ACTORS_REASON = "one process each; more than any cluster has slots for"
+# Image sides for models (generation, training): beyond this only a typo (and memory).
+MAX_IMAGE_SIDE = 4096
 
 # Resampled sets / repeats per method and ratio: each is a trained classifier (the paper: 5).
 MAX_SETS = 100

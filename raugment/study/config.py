@@ -5,7 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from raugment.core.config import MAX_SETS, SETS_REASON, ConfigError, at_most, no_duplicates, positive
+from raugment.core.config import (
+    ACTORS_REASON,
+    MAX_ACTORS,
+    MAX_SETS,
+    SETS_REASON,
+    ConfigError,
+    at_most,
+    no_duplicates,
+    positive,
+)
 
 
 @dataclass
@@ -106,6 +115,7 @@ class StudyConfig:
         no_duplicates(self.seeds, f"{key}.seeds", "a seed twice trains the same classifier twice and counts "
                       "it as two runs")
         positive(self.parallel, f"{key}.parallel")
+        at_most(self.parallel, MAX_ACTORS, f"{key}.parallel", "stage runs in flight at once; " + ACTORS_REASON)
         positive(self.pool_factor, f"{key}.pool_factor")
         positive(self.node_gpus, f"{key}.node_gpus")
         positive(self.node_cpus, f"{key}.node_cpus")

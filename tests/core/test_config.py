@@ -314,6 +314,11 @@ def test_run_section_checks_log_level_and_root(tmp_path):
     (["dataset.synthetic.size=1025"], r"^dataset\.synthetic\.size must be <= 1024 \(pixels"),
     (["dataset.synthetic.num_classes=17"], r"^dataset\.synthetic\.num_classes must be <= 16"),
     (["dataset.synthetic.train_per_class=100000"], r"^dataset\.synthetic\.train_per_class \+"),
+    (["generate.pool.concurrency=5000"], r"^generate\.pool\.concurrency must be <= 4096 \(one process"),
+    (["train.workers.num_workers=5000", "train.batch_size=8192"], r"^train\.workers\.num_workers must be <= 4096"),
+    (["study.parallel=5000"], r"^study\.parallel must be <= 4096"),
+    (["generate.height=8192"], r"^generate\.height must be <= 4096"),
+    (["train.image_size=5000"], r"^train\.image_size must be <= 4096"),
 ])
 def test_count_bounds_and_duplicate_seeds(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -322,6 +327,7 @@ def test_count_bounds_and_duplicate_seeds(overrides, needle):
 
 def test_count_bounds_admit_their_limit():
     cfg = load_config(None, ["study.sets=100", "train.repeat_sets=100", "dataset.synthetic.size=1024",
+                             "generate.pool.concurrency=4096", "generate.width=4096", "train.image_size=4096",
                              "dataset.synthetic.num_classes=16", "study.seeds=[0, 1]", "train.seeds=[5, 6]"])
     assert cfg.study.sets == 100 and cfg.dataset.synthetic.size == 1024
 

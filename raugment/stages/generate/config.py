@@ -8,6 +8,7 @@ from typing import Literal
 
 from raugment.core.config import (
     AUTO,
+    MAX_IMAGE_SIDE,
     MAX_SETS,
     SETS_REASON,
     ActorPoolConfig,
@@ -90,6 +91,7 @@ class GenerateConfig:
             v = getattr(self, dim)
             if v <= 0 or v % 8:
                 raise ConfigError(f"{key}.{dim} must be a positive multiple of 8, got {v}")
+            at_most(v, MAX_IMAGE_SIDE, f"{key}.{dim}", "pixels; Stable Diffusion works at 512-1024")
         if self.guidance_scale < 0:
             raise ConfigError(f"{key}.guidance_scale must be >= 0 (1 = no guidance), got {self.guidance_scale}")
         if self.scheduler not in SCHEDULERS:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from raugment.core.config import (
+    MAX_IMAGE_SIDE,
     MAX_SETS,
     SETS_REASON,
     AutoBool,
@@ -68,6 +69,8 @@ class TrainConfig:
         positive(self.batch_size, f"{key}.batch_size")
         positive(self.max_epochs, f"{key}.max_epochs")
         positive(self.image_size, f"{key}.image_size")
+        at_most(self.image_size, MAX_IMAGE_SIDE, f"{key}.image_size", "pixels of the training crop; ResNet-50 "
+                "uses 224")
         positive(self.repeat_sets, f"{key}.repeat_sets")
         positive(self.checkpoints_to_keep, f"{key}.checkpoints_to_keep")
         if self.batch_size < self.workers.num_workers:
