@@ -291,7 +291,10 @@ def at_most(value: int | float, limit: int | float, key: str, reason: str) -> No
 def no_duplicates(values: list[Any], key: str, reason: str) -> None:
     """A ConfigError naming ``key`` and the repeated values if ``values`` has any twice."""
     seen: set[Any] = set()
-    repeated = [v for v in values if v in seen or seen.add(v)]
+    repeated: list[Any] = []
+    for v in values:
+        (repeated if v in seen else []).append(v)
+        seen.add(v)
     if repeated:
         raise ConfigError(f"{key} lists {', '.join(map(repr, dict.fromkeys(repeated)))} more than once "
                           f"({reason}); list each once")
