@@ -230,6 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"raugment {args.command}: config error: {exc}", file=sys.stderr)
         return 2
+    except InputError as exc:  # a config file that cannot be read as text
+        print(f"raugment {args.command}: input error: {exc}", file=sys.stderr)
+        return 2
     setup_logging(cfg.run.log_level)
     try:
         result = COMMANDS[args.command].handler(cfg, args)

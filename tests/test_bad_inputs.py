@@ -211,6 +211,33 @@ CASES: list[tuple[str, list[str], Setup | None, list[str]]] = [
      ["cluster.preload_modules[1]", "not a Python module name"]),
     ("preload of a module not installed", ["cluster.preload_modules=[difusers]"], None,
      ["cluster.preload_modules[0]", "'difusers'", "installed"]),
+    # hostile values (issue 22): each was accepted, or crashed with a traceback, before
+    ("NaN learning rate", ["train.lr=.nan"], None, ["train.lr: nan is not a finite number"]),
+    ("NaN pool factor", ["study.pool_factor=.nan"], None, ["study.pool_factor: nan is not a finite number"]),
+    ("infinite k factor", ["retrieve.k_max_factor=.inf"], None, ["retrieve.k_max_factor: inf is not a finite"]),
+    ("infinite k start", ["retrieve.k_start_factor=.inf"], None, ["retrieve.k_start_factor: inf is not a"]),
+    ("NaN inside a variant", ["study.methods=[v]", "study.variants={v: {method: simple, train.lr: .nan}}"],
+     None, ["study.variants.v.train.lr", "not a finite number"]),
+    ("number too large for a float", ["train.lr=1" + "0" * 400], None, ["train.lr", "not a finite number"]),
+    ("duplicate key in a --set mapping", ["study.variants={v: {method: simple, method: retrieval}}"], None,
+     ["override study.variants", "key 'method' is given twice"]),
+    ("YAML alias in a --set value", ["study.ratios=[&r 100, *r]"], None,
+     ["override study.ratios", "anchors and aliases"]),
+    ("unknown variant pipeline", ["study.methods=[v]", "study.variants={v: {method: simple, pipeline: magic}}"],
+     None, ["study.variants.v.pipeline", "'magic'", "known: baseline, finetune, generate, retrieval"]),
+    ("synthetic images too large", ["dataset.source=synthetic", "dataset.synthetic.size=30000"], None,
+     ["dataset.synthetic.size must be <= 1024", "imagefolder"]),
+    ("more synthetic classes than defined", ["dataset.source=synthetic", "dataset.synthetic.num_classes=17"],
+     None, ["dataset.synthetic.num_classes must be <= 16"]),
+    ("duplicate train seeds", ["train.seeds=[0, 0]"], None, ["train.seeds lists 0 more than once"]),
+    ("duplicate study seeds", ["study.seeds=[3, 4, 3]"], None, ["study.seeds lists 3 more than once"]),
+    ("too many sets", ["study.sets=200000"], None, ["study.sets must be <= 100"]),
+    ("too many repeat sets", ["train.repeat_sets=5000"], None, ["train.repeat_sets must be <= 100"]),
+    ("unknown log level", ["run.log_level=LOUD"], None, ["run.log_level: 'LOUD'", "DEBUG"]),
+    ("run root is a file", [], lambda w, t: [f"run.root={_garbage_file(w, t, 'root.txt', b'x')}"],
+     ["run.root:", "root.txt' is a file", "point run.root at a directory"]),
+    ("run root below a file", [], lambda w, t: [f"run.root={_garbage_file(w, t, 'root.txt', b'x') / 'runs'}"],
+     ["run.root:", "root.txt' is a file"]),
     # names and paths (refused by the study's pre-flight, before Ray)
     ("unknown method", ["study.methods=[magic]"], None, ["study.methods[0]", "'magic'", "known:"]),
     ("variant of an unknown method", ["study.methods=[v]", "study.variants={v: {method: nope}}"], None,
@@ -284,6 +311,86 @@ def test_config_file_invalid_yaml(tmp_path, capsys):
     p.write_text("train: [1, 2\n")
     rc, err = run_cli(["run", str(p)], tmp_path / "runs", capsys)
     assert rc == 2 and "is not valid YAML" in err and str(p) in err
+
+
+DUPLICATES = {
+    "second study section": ("study:\n  sets: 1\ntrain:\n  lr: 0.1\nstudy:\n  sets: 3\n", 5,
+                             "key 'study' is given twice (first on line 1)"),
+    "second nested key": ("train:\n  lr: 0.1\n  batch_size: 8\n  lr: 5.0\n", 4,
+                          "key 'lr' is given twice (first on line 2)"),
+    "deep in a flow mapping": ("study:\n  variants: {v: {method: simple, method: retrieval}}\n", 2,
+                               "key 'method' is given twice"),
+}
+
+
+@pytest.mark.parametrize("name", list(DUPLICATES))
+def test_config_file_duplicate_key_named_with_line(name, tmp_path, capsys):
+    text, line, fragment = DUPLICATES[name]
+    p = tmp_path / "dup.yaml"
+    p.write_text(text)
+    rc, err = run_cli(["config", "--config", str(p)], tmp_path / "runs", capsys)
+    print(f"\n[duplicate key: {name}] {err.strip()}")
+    assert rc == 2 and err.count("\n") == 1 and str(p) in err
+    assert f"line {line}: {fragment}" in err
+
+
+def test_config_file_alias_bomb_refused_at_once(tmp_path, capsys):
+    """Seven levels of nested aliases (the "billion laughs" shape): refused at the first anchor."""
+    import time
+
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 8)]
+    p = tmp_path / "bomb.yaml"
+    p.write_text("\n".join(lines) + "\n")
+    assert p.stat().st_size < 1024
+    t0 = time.perf_counter()
+    rc, err = run_cli(["run", str(p)], tmp_path / "runs", capsys)
+    assert time.perf_counter() - t0 < 2.0
+    assert rc == 2 and str(p) in err and "line 1: YAML anchors and aliases (&a0)" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_config_file_not_utf8_is_an_input_error(tmp_path, capsys):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("train:\n  lr: 0.1  # caf\xe9\n".encode("latin-1"))
+    rc, err = run_cli(["run", str(p)], tmp_path / "runs", capsys)
+    print(f"\n[non-UTF-8 config] {err.strip()}")
+    assert rc == 2 and err.count("\n") == 1
+    assert "input error" in err and str(p) in err and "not UTF-8" in err and "re-encode" in err
+
+
+def test_truncated_shard_of_a_finished_stage_is_named_on_rerun(world, tripwire, tmp_path, capsys):
+    """A study re-run over a finished stage whose shard was damaged since: one line naming the
+    shard and what to do, not a traceback from whatever reads it next."""
+    root = tmp_path / "runs"
+    argv = ["run", str(world["study"]), "--set", f"run.root={root}"]
+    with pytest.raises(RayStarted):  # the first run: the dataset stage finishes, then Ray would start
+        cli.main(argv)
+    capsys.readouterr()
+    (dataset,) = (root / "dataset").iterdir()
+    shard = sorted((dataset / "images").glob("part-*.parquet"))[0]
+    shard.write_bytes(shard.read_bytes()[:-12])
+    rc, err = run_cli(argv, root, capsys)
+    print(f"\n[truncated shard on re-run] {err.strip()}")
+    assert rc == 2 and err.count("\n") == 1
+    assert f"shard images/{shard.name} is corrupt or truncated" in err
+    assert f"delete the stage directory {dataset}" in err
+
+
+def test_skipped_stage_checks_its_shards(tmp_path):
+    """storage.run_stage reads the footers of a complete stage before skipping it."""
+    from raugment.core.config import InputError
+    from raugment.core.storage import run_stage
+
+    def body(run):
+        run.write(pa.table({"id": ["a", "b"]}), shard="0")
+
+    art = run_stage(tmp_path, "generate", {"k": 1}, None, body)
+    assert run_stage(tmp_path, "generate", {"k": 1}, None, body).path == art.path  # the control: skipped
+    shard = art.path / "images" / "part-0.parquet"
+    shard.write_bytes(shard.read_bytes()[:-12])
+    with pytest.raises(InputError, match=r"shard images/part-0\.parquet is corrupt.*delete the stage directory"):
+        run_stage(tmp_path, "generate", {"k": 1}, None, body)
 
 
 def test_missing_config_file(tmp_path, capsys):

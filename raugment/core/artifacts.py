@@ -16,10 +16,9 @@ from collections import Counter
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from raugment.core import schema as S
-from raugment.core.storage import Artifact
+from raugment.core.storage import Artifact, read_parquet
 
 # ---- dataset ---------------------------------------------------------------------------------
 
@@ -43,7 +42,8 @@ def read_split(artifact: Artifact, split: str, columns: list[str] | None = None)
     if not files:
         return artifact.read("images", columns=columns, schema=S.IMAGES)  # empty, with the schema
     read_cols = None if columns is None else list(dict.fromkeys([*columns, S.SPLIT]))
-    tables = [pq.read_table(f, columns=read_cols, filters=[(S.SPLIT, "=", split)]) for f in files]
+    tables = [read_parquet(f, read_cols, filters=[(S.SPLIT, "=", split)], fix=artifact.repair_hint)
+              for f in files]
     table = pa.concat_tables(tables)
     return table if columns is None or S.SPLIT in columns else table.drop_columns([S.SPLIT])
 

@@ -19,6 +19,8 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import logging
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -107,6 +109,7 @@ class ActorPoolConfig:
 
     def validate(self, key: str) -> None:
         positive(self.concurrency, f"{key}.concurrency")
+        at_most(self.concurrency, MAX_ACTORS, f"{key}.concurrency", ACTORS_REASON)
         positive(self.batch_size, f"{key}.batch_size")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ConfigError(f"{key}: num_cpus/num_gpus must be >= 0")
@@ -124,6 +127,7 @@ class WorkersConfig:
 
     def validate(self, key: str) -> None:
         positive(self.num_workers, f"{key}.num_workers")
+        at_most(self.num_workers, MAX_ACTORS, f"{key}.num_workers", ACTORS_REASON)
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"{key}.cpus_per_worker must be > 0 (Ray refuses 0); try 0.5")
 
@@ -141,6 +145,20 @@ class RunConfig:
     seed: int = 0
     log_level: str = "INFO"
     progress: bool = True
+
+    def validate(self, key: str) -> None:
+        levels = [n for n in logging.getLevelNamesMapping() if n not in ("WARN", "FATAL", "NOTSET")]
+        if self.log_level.upper() not in levels:
+            raise ConfigError(f"{key}.log_level: {self.log_level!r} is not a logging level; use one of "
+                              f"{', '.join(levels)}")
+        # The first part of the path that exists must be a directory (the rest is created).
+        root = Path(self.root).expanduser()
+        for part in (root, *root.parents):
+            if part.exists():
+                if not part.is_dir():
+                    raise ConfigError(f"{key}.root: {str(part)!r} is a file, not a directory; point "
+                                      f"{key}.root at a directory (it is created if missing)")
+                break
 
 
 @dataclass
@@ -264,6 +282,47 @@ def positive(value: int | float, key: str) -> None:
         raise ConfigError(f"{key} must be > 0, got {value}")
 
 
+def at_most(value: int | float, limit: int | float, key: str, reason: str) -> None:
+    """A ConfigError naming ``key``, the bound and why, unless ``value`` <= ``limit``."""
+    if value > limit:
+        raise ConfigError(f"{key} must be <= {limit} ({reason}), got {value}")
+
+
+def no_duplicates(values: list[Any], key: str, reason: str) -> None:
+    """A ConfigError naming ``key`` and the repeated values if ``values`` has any twice."""
+    seen: set[Any] = set()
+    repeated: list[Any] = []
+    for v in values:
+        (repeated if v in seen else []).append(v)
+        seen.add(v)
+    if repeated:
+        raise ConfigError(f"{key} lists {', '.join(map(repr, dict.fromkeys(repeated)))} more than once "
+                          f"({reason}); list each once")
+
+
+# Actors of one pool or workers of one group: one process each, far beyond any cluster this runs on.
+MAX_ACTORS = 4096
+ACTORS_REASON = "one process each; more than any cluster has slots for"
+# Image sides for models (generation, training): beyond this only a typo (and memory).
+MAX_IMAGE_SIDE = 4096
+
+# Resampled sets / repeats per method and ratio: each is a trained classifier (the paper: 5).
+MAX_SETS = 100
+SETS_REASON = "each set trains one more classifier per method and ratio; the paper uses 5"
+
+
+def _check_finite(value: Any, key: str) -> None:
+    """A ConfigError naming ``key`` for a NaN or infinite float anywhere in ``value``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value} is not a finite number; give a finite value")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -273,6 +332,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
+        _check_finite(value, key)  # e.g. dotted overrides of study.variants / tune.space values
         return value
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
@@ -318,7 +378,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):  # NaN trains at chance; inf crashes deep inside a stage
+            raise ConfigError(f"{key}: {value} is not a finite number; give a finite value")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r} (quote it in YAML)")
@@ -376,7 +442,7 @@ def to_dict(cfg: Any) -> dict:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """``"train.lr=0.01"`` -> (["train", "lr"], 0.01). Values are parsed as YAML scalars/lists."""
+    """``"train.lr=0.01"`` -> (["train", "lr"], 0.01). Values are parsed as YAML (:class:`StrictLoader`)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     key, raw = item.split("=", 1)
@@ -384,9 +450,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+        value = load_yaml_text(raw) if raw.strip() else ""
+    except StrictYAMLError as exc:
+        raise ConfigError(f"override {key}: {exc}") from None
+    except (yaml.YAMLError, ValueError) as exc:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {yaml_problem(exc)}") from None
     return key.split("."), value
 
 
@@ -407,15 +475,87 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
+class StrictYAMLError(yaml.YAMLError):
+    """YAML that parses but that a config refuses: a repeated key, an anchor or alias, a merge key."""
+
+    def __init__(self, problem: str, mark: Any):
+        self.problem, self.mark = problem, mark
+        super().__init__(f"line {mark.line + 1}: {problem}" if mark is not None else problem)
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses what is only ever a mistake or an attack in a config.
+
+    * a key given twice in one mapping, at any depth (PyYAML keeps the last one silently: a
+      second ``lr:`` or a second ``study:`` section replaced the first);
+    * anchors, aliases and merge keys (``&a``, ``*a``, ``<<``): a config has no use for them, and
+      nested aliases expand exponentially (under 1 KB of YAML took 35 s and 700 MB at 7 levels).
+      They are refused when composed, before anything is expanded.
+
+    Errors are :class:`StrictYAMLError` with the line.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            sign = "*" if isinstance(event, yaml.AliasEvent) else "&"
+            raise StrictYAMLError(f"YAML anchors and aliases ({sign}{anchor}) are not accepted in a config; "
+                                  "write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise StrictYAMLError("YAML merge keys (<<) are not accepted in a config; write the keys "
+                                          "out", key_node.start_mark)
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = first.get(key)
+                except TypeError:  # unhashable: SafeLoader's own error names it
+                    continue
+                if seen is not None:
+                    raise StrictYAMLError(f"key {key!r} is given twice (first on line {seen + 1}); keep one",
+                                          key_node.start_mark)
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_text(text: str) -> Any:
+    """Parse config YAML with :class:`StrictLoader` (``yaml.load``, never an unsafe loader)."""
+    return yaml.load(text, Loader=StrictLoader)
+
+
+def yaml_problem(exc: BaseException) -> str:
+    """One line from a YAML error: where (line, column) and what."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        what = "; ".join(p for p in (exc.context, exc.problem) if p)
+        return f"line {mark.line + 1}, column {mark.column + 1}: {what}"
+    return " ".join(str(exc).split())
+
+
 def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; a clear error if the file is missing or not a mapping."""
+    """Read a config YAML mapping (:class:`StrictLoader`); a clear one-line error naming the file if
+    it is missing, not UTF-8, not valid YAML, repeats a key, uses anchors, or is not a mapping."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"config file {str(p)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                         f"offset {exc.start}); re-encode it as UTF-8") from None
+    except OSError as exc:
+        raise InputError(f"config file {str(p)!r} cannot be read: {exc.strerror or exc}") from None
+    try:
+        data = load_yaml_text(text) or {}
+    except StrictYAMLError as exc:
+        raise ConfigError(f"config file {str(p)!r} {exc}") from None
+    except (yaml.YAMLError, ValueError) as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
     return data
@@ -458,7 +598,15 @@ def with_overrides(cfg: C, overrides: dict[str, Any]) -> C:
 
 def dump_yaml(cfg: Any) -> str:
     """YAML text of a config or section."""
-    return yaml.safe_dump(to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg, sort_keys=False)
+    return yaml.dump(to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg, Dumper=_NoAliasDumper,
+                     sort_keys=False)
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    """Writes a value seen twice out twice: what ``raugment config`` prints reads back (no aliases)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def canonical_json(data: Any) -> str:

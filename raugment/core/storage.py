@@ -116,14 +116,15 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     os.replace(tmp, final)
 
 
-def read_parquet(path: str | Path, columns: list[str] | None = None, *, fix: str = "") -> pa.Table:
+def read_parquet(path: str | Path, columns: list[str] | None = None, *, fix: str = "",
+                 filters: Any = None) -> pa.Table:
     """``pq.read_table`` whose failure on a corrupt or truncated file names the file and the fix.
 
     Raises:
         InputError: the file cannot be read as Parquet (or lacks a requested column).
     """
     try:
-        return pq.read_table(path, columns=columns)
+        return pq.read_table(path, columns=columns, filters=filters)
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"cannot read Parquet file {str(path)!r}: {exc}"
                          f"{'; ' + fix if fix else ''}") from None
@@ -175,8 +176,13 @@ class Artifact:
                 pq.read_metadata(f)
             except (pa.ArrowException, OSError) as exc:
                 raise InputError(f"artifact {self.path}: shard {f.relative_to(self.path)} is corrupt or "
-                                 f"truncated ({exc}); remove that file and {SUCCESS}, then re-run stage "
-                                 f"{self.stage!r} (it redoes only what is missing)") from None
+                                 f"truncated ({exc}); {self.repair_hint}") from None
+
+    @property
+    def repair_hint(self) -> str:
+        """What to do about a damaged shard of this artifact (the end of the error naming it)."""
+        return (f"delete the stage directory {self.path} (or, to keep the rest, that file and {SUCCESS}) "
+                f"and re-run stage {self.stage!r}")
 
     @property
     def complete(self) -> bool:
@@ -192,8 +198,7 @@ class Artifact:
              schema: pa.Schema | None = None) -> pa.Table:
         """All shards of ``table`` as one Arrow table (empty table of ``schema`` if none)."""
         # A damaged shard (a disk that filled up, a copy cut short) is named with what to do.
-        fix = (f"remove {self.path / SUCCESS} and that file, then re-run stage {self.stage!r} "
-               "(it redoes only what is missing)")
+        fix = self.repair_hint
         single = self.path / f"{table}.parquet"
         if single.exists():
             return read_parquet(single, columns, fix=fix)
@@ -302,6 +307,8 @@ def run_stage(root: str | Path, stage: str, section: Any,
     run = StageRun(root, stage, section, inputs)
     with _key_lock(run.path):
         if run.complete and not force:
+            # Footers only (cheap): a shard damaged since is named now, not deep in a later stage.
+            run.artifact.check_shards()
             log.info("stage %s [%s] already complete, skipping (%s)", stage, run.key, run.path)
             return run.artifact
         if run.complete:

@@ -5,7 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from raugment.core.config import ConfigError, positive
+from raugment.core.config import (
+    ACTORS_REASON,
+    MAX_ACTORS,
+    MAX_SETS,
+    SETS_REASON,
+    ConfigError,
+    at_most,
+    no_duplicates,
+    positive,
+)
 
 
 @dataclass
@@ -101,7 +110,12 @@ class StudyConfig:
 
     def validate(self, key: str) -> None:
         positive(self.sets, f"{key}.sets")
+        at_most(self.sets, MAX_SETS, f"{key}.sets", SETS_REASON)
+        at_most(len(self.seeds), MAX_SETS, f"{key}.seeds (count)", "each seed trains every classifier once more")
+        no_duplicates(self.seeds, f"{key}.seeds", "a seed twice trains the same classifier twice and counts "
+                      "it as two runs")
         positive(self.parallel, f"{key}.parallel")
+        at_most(self.parallel, MAX_ACTORS, f"{key}.parallel", "stage runs in flight at once; " + ACTORS_REASON)
         positive(self.pool_factor, f"{key}.pool_factor")
         positive(self.node_gpus, f"{key}.node_gpus")
         positive(self.node_cpus, f"{key}.node_cpus")

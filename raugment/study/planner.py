@@ -312,6 +312,9 @@ def method_config(cfg: Config, method: str) -> tuple[str, str, Config]:
     if pipeline is None:
         raise unknown_method(f"study.variants.{method}.method" if method in cfg.study.variants else "study.methods",
                              base)
+    if not isinstance(pipeline, str) or pipeline not in PIPELINES:
+        raise ConfigError(f"study.variants.{method}.pipeline: unknown pipeline {pipeline!r}; known: "
+                          f"{', '.join(PIPELINES.names())} (or leave it out: the method's own pipeline)")
     try:
         variant_cfg = with_overrides(cfg, variant) if variant else cfg
     except ConfigError as exc:

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -201,3 +202,142 @@ def test_pick_device_auto_follows_cuda(monkeypatch):
 def test_bad_gpu_options_named(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(None, overrides)
+
+
+# ---- hostile inputs (issue 22) ---------------------------------------------------------------
+
+
+def _float_keys(cls: type, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, its shape) of every key of ``cls`` that takes floats: ``float`` and ``float |
+    None`` ("scalar"), ``list[float]`` ("list"), ``dict[str, float]`` and optional ones ("dict")."""
+    import dataclasses
+    import typing
+
+    keys: list[tuple[str, str]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            keys += _float_keys(tp, f"{prefix}{f.name}.")
+            continue
+        for arg in (tp, *typing.get_args(tp)):
+            origin, args = typing.get_origin(arg), typing.get_args(arg)
+            if arg is float:
+                keys.append((prefix + f.name, "scalar"))
+            elif origin is list and args == (float,):
+                keys.append((prefix + f.name, "list"))
+            elif origin is dict and args[1:] == (float,):
+                keys.append((prefix + f.name, "dict"))
+            else:
+                continue
+            break
+    return keys
+
+
+FLOAT_KEYS = _float_keys(Config)
+
+
+def test_float_keys_found():
+    # the control: the walk finds plug-in and nested keys, not only top-level ones
+    keys = dict(FLOAT_KEYS)
+    assert {"train.lr", "study.pool_factor", "retrieve.k_max_factor", "dataset.synthetic.imbalance",
+            "train.workers.cpus_per_worker", "retrieve.aesthetic_threshold"} <= set(keys)
+    assert keys["study.ratios"] == "list" and keys["study.costs"] == "dict" and keys["report.upper_bound"] == "dict"
+    assert len(FLOAT_KEYS) > 40
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_every_float_key_refuses_nan_and_infinity(value):
+    for key, shape in FLOAT_KEYS:
+        given, named = {"scalar": (value, key), "list": (f"[{value}]", f"{key}[0]"),
+                        "dict": (f"{{x: {value}}}", f"{key}.x")}[shape]
+        with pytest.raises(ConfigError, match=rf"^{re.escape(named)}: (nan|inf|-inf) is not a finite"):
+            load_config(None, [f"{key}={given}"])
+
+
+def test_non_finite_inside_free_form_values_named():
+    with pytest.raises(ConfigError, match=r"^study\.costs\.generate: nan is not a finite"):
+        from_dict({"study": {"costs": {"generate": float("nan")}}})
+    with pytest.raises(ConfigError, match=r"^tune\.space\.train\.lr\[1\]: inf is not a finite"):
+        from_dict({"tune": {"space": {"train.lr": [0.1, float("inf")]}}})
+
+
+def test_strict_loader_refuses_duplicates_at_any_depth_with_line():
+    from raugment.core.config import StrictYAMLError, load_yaml_text
+
+    assert load_yaml_text("a: 1\nb: {c: 2, d: [3]}\n") == {"a": 1, "b": {"c": 2, "d": [3]}}  # the control
+    for text, line, key in [("a: 1\nb: 2\na: 3\n", 3, "a"),
+                            ("s:\n  t:\n    u: 1\n    v: 2\n    u: 3\n", 5, "u"),
+                            ("- {x: 1, x: 2}\n", 1, "x"),
+                            ("1: a\n1: b\n", 2, 1)]:
+        with pytest.raises(StrictYAMLError, match=rf"^line {line}: key {key!r} is given twice"):
+            load_yaml_text(text)
+
+
+@pytest.mark.parametrize("text", ["a: &x 1\n", "a: &x 1\nb: *x\n", "a: {<<: {b: 1}}\n"])
+def test_strict_loader_refuses_anchors_aliases_merge_keys(text):
+    from raugment.core.config import StrictYAMLError, load_yaml_text
+
+    with pytest.raises(StrictYAMLError, match="not accepted in a config"):
+        load_yaml_text(text)
+
+
+def test_config_dump_reads_back_under_the_strict_loader(tmp_path):
+    from raugment.core.config import dump_yaml, read_yaml, to_dict
+
+    shared = [1.0, 2.0]
+    p = tmp_path / "c.yaml"
+    p.write_text(dump_yaml({"a": shared, "b": shared}))  # the same object twice: no alias written
+    assert read_yaml(p) == {"a": shared, "b": shared}
+    p.write_text(dump_yaml(Config()))
+    assert from_dict(read_yaml(p)) == Config() and to_dict(from_dict(read_yaml(p))) == to_dict(Config())
+
+
+def test_run_section_checks_log_level_and_root(tmp_path):
+    assert load_config(None, ["run.log_level=debug", f"run.root={tmp_path / 'new' / 'runs'}"])  # the control
+    with pytest.raises(ConfigError, match=r"^run\.log_level: 'LOUD' is not a logging level; use one of"):
+        load_config(None, ["run.log_level=LOUD"])
+    (tmp_path / "f").write_text("")
+    for root in (tmp_path / "f", tmp_path / "f" / "runs"):
+        with pytest.raises(ConfigError, match=r"^run\.root: .*/f' is a file, not a directory"):
+            load_config(None, [f"run.root={root}"])
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["train.seeds=[1, 2, 1]"], r"^train\.seeds lists 1 more than once"),
+    (["study.seeds=[0, 0]"], r"^study\.seeds lists 0 more than once"),
+    (["study.sets=101"], r"^study\.sets must be <= 100 \("),
+    (["generate.num_sets=101"], r"^generate\.num_sets must be <= 100"),
+    (["assemble.num_sets=101"], r"^assemble\.num_sets must be <= 100"),
+    (["train.repeat_sets=101"], r"^train\.repeat_sets must be <= 100"),
+    (["study.seeds=" + str(list(range(101)))], r"^study\.seeds \(count\) must be <= 100"),
+    (["dataset.synthetic.size=1025"], r"^dataset\.synthetic\.size must be <= 1024 \(pixels"),
+    (["dataset.synthetic.num_classes=17"], r"^dataset\.synthetic\.num_classes must be <= 16"),
+    (["dataset.synthetic.train_per_class=100000"], r"^dataset\.synthetic\.train_per_class \+"),
+    (["generate.pool.concurrency=5000"], r"^generate\.pool\.concurrency must be <= 4096 \(one process"),
+    (["train.workers.num_workers=5000", "train.batch_size=8192"], r"^train\.workers\.num_workers must be <= 4096"),
+    (["study.parallel=5000"], r"^study\.parallel must be <= 4096"),
+    (["generate.height=8192"], r"^generate\.height must be <= 4096"),
+    (["train.image_size=5000"], r"^train\.image_size must be <= 4096"),
+])
+def test_count_bounds_and_duplicate_seeds(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, overrides)
+
+
+def test_count_bounds_admit_their_limit():
+    cfg = load_config(None, ["study.sets=100", "train.repeat_sets=100", "dataset.synthetic.size=1024",
+                             "generate.pool.concurrency=4096", "generate.width=4096", "train.image_size=4096",
+                             "dataset.synthetic.num_classes=16", "study.seeds=[0, 1]", "train.seeds=[5, 6]"])
+    assert cfg.study.sets == 100 and cfg.dataset.synthetic.size == 1024
+
+
+def test_unknown_variant_pipeline_lists_the_known_ones():
+    from raugment.study.planner import method_config
+
+    cfg = load_config(None, ["study.methods=[v]", "study.variants={v: {method: simple, pipeline: magic}}"])
+    with pytest.raises(ConfigError, match=r"^study\.variants\.v\.pipeline: unknown pipeline 'magic'; known: "
+                                          r"baseline, finetune, generate, retrieval"):
+        method_config(cfg, "v")
+    ok = load_config(None, ["study.methods=[v]", "study.variants={v: {method: simple, pipeline: generate}}"])
+    assert method_config(ok, "v")[:2] == ("simple", "generate")  # the control

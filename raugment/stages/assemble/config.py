@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from raugment.core.config import ConfigError, positive
+from raugment.core.config import MAX_SETS, SETS_REASON, ConfigError, at_most, positive
 
 
 @dataclass
@@ -28,6 +28,7 @@ class AssembleConfig:
         if not 0 <= self.ratio <= 2500:
             raise ConfigError(f"{key}.ratio is a percentage in [0, 2500], got {self.ratio}")
         positive(self.num_sets, f"{key}.num_sets")
+        at_most(self.num_sets, MAX_SETS, f"{key}.num_sets", SETS_REASON)
         if not 0 <= self.set_index < self.num_sets:
             raise ConfigError(f"{key}.set_index must be in [0, {key}.num_sets={self.num_sets}), "
                               f"got {self.set_index}")

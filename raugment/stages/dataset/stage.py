@@ -407,6 +407,7 @@ def run(cfg: Config) -> Artifact:
     root = Path(cfg.run.root)
     probe = StageRun(root, STAGE, cfg.dataset)
     if probe.complete:  # skip the listing too: it walks the whole tree
+        probe.artifact.check_shards()  # footers only: a shard damaged since is named here
         log.info("stage %s [%s] already complete, skipping (%s)", STAGE, probe.key, probe.path)
         return probe.artifact
     listing = source.listing(cfg.dataset, root)

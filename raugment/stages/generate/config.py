@@ -8,9 +8,13 @@ from typing import Literal
 
 from raugment.core.config import (
     AUTO,
+    MAX_IMAGE_SIDE,
+    MAX_SETS,
+    SETS_REASON,
     ActorPoolConfig,
     AutoBool,
     ConfigError,
+    at_most,
     on_gpu,
     positive,
     resolve_auto,
@@ -77,6 +81,7 @@ class GenerateConfig:
         positive(self.images_per_class, f"{key}.images_per_class")
         positive(self.steps, f"{key}.steps")
         positive(self.num_sets, f"{key}.num_sets")
+        at_most(self.num_sets, MAX_SETS, f"{key}.num_sets", SETS_REASON)
         positive(self.max_attempts_per_image, f"{key}.max_attempts_per_image")
         positive(self.shard_images, f"{key}.shard_images")
         if self.pool.gpu_fallback:
@@ -86,6 +91,7 @@ class GenerateConfig:
             v = getattr(self, dim)
             if v <= 0 or v % 8:
                 raise ConfigError(f"{key}.{dim} must be a positive multiple of 8, got {v}")
+            at_most(v, MAX_IMAGE_SIDE, f"{key}.{dim}", "pixels; Stable Diffusion works at 512-1024")
         if self.guidance_scale < 0:
             raise ConfigError(f"{key}.guidance_scale must be >= 0 (1 = no guidance), got {self.guidance_scale}")
         if self.scheduler not in SCHEDULERS:

@@ -6,7 +6,18 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from raugment.core.config import AutoBool, ConfigError, WorkersConfig, positive, resolve_auto
+from raugment.core.config import (
+    MAX_IMAGE_SIDE,
+    MAX_SETS,
+    SETS_REASON,
+    AutoBool,
+    ConfigError,
+    WorkersConfig,
+    at_most,
+    no_duplicates,
+    positive,
+    resolve_auto,
+)
 
 
 @dataclass
@@ -58,6 +69,8 @@ class TrainConfig:
         positive(self.batch_size, f"{key}.batch_size")
         positive(self.max_epochs, f"{key}.max_epochs")
         positive(self.image_size, f"{key}.image_size")
+        at_most(self.image_size, MAX_IMAGE_SIDE, f"{key}.image_size", "pixels of the training crop; ResNet-50 "
+                "uses 224")
         positive(self.repeat_sets, f"{key}.repeat_sets")
         positive(self.checkpoints_to_keep, f"{key}.checkpoints_to_keep")
         if self.batch_size < self.workers.num_workers:
@@ -75,6 +88,10 @@ class TrainConfig:
             raise ConfigError(f"{key}.loader_workers must be >= 0 (0 = decode in the train worker)")
         if not self.seeds:
             raise ConfigError(f"{key}.seeds must list at least one seed, e.g. [0]")
+        no_duplicates(self.seeds, f"{key}.seeds", "a seed twice trains the same classifier twice and counts "
+                      "it as two runs")
+        at_most(len(self.seeds), MAX_SETS, f"{key}.seeds (count)", "each seed trains every set once more")
+        at_most(self.repeat_sets, MAX_SETS, f"{key}.repeat_sets", SETS_REASON)
 
     def run_device(self) -> str:
         """``"cuda"`` when the workers use GPUs, else ``"cpu"`` (Ray Train's device per worker)."""

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageDraw
 
-from raugment.core.config import ConfigError, PluginSettings, positive, to_dict
+from raugment.core.config import ConfigError, PluginSettings, at_most, positive, to_dict
 from raugment.stages.dataset.sources import DATASETS, DatasetSource, Listing
 from raugment.stages.dataset.sources.imagefolder import list_imagefolder
 
@@ -54,6 +54,10 @@ SYNTHETIC_CLASSES: list[str] = [
 ]
 
 
+MAX_SYNTHETIC_SIDE = 1024
+MAX_SYNTHETIC_IMAGES = 100_000
+
+
 @dataclass
 class SyntheticConfig:
     """The embedded demo dataset (subsection ``dataset.synthetic``): coloured shapes a small CNN can learn.
@@ -72,8 +76,17 @@ class SyntheticConfig:
         positive(self.train_per_class, f"{key}.train_per_class")
         if self.test_per_class < 0:
             raise ConfigError(f"{key}.test_per_class must be >= 0, got {self.test_per_class}")
+        at_most(self.num_classes, len(SYNTHETIC_CLASSES), f"{key}.num_classes",
+                "the number of coloured-shape classes defined")
         if self.size < 8:
             raise ConfigError(f"{key}.size must be >= 8 pixels, got {self.size}")
+        # Each image is drawn at 4x the side and held in memory: 30000 px is ~14 GB of mask per
+        # image; a demo dataset needs tens of pixels, and real data comes through imagefolder/parquet.
+        at_most(self.size, MAX_SYNTHETIC_SIDE, f"{key}.size", "pixels per side of a drawn demo image; use "
+                "dataset.source=imagefolder or parquet for real data")
+        at_most(self.train_per_class + self.test_per_class, MAX_SYNTHETIC_IMAGES,
+                f"{key}.train_per_class + {key}.test_per_class",
+                "images drawn per class of the demo dataset")
         if not 0 <= self.imbalance < 1:
             raise ConfigError(f"{key}.imbalance must be in [0, 1), got {self.imbalance}")
 
