@@ -9,6 +9,14 @@ written once against this small interface and run unchanged on every runner:
 * :class:`RayContext` — a Ray Train ``TorchTrainer`` worker (Ray Train's checkpoints).
 
 What a checkpoint holds is the loop's own :class:`CheckpointState` class.
+
+Two helpers make a resumed or distributed run give the uninterrupted, single-model result:
+
+* :func:`seed_epoch` re-seeds every global RNG from ``(seed, rank, epoch)`` at the start of each
+  epoch (and before test scoring), so a run resumed at epoch ``e`` draws exactly the augmentation,
+  dropout and loader-worker seeds the uninterrupted run drew: no RNG state has to be checkpointed;
+* :func:`sync_buffers` averages a model's buffers (BatchNorm running statistics) over the ranks,
+  so every rank evaluates, and rank 0 saves, the same model.
 """
 
 from __future__ import annotations
@@ -90,6 +98,56 @@ class LocalContext:
         if state is not None:
             with atomic_dir(self.checkpoint_dir / "latest") as tmp:
                 state.write(tmp)
+
+
+def seed_epoch(seed: int, rank: int, epoch: int) -> int:
+    """Seed torch (CPU and CUDA), NumPy's global RNG and :mod:`random` for one epoch of one rank.
+
+    The seed is a hash of ``(seed, rank, epoch)`` (``numpy.random.SeedSequence``), so ranks draw
+    different augmentation, epochs different streams, and the same triple always the same one.
+    DataLoader workers take their seeds from torch's global generator when an epoch's iterator
+    starts, so they follow too. Returns the 63-bit seed given to torch.
+    """
+    import random
+
+    import numpy as np
+    import torch
+
+    mask = (1 << 64) - 1  # SeedSequence takes non-negative entropy
+    state = np.random.SeedSequence([seed & mask, rank & mask, epoch & mask, 0x5EED]).generate_state(2, np.uint64)
+    value = int(state[0]) >> 1
+    torch.manual_seed(value)
+    random.seed(value)
+    np.random.seed(int(state[1]) & 0xFFFFFFFF)
+    return value
+
+
+def sync_buffers(model: torch.nn.Module, ctx: Any) -> None:
+    """Average ``model``'s buffers over the ranks of ``ctx`` (a :class:`LoopContext`), in place.
+
+    In DDP every rank updates its BatchNorm running statistics from its own batches, so after an
+    epoch the ranks hold different models; evaluating each rank's share with its own statistics
+    scores no model that is saved. Floating buffers become their mean over the ranks; integer
+    ones (``num_batches_tracked``, equal on all ranks that ran the same steps) the floor of their
+    mean. One all-reduce per buffer dtype; a no-op for one worker.
+    """
+    if ctx.world_size == 1:
+        return
+    import torch
+
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buf in model.buffers():
+        by_dtype.setdefault(buf.dtype, []).append(buf)
+    with torch.no_grad():
+        for dtype, bufs in by_dtype.items():
+            if dtype == torch.bool:
+                continue
+            flat = ctx.all_reduce(torch.cat([b.detach().reshape(-1) for b in bufs]))
+            flat = flat / ctx.world_size if dtype.is_floating_point else flat // ctx.world_size
+            offset = 0
+            for b in bufs:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
 
 
 def _all_reduce(tensor: torch.Tensor, world_size: int) -> torch.Tensor:

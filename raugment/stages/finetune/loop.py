@@ -13,7 +13,9 @@ size, device, DDP wrapping, all-reduce, checkpoint load/report), so both runners
    as Stable Diffusion training does, without running the VAE encoder again;
 3. restores the full training state (:class:`FinetuneState`) from the context's last checkpoint
    when a worker failure (or a killed driver) restarted the run, and continues after the last
-   finished epoch;
+   finished epoch, exactly: every epoch's randomness (latent samples, noise, timesteps, prompts,
+   and the global RNGs through :func:`raugment.runtime.contexts.seed_epoch`) comes from
+   ``(seed, epoch, rank)``, so a resumed run ends bit for bit as an uninterrupted one on CPU;
 4. trains epochs: shuffled, padded so all ranks take the same number of batches; validation loss
    on the held-out items with noise and timesteps fixed across epochs (comparable numbers);
 5. rank 0 writes the generator-facing snapshots (:mod:`raugment.lib.finetuned.artifact`) for epochs
@@ -334,7 +336,12 @@ class WorkerLoop:
         """One epoch; returns (mean train loss over all ranks, seconds per step, steps)."""
         import torch
 
+        from raugment.runtime.contexts import seed_epoch
+
         t0 = time.perf_counter()
+        # the global RNGs (dropout, anything a method draws without a generator) per (seed, rank,
+        # epoch), like the generators below: a run resumed at this epoch continues exactly
+        seed_epoch(self.cfg.seed, self.rank, epoch)
         order = epoch_order(len(self.train_pos), self.world, self.cfg.batch_size, epoch, self.cfg.seed)
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch * 1009 + self.rank)
         rng = np.random.default_rng([self.cfg.seed, epoch, self.rank])

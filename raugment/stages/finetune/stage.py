@@ -150,11 +150,12 @@ def result_section(cfg: Config) -> dict[str, Any]:
     """The ``finetune`` settings that make the stage key.
 
     ``runner`` is left out: both runners run the same :class:`~raugment.stages.finetune.loop.WorkerLoop`
-    with the same seeding (``torch.manual_seed(finetune.seed)`` at the start of every rank, per
-    epoch and per rank generators, the same thread count for the same ``cpus_per_worker``, DDP
-    wrapping only the learned parts in both), and their contexts differ only in where a
-    checkpoint goes, so a seed gives the same tables and snapshots (``tests/test_finetune.py``
-    checks it). Every other field stays, so keys of configs without ``runner`` are unchanged.
+    with the same seeding (``torch.manual_seed(finetune.seed)`` at the start of every rank, the
+    global RNGs re-seeded and generators drawn per epoch and rank, the same thread count for the
+    same ``cpus_per_worker``, DDP wrapping only the learned parts in both), and their contexts
+    differ only in where a checkpoint goes, so a seed gives the same tables and snapshots
+    (``tests/test_finetune.py`` checks it). Every other field stays, so keys of configs without
+    ``runner`` are unchanged.
     """
     from raugment.core.config import to_dict
 

@@ -8,7 +8,12 @@ Layers, from pure to Ray:
 * :func:`fit` — the training loop of one worker, written against a small :class:`LoopContext`
   (rank, device, all-reduce, checkpoint load/report). It checkpoints every epoch, resumes from
   the last checkpoint without redoing finished epochs, keeps the best-validation weights and, at the
-  end, scores exactly those weights on the test split.
+  end, scores exactly those weights on the test split. Resuming is exact: every RNG is re-seeded
+  from ``(seed, rank, epoch)`` as an epoch starts (:func:`~raugment.runtime.contexts.seed_epoch`)
+  and the checkpoint holds the weights, optimizer, scaler and recipe state, so a run stopped
+  after any epoch ends bit for bit as the uninterrupted one (CPU, same worker count). After each
+  epoch the ranks average their BatchNorm buffers (:func:`~raugment.runtime.contexts.sync_buffers`),
+  so what they evaluate is the one model rank 0 saves.
 * Runners (``train.runner``): ``worker_group`` — :class:`GroupContext` on a long-lived
   :class:`~raugment.runtime.worker_group.WorkerGroup` (DDP actors started once per study, checkpoints in
   the stage directory, a failed run retried on a new group); ``ray_train`` — :class:`RayContext` +
@@ -44,7 +49,7 @@ from raugment.core import schema as S
 from raugment.core.artifacts import MODEL_DIR, RESULTS_FILE, read_results
 from raugment.core.config import ConfigError, to_dict, with_overrides
 from raugment.core.storage import Artifact, StageRun, run_stage, write_text_atomic
-from raugment.runtime.contexts import GroupContext, LoopContext, RayContext
+from raugment.runtime.contexts import GroupContext, LoopContext, RayContext, seed_epoch, sync_buffers
 from raugment.stages.train.config import TrainConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -316,8 +321,6 @@ def fit(spec: LoopSpec, ctx: LoopContext[TrainState]) -> dict[str, Any]:
     if cfg.compile:  # the training step only; state dicts and evaluation use the plain ``net``
         # a compiled Module is an OptimizedModule (a Module); the stub types the result as a Callable
         model = cast("torch.nn.Module", torch.compile(model))
-    # augmentation randomness (crops, flips, loader worker seeds) must differ between ranks
-    torch.manual_seed(cfg.seed * 100_003 + 1 + ctx.rank)
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.amp == "fp16")
@@ -360,10 +363,14 @@ def fit(spec: LoopSpec, ctx: LoopContext[TrainState]) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = recipe.lr
         lr = recipe.lr
+        # augmentation (crops, flips, loader worker seeds) per (seed, rank, epoch): differs between
+        # ranks, and a run resumed at this epoch draws exactly what the uninterrupted run drew
+        seed_epoch(cfg.seed, ctx.rank, epoch)
         t0 = time.perf_counter()
         totals = _train_epoch(model, train_batches.epoch(epoch), optimizer, scaler, autocast, ctx.device, mem)
         train_s = time.perf_counter() - t0
         totals = ctx.all_reduce(totals)
+        sync_buffers(net, ctx)  # one set of BatchNorm statistics: every rank evaluates and saves it
         val = overall(_evaluate(net, val_batches, spec, ctx, autocast).tolist())
         decision = recipe.step(val["top1"])
         if decision.is_best:
@@ -379,6 +386,7 @@ def fit(spec: LoopSpec, ctx: LoopContext[TrainState]) -> dict[str, Any]:
 
     if test_counts is None:
         net.load_state_dict(best)  # the best-validation weights are the ones scored
+        seed_epoch(cfg.seed, ctx.rank, recipe.epochs_done)
         test_batches = _Batches(spec, ctx, spec.test_units, train=False)
         test_counts = _evaluate(net, test_batches, spec, ctx, autocast).tolist()
     test = overall(test_counts)
