@@ -18,7 +18,8 @@ The server stamps each request's arrival, so both tools are measured from outsid
   img2dataset's worker process);
 * steady state: URLs/s between the 10th and the 90th percentile of arrivals (needs >= 10,000 URLs to
   mean anything: below that the tails dominate);
-* end to end: URLs / (spawn -> exit); CPU: the child's user+sys seconds / wall seconds (cores used).
+* end to end: URLs / (spawn -> exit); CPU: the child's user+sys seconds / wall seconds (cores used),
+  and the same for this process (the server's threads: it shares the machine with the tool).
 
 ``--runs`` runs of each tool per latency, alternating which goes first; medians are printed, with
 the ratios raugment / img2dataset and ``/proc/loadavg`` before and after (the machine's load moves
@@ -111,16 +112,22 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _own_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run_tool(cmd: list[str], env: dict[str, str], server: Any, n_urls: int, timeout_s: float) -> dict[str, float]:
     """Spawn ``cmd``, wait, and measure it through ``server.arrivals`` (reset here)."""
     server.arrivals = []
-    cpu0 = _children_cpu()
+    cpu0, own0 = _children_cpu(), _own_cpu()
     spawn = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     end = time.perf_counter()
     if res.returncode:
         raise RuntimeError(f"{cmd[0]} exited {res.returncode}:\n{res.stderr[-3000:]}")
     figures = run_figures(spawn, end, list(server.arrivals), n_urls, _children_cpu() - cpu0)
+    figures["server_cores"] = (_own_cpu() - own0) / (end - spawn)   # this process: the server's threads
     figures["ok"] = float(json.loads(res.stdout.strip().splitlines()[-1])["ok"])
     return figures
 
@@ -150,7 +157,7 @@ def url_list(base: str, paths: Sequence[str], n: int) -> list[str]:
 
 def fmt(m: dict[str, float]) -> str:
     return (f"start {m['startup_s']:.2f} s, steady {m['steady_url_s']:.0f} url/s, end-to-end "
-            f"{m['e2e_url_s']:.0f} url/s, {m['cores']:.2f} cores, ok {m['ok']:.0f}")
+            f"{m['e2e_url_s']:.0f} url/s, {m['cores']:.2f} cores (server {m['server_cores']:.2f}), ok {m['ok']:.0f}")
 
 
 def main(argv: list[str] | None = None) -> int:
