@@ -12,8 +12,8 @@ export HF_DATASETS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export NO_ALBUMENTATIONS_UPDATE := 1
-# Side environments (the real clip-retrieval server of the slow tests) live outside the clone, so a
-# fresh clone or CI run reuses them.
+# Side environments (the real clip-retrieval server of the slow tests, img2dataset for `make bench`)
+# live outside the clone, so a fresh clone or CI run reuses them (tools/side_env.py).
 export RAUGMENT_SIDE_ENVS ?= $(HOME)/.cache/raugment
 
 .PHONY: venv test test-slow demo bench clean lint
@@ -39,7 +39,10 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/raugment demo
 
+# img2dataset (the download benchmark's peer) lives in a side environment under $(RAUGMENT_SIDE_ENVS):
+# it installs only with --no-deps beside the project's pins (tools/img2dataset_env; built once, reused).
 bench: $(STAMP)
+	$(BIN)/python tools/img2dataset_env/setup_env.py
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:

@@ -9,7 +9,13 @@ The plain loop is what one would write by hand: for each file, read, decode with
 encode, collect rows, write one Parquet file. raugment does the same work through the stage
 (planning, sharded writes, thread pool of ``read_threads``, stats, resume bookkeeping).
 
-Usage: ``python benchmarks/dataset.py [--images 400] [--threads 4]``
+Each setting is repeated ``--repeats`` times, plain loop and stage back to back (each stage run in a
+fresh ``run.root``: a complete key would be skipped), and the medians are printed: the median
+img/s of each and the median of the per-repeat ratios (a pair shares the machine's load of that
+moment). One 12 s run of 400 images gave ratios that moved by tens of percent between runs on a
+shared 2-core machine; 800 images x 7 repeats takes ~2 min.
+
+Usage: ``python benchmarks/dataset.py [--images 800] [--repeats 7] [--threads 4]``
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 import pyarrow as pa
@@ -57,6 +64,16 @@ def plain_loop(root: Path, out: Path, max_side: int | None) -> int:
     return len(rows)
 
 
+def paired_medians(plain_s: list[float], stage_s: list[float], images: int) -> dict[str, float]:
+    """Median img/s of each side and the median of the per-repeat ratios (plain time / stage time)."""
+    if len(plain_s) != len(stage_s) or not plain_s or min(plain_s + stage_s) <= 0:
+        raise ValueError("paired_medians needs as many (> 0 s) plain as stage timings, at least one")
+    return {"plain_img_s": median(images / t for t in plain_s), "stage_img_s": median(images / t for t in stage_s),
+            "ratio": median(p / t for p, t in zip(plain_s, stage_s)),
+            "ratio_min": min(p / t for p, t in zip(plain_s, stage_s)),
+            "ratio_max": max(p / t for p, t in zip(plain_s, stage_s))}
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -65,7 +82,8 @@ def timed(fn) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--images", type=int, default=800)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=4)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-dataset-") as tmp:
@@ -73,17 +91,21 @@ def main(argv: list[str] | None = None) -> int:
         make_tree(root, args.images)
         figures = []
         for label, max_side in (("resize", 256), ("keep", None)):
-            plain_s = timed(lambda label=label, max_side=max_side:
-                            plain_loop(root, Path(tmp) / f"plain-{label}.parquet", max_side))
-            cfg = load_config(None, [f"run.root={tmp}/runs-{label}", "run.progress=false",
-                                     "dataset.source=imagefolder", f"dataset.path={root}",
-                                     "dataset.protocol=full", f"dataset.read_threads={args.threads}",
-                                     f"dataset.max_side={max_side if max_side else 'null'}"])
-            stage_s = timed(lambda cfg=cfg: dataset.run(cfg))
-            figures.append(f"{label}: plain {args.images / plain_s:.0f} img/s, raugment "
-                           f"{args.images / stage_s:.0f} img/s, ratio {plain_s / stage_s:.2f}x")
-    print(f"dataset: {args.images} JPEG 500x375, {args.threads} threads, {os.cpu_count()} CPUs; "
-          + "; ".join(figures))
+            plain_s, stage_s = [], []
+            for r in range(args.repeats):
+                plain_s.append(timed(lambda label=label, max_side=max_side:
+                                     plain_loop(root, Path(tmp) / f"plain-{label}.parquet", max_side)))
+                cfg = load_config(None, [f"run.root={tmp}/runs-{label}-{r}", "run.progress=false",
+                                         "dataset.source=imagefolder", f"dataset.path={root}",
+                                         "dataset.protocol=full", f"dataset.read_threads={args.threads}",
+                                         f"dataset.max_side={max_side if max_side else 'null'}"])
+                stage_s.append(timed(lambda cfg=cfg: dataset.run(cfg)))
+            m = paired_medians(plain_s, stage_s, args.images)
+            figures.append(f"{label}: plain {m['plain_img_s']:.0f} img/s, raugment {m['stage_img_s']:.0f} img/s, "
+                           f"ratio {m['ratio']:.2f}x (range {m['ratio_min']:.2f}-{m['ratio_max']:.2f})")
+    load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "n/a"
+    print(f"dataset: {args.images} JPEG 500x375, medians of {args.repeats} repeats, {args.threads} threads, "
+          f"{os.cpu_count()} CPUs, load {load}; " + "; ".join(figures))
     return 0
 
 

@@ -1,15 +1,29 @@
-"""Downloader throughput: raugment vs img2dataset on the same URLs from the local pool server.
+"""Downloader: raugment vs img2dataset, start-up and steady state measured apart.
 
-    python benchmarks/download.py [--images 600] [--latency-ms 50] [--concurrency 32]
+    python benchmarks/download.py [--urls 10000] [--latency-ms 50,0] [--runs 3] [--concurrency 32]
 
-Serves a demo pool on 127.0.0.1 with injected per-image latency (plus ~5 % dead URLs) and
-downloads the same URL list with (a) raugment's core downloader (one process, ``--concurrency``
-requests in flight) and (b) img2dataset (one process, ``--concurrency`` threads, no re-encoding),
-in one run. img2dataset cannot be installed beside Ray 2.60's pins, so it is run in a subprocess
-from ``I2D_PATH`` (a ``pip install --no-deps --target`` directory, plus opencv-python-headless
-and albumentations<2); when it is not importable, a plain ``requests`` thread-pool loop is
-measured instead and the line says so.
-Prints one line: images/s of each, the ratio, and success counts.
+One HTTP server on 127.0.0.1 (``raugment.demo.corpus.CorpusServer``, in this process, with
+``--latency-ms`` of delay before each image, ~5 % dead URLs answering 404) serves the same URL list
+to both tools, each run as a subprocess:
+
+* raugment: ``raugment.stages.retrieve.download.download_urls`` in one process (``--concurrency``
+  requests in flight, the retrieve defaults otherwise: verify every image, no resize);
+* img2dataset 1.47.0: one process, ``--concurrency`` threads, no resize, no re-encode, Parquet
+  output, from its side environment (``tools/img2dataset_env``, built here when missing: it installs
+  only with ``--no-deps`` beside the project's pins).
+
+The server stamps each request's arrival, so both tools are measured from outside, the same way:
+
+* start-up: spawn -> first request at the server (interpreter, imports, reading the URL list,
+  img2dataset's worker process);
+* steady state: URLs/s between the 10th and the 90th percentile of arrivals (needs >= 10,000 URLs to
+  mean anything: below that the tails dominate);
+* end to end: URLs / (spawn -> exit); CPU: the child's user+sys seconds / wall seconds (cores used),
+  and the same for this process (the server's threads: it shares the machine with the tool).
+
+``--runs`` runs of each tool per latency, alternating which goes first; medians are printed, with
+the ratios raugment / img2dataset and ``/proc/loadavg`` before and after (the machine's load moves
+every figure).
 """
 
 from __future__ import annotations
@@ -17,109 +31,198 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
+from statistics import median
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+RAUGMENT_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from raugment.stages.retrieve.config import DownloadConfig
+    from raugment.stages.retrieve.download import download_urls
+    urls = open(sys.argv[1]).read().split()
+    cfg = DownloadConfig(concurrency_per_actor=int(sys.argv[2]), timeout_s=float(sys.argv[3]), retries=0,
+                         allow_loopback=True)
+    print(json.dumps({"ok": sum(r.reason is None for r in download_urls(urls, cfg))}))
+""")
 
 I2D_SCRIPT = textwrap.dedent("""
-    import json, sys, time
+    import glob, json, sys
+    import pyarrow.parquet as pq
     from img2dataset import download
     urls, out, threads, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-    t0 = time.perf_counter()
     download(url_list=urls, input_format="txt", output_folder=out, output_format="parquet",
              processes_count=1, thread_count=threads, resize_mode="no", skip_reencode=True,
-             timeout=timeout, retries=0, enable_wandb=False, number_sample_per_shard=100000,
+             timeout=timeout, retries=0, enable_wandb=False, number_sample_per_shard=10**7,
              distributor="multiprocessing")
-    elapsed = time.perf_counter() - t0
-    import glob, pyarrow.parquet as pq
     ok = sum(pq.read_table(f, columns=["status"]).column("status").to_pylist().count("success")
              for f in glob.glob(out + "/*.parquet"))
-    print(json.dumps({"elapsed": elapsed, "ok": ok}))
+    print(json.dumps({"ok": ok}))
 """)
 
 
-def run_img2dataset(urls: list[str], work: Path, threads: int, timeout: float) -> dict | None:
-    """img2dataset in a subprocess; None when it cannot be imported there."""
-    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
-    extra = os.environ.get("I2D_PATH", "/tmp/i2d:/tmp/i2d_stub")
-    env["PYTHONPATH"] = extra + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    probe = subprocess.run([sys.executable, "-c", "import img2dataset"], env=env, capture_output=True)
-    if probe.returncode:
-        return None
-    (work / "urls.txt").write_text("\n".join(urls) + "\n")
-    res = subprocess.run([sys.executable, "-c", I2D_SCRIPT, str(work / "urls.txt"), str(work / "i2d"),
-                          str(threads), str(timeout)], env=env, capture_output=True, text=True)
+# ---------------------------------------------------------------------------------------------
+# Statistics (unit-tested in tests/test_benchmarks.py)
+
+def steady_rate(arrivals: Sequence[float], lo: float = 0.1, hi: float = 0.9) -> float:
+    """Requests/s between the ``lo`` and ``hi`` quantiles of sorted arrival times (the run's middle)."""
+    t = sorted(arrivals)
+    if len(t) < 10:
+        raise ValueError(f"steady_rate needs at least 10 arrivals, got {len(t)}")
+    i, j = int(lo * (len(t) - 1)), int(hi * (len(t) - 1))
+    span = t[j] - t[i]
+    if span <= 0:
+        raise ValueError("steady_rate: all arrivals in the window share one time stamp")
+    return (j - i) / span
+
+
+def run_figures(spawn: float, end: float, arrivals: Sequence[float], n_urls: int, cpu_s: float) -> dict[str, float]:
+    """One run's figures from the server's arrival stamps (perf_counter seconds)."""
+    if not arrivals:
+        raise ValueError("no request reached the server")
+    wall = end - spawn
+    return {"startup_s": min(arrivals) - spawn, "steady_url_s": steady_rate(arrivals),
+            "e2e_url_s": n_urls / wall, "cores": cpu_s / wall}
+
+
+def medians(runs: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The median of each figure over runs."""
+    return {k: median(r[k] for r in runs) for k in runs[0]}
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _own_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run_tool(cmd: list[str], env: dict[str, str], server: Any, n_urls: int, timeout_s: float) -> dict[str, float]:
+    """Spawn ``cmd``, wait, and measure it through ``server.arrivals`` (reset here)."""
+    server.arrivals = []
+    cpu0, own0 = _children_cpu(), _own_cpu()
+    spawn = time.perf_counter()
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    end = time.perf_counter()
     if res.returncode:
-        sys.stderr.write(res.stderr[-2000:])
-        return None
-    return json.loads(res.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{cmd[0]} exited {res.returncode}:\n{res.stderr[-3000:]}")
+    figures = run_figures(spawn, end, list(server.arrivals), n_urls, _children_cpu() - cpu0)
+    figures["server_cores"] = (_own_cpu() - own0) / (end - spawn)   # this process: the server's threads
+    figures["ok"] = float(json.loads(res.stdout.strip().splitlines()[-1])["ok"])
+    return figures
 
 
-def run_requests_loop(urls: list[str], threads: int, timeout: float) -> dict:
-    """The plain baseline: a requests thread pool, bytes verified by PIL."""
-    import io
+def make_server(pool_dir: Path, latency_s: float) -> Any:
+    from raugment.demo.corpus import CorpusServer
 
-    import requests
-    from PIL import Image
+    class TimedServer(CorpusServer):
+        """The pool server, stamping each request's arrival (``perf_counter``)."""
 
-    def one(url: str) -> bool:
-        try:
-            r = requests.get(url, timeout=timeout)
-            if r.status_code != 200:
-                return False
-            Image.open(io.BytesIO(r.content)).load()
-            return True
-        except Exception:
-            return False
+        arrivals: list[float]
 
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        ok = sum(pool.map(one, urls))
-    return {"elapsed": time.perf_counter() - t0, "ok": ok}
+        def log_request(self, path: str) -> None:
+            self.arrivals.append(time.perf_counter())   # list.append is atomic under the GIL
+
+    srv = TimedServer(pool_dir, faults=False, latency_s=latency_s)
+    srv.arrivals = []
+    return srv
 
 
-def main() -> None:
+def url_list(base: str, paths: Sequence[str], n: int) -> list[str]:
+    """``n`` URLs: the pool's images repeated with a distinct query (the server ignores it), ~5 % dead."""
+    dead = n // 20
+    live = [f"{base}{paths[i % len(paths)]}?copy={i // len(paths)}" for i in range(n - dead)]
+    return live + [f"{base}img/missing-{i}.jpg" for i in range(dead)]
+
+
+def fmt(m: dict[str, float]) -> str:
+    return (f"start {m['startup_s']:.2f} s, steady {m['steady_url_s']:.0f} url/s, end-to-end "
+            f"{m['e2e_url_s']:.0f} url/s, {m['cores']:.2f} cores (server {m['server_cores']:.2f}), ok {m['ok']:.0f}")
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=600)
-    ap.add_argument("--latency-ms", type=float, default=50.0)
+    ap.add_argument("--urls", type=int, default=10_000, help="URLs per run (>= 10,000 for a steady state)")
+    ap.add_argument("--latency-ms", default="50,0", help="comma-separated server latencies to measure")
+    ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--timeout", type=float, default=10.0)
-    args = ap.parse_args()
+    ap.add_argument("--timeout", type=float, default=10.0, help="per-URL timeout of both tools")
+    ap.add_argument("--pool-images", type=int, default=2000, help="distinct images served")
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args(argv)
 
-    from raugment.demo.corpus import CorpusServer, build_corpus, read_corpus
+    sys.path.insert(0, str(REPO / "tools" / "img2dataset_env"))
+    from setup_env import ENV as I2D_ENV
+    from setup_env import ensure_img2dataset_env, python
+
+    from raugment.demo.corpus import build_corpus, read_corpus
     from raugment.stages.dataset.sources.synthetic import SYNTHETIC_CLASSES
-    from raugment.stages.retrieve.config import DownloadConfig
-    from raugment.stages.retrieve.download import download_urls
 
+    venv, took = ensure_img2dataset_env()
+    if took is not None:
+        print(f"(img2dataset environment built in {took:.0f} s at {venv})", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="bench-dl-"))
-    per_class = max(1, args.images // 5)
-    pool = build_corpus(work / "pool", SYNTHETIC_CLASSES[:4], per_class=per_class, distractors=per_class,
-                      seed=0, size=64)
+    per_class = max(1, args.pool_images // 8)
+    pool = build_corpus(work / "pool", SYNTHETIC_CLASSES[:4], per_class=per_class, distractors=4 * per_class,
+                        seed=0, size=64, fault_rate=0.0)
     paths = read_corpus(pool).column("url").to_pylist()
-    with CorpusServer(pool, faults=False, latency_s=args.latency_ms / 1000.0) as srv:
-        urls = [srv.url + p for p in paths]
-        urls += [f"{srv.url}img/missing-{i}.jpg" for i in range(len(urls) // 20)]   # dead links
-        cfg = DownloadConfig(concurrency_per_actor=args.concurrency, timeout_s=args.timeout, retries=0,
-                             allow_loopback=True)
-        t0 = time.perf_counter()
-        ours = download_urls(urls, cfg)
-        ours_s = time.perf_counter() - t0
-        ours_ok = sum(r.reason is None for r in ours)
-        peer_name = "img2dataset"
-        peer = run_img2dataset(urls, work, args.concurrency, args.timeout)
-        if peer is None:
-            peer_name = "requests-threadpool"
-            peer = run_requests_loop(urls, args.concurrency, args.timeout)
-    n = len(urls)
-    ours_rate, peer_rate = n / ours_s, n / peer["elapsed"]
-    print(f"download urls={n} latency_ms={args.latency_ms:g} concurrency={args.concurrency} "
-          f"raugment={ours_rate:.1f} url/s ok={ours_ok} | {peer_name}={peer_rate:.1f} url/s ok={peer['ok']} "
-          f"| ratio={ours_rate / peer_rate:.2f}x")
+    base_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    i2d_env = {**base_env, **I2D_ENV, "WANDB_MODE": "disabled"}
+    run_timeout = 60 + args.urls * 0.05
+    load_before = loadavg()
+    report: dict[str, Any] = {"urls": args.urls, "runs": args.runs, "concurrency": args.concurrency,
+                              "cpus": os.cpu_count(), "load_before": load_before, "latencies": {}}
+    for latency in [float(x) for x in args.latency_ms.split(",")]:
+        with make_server(pool, latency / 1000.0) as srv:
+            urls = url_list(srv.url, paths, args.urls)
+            urls_file = work / "urls.txt"
+            urls_file.write_text("\n".join(urls) + "\n")
+            ours_cmd = [sys.executable, "-c", RAUGMENT_SCRIPT, str(urls_file), str(args.concurrency),
+                        str(args.timeout)]
+            runs: dict[str, list[dict[str, float]]] = {"raugment": [], "img2dataset": []}
+            for r in range(args.runs):
+                order = ("raugment", "img2dataset") if r % 2 == 0 else ("img2dataset", "raugment")
+                for tool in order:
+                    if tool == "raugment":
+                        runs[tool].append(run_tool(ours_cmd, base_env, srv, len(urls), run_timeout))
+                    else:
+                        out = work / f"i2d-{latency:g}-{r}"
+                        cmd = [str(python(venv)), "-c", I2D_SCRIPT, str(urls_file), str(out),
+                               str(args.concurrency), str(args.timeout)]
+                        runs[tool].append(run_tool(cmd, i2d_env, srv, len(urls), run_timeout))
+        ours, peer = medians(runs["raugment"]), medians(runs["img2dataset"])
+        report["latencies"][f"{latency:g}"] = {"raugment": ours, "img2dataset": peer, "runs": runs}
+        print(f"download latency={latency:g} ms urls={len(urls)} concurrency={args.concurrency} "
+              f"medians of {args.runs} | raugment: {fmt(ours)} | img2dataset: {fmt(peer)} "
+              f"| ratio raugment/img2dataset: steady {ours['steady_url_s'] / peer['steady_url_s']:.2f}x, "
+              f"end-to-end {ours['e2e_url_s'] / peer['e2e_url_s']:.2f}x, start-up "
+              f"{ours['startup_s']:.2f} s vs {peer['startup_s']:.2f} s", flush=True)
+    report["load_after"] = loadavg()
+    print(f"download load average before {load_before}, after {report['load_after']} ({os.cpu_count()} CPUs)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

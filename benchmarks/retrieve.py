@@ -10,7 +10,11 @@ round from the local pool server (``raugment.demo.corpus.CorpusServer``, no faul
 image), with the same resources (``retrieve.download.pool`` defaults), interleaved round by round
 with an in-process ``download_urls`` of the slice (the work itself, no Ray) so that machine load
 hits all three alike. Overhead per round = round time - in-process time; the pool's start-up is
-counted, spread over the rounds. Prints one line: seconds per round of each, overheads, the ratio.
+counted, spread over the rounds. Prints one line: seconds per round of each, the mean overhead per
+round ± its standard error, and the ratio of the mean overheads. (A median round's overhead of the
+persistent pool is about 0 s, so a ratio of medians divides by noise: it printed 288x and 2506x. When
+the pool's mean overhead is within two standard errors of 0, only a lower bound of the ratio is
+printed: before / (after + 2 s.e.).)
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from statistics import mean, median
+from statistics import mean
 
 
 class _DownloadBatch:
@@ -52,6 +56,28 @@ def ray_data_job(urls: Sequence[str], cfg) -> Iterator:
     ds = ray.data.from_items([{schema.URL: u} for u in urls], override_num_blocks=blocks)
     out = ds.map_batches(_DownloadBatch, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow", **args)
     yield from out.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def overhead_summary(before: Sequence[float], after: Sequence[float], base: Sequence[float],
+                     start_s: float) -> dict[str, float | None]:
+    """Mean overhead per round ± s.e. of each path, and the ratio of the means (None when undefined).
+
+    ``before``/``after``/``base``: seconds per round of the per-round Ray Data job, the persistent
+    pool and the in-process work on the same-sized slice; ``start_s``: the pool's one start-up,
+    spread over the rounds. The ratio is None when the pool's mean overhead is not above two
+    standard errors (indistinguishable from 0); ``ratio_lower`` is then before / (after + 2 s.e.).
+    """
+    from raugment.core.stats import mean_se
+
+    if not (len(before) == len(after) == len(base)) or len(base) < 2:
+        raise ValueError("overhead_summary needs the same number (>= 2) of rounds for each path")
+    b_mean, b_se = mean_se(b - w for b, w in zip(before, base))
+    a_mean, a_se = mean_se(a - w for a, w in zip(after, base))
+    a_mean += start_s / len(base)
+    resolved = a_mean > 2 * a_se
+    return {"before": b_mean, "before_se": b_se, "after": a_mean, "after_se": a_se,
+            "ratio": b_mean / a_mean if resolved else None,
+            "ratio_lower": b_mean / (a_mean + 2 * a_se) if a_mean + 2 * a_se > 0 else None}
 
 
 def _ok(tables) -> int:
@@ -98,18 +124,21 @@ def main() -> None:
                 ok[i] += _ok(fn(chunk[i]))
                 times.append(time.perf_counter() - t0)
         pool.close()
-    over_before = mean(b - w for b, w in zip(before, base))
-    over_after = mean(a - w for a, w in zip(after, base)) + start_s / args.rounds
-    steady = (median(b - w for b, w in zip(before, base)), median(a - w for a, w in zip(after, base)))
+    o = overhead_summary(before, after, base, start_s)
+    if o["ratio"] is not None:
+        ratio = f"ratio of means {o['ratio']:.1f}x"
+    elif o["ratio_lower"] is not None:
+        ratio = f"ratio of means >= {o['ratio_lower']:.1f}x (the pool's overhead is within 2 s.e. of 0)"
+    else:
+        ratio = "ratio undefined (the pool's overhead is not above 0)"
     print(f"retrieve rounds={args.rounds} urls/round={args.urls} latency_ms={args.latency_ms:g} "
           f"| in-process {mean(base):.2f} s/round | before (Ray Data job per round) {mean(before):.2f} s/round "
           f"| after (persistent pool) {mean(after):.2f} s/round + start {start_s:.2f} s once "
-          f"| overhead/round before {over_before:.2f} s after {over_after:.2f} s "
-          f"| ratio {over_before / max(over_after, 1e-3):.1f}x (median round, start not counted: "
-          f"{steady[0]:.2f} s vs {steady[1]:.2f} s = {steady[0] / max(steady[1], 1e-3):.0f}x) "
+          f"| overhead/round (mean ± s.e., start spread over rounds) before {o['before']:.3f} ± "
+          f"{o['before_se']:.3f} s, after {o['after']:.3f} ± {o['after_se']:.3f} s | {ratio} "
           f"| ok {ok[0]}/{ok[1]}/{ok[2]} of {args.rounds * args.urls} "
-          f"| rounds before {' '.join(f'{t:.2f}' for t in before)} after {' '.join(f'{t:.2f}' for t in after)}")
-
+          f"| rounds before {' '.join(f'{t:.2f}' for t in before)} after {' '.join(f'{t:.2f}' for t in after)} "
+          f"| load {Path('/proc/loadavg').read_text().split()[0] if Path('/proc/loadavg').exists() else 'n/a'}")
 
 if __name__ == "__main__":
     main()

@@ -16,9 +16,10 @@ How the environment is made (:func:`ensure_venv`), and why:
 * It is installed with ``pip install --no-deps -r lock.txt``: the resolver took 4.5 min on this
   machine to find that set (it backtracks through clip-retrieval's many upper bounds), and with
   ``--no-deps`` nothing can drag in a different torch or numpy.
-* A stamp file (the lock's hash) is written last, only after ``import clip_retrieval.clip_back``
-  works; an environment without it (a killed install) is removed and built again. It is reused
-  afterwards (``.venv-clip-retrieval/``, gitignored); a changed lock rebuilds it.
+* It is built and reused by ``tools/side_env.py`` (shared with img2dataset's environment):
+  ``$RAUGMENT_SIDE_ENVS/venv-clip-retrieval`` (``~/.cache/raugment`` when unset), stamped with the
+  lock's hash only after ``import clip_retrieval.clip_back`` works, built under a file lock so
+  concurrent sessions build it once; a changed lock rebuilds it.
 
 How the server is started (:class:`ClipBack`):
 
@@ -44,10 +45,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -55,52 +56,35 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import ModuleType
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 LOCK = HERE / "lock.txt"
-REPO = HERE.parent.parent
-# RAUGMENT_SIDE_ENVS (the Makefile sets it to ~/.cache/raugment) keeps it outside the clone
-DEFAULT_VENV = Path(os.environ["RAUGMENT_SIDE_ENVS"]) / "venv-clip-retrieval" if os.environ.get("RAUGMENT_SIDE_ENVS") \
-    else REPO / ".venv-clip-retrieval"
-STAMP = ".raugment-installed"
+NAME = "venv-clip-retrieval"
+CHECK = "import clip_retrieval.clip_back, open_clip, faiss"
 INSTALL_TIMEOUT_S = 2400
 
 
-def _venv_python(venv: Path) -> Path:
-    return venv / "bin" / "python"
+def _side_env() -> ModuleType:
+    """``tools/side_env.py`` as a module (``tools/`` is not a package)."""
+    spec = importlib.util.spec_from_file_location("raugment_side_env", HERE.parent / "side_env.py")
+    assert spec is not None and spec.loader is not None
+    mod = sys.modules.get(spec.name)
+    if mod is None:
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+    return mod
 
 
-def ensure_venv(venv: Path = DEFAULT_VENV, timeout_s: float = INSTALL_TIMEOUT_S) -> tuple[Path, float | None]:
-    """The side environment's directory, created when missing; also the seconds creation took (None: reused).
-
-    The stamp holds the lock file's hash, so a changed lock rebuilds the environment.
-    """
-    venv = Path(venv)
-    lock_hash = hashlib.sha256(LOCK.read_bytes()).hexdigest()[:16]
-    stamp = venv / STAMP
-    if stamp.is_file() and stamp.read_text().strip() == lock_hash:
-        return venv, None
-    t0 = time.monotonic()
-    # No stamp = never finished (killed, or a failed install): start again from nothing.
-    shutil.rmtree(venv, ignore_errors=True)
-    deadline = t0 + timeout_s
-
-    def step(cmd: list[str]) -> None:
-        left = max(1.0, deadline - time.monotonic())
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
-        if res.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stderr[-3000:]}")
-
-    # The base interpreter, not the project venv's (a venv made from a venv is fine, but explicit).
-    base = getattr(sys, "_base_executable", None) or sys.executable
-    step([base, "-m", "venv", str(venv)])
-    step([str(_venv_python(venv)), "-m", "pip", "install", "-q", "--no-deps", "-r", str(LOCK)])
-    step([str(_venv_python(venv)), "-c", "import clip_retrieval.clip_back, open_clip, faiss"])
-    stamp.write_text(lock_hash)   # last: only a complete environment has it
-    took = time.monotonic() - t0
-    log.info("clip-retrieval environment created in %.0f s at %s", took, venv)
+def ensure_venv(root: Path | None = None, timeout_s: float = INSTALL_TIMEOUT_S) -> tuple[Path, float | None]:
+    """The side environment's directory, built when missing or stale; also the seconds building took (None: reused)."""
+    venv, took = _side_env().ensure_env(NAME, LOCK, CHECK, root=root, timeout_s=timeout_s,
+                                        env={"NO_ALBUMENTATIONS_UPDATE": "1"})
+    if took is not None:
+        log.info("clip-retrieval environment created in %.0f s at %s", took, venv)
     return venv, took
 
 

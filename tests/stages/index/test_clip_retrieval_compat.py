@@ -2,12 +2,13 @@
 
 What runs: a small captioned pool and its trained small CLIP; ``raugment index build`` (LAION
 embeddings layout, so no Ray) and ``raugment index export-clip-back``; the real
-``clip-retrieval back`` 2.45.0 from ``.venv-clip-retrieval/`` (created on first use by
-``tools/clip_retrieval/clip_back.py``: ``pip install --no-deps`` of a pinned lock, see that file
-for why each choice), serving that export with the index's own CLIP weights; then the same
-queries through the ``local`` (faiss in-process) and ``knn_service`` backends, and the retrieve
-stage through both. Every request goes to 127.0.0.1 (the server itself binds 0.0.0.0); the server
-is stopped through its process group at the end.
+``clip-retrieval back`` 2.45.0 from its side environment (``$RAUGMENT_SIDE_ENVS/venv-clip-retrieval``,
+built on first use through ``tools/side_env.py`` by ``tools/clip_retrieval/clip_back.py``:
+``pip install --no-deps`` of a pinned lock, see that file for why each choice), serving that
+export with the index's own CLIP weights; then the same queries through the ``local`` (faiss
+in-process) and ``knn_service`` backends, and the retrieve stage through both. Every request
+goes to 127.0.0.1 (the server itself binds 0.0.0.0); the server is stopped through its process
+group at the end.
 
 Settings that make the two backends comparable, and why:
 
