@@ -39,6 +39,24 @@ class InputError(ValueError):
     """An input file or directory is missing, unreadable or malformed; the message names it and the fix."""
 
 
+class PreflightError(ConfigError):
+    """Several problems found by one preflight (each a :class:`ConfigError` or :class:`InputError`),
+    reported together so that one run of ``--dry-run`` lists all of them."""
+
+    def __init__(self, problems: list[ValueError]):
+        self.problems = list(problems)
+        super().__init__(f"{len(self.problems)} problems: "
+                         + "; ".join(f"({i}) {p}" for i, p in enumerate(self.problems, 1)))
+
+    @staticmethod
+    def raise_if(problems: list[ValueError]) -> None:
+        """Raise the one problem as it is, or several as one :class:`PreflightError`."""
+        if len(problems) == 1:
+            raise problems[0]
+        if problems:
+            raise PreflightError(problems)
+
+
 DIFFUSERS_HINT = "expected a diffusers model directory; `raugment models tiny DIR` writes a tiny one in DIR/sd"
 
 
