@@ -33,7 +33,7 @@ def study(tmp_path_factory) -> Path:
         "generate": {"model": str(sd), "pool": {"num_gpus": 0}},
         "finetune": {"model": str(sd)},
         "index": {"source": "images", "path": str(folder / "train")},
-        "retrieve": {"backend": "local"},
+        "retrieve": {"backend": "local", "aesthetic_model": "random"},
         "filter": {"filters": ["min_size"]},
         "train": {"model": "tiny_cnn", "batch_size": 8, "workers": {"num_workers": 1}},
         "study": {"methods": ["simple", "retrieval"], "ratios": [100], "sets": 1,
@@ -107,3 +107,57 @@ def test_dataset_path_with_the_synthetic_source_is_refused():
     with pytest.raises(ConfigError, match=r"dataset.test_path"):
         load_config(None, ["dataset.test_path=/my/imagenet/val"])
     assert load_config(None, ["dataset.source=imagefolder", "dataset.path=/my/imagenet"]).dataset.path
+
+
+def _hub_cache(root: Path, repo: str, files: list[str]) -> Path:
+    """A Hugging Face hub cache holding ``files`` of ``repo`` (the layout huggingface_hub reads)."""
+    repo_dir = root / ("models--" + repo.replace("/", "--"))
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text("0123abcd")
+    for name in files:
+        path = repo_dir / "snapshots" / "0123abcd" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+    return root
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch) -> Path:
+    cache = _hub_cache(tmp_path / "hub", "org/sd", ["model_index.json", "safety_checker/config.json"])
+    _hub_cache(cache, "org/no-checker", ["model_index.json"])
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def test_an_uncached_hub_id_is_refused_offline_naming_the_key(study, tmp_path, offline_cache, monkeypatch):
+    from raugment.study.executor import preflight_problems
+
+    def problems(*overrides):
+        cfg = load_config(str(study), [f"run.root={tmp_path / 'r'}", "study.methods=[simple, ft_conditioning]",
+                                       "filter.filters=[nsfw, min_size]", *overrides])
+        return [str(p) for p in preflight_problems(cfg)[1]]
+
+    assert problems("generate.model=org/sd", "finetune.model=org/sd") == []
+    found = problems("generate.model=org/missing", "finetune.model=org/sd")
+    assert any(p.startswith("generate.model: hub model 'org/missing' is not in the local Hugging Face cache")
+               and "hf download org/missing" in p for p in found), found
+    assert any(p.startswith("filter.safety_model (unset: generate.model's)") for p in found), found
+    found = problems("generate.model=org/sd", "finetune.model=org/gone", "filter.safety_model=org/no-checker")
+    assert any(p.startswith("finetune.model: hub model 'org/gone'") for p in found), found
+    assert any(p.startswith("filter.safety_model: hub model 'org/no-checker'")
+               and "safety_checker/config.json" in p for p in found), found
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")   # online: a hub id resolves (downloads) when loaded
+    assert problems("generate.model=org/missing", "finetune.model=org/gone") == []
+
+
+def test_retrieve_safety_model_hub_id_is_checked_offline(offline_cache):
+    from raugment.config import from_dict
+    from raugment.stages.retrieve.stage import check_models
+
+    def rcfg(model):
+        return from_dict({"retrieve": {"aesthetic_model": "random", "safety_model": model}}).retrieve
+
+    check_models(rcfg("org/sd"))
+    with pytest.raises(ConfigError, match=r"retrieve.safety_model: hub model 'org/missing' is not in the local"):
+        check_models(rcfg("org/missing"))
