@@ -374,22 +374,34 @@ def plan_problems(plan: Plan) -> list[ValueError]:
             try:
                 check_node(node)
             except (ConfigError, InputError) as exc:
-                found = exc.problems if isinstance(exc, PreflightError) else [exc]
-                for problem in found:
+                for problem in exc.problems if isinstance(exc, PreflightError) else [exc]:
                     if str(problem) not in messages:
                         messages.add(str(problem))
                         problems.append(problem)
     return problems
 
 
-def check_node(node: Node) -> None:
-    """A stage run's own ``preflight(cfg)`` (when its module has one) and its resource requests."""
+def node_problems(node: Node) -> list[ValueError]:
+    """What :func:`check_node` finds: the stage's own preflight and its resource requests, each
+    checked even when the other fails."""
     from raugment.runtime.cluster import check_resources
 
     check = getattr(importlib.import_module(f"raugment.stages.{node.stage}.stage"), "preflight", None)
-    if check is not None:
-        check(node.cfg)
-    check_resources(node.cfg.cluster, getattr(node.cfg, node.stage, None), node.stage)
+    problems: list[ValueError] = []
+    for step in (lambda: check(node.cfg) if check is not None else None,
+                 lambda: check_resources(node.cfg.cluster, getattr(node.cfg, node.stage, None), node.stage)):
+        try:
+            step()
+        except PreflightError as exc:
+            problems.extend(exc.problems)
+        except (ConfigError, InputError) as exc:
+            problems.append(exc)
+    return problems
+
+
+def check_node(node: Node) -> None:
+    """A stage run's own ``preflight(cfg)`` (when its module has one) and its resource requests."""
+    PreflightError.raise_if(node_problems(node))
 
 
 def run(cfg: Config, report: bool = True) -> tuple[Artifact, Artifact | None]:

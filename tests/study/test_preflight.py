@@ -161,3 +161,13 @@ def test_retrieve_safety_model_hub_id_is_checked_offline(offline_cache):
     check_models(rcfg("org/sd"))
     with pytest.raises(ConfigError, match=r"retrieve.safety_model: hub model 'org/missing' is not in the local"):
         check_models(rcfg("org/missing"))
+
+
+def test_a_stage_s_config_and_resource_problems_are_both_listed(study, tmp_path):
+    from raugment.study.executor import preflight_problems
+
+    cfg = load_config(str(study), [f"run.root={tmp_path / 'r'}", "generate.model=/nowhere/sd",
+                                   "generate.pool.num_gpus=1"])
+    found = [str(p) for p in preflight_problems(cfg)[1]]
+    assert any(p.startswith("generate.model: '/nowhere/sd' does not exist") for p in found), found
+    assert any(p.startswith("generate.pool asks for 1 GPUs") for p in found), found
