@@ -65,7 +65,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
         "generate": {"model": str(sd), "pool": {"num_gpus": 0}},
         "finetune": {"model": str(sd)},
         "index": {"source": "images", "path": str(folder / "train")},
-        "retrieve": {"backend": "local"},
+        "retrieve": {"backend": "local", "aesthetic_model": "random"},
         "filter": {"filters": ["min_size"]},
         "train": {"model": "tiny_cnn", "batch_size": 8, "workers": {"num_workers": 1}},
         "study": {"methods": ["simple", "retrieval", "ft_conditioning"], "ratios": [100], "sets": 1},

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -41,6 +42,24 @@ class InputError(ValueError):
     """An input file or directory is missing, unreadable or malformed; the message names it and the fix."""
 
 
+class PreflightError(ConfigError):
+    """Several problems found by one preflight (each a :class:`ConfigError` or :class:`InputError`),
+    reported together so that one run of ``--dry-run`` lists all of them."""
+
+    def __init__(self, problems: list[ValueError]):
+        self.problems = list(problems)
+        super().__init__(f"{len(self.problems)} problems: "
+                         + "; ".join(f"({i}) {p}" for i, p in enumerate(self.problems, 1)))
+
+    @staticmethod
+    def raise_if(problems: list[ValueError]) -> None:
+        """Raise the one problem as it is, or several as one :class:`PreflightError`."""
+        if len(problems) == 1:
+            raise problems[0]
+        if problems:
+            raise PreflightError(problems)
+
+
 DIFFUSERS_HINT = "expected a diffusers model directory; `raugment models tiny DIR` writes a tiny one in DIR/sd"
 
 
@@ -50,18 +69,56 @@ def looks_local(ref: str) -> bool:
     return p.exists() or p.is_absolute() or ref.startswith((".", "~")) or ref.count("/") > 1
 
 
-def check_local_model(ref: str | None, key: str, marker: str, hint: str = "") -> None:
-    """A model reference that points at the local file system must be there and hold ``marker``.
+def check_local_model(ref: str | None, key: str, marker: str, hint: str = "", hub_file: str | None = None) -> None:
+    """A model reference must be loadable without surprises mid-run.
 
-    Hub ids (``org/name``) are not checked here: they resolve when the model is loaded.
+    A local path must be there and hold ``marker``; a hub id (``org/name``) must be in the local
+    Hugging Face cache when the hub is offline (:func:`check_hub_cached`, file ``hub_file``,
+    default ``marker``). Online, a hub id resolves (and downloads) when the model is loaded.
     """
-    if not ref or not looks_local(ref):
+    if not ref:
+        return
+    if not looks_local(ref):
+        check_hub_cached(ref, key, hub_file or marker)
         return
     p = Path(ref).expanduser()
     if not p.exists():
         raise ConfigError(f"{key}: {ref!r} does not exist{'; ' + hint if hint else ''}")
     if marker and p.is_dir() and not (p / marker).exists():
         raise ConfigError(f"{key}: {ref!r} has no {marker}{'; ' + hint if hint else ''}")
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids the Hugging Face hub (read now, not at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache as ``huggingface_hub`` resolves it from the environment now
+    (``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def check_hub_cached(repo_id: str, key: str, filename: str) -> None:
+    """Offline, a hub id must have ``filename`` in the local cache (no network is asked).
+
+    Without it the model would fail to load inside a Ray actor, mid-run, with a remote traceback;
+    here it is one line naming ``key`` before anything starts. Online, nothing is checked.
+    """
+    if not hub_offline():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    cache = hub_cache_dir()
+    found = try_to_load_from_cache(repo_id, filename, cache_dir=str(cache))
+    if not isinstance(found, str):
+        raise ConfigError(f"{key}: hub model {repo_id!r} is not in the local Hugging Face cache ({cache}: no "
+                          f"{filename}) and HF_HUB_OFFLINE=1 forbids downloading it; download it once with "
+                          f"`hf download {repo_id}` where the hub is reachable, or set {key} to a local "
+                          "directory")
 
 
 # GPU options that default to "auto": resolved from the device a stage's workers will run on

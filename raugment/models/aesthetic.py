@@ -21,6 +21,12 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "aesthetic_config.json"
 WEIGHTS_FILE = "aesthetic.safetensors"
+# The one name that asks for a random (seeded, calibrated) predictor: tests and demos only.
+RANDOM = "random"
+# Where the real predictor comes from (for ViT-L/14 image embeddings, as the paper used).
+LAION_WEIGHTS_HINT = ("the LAION improved aesthetic predictor for ViT-L/14: sac+logos+ava1-l14-linearMSE.pth "
+                      "from https://github.com/christophschuhmann/improved-aesthetic-predictor (a local "
+                      "file, or a directory holding " + WEIGHTS_FILE + ")")
 HIDDEN = (1024, 128, 64, 16)
 # Where the random tiny predictor puts its scores: around the paper's threshold of 5, so that a
 # threshold test drops a visible share of images (real weights need no calibration).
@@ -119,19 +125,50 @@ def _read_state(path: Path) -> dict[str, Any]:
     return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
+def check_aesthetic_ref(ref: str | None, key: str) -> None:
+    """Before any work: ``key`` names real predictor weights that are there, or ``random`` by name.
+
+    Unset is refused (it used to mean a random predictor, silently, at threshold 5); ``random``
+    is allowed and logged as a warning here, on the driver, where a user sees it.
+
+    Raises:
+        ConfigError: naming ``key``, where to get the real weights and how to ask for ``random``.
+    """
+    from raugment.core.config import ConfigError
+
+    if not ref:
+        raise ConfigError(f"{key} is unset: set it to {LAION_WEIGHTS_HINT}; or {key}={RANDOM} for a random "
+                          "predictor whose scores mean nothing (tests and demos only)")
+    if ref == RANDOM:
+        log.warning("%s=%s: a RANDOM aesthetic predictor scores the images; its scores and what it drops "
+                    "mean nothing (tests and demos only). Use %s for a real study", key, RANDOM,
+                    LAION_WEIGHTS_HINT)
+        return
+    p = Path(ref).expanduser()
+    if not (p.is_file() or (p / WEIGHTS_FILE).is_file()):
+        raise ConfigError(f"{key}: {ref!r} is neither a weights file nor a directory with {WEIGHTS_FILE}; "
+                          f"point it at {LAION_WEIGHTS_HINT}")
+
+
 def load_aesthetic(path: str | None, dim: int) -> AestheticPredictor:
     """Load the predictor.
 
     Args:
         path: a directory written by :func:`write_tiny_aesthetic`, a ``.safetensors`` file or a
-            ``.pth`` state dict with LAION's key names. ``None`` builds a random predictor
+            ``.pth`` state dict with LAION's key names. :data:`RANDOM` builds a random predictor
             calibrated to scores around 5 (tests and the offline demo only; logged as a warning).
         dim: the CLIP embedding dimension the scores are computed on.
+
+    Raises:
+        ValueError: ``path`` unset, missing, or not weights for ``dim``-d embeddings.
     """
-    if path is None:
-        log.warning("no aesthetic predictor weights given: using a random predictor (scores are "
-                    "arbitrary); set the aesthetic model path for real runs")
-        return AestheticPredictor(module=_random_module(dim, seed=0), dim=dim, source="random")
+    if not path:
+        raise ValueError(f"no aesthetic predictor given: pass {LAION_WEIGHTS_HINT}, or {RANDOM!r} for a "
+                         "random one (tests and demos only)")
+    if path == RANDOM:
+        log.warning("aesthetic predictor %r: a random predictor scores the images (its scores mean nothing)",
+                    RANDOM)
+        return AestheticPredictor(module=_random_module(dim, seed=0), dim=dim, source=RANDOM)
     p = Path(path)
     if p.is_dir():
         p = p / WEIGHTS_FILE

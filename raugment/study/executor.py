@@ -30,7 +30,7 @@ from typing import Any
 from raugment.config import Config
 from raugment.core import schema as S
 from raugment.core.artifacts import class_counts
-from raugment.core.config import canonical_json, dump_yaml, to_dict
+from raugment.core.config import ConfigError, InputError, PreflightError, canonical_json, dump_yaml, to_dict
 from raugment.core.storage import SUCCESS, Artifact, StageRun, run_stage, write_text_atomic
 from raugment.runtime.cluster import keep_pools, release_idle_pools
 from raugment.runtime.worker_group import keep_groups, release_idle
@@ -294,51 +294,114 @@ def write_index(cfg: Config, plan: Plan, done: Mapping[str, Artifact],
 def check_methods(cfg: Config) -> None:
     """Every study method is a known method or a variant of one (before planning names a stage):
     ``retrieval``, a registered generation method or a registered fine-tuning method."""
+    PreflightError.raise_if(method_problems(cfg))
+
+
+def method_problems(cfg: Config) -> list[ValueError]:
+    """One error per study method that is neither known nor a variant of a known one."""
     from raugment.study.planner import method_pipeline, unknown_method
 
+    problems: list[ValueError] = []
     for i, method in enumerate(cfg.study.methods):
         base = cfg.study.variants.get(method, {}).get("method", method)
         if method_pipeline(base) is None:
-            raise unknown_method(f"study.variants.{method}.method" if method in cfg.study.variants
-                                 else f"study.methods[{i}]", base)
+            problems.append(unknown_method(f"study.variants.{method}.method" if method in cfg.study.variants
+                                           else f"study.methods[{i}]", base))
+    return problems
 
 
 def preflight(cfg: Config) -> Plan:
     """Every check that needs neither Ray nor a model, for every stage the study will run.
 
     Runs before anything is written or started, so a bad key, an unknown name, a missing path or
-    an unreadable index is one clear error and leaves nothing behind. Each stage module may define
+    an unreadable index is a clear error and leaves nothing behind. Each stage module may define
     ``preflight(cfg)``; it is called once per distinct stage config of the plan.
 
     Returns:
         The plan with expected sizes (the real plan is made after the dataset stages).
+
+    Raises:
+        ConfigError, InputError: the one problem found; :class:`PreflightError` listing all of
+            them when there are several.
     """
-    check_methods(cfg)
-    # Sizes only scale quotas and costs; before the dataset stage runs, a placeholder will do.
-    plan = build_plan(cfg, {name: DatasetSize(1, 1, 1) for name in dataset_configs(cfg)})
-    check_plan(plan)
+    plan, problems = preflight_problems(cfg)
+    PreflightError.raise_if(problems)
+    assert plan is not None  # no problem means the plan was built
     return plan
+
+
+def preflight_problems(cfg: Config) -> tuple[Plan | None, list[ValueError]]:
+    """The plan with expected sizes (None when it cannot be built) and every problem preflight
+    finds: unknown methods, then each stage run's own checks (:func:`check_plan`). The stages are
+    checked over a plan of the known methods, so a misspelt method hides no other problem."""
+    problems = method_problems(cfg)
+    try:
+        planned = known_methods_only(cfg) if problems else cfg
+        # Sizes only scale quotas and costs; before the dataset stage runs, a placeholder will do.
+        plan = build_plan(planned, {name: DatasetSize(1, 1, 1) for name in dataset_configs(planned)})
+    except (ConfigError, InputError) as exc:
+        problems.append(exc)
+        return None, problems
+    problems.extend(plan_problems(plan))
+    return plan, problems
+
+
+def known_methods_only(cfg: Config) -> Config:
+    """``cfg`` without the study methods no registry knows (what preflight can still check)."""
+    from raugment.core.config import with_overrides
+
+    bad = {str(p).split(":", 1)[0] for p in method_problems(cfg)}
+    keep = [m for i, m in enumerate(cfg.study.methods)
+            if f"study.methods[{i}]" not in bad and f"study.variants.{m}.method" not in bad]
+    return with_overrides(cfg, {"study.methods": keep})
 
 
 def check_plan(plan: Plan) -> None:
     """:func:`check_node` once per distinct stage config of ``plan`` (given artifacts are not run:
-    they are not checked)."""
+    they are not checked); every problem found is reported (:class:`PreflightError`)."""
+    PreflightError.raise_if(plan_problems(plan))
+
+
+def plan_problems(plan: Plan) -> list[ValueError]:
+    """The problems :func:`check_node` finds over ``plan``, each message once, in stage order."""
     seen: set[tuple[str, str]] = set()
+    problems: list[ValueError] = []
+    messages: set[str] = set()
     for node in topological(list(plan.nodes.values())):
         key = (node.stage, canonical_json(to_dict(node.cfg)))
         if node.given is None and key not in seen:
             seen.add(key)
-            check_node(node)
+            try:
+                check_node(node)
+            except (ConfigError, InputError) as exc:
+                for problem in exc.problems if isinstance(exc, PreflightError) else [exc]:
+                    if str(problem) not in messages:
+                        messages.add(str(problem))
+                        problems.append(problem)
+    return problems
+
+
+def node_problems(node: Node) -> list[ValueError]:
+    """What :func:`check_node` finds: the stage's own preflight and its resource requests, each
+    checked even when the other fails."""
+    from raugment.runtime.cluster import check_resources
+
+    check = getattr(importlib.import_module(f"raugment.stages.{node.stage}.stage"), "preflight", None)
+    problems: list[ValueError] = []
+    for step in (lambda: check(node.cfg) if check is not None else None,
+                 lambda: check_resources(node.cfg.cluster, getattr(node.cfg, node.stage, None), node.stage)):
+        try:
+            step()
+        except PreflightError as exc:
+            problems.extend(exc.problems)
+        except (ConfigError, InputError) as exc:
+            problems.append(exc)
+    return problems
 
 
 def check_node(node: Node) -> None:
     """A stage run's own ``preflight(cfg)`` (when its module has one) and its resource requests."""
-    from raugment.runtime.cluster import check_resources
-
-    check = getattr(importlib.import_module(f"raugment.stages.{node.stage}.stage"), "preflight", None)
-    if check is not None:
-        check(node.cfg)
-    check_resources(node.cfg.cluster, getattr(node.cfg, node.stage, None), node.stage)
+    PreflightError.raise_if(node_problems(node))
 
 
 def run(cfg: Config, report: bool = True) -> tuple[Artifact, Artifact | None]:
@@ -385,12 +448,34 @@ def run(cfg: Config, report: bool = True) -> tuple[Artifact, Artifact | None]:
 def cli(cfg: Config, args) -> int:
     """``raugment run [study.yaml] [--dry-run]``."""
     if getattr(args, "dry_run", False):
-        print(format_plan(plan_study(cfg)))
-        return 0
+        return dry_run(cfg)
     study, rep = run(cfg)
     if rep is not None:
         print(f"report: {rep.path / 'report.html'}")
     return 1 if failures(study) else 0
+
+
+def dry_run(cfg: Config) -> int:
+    """``--dry-run``: print the plan (costs can be read before the data is there), then every
+    problem the real run's preflight would stop on; 2 when there is any, else 0. Nothing is
+    written and Ray is not started."""
+    import sys
+
+    _, problems = preflight_problems(cfg)
+    try:
+        known = known_methods_only(cfg) if method_problems(cfg) else cfg
+        print(format_plan(plan_study(known)))
+    except (ConfigError, InputError) as exc:
+        if str(exc) not in {str(p) for p in problems}:
+            problems.append(exc)
+    for problem in problems:
+        kind = "input error" if isinstance(problem, InputError) else "config error"
+        print(f"raugment run: {kind}: {problem}", file=sys.stderr)
+    if problems:
+        print(f"raugment run: preflight found {len(problems)} problem(s); the run would stop before "
+              "starting anything", file=sys.stderr)
+        return 2
+    return 0
 
 
 def failures(study: Artifact) -> list[dict[str, Any]]:

@@ -75,8 +75,8 @@ def test_aesthetic_errors_name_the_problem(bundles, tmp_path):
     with pytest.raises(ValueError, match=r"\(n, 32\)"):
         load_aesthetic(str(bundles["aesthetic"]), 32).score(np.zeros((2, 8)))
     # No weights: a deterministic random predictor (demo/tests), not an error.
-    a = load_aesthetic(None, 16).score(np.eye(16))
-    np.testing.assert_allclose(a, load_aesthetic(None, 16).score(np.eye(16)))
+    a = load_aesthetic("random", 16).score(np.eye(16))
+    np.testing.assert_allclose(a, load_aesthetic("random", 16).score(np.eye(16)))
 
 
 def test_write_tiny_aesthetic_dim(tmp_path):

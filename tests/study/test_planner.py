@@ -175,13 +175,16 @@ def test_bad_study_config_names_the_key(overrides, key):
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
+    # the default config cannot run here (no index.path, no aesthetic weights, no GPU): the dry-run
+    # still prints the plan, lists what preflight finds, exits 2, and imports neither Ray nor torch
     root = tmp_path / "runs"
     code = ("import sys; from raugment.cli import main;"
             f"rc = main(['run', '--dry-run', '--set', 'run.root={root}', '--set', 'study.ratios=[100, 2500]']);"
-            "sys.exit(rc or (3 if ('ray' in sys.modules or 'torch' in sys.modules) else 0))")
+            "sys.exit(3 if ('ray' in sys.modules or 'torch' in sys.modules) else rc)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 2, out.stderr
     assert "total" in out.stdout and "classifiers" in out.stdout and "generate" in out.stdout
+    assert "index.path is required" in out.stderr and "problem(s)" in out.stderr
     assert not root.exists()  # no stage directory, no state file
 
 

@@ -4,8 +4,8 @@ The result is a manifest (schema.MANIFEST) of image ids and the artifacts that h
 copies of images. Per class, the added quota is ``round(n_train * ratio / 100)`` (half up, as in
 :func:`raugment.stages.assemble.resample.set_size`), split evenly between the mixed methods. Each method's pool is
 drawn by :func:`raugment.stages.assemble.resample.resample_sets`: a generated pool is resampled into
-``assemble.num_sets`` sets of which ``assemble.set_index`` is taken (the paper's five augmented
-sets); a retrieved pool gives its top ranks (most similar first), the same for every set. Ratio 0 is
+``assemble.num_sets`` independent draws of which ``assemble.set_index`` is taken (the paper's five
+augmented sets); a retrieved pool gives its top ranks (most similar first), the same for every set. Ratio 0 is
 the unaugmented baseline. The final per-class counts are checked against the target.
 """
 
@@ -25,7 +25,7 @@ from raugment.core import schema as S
 from raugment.core.config import ConfigError, to_dict
 from raugment.core.storage import Artifact, StageRun, run_stage
 from raugment.stages.assemble.config import AssembleConfig
-from raugment.stages.assemble.resample import resample_sets, set_size
+from raugment.stages.assemble.resample import RESAMPLE_VERSION, resample_sets, set_size
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def build_manifest(original: pa.Table, pools: Sequence[AddedImages], *, ratio: f
         ratio: augmentation ratio in percent (0 = baseline).
         set_index: which resampled set of the generated pools to take.
         num_sets: how many sets generated pools are resampled into.
-        seed: resampling seed (the same for every set index, so sets stay disjoint).
+        seed: resampling seed (set ``s`` is drawn from ``(seed, class, s)``).
         original_artifact: the dataset artifact directory relative to the run root.
         exclude_ids: added ids never to use (leakage candidates).
 
@@ -185,7 +185,9 @@ def run(cfg: Config, dataset: Artifact, added: Mapping[str, Artifact] | None = N
     names = _select_sources(acfg, added)
     exclude = _leakage_ids(acfg, audit) if names else set()
     root = Path(cfg.run.root)
-    section = {"assemble": to_dict(acfg), "seed": cfg.run.seed, "sources": names}
+    section: dict = {"assemble": to_dict(acfg), "seed": cfg.run.seed, "sources": names}
+    if names:  # the draw changed (independent sets): a new key; the baseline's key stays as it was
+        section["resample"] = RESAMPLE_VERSION
     inputs: dict[str, Artifact | str] = {"dataset": dataset, **{f"added.{m}": added[m] for m in names}}
     if exclude and audit is not None:
         inputs["audit"] = audit

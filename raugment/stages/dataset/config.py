@@ -43,6 +43,15 @@ class DatasetConfig:
         # An unknown source is reported by the stage's pre-flight, with the known names.
         if self.source in DATASETS and DATASETS.get(self.source).needs_path and not self.path:
             raise ConfigError(f"{key}.path is required when {key}.source={self.source!r}")
+        if self.source in DATASETS and not DATASETS.get(self.source).needs_path:
+            # ``--set dataset.path=/my/imagenet`` alone would train on the drawn demo shapes
+            for name in ("path", "test_path"):
+                if getattr(self, name):
+                    raise ConfigError(
+                        f"{key}.{name}={getattr(self, name)!r} is set, but {key}.source={self.source!r} "
+                        f"draws its own images and would ignore it; set {key}.source=imagefolder "
+                        f"(train/ and val/ or test/ class folders) or {key}.source=parquet, or drop "
+                        f"{key}.{name}")
         if self.protocol == "split_80_10_10" and self.test_path:
             raise ConfigError(f"{key}.test_path is set but {key}.protocol=split_80_10_10 makes its own "
                               "test split; drop one of them")

@@ -76,7 +76,9 @@ class RetrieveConfig:
     k_step_factor: float = 1.4
     k_max_factor: float = 14.0
     aesthetic_threshold: float | None = 5.0
-    aesthetic_model: str | None = None   # LAION predictor weights; None = random (demo/tests only)
+    # LAION predictor weights (a local path) for hits without a score; "random" by name for tests.
+    # Required while aesthetic_threshold is set (null threshold: no aesthetic scoring at all).
+    aesthetic_model: str | None = None
     nsfw_threshold: float = 0.5             # index tag / safety score at or above this is dropped
     drop_nsfw: bool = True
     safety_model: str | None = None      # SD safety checker on downloaded images (None: tag only)

@@ -206,7 +206,7 @@ class AestheticScorer:
     Models load on first use, so an actor that only scores stored embeddings never loads CLIP.
 
     Args:
-        aesthetic_model: predictor weights (``retrieve.aesthetic_model``; None = seeded random).
+        aesthetic_model: predictor weights (``retrieve.aesthetic_model``; ``random`` = seeded random).
         clip_model: the CLIP model whose embedding space the index lives in.
         clip_pretrained: its pretrained tag.
         device: where both run.
@@ -615,6 +615,9 @@ def preflight(cfg: Config) -> None:
     the backend needs an index (otherwise the study's index stage provides the index)."""
     if needs_index(cfg.retrieve.backend) and cfg.retrieve.index:
         check_config(cfg, None)
+    else:
+        backend_class(cfg.retrieve.backend)
+        check_models(cfg.retrieve)
 
 
 def check_config(cfg: Config, index: Artifact | None) -> str | None:
@@ -622,20 +625,7 @@ def check_config(cfg: Config, index: Artifact | None) -> str | None:
     one (``retrieve.index``, else the ``index`` artifact), else None."""
     rcfg = cfg.retrieve
     backend_class(rcfg.backend)  # unknown backend -> ConfigError listing the known ones
-    # The models load inside actors, mid-run: check their local paths now.
-    from raugment.models.aesthetic import WEIGHTS_FILE
-    from raugment.models.safety import CHECKER_DIR, PROCESSOR_DIR
-
-    if rcfg.aesthetic_model is not None:
-        weights = Path(rcfg.aesthetic_model)
-        if not (weights.is_file() or (weights / WEIGHTS_FILE).is_file()):
-            raise ConfigError(f"retrieve.aesthetic_model {rcfg.aesthetic_model!r} is neither a weights file nor "
-                              f"a directory with {WEIGHTS_FILE}; point it at the LAION predictor's weights")
-    if rcfg.safety_model and rcfg.drop_nsfw and Path(rcfg.safety_model).exists():
-        missing = [d for d in (CHECKER_DIR, PROCESSOR_DIR) if not (Path(rcfg.safety_model) / d).is_dir()]
-        if missing:
-            raise ConfigError(f"retrieve.safety_model {rcfg.safety_model!r} lacks {', '.join(missing)}/; "
-                              "point it at a Stable Diffusion directory (or hub id) with a safety checker")
+    check_models(rcfg)
     if not needs_index(rcfg.backend):
         return None
     path = rcfg.index or (str(index.path) if index is not None else None)
@@ -648,6 +638,26 @@ def check_config(cfg: Config, index: Artifact | None) -> str | None:
 
     check_index_dir(path, "retrieve.index")
     return path
+
+
+def check_models(rcfg: RetrieveConfig) -> None:
+    """The models load inside actors, mid-run: check their references now."""
+    from raugment.core.config import check_local_model
+    from raugment.models.aesthetic import check_aesthetic_ref
+    from raugment.models.safety import CHECKER_DIR, PROCESSOR_DIR
+
+    if rcfg.aesthetic_threshold is not None or rcfg.aesthetic_model is not None:
+        # hits without an index score are scored by it (null aesthetic_threshold: no scoring)
+        check_aesthetic_ref(rcfg.aesthetic_model, "retrieve.aesthetic_model")
+    if rcfg.safety_model and rcfg.drop_nsfw and Path(rcfg.safety_model).exists():
+        missing = [d for d in (CHECKER_DIR, PROCESSOR_DIR) if not (Path(rcfg.safety_model) / d).is_dir()]
+        if missing:
+            raise ConfigError(f"retrieve.safety_model {rcfg.safety_model!r} lacks {', '.join(missing)}/; "
+                              "point it at a Stable Diffusion directory (or hub id) with a safety checker")
+    if rcfg.safety_model and rcfg.drop_nsfw:
+        check_local_model(rcfg.safety_model, "retrieve.safety_model", CHECKER_DIR,
+                          "point it at a Stable Diffusion directory (or hub id) with a safety checker",
+                          hub_file=f"{CHECKER_DIR}/config.json")
 
 
 def run(cfg: Config, dataset: Artifact, index: Artifact | None = None, *, force: bool = False,

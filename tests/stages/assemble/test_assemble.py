@@ -63,7 +63,7 @@ def test_generated_sets_differ_by_set_index_and_repeat_by_seed(world):
     s0 = assemble.build_manifest(_original(dataset), pools, set_index=0, **kw)
     s1 = assemble.build_manifest(_original(dataset), pools, set_index=1, **kw)
     again = assemble.build_manifest(_original(dataset), pools, set_index=0, **kw)
-    assert added(s0) and not added(s0) & added(s1)  # pools are big enough: disjoint sets
+    assert added(s0) and added(s0) != added(s1)  # pools are larger than a set: different draws
     assert added(s0) == added(again)
     assert set(s1.column(S.SET_INDEX).to_pylist()) == {1}
 
@@ -145,3 +145,17 @@ def test_bad_inputs_fail_before_work(world):
         _cfg(root, set_index=5)
     baseline = assemble.run(_cfg(root, ratio=0), dataset, {"simple": gen})
     assert set(baseline.read("manifest").column(S.SOURCE).to_pylist()) == {"original"}
+
+
+def test_key_gains_a_resample_version_only_where_pools_are_drawn(world):
+    from raugment.core.config import section_hash, to_dict
+
+    root, dataset, gen, _ = world
+    cfg = _cfg(root, ratio=0)
+    base = assemble.run(cfg, dataset, {})
+    old = {"assemble": to_dict(cfg.assemble), "seed": cfg.run.seed, "sources": []}
+    assert base.key == section_hash(old, {"dataset": dataset.key})
+    cfg = _cfg(root, ratio=100)
+    drawn = assemble.run(cfg, dataset, {"simple": gen})
+    old = {"assemble": to_dict(cfg.assemble), "seed": cfg.run.seed, "sources": ["simple"]}
+    assert drawn.key != section_hash(old, {"dataset": dataset.key, "added.simple": gen.key})

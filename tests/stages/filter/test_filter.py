@@ -38,7 +38,7 @@ def test_filter_batch_keeps_prior_filters_and_upstream_scores_and_marks_bad_byte
     assert dropped.to_pylist()[0][S.DETAIL] == "not_an_image"
 
 
-def test_config_errors_before_any_work(tmp_path):
+def test_config_errors_before_any_work(tmp_path, monkeypatch):
     art = make_artifact(tmp_path / "in", "retrieve", [row("x", png(draw(0)))])
     cfg = Config()
     cfg.run.root = str(tmp_path / "runs")
@@ -50,6 +50,7 @@ def test_config_errors_before_any_work(tmp_path):
         F.run(cfg, art)
     assert not (tmp_path / "runs").exists()
     cfg.filter.filters = ["nsfw"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")   # online: hub ids are not looked up in the cache
     assert F.resolve_config(cfg).safety_model == cfg.generate.model
 
 

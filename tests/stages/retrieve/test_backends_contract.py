@@ -78,7 +78,8 @@ def test_generic_contract(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_answers_at_most_k_hits_per_prompt_most_similar_first(name, env):
-    cfg = from_dict({"retrieve": {"backend": name, "index": str(env.index), "device": "cpu", **_keys(name, env)}})
+    cfg = from_dict({"retrieve": {"backend": name, "index": str(env.index), "device": "cpu",
+                                  "aesthetic_model": "random", **_keys(name, env)}})
     cls = RETRIEVERS.get(name)
     index_path = check_config(cfg, None)    # the stage hands an index to a backend that needs one
     assert (index_path is not None) == (INDEX in cls.needs)

@@ -85,7 +85,7 @@ class FakeDownloads:
 
 
 def select(cfg_data, names, hits, safety=None):
-    cfg = from_dict({"retrieve": cfg_data})
+    cfg = from_dict({"retrieve": {"aesthetic_model": "random", **cfg_data}})
     queries = plan_queries(classes_table(names), cfg.retrieve)
     backend = FakeBackend({q.prompt: hits[q.class_name] for q in queries})
     downloads = FakeDownloads()
@@ -194,7 +194,7 @@ def test_aesthetic_from_stored_embeddings_when_the_index_has_no_score():
 
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(30, 16)).astype(np.float32)
-    scores = load_aesthetic(None, 16).score(emb)
+    scores = load_aesthetic("random", 16).score(emb)
     hits = {"a": [hit(f"http://h/a{i}.jpg", 1 - i / 100, aesthetic=None, embedding=emb[i]) for i in range(30)]}
     cands, _, _, _ = select({"images_per_class": 30, "k_start_factor": 1.0}, ["a"], hits)
     for c, s in zip(sorted(cands, key=lambda c: c[schema.RANK]), scores):
@@ -203,32 +203,40 @@ def test_aesthetic_from_stored_embeddings_when_the_index_has_no_score():
     assert 0 < sum(s < 5 for s in scores) < 30
 
 
-def test_model_paths_are_checked_before_any_work(tmp_path):
+def test_model_paths_are_checked_before_any_work(tmp_path, monkeypatch):
     from raugment.stages.retrieve.stage import check_config
 
     def cfg(**kw):
-        return from_dict({"retrieve": {"backend": "knn_service", "service_url": "http://x/knn-service", **kw}})
+        return from_dict({"retrieve": {"backend": "knn_service", "service_url": "http://x/knn-service",
+                                       "aesthetic_model": "random", **kw}})
 
     with pytest.raises(ConfigError, match="retrieve.aesthetic_model"):
         check_config(cfg(aesthetic_model=str(tmp_path / "missing.safetensors")), None)
+    # unset used to score with a random predictor, silently: now refused, with where to get it
+    with pytest.raises(ConfigError, match=r"retrieve\.aesthetic_model is unset.*improved-aesthetic-predictor"):
+        check_config(cfg(aesthetic_model=None), None)
+    assert check_config(cfg(aesthetic_model=None, aesthetic_threshold=None), None) is None  # no scoring
     (tmp_path / "sd" / "safety_checker").mkdir(parents=True)
     with pytest.raises(ConfigError, match="retrieve.safety_model .* lacks feature_extractor/"):
         check_config(cfg(safety_model=str(tmp_path / "sd")), None)
     (tmp_path / "sd" / "feature_extractor").mkdir()
     assert check_config(cfg(safety_model=str(tmp_path / "sd")), None) is None
-    assert check_config(cfg(safety_model="CompVis/stable-diffusion-v1-4"), None) is None   # a hub id
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert check_config(cfg(safety_model="CompVis/stable-diffusion-v1-4"), None) is None   # a hub id, online
 
 
 def test_an_index_is_required_only_by_a_backend_that_needs_one(tmp_path):
     from raugment.stages.retrieve.stage import check_config, preflight
 
-    local = from_dict({"retrieve": {"backend": "local"}})
+    local = from_dict({"retrieve": {"backend": "local", "aesthetic_model": "random"}})
     preflight(local)                                   # no index yet: a study's index stage makes one
     with pytest.raises(ConfigError, match=r"retrieve\.index: the local backend needs an index"):
         check_config(local, None)
     with pytest.raises(ConfigError, match=r"retrieve\.index .* is not a directory"):
-        preflight(from_dict({"retrieve": {"backend": "local", "index": str(tmp_path / "nope")}}))
+        preflight(from_dict({"retrieve": {"backend": "local", "index": str(tmp_path / "nope"),
+                                          "aesthetic_model": "random"}}))
     remote = from_dict({"retrieve": {"backend": "knn_service", "service_url": "http://x/knn-service",
+                                     "aesthetic_model": "random",
                                      "index": str(tmp_path / "nope")}})
     preflight(remote)
     assert check_config(remote, None) is None          # retrieve.index is not its business
@@ -294,7 +302,7 @@ def stage_config(root, pool, clip, srv, index_dir=None, safety_model=None):
         "run": {"root": str(root / "runs"), "progress": False},
         "index": {"path": str(pool / "pool.parquet"), "clip_model": str(clip), "clip_pretrained": None,
                   "device": "cpu"},
-        "retrieve": {"images_per_class": QUOTA, "url_base": srv.url, "device": "cpu",
+        "retrieve": {"images_per_class": QUOTA, "url_base": srv.url, "device": "cpu", "aesthetic_model": "random",
                      "index": None if index_dir is None else str(index_dir), "safety_model": safety_model,
                      "safety_pool": {"batch_size": 4}, "score_pool": {"batch_size": 8},
                      "download": {"timeout_s": 2.0, "retries": 1, "backoff_s": 0.05, "max_bytes": 1_000_000,

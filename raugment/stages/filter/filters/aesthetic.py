@@ -1,7 +1,8 @@
 """``aesthetic``: keeps images whose LAION aesthetic score is at least ``filter.aesthetic_threshold``.
 
-The predictor (``filter.aesthetic_model``: the LAION improved-aesthetic MLP weights, a local path;
-required when the filter is listed) scores the CLIP image embeddings of the shared
+The predictor (``filter.aesthetic_model``: the LAION improved-aesthetic MLP weights, a local path
+that must be there, or ``random`` by name for tests; required when the filter is listed) scores
+the CLIP image embeddings of the shared
 :class:`~raugment.stages.filter.filters.FilterContext`. Score (column ``aesthetic_score``): the
 predicted aesthetic score, about 1-10.
 """
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from raugment.core import schema as S
-from raugment.core.config import ConfigError, PluginSettings
+from raugment.core.config import PluginSettings
 from raugment.stages.filter.filters import FILTERS, Filter, FilterContext, FilterOutcome, threshold_pass
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ class Settings(PluginSettings):
     """Keys of the ``aesthetic`` filter (section ``filter``)."""
 
     aesthetic_threshold: float = 5.0
-    # The LAION aesthetic predictor head (a local path) on CLIP image embeddings.
+    # The LAION aesthetic predictor head on CLIP image embeddings: a local path, or "random" (tests).
     aesthetic_model: str | None = None
 
 
@@ -52,6 +53,6 @@ class AestheticFilter(Filter):
 
     @classmethod
     def check(cls, section: FilterConfig) -> None:
-        if not Settings.of(section).aesthetic_model:
-            raise ConfigError("filter.aesthetic_model: set the path of the LAION aesthetic predictor weights "
-                              "(`raugment models tiny DIR` writes a tiny one in DIR/aesthetic)")
+        from raugment.models.aesthetic import check_aesthetic_ref
+
+        check_aesthetic_ref(Settings.of(section).aesthetic_model, "filter.aesthetic_model")

@@ -53,5 +53,18 @@ class NsfwFilter(Filter):
 
     @classmethod
     def resolve(cls, section: FilterConfig, cfg: Config) -> FilterConfig:
-        """The safety checker belongs to the diffusion model used for generation unless set otherwise."""
-        return Settings.replace_in(section, safety_model=Settings.of(section).safety_model or cfg.generate.model)
+        """The safety checker belongs to the diffusion model used for generation unless set otherwise.
+
+        When the filter is listed, the checker must be there (a local SD directory with
+        ``safety_checker/``, or offline a hub id in the local cache): checked now, not in an actor.
+        """
+        from raugment.core.config import check_local_model
+        from raugment.models.safety import CHECKER_DIR
+
+        given = Settings.of(section).safety_model
+        if "nsfw" in section.filters:
+            key = "filter.safety_model" if given else "filter.safety_model (unset: generate.model's)"
+            check_local_model(given or cfg.generate.model, key, CHECKER_DIR,
+                              "point it at a Stable Diffusion directory (or hub id) with a safety checker",
+                              hub_file=f"{CHECKER_DIR}/config.json")
+        return Settings.replace_in(section, safety_model=given or cfg.generate.model)

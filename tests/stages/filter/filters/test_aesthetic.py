@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,28 @@ def test_drops_exactly_the_planted_low_score(tmp_path, tiny_models):
     assert ctx.image_embeddings(images) is ctx.image_embeddings(images)   # embedded once per batch
 
 
-def test_a_listed_aesthetic_filter_needs_its_model():
-    with pytest.raises(ConfigError, match=r"filter\.aesthetic_model: set the path"):
-        F.resolve_config(from_dict({"filter": {"filters": ["min_size", "aesthetic"]}}))
+def test_a_listed_aesthetic_filter_needs_its_model(tmp_path, caplog):
+    def resolve(model=None):
+        keys = {"filters": ["min_size", "aesthetic"]} | ({"aesthetic_model": model} if model else {})
+        return F.resolve_config(from_dict({"filter": keys}))
+
+    # unset: the hint says where the real LAION predictor comes from, and how to ask for a random one
+    with pytest.raises(ConfigError, match=r"filter\.aesthetic_model is unset.*improved-aesthetic-predictor"
+                                          r".*filter\.aesthetic_model=random"):
+        resolve()
+    # a path that is not there is refused before any work, not in an actor
+    with pytest.raises(ConfigError, match=r"filter\.aesthetic_model: '.*missing\.pth' is neither a weights file"):
+        resolve(str(tmp_path / "missing.pth"))
+    # a random predictor only by name, and loudly on the driver
+    with caplog.at_level(logging.WARNING):
+        resolve("random")
+    assert any("RANDOM aesthetic predictor" in r.getMessage() for r in caplog.records)
     F.resolve_config(from_dict({"filter": {"filters": ["min_size"]}}))   # not listed: not needed
+
+
+def test_random_predictor_only_by_name():
+    from raugment.models.aesthetic import load_aesthetic
+
+    with pytest.raises(ValueError, match="no aesthetic predictor given"):
+        load_aesthetic(None, 8)
+    assert load_aesthetic("random", 8).source == "random"

@@ -59,7 +59,8 @@ def test_flags_exactly_the_planted_image(tmp_path, tiny_models):
     assert out.column == S.NSFW_SCORE
 
 
-def test_the_safety_model_defaults_to_the_generation_model():
+def test_the_safety_model_defaults_to_the_generation_model(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")   # online: hub ids are not looked up in the cache
     cfg = from_dict({"filter": {"filters": ["min_size"]}, "generate": {"model": "org/sd"}})
     assert F.resolve_config(cfg).safety_model == "org/sd"     # resolved whether listed or not
     own = from_dict({"filter": {"filters": ["nsfw"], "safety_model": "org/checker"}, "generate": {"model": "org/sd"}})
