@@ -61,6 +61,7 @@ from raugment.study.planner import (
     Node,
     Plan,
     PlanContext,
+    added_inputs,
     dataset_configs,
     method_config,
     node_id,
@@ -330,15 +331,21 @@ def _audit_of(ctx: PlanContext, cfg: Config, roles: Mapping[str, Mapping[str, st
         return None
     if len(audits) == 1:
         return audits[0]
-    inputs: dict[str, InputRef] = {"dataset": ctx.dataset_node, "added": [r["added"] for r in roles.values()]}
+    inputs: dict[str, InputRef] = {"dataset": ctx.dataset_node,
+                                   "added": list(_mixed(roles).values())}
     return ctx.plan.add(Node(id=node_id("audit", cfg, inputs), stage="audit", cfg=cfg, inputs=inputs,
                              labels={"dataset": ctx.dataset_name, "method": "+".join(roles)}))
+
+
+def _mixed(roles: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+    """Source name -> added-images node of every method (a combined one gives each of its parts)."""
+    return {name: nid for m, r in roles.items() for name, nid in added_inputs(m, r).items()}
 
 
 def _classifier_nodes(ctx: PlanContext, cfg: Config, stage: str, roles: Mapping[str, Mapping[str, str]],
                       audit: str | None) -> tuple[list[str], dict[str, InputRef] | None]:
     """assemble/train/tune: the manifests mixing every method's added images, and their classifiers."""
-    added = {m: r["added"] for m, r in roles.items()}
+    added = _mixed(roles)
     audit = audit or _audit_of(ctx, cfg, roles)
     if added and audit is None and cfg.assemble.leakage == "remove":
         raise InputError("assemble.leakage=remove needs a leakage audit of the added images: pass --audit DIR, "
