@@ -40,6 +40,7 @@ assemble   one manifest mixing every ``--method``/``--added`` (none: the baselin
 train      assemble as above, then one classifier per set and ``train.seeds`` entry; several
            also write mean ± s.e. (stage ``repeats``)
 tune       the inputs of assemble as above, then the Ray Tune sweep of ``tune.space``
+           (``tune.pipeline: study``: the dataset only; each trial runs the method's graph)
 =========  ===================================================================================
 """
 
@@ -388,6 +389,11 @@ def plan_target(cfg: Config, stage: str, pins: Pins | None = None, methods: Sequ
     """
     pins = pins or Pins()
     names = target_methods(cfg, stage, methods, pins)
+    if stage == "tune" and cfg.tune.pipeline == "study":
+        if methods or pins.added or pins.audit:
+            raise InputError("tune.pipeline=study: each trial makes its own added images for the method of "
+                             "study.methods; drop --method/--added/--audit (or set tune.pipeline=train)")
+        names = []  # the trials plan the rest
     cfg = with_overrides(cfg, _study_switches(cfg, stage))
     if (pins.given() or stage == "tune") and len(dataset_configs(cfg)) > 1:
         what = f"--{pins.given()[0]} gives one dataset's artifact" if pins.given() else "tune sweeps one dataset"
@@ -460,6 +466,11 @@ def run_target(cfg: Config, stage: str, pins: Pins | None = None, methods: Seque
 
     pins = pins or Pins()
     names = target_methods(cfg, stage, methods, pins)
+    if stage == "tune" and cfg.tune.pipeline == "study":
+        if methods or pins.added or pins.audit:
+            raise InputError("tune.pipeline=study: each trial makes its own added images for the method of "
+                             "study.methods; drop --method/--added/--audit (or set tune.pipeline=train)")
+        names = []  # the trials plan the rest
     if methods:
         try:
             ex.check_methods(with_overrides(cfg, {"study.methods": names, "study.baseline": True}))
