@@ -503,8 +503,9 @@ def plan_combined(ctx: PlanContext, method: str, base: str, cfg: Config) -> dict
         roles.update({f"{role}.{part}": nid for role, nid in part_roles.items() if role != "audit"})
         added.append(part_roles[ADDED])
     if cfg.study.audit:
+        n = sum(ctx.plan.nodes[a].images.get("process", 0) for a in added)
         roles["audit"] = _new_node(ctx, "audit", cfg, {"dataset": ctx.dataset_node, "added": added},
-                                   {"method": method}, {"process": 0})
+                                   {"method": method}, {"process": n}, cpu_s=n * ctx.costs["audit.cpu_s_per_image"])
     return roles
 
 
