@@ -23,6 +23,13 @@ class TuneConfig:
 
     ``scheduler: asha`` stops weak trials early on ``metric`` per epoch (``grace_period`` epochs
     at least, ``reduction_factor`` as in ASHA); ``fifo`` runs every trial to its end.
+
+    ``pipeline`` is what one trial runs: ``train`` = assemble -> train on the added images given
+    to the sweep (it reads only ``assemble.*`` and ``train.*``, so only those may be swept);
+    ``study`` = the study's whole graph for the one method of ``study.methods`` at the one ratio
+    of ``study.ratios``, set 0 (fine-tuning -> checkpoint selection -> generation -> filter ->
+    ... -> assemble -> train), so keys of every stage may be swept (``finetune.lr``,
+    ``finetune.clusters``, ``generate.guidance_scale``, ...); trials share what they have in common.
     """
 
     space: dict[str, list[Any]] = field(default_factory=dict)
@@ -34,6 +41,7 @@ class TuneConfig:
     grace_period: int = 5
     reduction_factor: int = 3
     trial_cpus: float = 0.01
+    pipeline: Literal["train", "study"] = "train"
 
     def validate(self, key: str) -> None:
         positive(self.num_samples, f"{key}.num_samples")

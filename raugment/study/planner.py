@@ -10,7 +10,9 @@ chain per method; only assemble and train vary with ratio, set and seed.
 A study method is ``baseline``, ``retrieval``, a generation method (a plug-in of
 ``raugment/stages/generate/methods/``: planned as generation) or a fine-tuning method (a plug-in of
 ``raugment/stages/finetune/methods/``: fine-tuning -> checkpoint selection -> generation from it);
-see :func:`method_pipeline`. A new plug-in is planned without any change here.
+see :func:`method_pipeline`. A new plug-in is planned without any change here. Methods joined by
+``+`` (``retrieval+simple``, ``retrieval+pseudoword_dm``) are one method mixing their added images
+(:func:`plan_combined`).
 
 Each node also carries how many images it generates / retrieves / downloads / trains on and an
 estimate of its CPU- and GPU-hours from per-image costs (:data:`DEFAULT_COSTS` and the figures the
@@ -104,6 +106,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 
 BASELINE = "baseline"
 RETRIEVAL = "retrieval"
+COMBINE = "+"  # "retrieval+simple": one study method mixing the added images of several
+ADDED = "added"  # the role of what assemble reads; "added.<part>" for each part of a combined method
 
 
 def method_pipeline(base: str) -> str | None:
@@ -114,6 +118,8 @@ def method_pipeline(base: str) -> str | None:
 
     if base in (BASELINE, RETRIEVAL):
         return base
+    if COMBINE in base:  # its parts are resolved (and checked) when it is planned: plan_combined
+        return "combined"
     if base in GENERATORS:
         return "generate"
     if base in FINETUNERS:
@@ -122,7 +128,8 @@ def method_pipeline(base: str) -> str | None:
 
 
 def known_methods() -> list[str]:
-    """Every name a study method may have (besides the baseline), sorted."""
+    """Every name a study method may have (besides the baseline and combinations such as
+    ``retrieval+simple``), sorted."""
     from raugment.stages.finetune.methods import FINETUNERS
     from raugment.stages.generate.methods import GENERATORS
 
@@ -132,7 +139,7 @@ def known_methods() -> list[str]:
 def unknown_method(where: str, base: str) -> ConfigError:
     """The error for a study method ``base`` (at config key ``where``) that no registry knows."""
     return ConfigError(f"{where}: unknown method {base!r}; known: {', '.join(known_methods())} "
-                       "(or a name of study.variants)")
+                       "(or a name of study.variants, or several joined by '+', e.g. retrieval+simple)")
 
 
 InputRef = str | list[str] | dict[str, str] | None
@@ -459,6 +466,58 @@ def _generate_node(ctx: PlanContext, method: str, base: str, cfg: Config,
     return roles
 
 
+def combined_parts(method: str, base: str) -> list[str]:
+    """The parts of a combined study method (``retrieval+simple`` -> ``[retrieval, simple]``).
+
+    Raises:
+        ConfigError: an empty or repeated part.
+    """
+    parts = base.split(COMBINE)
+    if len(parts) < 2 or not all(parts) or len(set(parts)) != len(parts):
+        raise ConfigError(f"study.methods: {method!r} combines methods joined by '+', each once, e.g. "
+                          f"retrieval+simple; got the parts {parts}")
+    return parts
+
+
+@PIPELINES.register("combined")
+def plan_combined(ctx: PlanContext, method: str, base: str, cfg: Config) -> dict[str, str]:
+    """Several methods' added images mixed in one training set (``retrieval+<generation method>``:
+    the paper's closing suggestion): each part planned by its own pipeline (so its nodes are the
+    ones the part has as a method of its own: one retrieval, one generation pool), one leakage
+    audit over all of them; assemble splits each class's quota evenly between the parts.
+
+    Returns:
+        ``added.<part>`` -> each part's added images, ``<role>.<part>`` for the parts' other
+        roles, and ``audit`` (the joint audit, when ``study.audit``).
+    """
+    roles: dict[str, str] = {}
+    added: list[str] = []
+    for part in combined_parts(method, base):
+        p_base, p_pipeline, p_cfg = method_config(cfg, part)
+        if p_pipeline in (BASELINE, "combined"):
+            raise ConfigError(f"study.methods: {method!r} combines {part!r}, which "
+                              + ("adds no images" if p_pipeline == BASELINE else "is itself a combination")
+                              + "; combine methods that add images, e.g. retrieval+simple")
+        # the joint audit below replaces the part's own (study is in no node's identity: shared nodes stay shared)
+        part_roles = PIPELINES.get(p_pipeline)(ctx, part, p_base, _set(p_cfg, study__audit=False))
+        roles.update({f"{role}.{part}": nid for role, nid in part_roles.items() if role != "audit"})
+        added.append(part_roles[ADDED])
+    if cfg.study.audit:
+        n = sum(ctx.plan.nodes[a].images.get("process", 0) for a in added)
+        roles["audit"] = _new_node(ctx, "audit", cfg, {"dataset": ctx.dataset_node, "added": added},
+                                   {"method": method}, {"process": n}, cpu_s=n * ctx.costs["audit.cpu_s_per_image"])
+    return roles
+
+
+def added_inputs(method: str, roles: Mapping[str, str]) -> dict[str, str]:
+    """What assemble mixes for a study method: source name -> added-images node."""
+    prefix = f"{ADDED}."
+    parts = {role[len(prefix):]: nid for role, nid in roles.items() if role.startswith(prefix)}
+    if parts:
+        return parts
+    return {method: roles[ADDED]} if ADDED in roles else {}
+
+
 @PIPELINES.register("generate")
 def plan_generate(ctx: PlanContext, method: str, base: str, cfg: Config) -> dict[str, str]:
     """Prompt or img2img generation with a frozen model -> post-processing."""
@@ -625,10 +684,9 @@ def plan_datasets(cfg: Config, sizes: Mapping[str, DatasetSize] | None = None,
 
 def _add_runs(ctx: PlanContext, method: str, cfg: Config, roles: dict[str, str], ratio: float,
               set_index: int) -> None:
-    sources = [method] if roles else []
-    a_cfg = _set(cfg, assemble__sources=sources, assemble__ratio=ratio, assemble__set_index=set_index,
+    added = added_inputs(method, roles)
+    a_cfg = _set(cfg, assemble__sources=list(added), assemble__ratio=ratio, assemble__set_index=set_index,
                  assemble__num_sets=max(cfg.assemble.num_sets, cfg.study.sets))
-    added = {method: roles["added"]} if roles else {}
     labels = {"method": method, "ratio": ratio, "set_index": set_index}
     assemble, trains = plan_classifiers(ctx, a_cfg, added, roles.get("audit"), labels, _seeds(cfg, set_index))
     for seed, train in trains:

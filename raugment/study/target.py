@@ -40,6 +40,7 @@ assemble   one manifest mixing every ``--method``/``--added`` (none: the baselin
 train      assemble as above, then one classifier per set and ``train.seeds`` entry; several
            also write mean ± s.e. (stage ``repeats``)
 tune       the inputs of assemble as above, then the Ray Tune sweep of ``tune.space``
+           (``tune.pipeline: study``: the dataset only; each trial runs the method's graph)
 =========  ===================================================================================
 """
 
@@ -61,6 +62,7 @@ from raugment.study.planner import (
     Node,
     Plan,
     PlanContext,
+    added_inputs,
     dataset_configs,
     method_config,
     node_id,
@@ -330,15 +332,21 @@ def _audit_of(ctx: PlanContext, cfg: Config, roles: Mapping[str, Mapping[str, st
         return None
     if len(audits) == 1:
         return audits[0]
-    inputs: dict[str, InputRef] = {"dataset": ctx.dataset_node, "added": [r["added"] for r in roles.values()]}
+    inputs: dict[str, InputRef] = {"dataset": ctx.dataset_node,
+                                   "added": list(_mixed(roles).values())}
     return ctx.plan.add(Node(id=node_id("audit", cfg, inputs), stage="audit", cfg=cfg, inputs=inputs,
                              labels={"dataset": ctx.dataset_name, "method": "+".join(roles)}))
+
+
+def _mixed(roles: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+    """Source name -> added-images node of every method (a combined one gives each of its parts)."""
+    return {name: nid for m, r in roles.items() for name, nid in added_inputs(m, r).items()}
 
 
 def _classifier_nodes(ctx: PlanContext, cfg: Config, stage: str, roles: Mapping[str, Mapping[str, str]],
                       audit: str | None) -> tuple[list[str], dict[str, InputRef] | None]:
     """assemble/train/tune: the manifests mixing every method's added images, and their classifiers."""
-    added = {m: r["added"] for m, r in roles.items()}
+    added = _mixed(roles)
     audit = audit or _audit_of(ctx, cfg, roles)
     if added and audit is None and cfg.assemble.leakage == "remove":
         raise InputError("assemble.leakage=remove needs a leakage audit of the added images: pass --audit DIR, "
@@ -381,6 +389,11 @@ def plan_target(cfg: Config, stage: str, pins: Pins | None = None, methods: Sequ
     """
     pins = pins or Pins()
     names = target_methods(cfg, stage, methods, pins)
+    if stage == "tune" and cfg.tune.pipeline == "study":
+        if methods or pins.added or pins.audit:
+            raise InputError("tune.pipeline=study: each trial makes its own added images for the method of "
+                             "study.methods; drop --method/--added/--audit (or set tune.pipeline=train)")
+        names = []  # the trials plan the rest
     cfg = with_overrides(cfg, _study_switches(cfg, stage))
     if (pins.given() or stage == "tune") and len(dataset_configs(cfg)) > 1:
         what = f"--{pins.given()[0]} gives one dataset's artifact" if pins.given() else "tune sweeps one dataset"
@@ -453,6 +466,11 @@ def run_target(cfg: Config, stage: str, pins: Pins | None = None, methods: Seque
 
     pins = pins or Pins()
     names = target_methods(cfg, stage, methods, pins)
+    if stage == "tune" and cfg.tune.pipeline == "study":
+        if methods or pins.added or pins.audit:
+            raise InputError("tune.pipeline=study: each trial makes its own added images for the method of "
+                             "study.methods; drop --method/--added/--audit (or set tune.pipeline=train)")
+        names = []  # the trials plan the rest
     if methods:
         try:
             ex.check_methods(with_overrides(cfg, {"study.methods": names, "study.baseline": True}))

@@ -5,11 +5,14 @@ here: each trial is a small Tune *function* (``tune.with_resources(fn, {"CPU": t
 0.01 CPU so it never competes with its own Train workers) that builds the trial's config with
 :func:`raugment.core.config.with_overrides` and calls a **pipeline** — by default
 :func:`train_pipeline` (assemble -> train, whose ``TorchTrainer`` forwards each epoch's metrics to
-Tune through ``TuneReportCallback``, so ASHA can stop weak trials). Sweeping keys of earlier stages
-(``finetune.lr``, ``finetune.clusters``) needs a pipeline that re-runs those stages (finetune ->
-generate -> assemble -> train); pass one as ``pipeline=``: any importable function
-``(cfg, inputs) -> metrics``. Stages keep their content-keyed caching inside trials, so two
-trials that share, say, a fine-tuned model compute it once.
+Tune through ``TuneReportCallback``, so ASHA can stop weak trials). ``train_pipeline`` reads only
+``assemble.*`` and ``train.*``, so a space with other keys is refused for it. Sweeping keys of
+earlier stages (``finetune.lr``, ``finetune.clusters``) takes ``tune.pipeline: study``:
+:func:`study_pipeline` runs the study's graph for one method in each trial (finetune -> select ->
+generate -> filter/dedup/audit -> assemble -> train; ``jobs/configs/tune_ft_*.yaml``). Any
+importable function ``(cfg, inputs) -> metrics`` may be passed as ``pipeline=`` instead. Stages
+keep their content-keyed caching inside trials, so two trials that share, say, a fine-tuned model
+compute it once.
 
 When Tune stops a trial early, its Train workers' placement group is freed through the State API,
 which needs the Ray dashboard (without it the next trial waits forever); :func:`run` checks that it
@@ -78,6 +81,47 @@ def train_pipeline(cfg: Config, inputs: Mapping[str, Artifact]) -> dict:
     return {**train.read_results(art), S.RUN_PATH: str(art.path)}
 
 
+def study_pipeline(cfg: Config, inputs: Mapping[str, Artifact]) -> dict:
+    """A trial that runs the study's graph for its one method (``tune.pipeline: study``).
+
+    The plan is :func:`raugment.study.planner.build_plan` of ``cfg`` (the trial's overrides
+    applied) for ``study.methods`` (one method) at ``study.ratios`` (one ratio), one set, no
+    baseline; its nodes run in order, each through its stage (finished keys are skipped, so
+    trials share what their configs share). Only the final classifier reports its epochs to
+    Tune (checkpoint-selection classifiers run without).
+
+    Args:
+        cfg: the trial's config.
+        inputs: ``dataset``: the dataset artifact (its sizes size the plan).
+
+    Returns:
+        the final classifier's ``results.json`` plus its path.
+    """
+    from raugment.stages.train import stage as train
+    from raugment.study.executor import measured_size, run_node
+    from raugment.study.planner import build_plan, dataset_configs, topological
+
+    dataset = inputs["dataset"]
+    cfg = with_overrides(cfg, {"study.baseline": False, "study.sets": 1})
+    plan = build_plan(cfg, {name: measured_size(dataset) for name in dataset_configs(cfg)})
+    (spec,) = plan.runs
+    done: dict[str, Artifact] = {}
+    for node in topological(plan.nodes.values()):
+        if node.stage == "dataset":
+            done[node.id] = dataset
+        elif node.id == spec.train:
+            done[node.id] = train.run(node.cfg, *(done[str(i)] for i in node.inputs.values()),
+                                      callbacks=tune_callbacks())
+        else:
+            done[node.id] = run_node(node, done)
+    art = done[spec.train]
+    return {**train.read_results(art), S.RUN_PATH: str(art.path)}
+
+
+PIPELINES: dict[str, Pipeline] = {"train": train_pipeline, "study": study_pipeline}
+TRAIN_PIPELINE_SECTIONS = ("assemble", "train")  # what train_pipeline reads
+
+
 def trial(params: dict[str, Any], *, base: dict, inputs: dict[str, str], pipeline: Pipeline,
           metric: str) -> None:
     """One Tune trial: config = base + ``params`` (dotted keys), run ``pipeline``, report its result."""
@@ -98,13 +142,37 @@ def build_param_space(space: Mapping[str, list]) -> dict[str, Any]:
     return {key: tune.grid_search(list(values)) for key, values in space.items()}
 
 
-def _check_space(cfg: Config, inputs: Mapping[str, Artifact]) -> None:
+def _check_space(cfg: Config, inputs: Mapping[str, Artifact], pipeline: Pipeline) -> None:
+    from raugment.study.executor import measured_size
+    from raugment.study.planner import build_plan, dataset_configs
     if not cfg.tune.space:
         raise ConfigError("tune.space is empty; give dotted keys and values, e.g. "
                           "tune.space={'train.lr': [0.1, 0.03]}")
     for key, values in cfg.tune.space.items():
         for value in values:
             with_overrides(cfg, {key: value})  # unknown key / wrong type -> ConfigError now
+    if pipeline is train_pipeline:
+        unread = [k for k in cfg.tune.space if k.split(".", 1)[0] not in TRAIN_PIPELINE_SECTIONS]
+        if unread:
+            raise ConfigError(
+                f"tune.space.{unread[0]}: a tune.pipeline=train trial (assemble -> train on the given added "
+                f"images) never reads it, so every trial would be the same; sweep only "
+                f"{', '.join(s + '.*' for s in TRAIN_PIPELINE_SECTIONS)}, or set tune.pipeline=study so each "
+                "trial runs the study's graph for its method (fine-tuning and generation included)")
+    if pipeline is study_pipeline:
+        s = cfg.study
+        if len(s.methods) != 1 or len(s.ratios) != 1 or len(dataset_configs(cfg)) != 1:
+            raise ConfigError(
+                "tune.pipeline=study: each trial trains one classifier, so give one method in study.methods "
+                f"(got {s.methods}), one ratio in study.ratios (got {s.ratios}) and one dataset")
+        if inputs.keys() - {"dataset"}:
+            raise ConfigError("tune.pipeline=study: trials make their own added images; pass the dataset only")
+        bad = sorted(k for k in cfg.tune.space if k.startswith(("study.", "run.", "cluster.")))
+        if bad:
+            raise ConfigError(f"tune.space.{bad[0]}: a tune.pipeline=study trial cannot sweep it; sweep "
+                              "stage sections (finetune.*, generate.*, assemble.*, train.*, ...)")
+        one = with_overrides(cfg, {"study.baseline": False, "study.sets": 1})
+        build_plan(one, {name: measured_size(inputs["dataset"]) for name in dataset_configs(cfg)})  # bad methods
     if "manifest" in inputs and any(k.startswith("assemble.") for k in cfg.tune.space):
         raise ConfigError("tune.space sweeps assemble.* keys but a fixed manifest was given; "
                           "pass the added artifacts instead so each trial assembles its own set")
@@ -141,7 +209,7 @@ def _dashboard_up() -> bool:
 
 def run(cfg: Config, dataset: Artifact, *, added: Mapping[str, Artifact] | None = None,
         manifest: Artifact | None = None, audit: Artifact | None = None,
-        pipeline: Pipeline = train_pipeline) -> Artifact:
+        pipeline: Pipeline | None = None) -> Artifact:
     """Stage "tune": sweep ``cfg.tune.space`` with ``pipeline`` as the trial; table ``results``.
 
     Args:
@@ -150,15 +218,17 @@ def run(cfg: Config, dataset: Artifact, *, added: Mapping[str, Artifact] | None 
         added: method -> added-image artifact (each trial assembles at its own ratio).
         manifest: a fixed assembled manifest instead (no ``assemble.*`` keys in the space then).
         audit: the leakage audit artifact, for ``assemble.leakage: remove``.
-        pipeline: the trial body, an importable function ``(cfg, inputs) -> metrics``.
+        pipeline: the trial body, an importable function ``(cfg, inputs) -> metrics``; default:
+            the one ``tune.pipeline`` names (:data:`PIPELINES`).
     """
+    pipeline = pipeline or PIPELINES[cfg.tune.pipeline]
     inputs: dict[str, Artifact] = {"dataset": dataset}
     inputs.update({f"added.{m}": a for m, a in (added or {}).items()})
     if manifest is not None:
         inputs["manifest"] = manifest
     if audit is not None:
         inputs["audit"] = audit
-    _check_space(cfg, inputs)
+    _check_space(cfg, inputs, pipeline)
     # Trials run in other processes (maybe other nodes with a shared file system): absolute root.
     base_cfg = replace(cfg, run=replace(cfg.run, root=str(Path(cfg.run.root).resolve())))
     base = to_dict(base_cfg)

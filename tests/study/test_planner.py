@@ -249,3 +249,39 @@ def test_checkpoint_selection_off_or_pinned():
 def test_bad_selection_config_names_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key):
         build_plan(_cfg("study.methods=[ft_conditioning]", *overrides))
+
+
+def test_retrieval_plus_generation_is_a_study_method_mixing_both_pools():
+    cfg = _cfg("study.methods=[retrieval, simple, retrieval+simple]", "study.ratios=[100, 500]", "study.sets=2")
+    plan = build_plan(cfg)
+    stages = Counter(n.stage for n in plan.nodes.values())
+    assert stages["retrieve"] == 1 and stages["generate"] == 1  # the parts' pools are the methods' own
+    assert stages["audit"] == 3  # retrieval, simple, and one over both for the combination
+    own = {m: {r.artifacts["added"] for r in plan.runs if r.method == m} for m in ("retrieval", "simple")}
+    runs = [r for r in plan.runs if r.method == "retrieval+simple"]
+    assert len(runs) == 4 and {(r.ratio, r.set_index) for r in runs} == {(100, 0), (100, 1), (500, 0), (500, 1)}
+    for r in runs:
+        assemble = plan.nodes[r.assemble]
+        assert assemble.cfg.assemble.sources == ["retrieval", "simple"]
+        assert assemble.inputs["added"] == {"retrieval": r.artifacts["added.retrieval"],
+                                            "simple": r.artifacts["added.simple"]}
+        assert {r.artifacts["added.retrieval"]} == own["retrieval"] and {r.artifacts["added.simple"]} == own["simple"]
+        audit = plan.nodes[assemble.inputs["audit"]]
+        assert audit.stage == "audit" and audit.inputs["added"] == [r.artifacts["added.retrieval"],
+                                                                    r.artifacts["added.simple"]]
+    # planned on its own, the combination still plans both inputs
+    alone = build_plan(_cfg("study.methods=[retrieval+clip_templates]", "study.baseline=false", "study.sets=1"))
+    assert Counter(n.stage for n in alone.nodes.values())["retrieve"] == 1
+    assert [n.cfg.generate.method for n in alone.by_stage("generate")] == ["clip_templates"]
+    assert Counter(n.stage for n in alone.nodes.values())["audit"] == 1
+
+
+@pytest.mark.parametrize("method, match", [
+    ("retrieval+simpel", r"unknown method 'simpel'"),
+    ("retrieval+baseline", r"'retrieval\+baseline' combines 'baseline', which adds no images"),
+    ("retrieval+retrieval", r"each once"),
+    ("retrieval+", r"each once"),
+])
+def test_a_bad_combination_names_the_part(method, match):
+    with pytest.raises(ConfigError, match=match):
+        build_plan(_cfg(f"study.methods=[{method}]"))

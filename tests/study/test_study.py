@@ -500,3 +500,65 @@ def test_trainings_run_after_every_other_ready_stage_and_a_skip_run_starts_no_ra
         ("a", "assemble", {"dataset": "d"})]}
     order = [x.id for x in study.deferred_order(list(n.values()), ["train"])]
     assert order == ["d", "a", "t1", "s", "g", "t2"]
+
+
+class MixingStages(FakeStages):
+    """Stand-ins with a retrieval (ranked, ``source`` retrieved), pass-through post-processing and
+    the real assemble stage, so a study's manifests show what each method really mixes."""
+
+    def index(self, cfg):
+        from raugment.core.storage import run_stage
+
+        return run_stage(cfg.run.root, "index", cfg.index, {}, lambda r: r.stats.add("vectors", 1))
+
+    def retrieve(self, cfg, dataset, index):
+        from raugment.core import schema as S
+        from raugment.core.storage import run_stage
+
+        def body(r):
+            rows = [{S.ID: f"retrieved-{label}-{i}", S.LABEL: label, S.CLASS_NAME: f"class {label}",
+                     S.SPLIT: "added", S.SOURCE: "retrieved", S.METHOD: "retrieval", S.RANK: i,
+                     S.IMAGE: _png(label, i)} for label in range(2) for i in range(4)]
+            r.write(S.to_table(rows), "images", shard="0")
+        return run_stage(cfg.run.root, "retrieve", cfg.retrieve, {"dataset": dataset}, body)
+
+    @staticmethod
+    def _copy(stage, section, cfg, added):
+        from raugment.core.storage import run_stage
+
+        return run_stage(cfg.run.root, stage, section, {"added": added},
+                         lambda r: r.write(added.read("images"), "images", shard="0"))
+
+    def filter(self, cfg, added):
+        return self._copy("filter", cfg.filter, cfg, added)
+
+    def dedup(self, cfg, added):
+        return self._copy("dedup", cfg.dedup, cfg, added[0])
+
+    def assemble(self, cfg, dataset, added, audit):
+        from raugment.stages.assemble import stage
+
+        return stage.run(cfg, dataset, added, audit)
+
+
+def test_a_retrieval_plus_generation_study_assembles_from_both_pools(fake_stages, tmp_path):
+    from raugment.core import schema as S
+    from raugment.study import executor as study
+
+    stages = fake_stages(MixingStages())
+    cfg = load_config(None, [f"run.root={tmp_path}", "study.methods=[retrieval, simple, retrieval+simple]",
+                             "study.ratios=[100]", "study.sets=2", "run.progress=false"])
+    runs_art, rep = study.run(cfg)
+    assert Counter(stages.calls)["retrieve"] == 1 and Counter(stages.calls)["generate"] == 1
+    runs = runs_art.read("runs").to_pylist()
+    mixed = [r for r in runs if r[S.METHOD] == "retrieval+simple"]
+    assert len(mixed) == 2
+    for r in mixed:
+        manifest = Artifact.open(tmp_path / json.loads(r[S.ARTIFACTS])["assemble"]).read("manifest").to_pylist()
+        added = Counter((m[S.LABEL], m[S.METHOD]) for m in manifest if m[S.SOURCE] != "original")
+        # each class: 3 originals at 100 % -> 3 added, split 2 retrieved (top ranks) + 1 generated
+        assert added == {(0, "retrieval"): 2, (0, "simple"): 1, (1, "retrieval"): 2, (1, "simple"): 1}
+        ret = sorted(m[S.ID] for m in manifest if m[S.METHOD] == "retrieval")
+        assert ret == ["retrieved-0-0", "retrieved-0-1", "retrieved-1-0", "retrieved-1-1"]
+    report = json.loads((rep.path / "report.json").read_text())
+    assert "retrieval+simple" in report["datasets"]["default"]["table"]

@@ -334,3 +334,31 @@ def test_tune_plans_its_inputs_then_sweeps(fake_stages, tmp_path, monkeypatch):
     run_target(_cfg(tmp_path), "tune", methods=["simple"])
     assert got == {"dataset": "dataset", "added": {"simple": "dedup"}, "audit": "audit"}
     assert "assemble" not in stages.calls and "train" not in stages.calls
+
+
+def test_a_combined_method_trains_on_both_pools_as_in_the_study():
+    tp = plan_target(_cfg(), "train", methods=["retrieval+simple"])
+    (assemble,) = tp.plan.by_stage("assemble")
+    assert list(assemble.inputs["added"]) == ["retrieval", "simple"]
+    assert assemble.cfg.assemble.sources == []  # as given: assemble mixes every added artifact it reads
+    joint = tp.plan.nodes[assemble.inputs["audit"]]
+    assert joint.stage == "audit" and sorted(joint.inputs["added"]) == sorted(assemble.inputs["added"].values())
+
+
+def test_tune_with_the_study_pipeline_plans_the_dataset_only(fake_stages, tmp_path, monkeypatch):
+    from raugment.study import tune
+
+    stages = fake_stages(FakeStages())
+    got = {}
+
+    def sweep(cfg, dataset, *, added=None, audit=None, **_):
+        got.update(dataset=dataset.stage, added=added, audit=audit)
+        (dataset.path.parent.parent / "best.json").write_text("{}")
+        return type("A", (), {"path": dataset.path.parent.parent})()
+
+    monkeypatch.setattr(tune, "run", sweep)
+    cfg = _cfg(tmp_path, "tune.pipeline=study", "study.methods=[ft_conditioning]")
+    run_target(cfg, "tune")
+    assert got == {"dataset": "dataset", "added": {}, "audit": None} and stages.calls == ["dataset"]
+    with pytest.raises(InputError, match=r"tune\.pipeline=study.*drop --method"):
+        plan_target(cfg, "tune", methods=["simple"])

@@ -41,7 +41,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 PLACEHOLDER = "*"
 
-# Prompt templates for pseudo-word training, in the spirit of Gal et al.'s ImageNet-style list.
+# Gal et al.'s (2022) ImageNet-style prompt templates for textual inversion. Pseudo-word methods
+# train and generate with them (paper 3.1, method 8, Figure 12: one template per sample, drawn
+# with replacement).
 TEMPLATES: tuple[str, ...] = (
     "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
     "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
@@ -52,7 +54,6 @@ TEMPLATES: tuple[str, ...] = (
     "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
     "a photo of a cool {}", "a photo of a small {}",
 )
-GENERATION_TEMPLATE = TEMPLATES[0]
 
 
 @dataclass(frozen=True)
@@ -216,8 +217,9 @@ class Method:
         """``encoder_hidden_states`` ``[b, 77, d]`` for table ``rows`` (and prompt ``ids``)."""
         raise NotImplementedError
 
-    def generation_ids(self, comps: dict[str, Any], n: int) -> torch.Tensor | None:
-        """Token ids the generator encodes with :meth:`encode` (pseudo-word methods only)."""
+    def generation_ids(self, comps: dict[str, Any], templates: Sequence[int]) -> torch.Tensor | None:
+        """Token ids the generator encodes with :meth:`encode` (pseudo-word methods only): one
+        prompt per image, :data:`TEMPLATES` ``[t]`` with the placeholder, for each ``t`` of ``templates``."""
         return None
 
 
@@ -254,8 +256,8 @@ class PseudowordFamily(Method):
     def prompt_ids(self, comps: dict[str, Any], n: int, rng: np.random.Generator) -> torch.Tensor:
         return tokenize(comps["tokenizer"], sample_templates(n, rng))
 
-    def generation_ids(self, comps: dict[str, Any], n: int) -> torch.Tensor:
-        return tokenize(comps["tokenizer"], [GENERATION_TEMPLATE.format(PLACEHOLDER)] * n)
+    def generation_ids(self, comps: dict[str, Any], templates: Sequence[int]) -> torch.Tensor:
+        return tokenize(comps["tokenizer"], [TEMPLATES[t].format(PLACEHOLDER) for t in templates])
 
     def encode(self, comps: dict[str, Any], table: torch.Tensor, rows: torch.Tensor,
                ids: torch.Tensor | None) -> torch.Tensor:

@@ -42,9 +42,29 @@ _REASON, _DETAIL, _SCORE = "_reason", "_detail", "_score"
 
 
 def build_filters(cfg: FilterConfig) -> list[tuple[str, FilterFn]]:
-    """Instantiate the configured filters in order (loads their models)."""
+    """Instantiate the configured filters in order (loads their models); a filter that
+    ``cfg.only_on`` limits to some sources is wrapped by :func:`only_on`."""
     ctx = FilterContext(cfg)
-    return [(name, FILTERS.get(name)(cfg, ctx)) for name in cfg.filters]
+    out: list[tuple[str, FilterFn]] = []
+    for name in cfg.filters:
+        fn: FilterFn = FILTERS.get(name)(cfg, ctx)
+        if name in cfg.only_on:
+            fn = only_on(fn, cfg.only_on[name])
+        out.append((name, fn))
+    return out
+
+
+def only_on(fn: FilterFn, sources: Sequence[str]) -> FilterFn:
+    """``fn`` judging only rows whose ``source`` is in ``sources``: the others pass (scores kept)."""
+    keep = frozenset(sources)
+
+    def judged(images: Sequence[Any], batch: pa.Table) -> FilterOutcome:
+        out = fn(images, batch)
+        of = batch.column(S.SOURCE).to_pylist() if S.SOURCE in batch.column_names else [None] * batch.num_rows
+        applies = np.array([s in keep for s in of], dtype=bool)
+        return FilterOutcome(out.passed | ~applies, out.scores, out.column)
+
+    return judged
 
 
 def preflight(cfg: Config) -> None:

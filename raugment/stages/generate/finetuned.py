@@ -18,8 +18,10 @@ holds one. So it is not registered, and a new fine-tuning method needs no change
   row is drawn with probability proportional to the cluster's image count (seeded per class).
 * ``setup``: loads the checkpoint (the artifact's ``selected.json``, else ``best_val``) and, when
   the snapshot has one (Imagic, pseudo-word + DM), the fine-tuned UNet weights into the pipeline's UNet.
-* ``call_kwargs``: ``prompt_embeds`` = the learned conditionings of the slots' rows, or the
-  encoding of "a photo of a *" with each slot's pseudo-word in place of ``*``.
+* ``call_kwargs``: ``prompt_embeds`` = the learned conditionings of the slots' rows, or, for
+  pseudo-words, the encoding of the slot's prompt template (Gal et al.'s templates, the ones
+  training used, drawn per slot with replacement and seeded per class, as the paper samples
+  them) with the slot's pseudo-word in place of ``*``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from raugment.core import schema
 from raugment.core.config import ConfigError
 from raugment.core.storage import Artifact
 from raugment.lib.finetuned.artifact import artifact_config, load_finetuned, resolve
-from raugment.lib.finetuned.families import GENERATION_TEMPLATE, family_of
+from raugment.lib.finetuned.families import TEMPLATES, family_of
 from raugment.stages.generate.methods import GenerateSection, GenerationMethod, Row, class_rng
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,6 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 ROW_PARAM = "cond_row"
+TEMPLATE_PARAM = "template"  # index into TEMPLATES of a pseudo-word slot's prompt
 NEEDS_ARTIFACT = ("needs a fine-tuning artifact: pass one to generate.run (finetune=) or set "
                   "generate.conditioning to a finetune (or select) stage directory")
 
@@ -97,13 +100,19 @@ class FinetunedGeneration(GenerationMethod):
             if label not in by_label:
                 raise ValueError(f"class {label} ({record[schema.CLASS_NAME]!r}) has no learned conditioning "
                                  f"in {artifact}; fine-tune on the same dataset")
-            drawn = draw_rows(by_label[label], cfg.images_per_class, class_rng(cfg, self.name, label))
+            rng = class_rng(cfg, self.name, label)
+            drawn = draw_rows(by_label[label], cfg.images_per_class, rng)
+            templates = rng.integers(0, len(TEMPLATES), size=len(drawn)) if pseudowords else None
             for i, r in enumerate(drawn):
-                prompt = GENERATION_TEMPLATE.format(r[schema.TOKEN]) if pseudowords else ""
+                params = {ROW_PARAM: int(r[schema.COND_ROW]), "cluster": int(r[schema.CLUSTER]),
+                          "checkpoint": checkpoint, "snapshot": str(snapshot)}
+                prompt = ""
+                if templates is not None:
+                    params[TEMPLATE_PARAM] = int(templates[i])
+                    prompt = TEMPLATES[templates[i]].format(r[schema.TOKEN])
                 rows.append({schema.LABEL: label, schema.CLASS_ID: record[schema.CLASS_ID],
                              schema.CLASS_NAME: record[schema.CLASS_NAME], schema.INDEX: i, schema.PROMPT: prompt,
-                             schema.PARAMS: {ROW_PARAM: int(r[schema.COND_ROW]), "cluster": int(r[schema.CLUSTER]),
-                                             "checkpoint": checkpoint, "snapshot": str(snapshot)}})
+                             schema.PARAMS: params})
         return self.slot_rows(rows, cfg)
 
     def setup(self, pipe: Any, cfg: GenerateSection, finetune_path: str | None) -> None:
@@ -125,7 +134,7 @@ class FinetunedGeneration(GenerationMethod):
             raise RuntimeError("FinetunedGeneration.call_kwargs before setup: the learned table is not loaded")
         comps = {"text_encoder": self.pipe.text_encoder, "tokenizer": self.pipe.tokenizer}
         idx = torch.tensor([int(r[schema.PARAMS][ROW_PARAM]) for r in rows], device=self.table.device)
-        ids = self.family.generation_ids(comps, len(rows))
+        ids = self.family.generation_ids(comps, [int(r[schema.PARAMS].get(TEMPLATE_PARAM, 0)) for r in rows])
         with torch.no_grad():
             embeds = self.family.encode(comps, self.table, idx, ids)
         return {"prompt_embeds": embeds, "guidance_scale": cfg.guidance_scale,

@@ -14,9 +14,9 @@ from raugment.config import load_config
 from raugment.core import schema
 from raugment.core.config import ConfigError
 from raugment.core.storage import Artifact
-from raugment.lib.finetuned.families import GENERATION_TEMPLATE
+from raugment.lib.finetuned.families import TEMPLATES, family_of
 from raugment.models.diffusion import load_components, load_pipeline
-from raugment.stages.generate.finetuned import FinetunedGeneration, draw_rows
+from raugment.stages.generate.finetuned import TEMPLATE_PARAM, FinetunedGeneration, draw_rows
 from tests.helpers.finetuned import hand_made_artifact, sample
 
 CLASSES = [{schema.LABEL: 0, schema.CLASS_ID: "n01491361", schema.CLASS_NAME: "tiger shark, Galeocerdo cuvieri"}]
@@ -52,11 +52,12 @@ def test_pseudoword_generation_matches_the_init_word_then_follows_training(tiny_
         fresh = load_pipeline(str(tiny_sd), safety_checker=False)
         method = FinetunedGeneration(name)
         rows = method.plan(CLASSES, g, dataset=None, finetune=Artifact("finetune", "x", art))
-        assert rows[0][schema.PROMPT] == GENERATION_TEMPLATE.format("<raug-0>")
+        template = TEMPLATES[rows[0][schema.PARAMS][TEMPLATE_PARAM]]
+        assert rows[0][schema.PROMPT] == template.format("<raug-0>")
         method.setup(fresh, g, str(art))
         outs[perturb] = sample(fresh, **method.call_kwargs(rows[:1], g))
     # at its initialisation the pseudo-word is the word "shark": same image as the plain prompt
-    base = sample(pipe, prompt=["a photo of a shark"], guidance_scale=g.guidance_scale, height=64, width=64)
+    base = sample(pipe, prompt=[template.format("shark")], guidance_scale=g.guidance_scale, height=64, width=64)
     np.testing.assert_allclose(outs[0.0], base, atol=1e-5)
     assert np.abs(outs[0.3] - base).mean() > 1e-3
 
@@ -98,3 +99,24 @@ def test_clusters_are_drawn_in_proportion_to_their_size():
     drawn = [r[schema.COND_ROW] for r in draw_rows(cands, 4000, np.random.default_rng(0))]
     assert drawn.count(2) == 0
     assert drawn.count(0) / len(drawn) == pytest.approx(0.75, abs=0.03)
+
+
+def test_pseudoword_generation_draws_the_papers_templates_per_image(tiny_sd, tmp_path):
+    """Textual inversion / pseudo-word + DM sample Gal et al.'s templates (paper 3.1, Figure 12), one
+    drawn per image with replacement and seeded per class, not one fixed prompt; the prompt that
+    is encoded is the slot's template."""
+    art = tmp_path / "ti"
+    comps = load_components(str(tiny_sd))
+    hand_made_artifact(art, comps, "textual_inversion", 0.0)
+    g = _generate_cfg("textual_inversion", **{"generate.images_per_class": 60})
+    method = FinetunedGeneration("textual_inversion")
+    rows = method.plan(CLASSES, g, dataset=None, finetune=Artifact("finetune", "x", art))
+    prompts = [r[schema.PROMPT] for r in rows]
+    assert set(prompts) <= {t.format("<raug-0>") for t in TEMPLATES}
+    assert len(set(prompts)) >= 15  # 60 draws from 27 templates
+    assert prompts == [r[schema.PROMPT] for r in method.plan(CLASSES, g, dataset=None,
+                                                            finetune=Artifact("finetune", "x", art))]
+    ids = family_of("embeddings").generation_ids(comps, [r[schema.PARAMS][TEMPLATE_PARAM] for r in rows[:3]])
+    want = comps["tokenizer"]([TEMPLATES[r[schema.PARAMS][TEMPLATE_PARAM]].format("*") for r in rows[:3]],
+                              padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ids, want)

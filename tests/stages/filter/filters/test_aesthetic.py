@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
@@ -96,3 +97,30 @@ def test_random_predictor_only_by_name():
     with pytest.raises(ValueError, match="no aesthetic predictor given"):
         load_aesthetic(None, 8)
     assert load_aesthetic("random", 8).source == "random"
+
+
+def test_only_on_retrieved_keeps_a_low_scoring_generated_image_and_drops_the_retrieved_one(tmp_path, tiny_models):
+    """The paper's aesthetic filter applies to retrieved images only (``filter.only_on``): the same
+    low-scoring picture is dropped as a retrieved image and kept, with its score, as a generated one."""
+    low, others = Image.new("RGB", (64, 64)), [draw(i, 64) for i in range(3)]
+    plant_aesthetic(tiny_models["clip"], tmp_path / "aesthetic", png(low), [png(im) for im in others])
+    keys = {"filters": ["aesthetic"], "aesthetic_model": str(tmp_path / "aesthetic"),
+            "clip_model": str(tiny_models["clip"]), "clip_pretrained": None, "device": "cpu"}
+    rows = [row("ret-low", png(low), source="retrieved"), row("gen-low", png(low), source="generated"),
+            *[row(f"gen-{i}", png(im), source="generated") for i, im in enumerate(others)]]
+    everywhere = F.filter_batch(S.to_table(rows), F.build_filters(from_dict({"filter": keys}).filter))
+    section = from_dict({"filter": {**keys, "only_on": {"aesthetic": ["retrieved"]}}}).filter
+    kept, dropped = F.split_batch(F.filter_batch(S.to_table(rows), F.build_filters(section)))
+    assert sorted(F.split_batch(everywhere)[1].column(S.ID).to_pylist()) == ["gen-low", "ret-low"]
+    assert dropped.column(S.ID).to_pylist() == ["ret-low"]
+    assert dropped.column(S.REASON).to_pylist() == ["aesthetic"]
+    assert sorted(kept.column(S.ID).to_pylist()) == ["gen-0", "gen-1", "gen-2", "gen-low"]
+    low_score = kept.filter(pc.equal(kept.column(S.ID), "gen-low")).column(S.AESTHETIC_SCORE)[0].as_py()
+    assert low_score < 5
+
+
+def test_only_on_names_known_filters_and_sources():
+    with pytest.raises(ConfigError, match=r"filter\.only_on\.aesthetc: unknown filter"):
+        from_dict({"filter": {"only_on": {"aesthetc": ["retrieved"]}}})
+    with pytest.raises(ConfigError, match=r"filter\.only_on\.aesthetic must list image sources"):
+        from_dict({"filter": {"only_on": {"aesthetic": ["retreived"]}}})
