@@ -228,42 +228,47 @@ def run(cfg: Config, dataset: Artifact, added: Mapping[str, Artifact] | None = N
         census_audit: method name -> its leakage audit (used with ``assemble.leakage=remove``).
     """
     added = dict(added or {})
-    census = dict(census or {}) if cfg.assemble.shortfall == SF.EXCLUDE else {}
-    census_audit = dict(census_audit or {})
     acfg = cfg.assemble
+    census = dict(census or {}) if acfg.shortfall == SF.EXCLUDE else {}
+    census_audit = dict(census_audit or {})
     names = _select_sources(acfg, added)
     exclude = _leakage_ids(acfg, audit) if names else set()
     root = Path(cfg.run.root)
+    # The policy is decided before any work (a fail is one line, nothing written). The census
+    # pools are keyed by what they decide (the classes left out), not by their artifacts: a study
+    # that grows by a method that fills every class keeps its finished classifiers.
+    images = dataset.read("images", columns=[S.ID, S.LABEL, S.SPLIT])
+    original = images.filter(pc.equal(images.column(S.SPLIT), "train"))
+    if original.num_rows == 0:
+        raise ValueError(f"dataset artifact {dataset.path} has no train split")
+    classes = dataset.read("classes", columns=[S.LABEL, S.CLASS_NAME])
+    class_names = dict(zip(classes.column(S.LABEL).to_pylist(), classes.column(S.CLASS_NAME).to_pylist()))
+    train_counts = Counter(int(label) for label in original.column(S.LABEL).to_pylist())
+    pools = [read_added(m, added[m], root) for m in names]
+    own = [(p.method, SF.pool_counts(p.table, exclude)) for p in pools]
+    others = [(m, SF.pool_counts(read_added(m, census[m], root).table, _leakage_of(acfg, m, census_audit)))
+              for m in sorted(census)]
+    left_out, found = apply_policy(acfg, train_counts, own, others, class_names)
     section = {"assemble": to_dict(acfg), "seed": cfg.run.seed, "sources": names}
+    if found:
+        section["shortfalls"] = [[s.label, s.method, s.need, s.available] for s in found]
     inputs: dict[str, Artifact | str] = {"dataset": dataset, **{f"added.{m}": added[m] for m in names}}
     if exclude and audit is not None:
         inputs["audit"] = audit
-    inputs.update({f"census.{m}": census[m] for m in sorted(census)})
-    if acfg.leakage == "remove":
-        inputs.update({f"census_audit.{m}": census_audit[m] for m in sorted(census_audit) if m in census})
 
     def body(run: StageRun) -> None:
-        images = dataset.read("images", columns=[S.ID, S.LABEL, S.SPLIT])
-        original = images.filter(pc.equal(images.column(S.SPLIT), "train"))
-        if original.num_rows == 0:
-            raise ValueError(f"dataset artifact {dataset.path} has no train split")
-        classes = dataset.read("classes", columns=[S.LABEL, S.CLASS_NAME])
-        class_names = dict(zip(classes.column(S.LABEL).to_pylist(), classes.column(S.CLASS_NAME).to_pylist()))
-        train_counts = Counter(int(label) for label in original.column(S.LABEL).to_pylist())
-        pools = [read_added(m, added[m], root) for m in names]
-        own = [(p.method, SF.pool_counts(p.table, exclude)) for p in pools]
-        others = [(m, SF.pool_counts(read_added(m, census[m], root).table, _leakage_of(acfg, m, census_audit)))
-                  for m in sorted(census)]
-        left_out, found = apply_policy(acfg, train_counts, own, others, class_names)
+        kept_original, kept_pools = original, pools
         if left_out:
             drop = pa.array(sorted(left_out), pa.int32())
-            original = original.filter(pc.invert(pc.is_in(original.column(S.LABEL).cast(pa.int32()), value_set=drop)))
-            pools = [AddedImages(p.method, p.table.filter(pc.invert(pc.is_in(p.table.column(S.LABEL).cast(pa.int32()),
-                                                                             value_set=drop))), p.artifact)
-                     for p in pools]
+
+            def keep(t: pa.Table) -> pa.Table:
+                return t.filter(pc.invert(pc.is_in(t.column(S.LABEL).cast(pa.int32()), value_set=drop)))
+
+            kept_original = keep(original)
+            kept_pools = [AddedImages(p.method, keep(p.table), p.artifact) for p in pools]
             log.warning("assemble: %d class(es) left out (assemble.shortfall=exclude): %s", len(left_out),
                         SF.describe(found, class_names))
-        manifest = build_manifest(original, pools, ratio=acfg.ratio, set_index=acfg.set_index,
+        manifest = build_manifest(kept_original, kept_pools, ratio=acfg.ratio, set_index=acfg.set_index,
                                   num_sets=acfg.num_sets, seed=cfg.run.seed,
                                   original_artifact=_relative(dataset, root), exclude_ids=exclude,
                                   allow_short=acfg.shortfall == SF.ALLOW)
