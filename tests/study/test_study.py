@@ -116,15 +116,14 @@ class FakeStages:
         self.fail_stage = fail_stage
 
     def __call__(self, node, done):
-        from raugment.study.executor import _resolve
+        from raugment.study.executor import node_args
 
         self.calls.append(node.stage)
         if self.crash_at is not None and len(self.calls) == self.crash_at:
             raise Killed()
         if node.stage == self.fail_stage and node.labels.get("ratio") == 200.0:
             raise ValueError("not enough images to resample")
-        args = [_resolve(ref, done) for ref in node.inputs.values()]
-        return getattr(self, node.stage)(node.cfg, *args)
+        return getattr(self, node.stage)(node.cfg, *node_args(node, done))
 
     @staticmethod
     def _images(run, method, split, n=3):
@@ -347,6 +346,27 @@ def test_a_class_that_filter_and_dedup_left_short_is_left_out_and_the_study_comp
     index, _ = study.run(cfg)
     (failed,) = [f for f in study.failures(index) if f["stage"] == "assemble"]
     assert "'class 1' (label 1): simple has 2 of 3" in failed["reason"]
+
+
+class FailingMethodStages(ShortfallStages):
+    def generate(self, cfg, dataset, finetune):
+        if cfg.generate.method == "clip_templates":
+            raise ValueError("the diffusion model ran out of memory")
+        return super().generate(cfg, dataset, finetune)
+
+
+def test_a_failed_method_does_not_take_the_other_classifiers_down_through_the_census(fake_stages, tmp_path):
+    from raugment.study import executor as study
+
+    fake_stages(FailingMethodStages())
+    cfg = load_config(None, [f"run.root={tmp_path}", "study.methods=[simple, clip_templates]", "study.ratios=[100]",
+                             "study.sets=1", "run.progress=false"])
+    index, rep = study.run(cfg)
+    assert Counter(r["method"] for r in index.read("runs").to_pylist()) == {"baseline": 1, "simple": 1}
+    failed = {(f["stage"], f["labels"].get("method")) for f in study.failures(index)}
+    assert ("generate", "clip_templates") in failed and ("train", "clip_templates") in failed
+    assert not {m for _, m in failed} & {"baseline", "simple"}
+    assert _report(rep)["shortfalls"]["excluded"] == {"class 1": ["simple: 2 of 3 images at 100 %"]}
 
 
 # ---- checkpoint selection on stand-in stages: planted scores, the choice, resume, report ---------
