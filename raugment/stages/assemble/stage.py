@@ -7,6 +7,11 @@ drawn by :func:`raugment.stages.assemble.resample.resample_sets`: a generated po
 ``assemble.num_sets`` sets of which ``assemble.set_index`` is taken (the paper's five augmented
 sets); a retrieved pool gives its top ranks (most similar first), the same for every set. Ratio 0 is
 the unaugmented baseline. The final per-class counts are checked against the target.
+
+A class whose pool cannot fill its share is handled by ``assemble.shortfall``
+(:mod:`raugment.stages.assemble.shortfall`): left out (with its originals; in a study, checked
+against every method's pool so that all classifiers share one class set), filled with what there
+is, or refused in one line. Table ``shortfalls`` records what was done.
 """
 
 from __future__ import annotations
