@@ -208,8 +208,10 @@ def apply_policy(cfg: AssembleConfig, train_counts: Mapping[int, int], own: Sequ
     if cfg.shortfall == SF.ALLOW:
         return set(), found
     ratio = cfg.ratio if cfg.census_ratio is None else cfg.census_ratio
-    for method, counts in census:
-        found += SF.find(train_counts, [(method, counts)], ratio) if ratio > 0 else []
+    seen = {(s.label, s.method) for s in found}
+    for method, counts in census:  # the run's own pool is in the census too: one row per class and pool
+        found += [s for s in (SF.find(train_counts, [(method, counts)], ratio) if ratio > 0 else [])
+                  if (s.label, s.method) not in seen]
     excluded = {s.label for s in found}
     if excluded and excluded >= set(train_counts):
         raise ValueError(f"assemble.shortfall=exclude leaves no class: {SF.describe(found, names)}; "

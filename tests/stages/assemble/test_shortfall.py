@@ -53,6 +53,9 @@ def test_census_makes_the_baseline_leave_out_the_same_classes(world):
     other = assemble.run(_cfg(root, ratio=100, census_ratio=100), dataset, {"simple": full}, None,
                          {"retrieval": short, "simple": full})
     assert set(other.read("manifest").column(S.LABEL).to_pylist()) == {0, 1}
+    own = assemble.run(_cfg(root, ratio=100, census_ratio=100), dataset, {"retrieval": short}, None,
+                       {"retrieval": short, "simple": full})
+    assert own.read("shortfalls").num_rows == 1  # its own pool, also in the census, is listed once
     # without the census the full pool fills every class
     alone = assemble.run(_cfg(root, ratio=100), dataset, {"simple": full})
     assert set(alone.read("manifest").column(S.LABEL).to_pylist()) == {0, 1, 2}
