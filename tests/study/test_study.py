@@ -331,6 +331,7 @@ def test_a_class_that_filter_and_dedup_left_short_is_left_out_and_the_study_comp
     assert ds["shortfalls"]["excluded"] == {"class 1": ["simple: 2 of 3 images at 100 %"]}
     md = (rep.path / "report.md").read_text()
     assert "1 class(es) left out of every classifier" in md and "class 1 (simple: 2 of 3 images" in md
+    assert "(the baseline's too) leaves out 1 class(es) that a method could not fill: class 1" in md
     # allow: the method uses what there is, the baseline keeps both classes
     fake_stages(ShortfallStages())
     cfg = load_config(None, [f"run.root={tmp_path / 'allow'}", "study.methods=[simple]", "study.ratios=[100]",

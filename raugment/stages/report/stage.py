@@ -556,6 +556,10 @@ def _dataset_sections(doc: _Doc, ds: dict[str, Any], slug: str, ctx: dict[str, A
     cfg, figs, root, out = ctx["cfg"], ctx["figs"], ctx["root"], ctx["out"]
     doc.heading("Accuracy (Table 1)", 3)
     doc.table(*_accuracy_rows(ds, ctx["upper_bound"]))
+    left_out = ds.get("shortfalls", {}).get("excluded", {})
+    if left_out:
+        doc.para(f"Every classifier above (the baseline's too) leaves out {len(left_out)} class(es) that a "
+                 f"method could not fill: {', '.join(left_out)} (see \"Classes that could not be filled\").")
 
     doc.heading("Are generated images recognisable?", 3)
     if ds.get("recognisability"):
