@@ -266,6 +266,20 @@ STUDY_RUNS = pa.schema([
     pa.field(ARTIFACTS, pa.string(), nullable=False),
 ])
 
+# ---- shortfalls (assemble): classes whose added pool cannot fill their quota -----------------
+NEED = "need"                  # added images the class needs (at the ratio checked)
+AVAILABLE = "available"        # images its pool holds (after leakage removal)
+ACTION = "action"              # what the shortfall policy did: excluded / allowed / failed
+SHORTFALLS = pa.schema([
+    pa.field(LABEL, pa.int32(), nullable=False),
+    pa.field(CLASS_NAME, pa.string()),
+    pa.field(METHOD, pa.string()),
+    pa.field(RATIO, pa.float64()),
+    pa.field(NEED, pa.int32()),
+    pa.field(AVAILABLE, pa.int32()),
+    pa.field(ACTION, pa.string()),
+])
+
 # ---- fine-tuning (finetune stage): learned rows, training items, checkpoints -------------
 CLUSTER = "cluster"            # k-means cluster of an image within its class (0 = no clustering)
 COND_ROW = "cond_row"          # row of a learned conditioning / pseudo-word table
@@ -303,6 +317,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "prompts": PROMPTS,
     "failures": FAILURES,
     "manifest": MANIFEST,
+    "shortfalls": SHORTFALLS,
     "results_per_class": RESULTS_PER_CLASS,
     "index_metadata": INDEX_METADATA,
     "candidates": CANDIDATES,

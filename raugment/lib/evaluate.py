@@ -47,7 +47,8 @@ def score_batch(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
 
 def evaluate(model: torch.nn.Module, batches: Iterable, num_classes: int,
              device: torch.device | str = "cpu",
-             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> torch.Tensor:
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+             classes: Sequence[int] | None = None) -> torch.Tensor:
     """Run ``model`` over ``(images, labels)`` batches; the summed per-class counts (on ``device``).
 
     Args:
@@ -56,18 +57,27 @@ def evaluate(model: torch.nn.Module, batches: Iterable, num_classes: int,
         num_classes: rows of the result.
         device: where the model lives.
         autocast: context factory for mixed precision (e.g. ``torch.autocast`` partial).
+        classes: the labels the classifier competes over (None: all): the others' logits are
+            never predicted (classes a study left out, ``assemble.shortfall=exclude``).
     """
     import torch
 
     model.eval()
     total = torch.zeros(num_classes, 3, dtype=torch.int64, device=device)
+    absent = None
+    if classes is not None:
+        absent = torch.ones(num_classes, dtype=torch.bool, device=device)
+        absent[torch.as_tensor(list(classes), dtype=torch.long, device=device)] = False
     with torch.inference_mode():
         for images, labels in batches:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             with autocast():
                 logits = model(images)
-            total += score_batch(logits.float(), labels, num_classes)
+            logits = logits.float()
+            if absent is not None:
+                logits = logits.masked_fill(absent, float("-inf"))
+            total += score_batch(logits, labels, num_classes)
     return total
 
 

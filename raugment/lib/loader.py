@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -125,6 +125,17 @@ def build_index(manifest: pa.Table, root: str | Path) -> list[Unit]:
                              f"(e.g. {missing[:3]}); re-run assemble against this artifact")
         units.extend(got)
     return units
+
+
+def restrict(units: Sequence[Unit], labels: Iterable[int]) -> list[Unit]:
+    """``units`` with only the rows of ``labels`` (units left empty are dropped)."""
+    keep = np.array(sorted(set(labels)), dtype=np.int64)
+    out = []
+    for u in units:
+        mask = np.isin(u.labels, keep)
+        if mask.any():
+            out.append(Unit(u.path, u.row_group, u.rows[mask], u.labels[mask]))
+    return out
 
 
 def split_index(dataset: Artifact, split: str) -> list[Unit]:

@@ -91,6 +91,14 @@ class StudyConfig:
             Data actor pools never wait on each other for CPUs.
         keep_going: a failed stage run leaves out what depends on it and the study goes on
             (the report lists it); false: the first failure ends the study.
+        shortfall: what happens to a class that a method's final pool (after filter and dedup)
+            cannot fill at the largest ratio: ``exclude`` (the paper: the class is left out of
+            every classifier of the dataset, the baseline's too, and the report lists it),
+            ``allow`` (that method uses what there is) or ``fail`` (its assemble stops, naming
+            the classes). See :mod:`raugment.stages.assemble.shortfall`.
+        retrieval_margin: retrieval fills each class with ``(1 + margin) x`` the quota, so that
+            what the filter and dedup stages drop is topped up from the next-best neighbours
+            (assemble takes the best-ranked survivors); 0 when neither stage runs.
         select_checkpoint: pick each fine-tuned method's (5-9) checkpoint by the validation
             accuracy of a classifier trained on a small set generated from it (the ``select``
             section); false: generate from the best-validation-loss checkpoint.
@@ -115,6 +123,8 @@ class StudyConfig:
     parallel_stages: list[str] = field(default_factory=lambda: ["train"])
     keep_going: bool = True
     select_checkpoint: bool = True
+    shortfall: Literal["exclude", "allow", "fail"] = "exclude"
+    retrieval_margin: float = 0.25
 
     def validate(self, key: str) -> None:
         positive(self.sets, f"{key}.sets")
@@ -125,6 +135,9 @@ class StudyConfig:
         positive(self.parallel, f"{key}.parallel")
         at_most(self.parallel, MAX_ACTORS, f"{key}.parallel", "stage runs in flight at once; " + ACTORS_REASON)
         positive(self.pool_factor, f"{key}.pool_factor")
+        if not 0 <= self.retrieval_margin <= 10:
+            raise ConfigError(f"{key}.retrieval_margin is a fraction of the quota in [0, 10] (0.25 = "
+                              f"retrieve 25 % more than needed), got {self.retrieval_margin}")
         positive(self.node_gpus, f"{key}.node_gpus")
         positive(self.node_cpus, f"{key}.node_cpus")
         if not self.ratios:

@@ -35,6 +35,7 @@ from raugment.core.storage import SUCCESS, Artifact, StageRun, run_stage, write_
 from raugment.runtime.cluster import keep_pools, release_idle_pools
 from raugment.runtime.worker_group import keep_groups, release_idle
 from raugment.study.planner import (
+    CENSUS_INPUTS,
     DatasetSize,
     InputRef,
     Node,
@@ -122,11 +123,30 @@ def _resolve(ref: InputRef, done: Mapping[str, Artifact]) -> Any:
     return {k: done[v] for k, v in ref.items()}
 
 
+def optional_inputs(node: Node) -> set[str]:
+    """Inputs a node runs without when they failed: an assemble run's census pools (the other
+    methods' pools it checks for shortfalls); a failed method must not take every classifier
+    of the study down with it."""
+    out: set[str] = set()
+    for name in CENSUS_INPUTS:
+        ref = node.inputs.get(name)
+        out.update(ref.values() if isinstance(ref, dict) else [])
+    required = Node(node.id, node.stage, node.cfg,
+                    {k: v for k, v in node.inputs.items() if k not in CENSUS_INPUTS}).input_ids()
+    return out - set(required)
+
+
+def node_args(node: Node, done: Mapping[str, Artifact]) -> list[Any]:
+    """A node's input artifacts in the planned order; census pools that did not finish are left
+    out of their mapping (:func:`optional_inputs`)."""
+    return [{k: done[v] for k, v in ref.items() if v in done} if name in CENSUS_INPUTS and isinstance(ref, dict)
+            else _resolve(ref, done) for name, ref in node.inputs.items()]
+
+
 def run_node(node: Node, done: Mapping[str, Artifact]) -> Artifact:
-    """Run one node through ``raugment.<stage>.run(cfg, *inputs)`` (inputs in the planned order)."""
+    """Run one node through ``raugment.<stage>.run(cfg, *inputs)`` (:func:`node_args`)."""
     module = importlib.import_module(f"raugment.stages.{node.stage}.stage")
-    args = [_resolve(ref, done) for ref in node.inputs.values()]
-    return module.run(node.cfg, *args)
+    return module.run(node.cfg, *node_args(node, done))
 
 
 def _describe(node: Node) -> str:
@@ -221,7 +241,8 @@ class Executor:
                 future.result()
 
     def _one(self, node: Node, counter: Iterator[int], total: int) -> None:
-        failed_inputs = [i for i in node.input_ids() if i in self.failed]
+        optional = optional_inputs(node)
+        failed_inputs = [i for i in node.input_ids() if i in self.failed and i not in optional]
         if failed_inputs:
             with self._lock:
                 self.failed[node.id] = f"input {failed_inputs[0]} failed"

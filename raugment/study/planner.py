@@ -108,6 +108,7 @@ BASELINE = "baseline"
 RETRIEVAL = "retrieval"
 COMBINE = "+"  # "retrieval+simple": one study method mixing the added images of several
 ADDED = "added"  # the role of what assemble reads; "added.<part>" for each part of a combined method
+CENSUS_INPUTS = ("census", "census_audit")
 
 
 def method_pipeline(base: str) -> str | None:
@@ -294,7 +295,10 @@ def expected_size(cfg: Config) -> DatasetSize:
 def node_id(stage: str, cfg: Config, inputs: Mapping[str, InputRef]) -> str:
     """Identity of a stage run: its config sections and its inputs' ids."""
     sections = {name: to_dict(getattr(cfg, name)) for name in STAGE_SECTIONS[stage]}
-    flat = {k: json.dumps(v, sort_keys=True) for k, v in inputs.items() if v is not None}
+    # an assemble run's census (study.shortfall=exclude) is keyed by the classes it leaves out, at
+    # run time (stages/assemble/stage.py), so a study that grows by a method keeps its node ids
+    flat = {k: json.dumps(v, sort_keys=True) for k, v in inputs.items()
+            if v is not None and k not in CENSUS_INPUTS}
     return f"{stage}-{section_hash({'stage': stage, 'sections': sections}, flat)}"
 
 
@@ -389,9 +393,10 @@ def _postprocess(ctx: PlanContext, method: str, cfg: Config, source: str, n_imag
     return roles
 
 
-def retrieval_quota(ratio: float, size: DatasetSize) -> int:
-    """Images per class that retrieval must deliver so that ``ratio`` % of every class fits."""
-    return max(1, math.ceil(ratio / 100 * size.max_per_class))
+def retrieval_quota(ratio: float, size: DatasetSize, margin: float = 0.0) -> int:
+    """Images per class that retrieval must deliver so that ``ratio`` % of every class fits, plus
+    ``margin`` (a fraction) for what the filter and dedup stages after it drop."""
+    return max(1, math.ceil(ratio / 100 * size.max_per_class * (1 + margin) - 1e-9))
 
 
 def generation_quota(ratio: float, size: DatasetSize, pool_factor: float) -> int:
@@ -419,7 +424,9 @@ def plan_retrieval(ctx: PlanContext, method: str, base: str, cfg: Config) -> dic
     """
     from raugment.stages.retrieve.backends import needs_index
 
-    cfg = ctx.derive(cfg, retrieve__images_per_class=retrieval_quota(ctx.max_ratio, ctx.size))
+    # over-fetch: the quota counts what survives filter + dedup too (assemble takes the best ranks)
+    margin = cfg.study.retrieval_margin if (cfg.study.filter or cfg.study.dedup) else 0.0
+    cfg = ctx.derive(cfg, retrieve__images_per_class=retrieval_quota(ctx.max_ratio, ctx.size, margin))
     quota = cfg.retrieve.images_per_class
     index = None
     if needs_index(cfg.retrieve.backend) and not cfg.retrieve.index:
@@ -641,14 +648,40 @@ def build_plan(cfg: Config, sizes: Mapping[str, DatasetSize] | None = None,
     plan, contexts = plan_datasets(cfg, sizes, costs)
     methods = ([BASELINE] if cfg.study.baseline else []) + list(cfg.study.methods)
     for ctx, ds_cfg in contexts:
+        planned = []
         for method in methods:
             base, pipeline, m_cfg = method_config(ds_cfg, method)
-            roles = PIPELINES.get(pipeline)(ctx, method, base, m_cfg)
+            planned.append((method, pipeline, m_cfg, PIPELINES.get(pipeline)(ctx, method, base, m_cfg)))
+        census = shortfall_census(cfg, {method: roles for method, _, _, roles in planned})
+        for method, pipeline, m_cfg, roles in planned:
             ratios = [0.0] if pipeline == "baseline" else sorted(set(cfg.study.ratios))
             for ratio in ratios:
                 for s in range(cfg.study.sets):
-                    _add_runs(ctx, method, m_cfg, roles, ratio, s)
+                    _add_runs(ctx, method, m_cfg, roles, ratio, s, census)
     return plan
+
+
+Census = tuple[dict[str, str], dict[str, str]]
+
+
+def shortfall_census(cfg: Config, roles: Mapping[str, Mapping[str, str]]) -> Census | None:
+    """What every assemble run of a dataset checks for shortfalls under ``study.shortfall=exclude``:
+    (method -> its final pool node, method -> its audit node). A class that any pool cannot fill
+    at the largest ratio is then left out of every classifier, the baseline's included, so all
+    of them train and score on one class set (the paper's 990 classes). None for other policies."""
+    if cfg.study.shortfall != "exclude":
+        return None
+    pools: dict[str, str] = {}
+    audits: dict[str, str] = {}
+    for m, r in roles.items():  # a combined method's parts count as pools of their own
+        for source, node in added_inputs(m, r).items():
+            if source not in pools:
+                pools[source] = node
+                if r.get("audit"):
+                    audits[source] = r["audit"]
+    if not pools:
+        return None
+    return pools, audits
 
 
 def plan_datasets(cfg: Config, sizes: Mapping[str, DatasetSize] | None = None,
@@ -683,26 +716,34 @@ def plan_datasets(cfg: Config, sizes: Mapping[str, DatasetSize] | None = None,
 
 
 def _add_runs(ctx: PlanContext, method: str, cfg: Config, roles: dict[str, str], ratio: float,
-              set_index: int) -> None:
+              set_index: int, census: Census | None = None) -> None:
     added = added_inputs(method, roles)
     a_cfg = _set(cfg, assemble__sources=list(added), assemble__ratio=ratio, assemble__set_index=set_index,
-                 assemble__num_sets=max(cfg.assemble.num_sets, cfg.study.sets))
+                 assemble__num_sets=max(cfg.assemble.num_sets, cfg.study.sets),
+                 assemble__shortfall=cfg.study.shortfall)
+    if census is not None:  # every classifier of the dataset checks the same pools at one ratio
+        a_cfg = _set(a_cfg, assemble__census_ratio=ctx.max_ratio)
     labels = {"method": method, "ratio": ratio, "set_index": set_index}
-    assemble, trains = plan_classifiers(ctx, a_cfg, added, roles.get("audit"), labels, _seeds(cfg, set_index))
+    assemble, trains = plan_classifiers(ctx, a_cfg, added, roles.get("audit"), labels, _seeds(cfg, set_index),
+                                        census)
     for seed, train in trains:
         ctx.plan.runs.append(RunSpec(ctx.dataset_name, method, ratio, set_index, seed, train, assemble,
                                      {k: v for k, v in roles.items()}))
 
 
 def plan_classifiers(ctx: PlanContext, cfg: Config, added: dict[str, str], audit: str | None,
-                     labels: dict[str, Any], seeds: Iterable[int]) -> tuple[str, list[tuple[int, str]]]:
+                     labels: dict[str, Any], seeds: Iterable[int],
+                     census: Census | None = None) -> tuple[str, list[tuple[int, str]]]:
     """One ``assemble`` run of ``cfg.assemble`` (the dataset's train split + ``added``: method ->
-    node, with ``audit``'s leakage candidates) and one ``train`` run per seed on its manifest.
+    node, with ``audit``'s leakage candidates; ``census``: every pool and audit of the dataset,
+    see :func:`shortfall_census`) and one ``train`` run per seed on its manifest.
 
     Returns:
         (assemble node id, [(seed, train node id), ...]).
     """
     inputs: dict[str, InputRef] = {"dataset": ctx.dataset_node, "added": added, "audit": audit}
+    if census is not None:
+        inputs.update({"census": dict(census[0]), "census_audit": dict(census[1]) or None})
     n_train = ctx.size.train_images + math.floor(cfg.assemble.ratio / 100 * ctx.size.train_images)
     assemble = _new_node(ctx, "assemble", cfg, inputs, labels, {"process": n_train})
     trains = []

@@ -36,6 +36,18 @@ def test_evaluate_sums_batches_like_one_batch():
     assert torch.equal(split, whole)
 
 
+def test_evaluate_competes_only_over_the_classes_given():
+    # a model that always prefers class 2, scored where class 2 was left out of the study
+    model = torch.nn.Linear(2, 3, bias=True)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([0.0, 1.0, 5.0]))
+    x, y = torch.zeros(4, 2), torch.tensor([0, 1, 1, 0])
+    assert evaluate(model, [(x, y)], 3)[:, 1].sum().item() == 0  # all go to class 2
+    kept = evaluate(model, [(x, y)], 3, classes=[0, 1])
+    assert kept[:, 1].tolist() == [0, 2, 0]  # class 1 is now the top among 0 and 1
+
+
 def _results(accs):
     return results_table([[10, round(a * 10), 10] for a in accs], [f"c{i}" for i in range(len(accs))])
 

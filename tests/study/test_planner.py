@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 from collections import Counter
@@ -48,7 +49,8 @@ def test_four_ratios_five_sets_share_every_common_artifact():
         assert len(sources) == 1 and len(added) == 1
     # the shared pools are sized for the largest ratio
     (ret,) = plan.by_stage("retrieve")
-    assert ret.cfg.retrieve.images_per_class == retrieval_quota(2500, SIZE) == 25 * 130
+    # (over-fetched by study.retrieval_margin: what filter + dedup drop is topped up)
+    assert ret.cfg.retrieve.images_per_class == retrieval_quota(2500, SIZE, 0.25) == math.ceil(1.25 * 25 * 130)
     for gen in plan.by_stage("generate"):
         assert gen.cfg.generate.images_per_class == generation_quota(2500, SIZE, 3.0) == 3 * 25 * 130
         assert gen.cfg.generate.num_sets == 5
@@ -67,6 +69,32 @@ def test_node_ids_are_stable_when_the_study_grows():
     more = build_plan(_cfg("study.methods=[simple, clip_templates]", "study.ratios=[100]", "study.sets=3"))
     # adding a method and a set keeps every earlier stage run: a re-run only adds work
     assert set(small.nodes) < set(more.nodes)
+
+
+def test_retrieval_quota_counts_what_filter_and_dedup_drop():
+    plan = build_plan(_cfg("study.methods=[retrieval]", "study.ratios=[100]", "study.sets=1"))
+    (ret,) = plan.by_stage("retrieve")
+    assert ret.cfg.retrieve.images_per_class == 163  # 130 per class + 25 %
+    bare = build_plan(_cfg("study.methods=[retrieval]", "study.ratios=[100]", "study.sets=1",
+                           "study.filter=false", "study.dedup=false", "study.audit=false"))
+    assert bare.by_stage("retrieve")[0].cfg.retrieve.images_per_class == 130  # nothing drops after it
+    exact = build_plan(_cfg("study.methods=[retrieval]", "study.ratios=[100]", "study.sets=1",
+                            "study.retrieval_margin=0"))
+    assert exact.by_stage("retrieve")[0].cfg.retrieve.images_per_class == 130
+
+
+def test_every_classifier_checks_every_pool_for_shortfalls_at_the_largest_ratio():
+    plan = build_plan(_cfg("study.methods=[retrieval, simple]", "study.ratios=[100, 500]", "study.sets=2"))
+    pools = {m: next(r.artifacts["added"] for r in plan.runs if r.method == m) for m in ("retrieval", "simple")}
+    audits = {m: next(r.artifacts["audit"] for r in plan.runs if r.method == m) for m in ("retrieval", "simple")}
+    assert len(plan.runs) == 2 + 2 * 2 * 2
+    for r in plan.runs:  # the baseline's too: all of them train and score on one class set
+        node = plan.nodes[r.assemble]
+        assert node.inputs["census"] == pools and node.inputs["census_audit"] == audits
+        assert node.cfg.assemble.shortfall == "exclude" and node.cfg.assemble.census_ratio == 500
+    allow = build_plan(_cfg("study.methods=[retrieval]", "study.shortfall=allow"))
+    for node in allow.by_stage("assemble"):
+        assert "census" not in node.inputs and node.cfg.assemble.shortfall == "allow"
 
 
 def test_sets_and_ratios_differ_only_where_they_matter():

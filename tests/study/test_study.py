@@ -116,15 +116,14 @@ class FakeStages:
         self.fail_stage = fail_stage
 
     def __call__(self, node, done):
-        from raugment.study.executor import _resolve
+        from raugment.study.executor import node_args
 
         self.calls.append(node.stage)
         if self.crash_at is not None and len(self.calls) == self.crash_at:
             raise Killed()
         if node.stage == self.fail_stage and node.labels.get("ratio") == 200.0:
             raise ValueError("not enough images to resample")
-        args = [_resolve(ref, done) for ref in node.inputs.values()]
-        return getattr(self, node.stage)(node.cfg, *args)
+        return getattr(self, node.stage)(node.cfg, *node_args(node, done))
 
     @staticmethod
     def _images(run, method, split, n=3):
@@ -170,7 +169,7 @@ class FakeStages:
             write_text_atomic("<html></html>", r.path / "gallery.html")
         return run_stage(cfg.run.root, "audit", cfg.audit, {"dataset": dataset, "a0": added[0]}, body)
 
-    def assemble(self, cfg, dataset, added, audit):
+    def assemble(self, cfg, dataset, added, audit, census=None, census_audit=None):
         from raugment.core.storage import run_stage
 
         inputs = {"dataset": dataset, **{k: v for k, v in added.items()}}
@@ -265,6 +264,110 @@ def test_parallel_training_gives_the_same_study(fake_stages, tmp_path):
                              "study.sets=2", "study.parallel=3"])
     _, rep_p = study.run(cfg)
     assert _comparable(rep_p.path) == _comparable(rep_a.path)
+
+
+# ---- shortfalls: a class that filter + dedup left short is left out, the study completes ----------
+
+class ShortfallStages(FakeStages):
+    """FakeStages whose dedup leaves class 1 one image short of its quota (2 of 3), with the real
+    assemble stage; the stand-in train scores the classes its manifest holds, as train does."""
+
+    def dataset(self, cfg):
+        from raugment.core import schema as S
+        from raugment.core.storage import run_stage
+
+        def body(r):
+            self._images(r, "original", "train")
+            r.write_single(S.to_table([{S.LABEL: k, S.CLASS_ID: str(k), S.CLASS_NAME: f"class {k}", S.COUNT_TRAIN: 3}
+                                       for k in range(2)],
+                                      S.CLASSES), "classes")
+        return run_stage(cfg.run.root, "dataset", cfg.dataset, {}, body)
+
+    def dedup(self, cfg, added):
+        from raugment.core import schema as S
+        from raugment.core.storage import run_stage
+
+        def body(r):
+            rows = [{S.ID: f"simple-{label}-{i}", S.LABEL: label, S.CLASS_NAME: f"class {label}", S.SPLIT: "added",
+                     S.SOURCE: "generated", S.METHOD: "simple", S.IMAGE: _png(label, i)}
+                    for label, n in ((0, 3), (1, 2)) for i in range(n)]
+            r.write(S.to_table(rows), "images", shard="0")
+        return run_stage(cfg.run.root, "dedup", cfg.dedup, {f"a{i}": a for i, a in enumerate(added)}, body)
+
+    def assemble(self, cfg, dataset, added, audit, census=None, census_audit=None):
+        from raugment.stages.assemble import stage as assemble
+
+        census_args = [census, census_audit] if census is not None else []  # as the plan gives them
+        return assemble.run(cfg, dataset, added, audit, *census_args)
+
+    def train(self, cfg, dataset, manifest):
+        from raugment.core import schema as S
+        from raugment.core.storage import run_stage, write_text_atomic
+
+        def body(r):
+            labels = sorted(set(manifest.read("manifest").column(S.LABEL).to_pylist()))
+            write_text_atomic(json.dumps({S.TEST_TOP1: 0.5, S.TEST_TOP5: 1.0, S.VAL_TOP1_BEST: 0.5}),
+                              r.path / "results.json")
+            rows = [{S.LABEL: k, S.CLASS_NAME: f"class {k}", S.N_TEST: 10, S.ACC_TOP1: 0.5, S.ACC_TOP5: 1.0}
+                    for k in labels]
+            r.write_single(S.to_table(rows, S.RESULTS_PER_CLASS), "results_per_class")
+        return run_stage(cfg.run.root, "train", cfg.train, {"dataset": dataset, "manifest": manifest}, body)
+
+
+def test_a_class_that_filter_and_dedup_left_short_is_left_out_and_the_study_completes(fake_stages, tmp_path):
+    from raugment.study import executor as study
+
+    fake_stages(ShortfallStages())
+    cfg = load_config(None, [f"run.root={tmp_path}", "study.methods=[simple]", "study.ratios=[100]",
+                             "study.sets=2", "run.progress=false"])
+    index, rep = study.run(cfg)
+    assert study.failures(index) == []  # no classifier failed over the missing image
+    runs = index.read("runs").to_pylist()
+    assert Counter(r["method"] for r in runs) == {"baseline": 2, "simple": 2}
+    for r in runs:  # the baseline too: every classifier trains and scores on class 0 only
+        manifest = Artifact.open(tmp_path / json.loads(r["artifacts"])["assemble"]).read("manifest")
+        assert set(manifest.column("label").to_pylist()) == {0}
+    ds = _report(rep)
+    assert ds["shortfalls"]["excluded"] == {"class 1": ["simple: 2 of 3 images at 100 %"]}
+    md = (rep.path / "report.md").read_text()
+    assert "1 class(es) left out of every classifier" in md and "class 1 (simple: 2 of 3 images" in md
+    assert "(the baseline's too) leaves out 1 class(es) that a method could not fill: class 1" in md
+    # allow: the method uses what there is, the baseline keeps both classes
+    fake_stages(ShortfallStages())
+    cfg = load_config(None, [f"run.root={tmp_path / 'allow'}", "study.methods=[simple]", "study.ratios=[100]",
+                             "study.sets=1", "run.progress=false", "study.shortfall=allow"])
+    index, rep = study.run(cfg)
+    assert study.failures(index) == []
+    assert [(r["class_name"], r["available"], r["action"]) for r in _report(rep)["shortfalls"]["rows"]] == \
+        [("class 1", 2, "allowed")]
+    # fail: today's behaviour, one line naming the class
+    fake_stages(ShortfallStages())
+    cfg = load_config(None, [f"run.root={tmp_path / 'fail'}", "study.methods=[simple]", "study.ratios=[100]",
+                             "study.sets=1", "run.progress=false", "study.shortfall=fail"])
+    index, _ = study.run(cfg)
+    (failed,) = [f for f in study.failures(index) if f["stage"] == "assemble"]
+    assert "'class 1' (label 1): simple has 2 of 3" in failed["reason"]
+
+
+class FailingMethodStages(ShortfallStages):
+    def generate(self, cfg, dataset, finetune):
+        if cfg.generate.method == "clip_templates":
+            raise ValueError("the diffusion model ran out of memory")
+        return super().generate(cfg, dataset, finetune)
+
+
+def test_a_failed_method_does_not_take_the_other_classifiers_down_through_the_census(fake_stages, tmp_path):
+    from raugment.study import executor as study
+
+    fake_stages(FailingMethodStages())
+    cfg = load_config(None, [f"run.root={tmp_path}", "study.methods=[simple, clip_templates]", "study.ratios=[100]",
+                             "study.sets=1", "run.progress=false"])
+    index, rep = study.run(cfg)
+    assert Counter(r["method"] for r in index.read("runs").to_pylist()) == {"baseline": 1, "simple": 1}
+    failed = {(f["stage"], f["labels"].get("method")) for f in study.failures(index)}
+    assert ("generate", "clip_templates") in failed and ("train", "clip_templates") in failed
+    assert not {m for _, m in failed} & {"baseline", "simple"}
+    assert _report(rep)["shortfalls"]["excluded"] == {"class 1": ["simple: 2 of 3 images at 100 %"]}
 
 
 # ---- checkpoint selection on stand-in stages: planted scores, the choice, resume, report ---------

@@ -126,7 +126,8 @@ def test_target_sections_are_used_as_given():
     pools = [n for n in study.by_stage("generate") if "checkpoint" not in n.labels]
     assert {n.cfg.generate.images_per_class for n in pools} == {1950}
     assert {n.cfg.generate.num_sets for n in pools} == {2}
-    assert {n.cfg.retrieve.images_per_class for n in study.by_stage("retrieve")} == {650}
+    # (retrieval over-fetches by study.retrieval_margin = 25 % for what filter + dedup drop)
+    assert {n.cfg.retrieve.images_per_class for n in study.by_stage("retrieve")} == {813}
 
 
 def test_index_target_is_the_index_retrieval_would_build():

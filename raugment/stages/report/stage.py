@@ -170,6 +170,30 @@ def _drops(runs: list[dict], root: Path) -> dict[str, Any]:
     return out
 
 
+def _shortfalls(runs: list[dict], root: Path) -> dict[str, Any]:
+    """What the shortfall policy did (``study.shortfall``), from the assemble runs' ``shortfalls``
+    tables: the classes left out of every comparison (``excluded``: name -> the pools that could
+    not fill it) and one row per (class, method, ratio, action)."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for r in runs:
+        rel = r[S.ARTIFACTS].get("assemble")
+        art = Artifact.open(root / rel) if rel and (root / rel).is_dir() else None
+        if art is None or not art.has("shortfalls"):
+            continue
+        for row in art.read("shortfalls").to_pylist():
+            key = (row[S.LABEL], row[S.METHOD], row[S.RATIO], row[S.ACTION])
+            rows.setdefault(key, {k: row[k] for k in (S.LABEL, S.CLASS_NAME, S.METHOD, S.RATIO, S.NEED,
+                                                       S.AVAILABLE, S.ACTION)})
+    table = [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1] or "", k[2] or 0.0, k[3] or ""))]
+    excluded: dict[str, list[str]] = {}
+    for row in table:
+        if row[S.ACTION] == "excluded":
+            name = row[S.CLASS_NAME] or str(row[S.LABEL])
+            excluded.setdefault(name, []).append(
+                f"{row[S.METHOD]}: {row[S.AVAILABLE]} of {row[S.NEED]} images at {row[S.RATIO]:g} %")
+    return {"excluded": excluded, "rows": table}
+
+
 def _audit(runs: list[dict], root: Path) -> dict[str, Any]:
     """Per method: the audit's ``summary.json`` and where its gallery is."""
     out: dict[str, Any] = {}
@@ -307,6 +331,7 @@ def collect(root: str | Path, study: Artifact, cfg: ReportConfig) -> dict[str, A
             "per_class": _per_class(ds_runs, root, ratios[0]) if ratios else {},
             "samples": _samples(ds_runs, root, cfg),
             "drops": _drops(ds_runs, root),
+            "shortfalls": _shortfalls(ds_runs, root),
             "audit": _audit(ds_runs, root),
             "checkpoints": _checkpoints(ds_runs, root),
             "recognisability": _recognisability(ds_runs, root),
@@ -531,6 +556,10 @@ def _dataset_sections(doc: _Doc, ds: dict[str, Any], slug: str, ctx: dict[str, A
     cfg, figs, root, out = ctx["cfg"], ctx["figs"], ctx["root"], ctx["out"]
     doc.heading("Accuracy (Table 1)", 3)
     doc.table(*_accuracy_rows(ds, ctx["upper_bound"]))
+    left_out = ds.get("shortfalls", {}).get("excluded", {})
+    if left_out:
+        doc.para(f"Every classifier above (the baseline's too) leaves out {len(left_out)} class(es) that a "
+                 f"method could not fill: {', '.join(left_out)} (see \"Classes that could not be filled\").")
 
     doc.heading("Are generated images recognisable?", 3)
     if ds.get("recognisability"):
@@ -566,6 +595,8 @@ def _dataset_sections(doc: _Doc, ds: dict[str, Any], slug: str, ctx: dict[str, A
     rows = [[m, stage, _counts_text(st)] for m, stages in ds["drops"].items() for stage, st in stages.items()]
     doc.table(["method", "stage", "counts; dropped or failed by reason"], rows or [["-", "-", "-"]])
 
+    _shortfall_section(doc, ds.get("shortfalls", {}))
+
     doc.heading("Leakage audit", 3)
     if not ds["audit"]:
         doc.para("No audit in this study.")
@@ -576,6 +607,22 @@ def _dataset_sections(doc: _Doc, ds: dict[str, Any], slug: str, ctx: dict[str, A
                      f"{m}: gallery of leakage candidates (for a person to judge)")
 
     _checkpoint_section(doc, ds.get("checkpoints", {}))
+
+
+def _shortfall_section(doc: _Doc, shortfalls: dict[str, Any]) -> None:
+    """Classes that a method's final pool could not fill, and what ``study.shortfall`` did."""
+    doc.heading("Classes that could not be filled (study.shortfall)", 3)
+    if not shortfalls.get("rows"):
+        doc.para("Every method's pool filled every class: no class was left out or short.")
+        return
+    excluded = shortfalls.get("excluded", {})
+    if excluded:
+        doc.para(f"{len(excluded)} class(es) left out of every classifier of this dataset, the baseline's "
+                 "included (as the paper left out the classes retrieval could not fill): "
+                 + "; ".join(f"{name} ({', '.join(why)})" for name, why in excluded.items()) + ".")
+    doc.table(["class", "method", "ratio", "needed", "available", "action"],
+              [[r[S.CLASS_NAME] or r[S.LABEL], r[S.METHOD], f"{r[S.RATIO]:g} %", r[S.NEED], r[S.AVAILABLE],
+                r[S.ACTION]] for r in shortfalls["rows"]])
 
 
 def _checkpoint_section(doc: _Doc, checkpoints: dict[str, Any]) -> None:

@@ -167,6 +167,9 @@ class LoopSpec:
     test_units: list[Unit]
     # Called as hook(epoch, rank) when an epoch starts (progress, fault injection in tests).
     epoch_hook: Callable[[int, int], None] | None = None
+    # The labels trained and scored when the manifest leaves classes out (assemble.shortfall=
+    # exclude): val/test hold only these, and only these compete for the prediction. None: all.
+    scored: list[int] | None = None
 
 
 @dataclass
@@ -268,7 +271,7 @@ def _evaluate(model, batches: _Batches, spec: LoopSpec, ctx: LoopContext, autoca
 
     mem = _memory_format(spec.train)
     counts = evaluate(model, ((x.to(ctx.device, memory_format=mem), y) for x, y in batches.epoch(0)),
-                      spec.num_classes, ctx.device, autocast)
+                      spec.num_classes, ctx.device, autocast, classes=spec.scored)
     return ctx.all_reduce(counts)
 
 
@@ -430,10 +433,17 @@ def build_spec(cfg: Config, dataset: Artifact, manifest: Artifact,
     names = classes.column(S.CLASS_NAME).to_pylist()
     table = manifest.read("manifest")
     root = manifest.path.resolve().parents[1]  # <root>/<stage>/<key>
+    present = sorted({int(label) for label in table.column(S.LABEL).to_pylist()})
+    # a manifest that leaves classes out (assemble.shortfall=exclude) is scored on the rest only,
+    # so that every classifier of a study compares on the same class set
+    scored = present if len(present) < len(names) else None
+    val_units, test_units = loader.split_index(dataset, "val"), loader.split_index(dataset, "test")
+    if scored is not None:
+        val_units, test_units = loader.restrict(val_units, scored), loader.restrict(test_units, scored)
+        log.info("train: manifest holds %d of %d classes; scoring those only", len(scored), len(names))
     spec = LoopSpec(train=cfg.train, num_classes=len(names), class_names=names,
-                    train_units=loader.build_index(table, root),
-                    val_units=loader.split_index(dataset, "val"),
-                    test_units=loader.split_index(dataset, "test"), epoch_hook=epoch_hook)
+                    train_units=loader.build_index(table, root), val_units=val_units,
+                    test_units=test_units, epoch_hook=epoch_hook, scored=scored)
     world = cfg.train.workers.num_workers
     n_train = loader.count(spec.train_units)
     if n_train < world:
@@ -514,11 +524,17 @@ def write_outputs(run: StageRun, cfg: Config, spec: LoopSpec, state: TrainState,
         "n_train": loader.count(spec.train_units), "n_val": loader.count(spec.val_units),
         "stop_reason": recipe.reason, "lr_final": recipe.lr, "model": cfg.train.model,
         "seed": cfg.train.seed, "wall_s": wall_s, "cpu_s": state.cpu_s,
+        "classes_scored": len(spec.scored) if spec.scored is not None else spec.num_classes,
         S.IMAGES_PER_S: seen / train_s if train_s else 0.0, "checkpoint": MODEL_DIR,
     }
     write_text_atomic(json.dumps(results, indent=2, sort_keys=True), run.path / RESULTS_FILE)
     run.write_single(history_table(state.history), "history")
-    run.write_single(results_table(state.test_counts, spec.class_names), "results_per_class")
+    per_class = results_table(state.test_counts, spec.class_names)
+    if spec.scored is not None:  # classes left out of the manifest are not part of the result
+        import pyarrow.compute as pc
+
+        per_class = per_class.filter(pc.is_in(per_class.column(S.LABEL), value_set=pa.array(spec.scored, pa.int32())))
+    run.write_single(per_class, "results_per_class")
     save_classifier_state(state.best, cfg.train.model, spec.num_classes, run.path / MODEL_DIR,
                           extra={"image_size": cfg.train.image_size, "class_names": spec.class_names,
                                  "best_epoch": recipe.best_epoch, "val_top1": recipe.best})

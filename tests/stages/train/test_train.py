@@ -135,6 +135,22 @@ def test_manifest_with_unknown_ids_is_refused(data, tmp_path):
         loader.build_index(bad, root)
 
 
+def test_a_manifest_that_leaves_a_class_out_is_scored_on_the_other_classes(data, tmp_path):
+    from tests.helpers.train_data import make_added
+
+    _, dataset, _ = data
+    short = make_added(tmp_path, "retrieval", [32, 32, 32, 5], "retrieved", with_images=False)
+    cfg = _cfg(tmp_path, "assemble.census_ratio=100")
+    manifest = assemble.run(cfg, dataset, {}, None, {"retrieval": short})  # the baseline of a study
+    spec = train.build_spec(cfg, dataset, manifest)
+    assert spec.scored == [0, 1, 2] and spec.num_classes == CLASSES
+    for units in (spec.val_units, spec.test_units, spec.train_units):
+        assert set(np.concatenate([u.labels for u in units]).tolist()) == {0, 1, 2}
+    assert loader.count(spec.test_units) == 3 * 8
+    full = train.build_spec(_cfg(tmp_path), dataset, data[2])
+    assert full.scored is None and loader.count(full.test_units) == CLASSES * 8
+
+
 # ---- the loop: the best-validation weights are the ones scored --------------------------------
 
 class KeepEveryEpoch(LocalContext):
