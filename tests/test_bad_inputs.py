@@ -227,7 +227,7 @@ CASES: list[tuple[str, list[str], Setup | None, list[str]]] = [
     ("YAML alias in a --set value", ["study.ratios=[&r 100, *r]"], None,
      ["override study.ratios", "anchors and aliases"]),
     ("unknown variant pipeline", ["study.methods=[v]", "study.variants={v: {method: simple, pipeline: magic}}"],
-     None, ["study.variants.v.pipeline", "'magic'", "known: baseline, finetune, generate, retrieval"]),
+     None, ["study.variants.v.pipeline", "'magic'", "known: baseline, combined, finetune, generate, retrieval"]),
     ("synthetic images too large", ["dataset.source=synthetic", "dataset.synthetic.size=30000"], None,
      ["dataset.synthetic.size must be <= 1024", "imagefolder"]),
     ("more synthetic classes than defined", ["dataset.source=synthetic", "dataset.synthetic.num_classes=17"],

@@ -609,6 +609,8 @@ class MixingStages(FakeStages):
     """Stand-ins with a retrieval (ranked, ``source`` retrieved), pass-through post-processing and
     the real assemble stage, so a study's manifests show what each method really mixes."""
 
+    dataset = ShortfallStages.dataset  # with the classes table the real assemble reads
+
     def index(self, cfg):
         from raugment.core.storage import run_stage
 
@@ -638,10 +640,11 @@ class MixingStages(FakeStages):
     def dedup(self, cfg, added):
         return self._copy("dedup", cfg.dedup, cfg, added[0])
 
-    def assemble(self, cfg, dataset, added, audit):
+    def assemble(self, cfg, dataset, added, audit, census=None, census_audit=None):
         from raugment.stages.assemble import stage
 
-        return stage.run(cfg, dataset, added, audit)
+        census_args = [census, census_audit] if census is not None else []  # as the plan gives them
+        return stage.run(cfg, dataset, added, audit, *census_args)
 
 
 def test_a_retrieval_plus_generation_study_assembles_from_both_pools(fake_stages, tmp_path):
