@@ -309,8 +309,9 @@ def paper_cost(method: str) -> dict[str, Any] | None:
     if method == BASELINE:
         return None
     if "retriev" in method:
-        return {"what": "retrieval: 28.5 h on one CPU machine", "cpu_h_per_1000": PAPER_RETRIEVAL_H / PAPER_RETRIEVED * 1000,
-                "gpu_h_per_1000": 0.0, "x_retrieval": 1.0}
+        return {"what": "retrieval: 28.5 h on one CPU machine",
+                "cpu_h_per_1000": PAPER_RETRIEVAL_H / PAPER_RETRIEVED * 1000, "gpu_h_per_1000": 0.0,
+                "x_retrieval": 1.0}
     ft = next((m for m in sorted(PAPER_FINETUNE_GPU_H, key=len, reverse=True) if m in method), None)
     gpu_h = PAPER_GENERATION_GPU_H + (PAPER_FINETUNE_GPU_H[ft] if ft else 0.0)
     what = (f"fine-tuning {PAPER_FINETUNE_GPU_H[ft]:g} V100 GPU-h + " if ft else "") + "generation 867 T4 GPU-h"
