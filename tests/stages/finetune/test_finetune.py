@@ -74,6 +74,8 @@ def test_killed_run_resumes_from_its_checkpoint_without_repeating_the_epoch(kill
     assert [e["epoch"] for e in ev if e["event"] == "epoch"] == [1, 2, 3]  # epoch 1 ran once
     assert art.stats["counts"]["restarts"] == 1
     assert [h["epoch"] for h in art.stats["history"]] == [1, 2, 3]
+    # the ranks' own CPU seconds are counted (the resumed attempt's call at least), not only the driver's
+    assert art.stats["usage"]["workers"]["cpu_s"] > 0
     # the same config again is the same complete artifact, not a new run
     assert finetune.run(cfg, ds).path == art.path and len(events(art)) == len(ev)
 
