@@ -274,6 +274,7 @@ def test_cli_two_worker_ddp_run_then_generation_from_the_artifact(ray_session, t
     if name == "ft_cluster_conditioning":
         assert {r[schema.CLUSTER] for r in rows} == {0, 1}  # k = 2 clusters in every class
         assert len(rows) == 2 * len({r[schema.LABEL] for r in rows})
+        assert art.stats["usage"]["tasks"]["cpu_s"] > 0  # the Inception feature actors' own CPU
     else:
         assert load_finetuned(art.path).unet_dir is not None
     cfg = load_config(config, [*sets, f"generate.method={name}", f"generate.conditioning={art.path}"])
@@ -281,4 +282,5 @@ def test_cli_two_worker_ddp_run_then_generation_from_the_artifact(ray_session, t
     images = out.read("images").to_pylist()
     n_classes = len({r[schema.LABEL] for r in rows})
     assert len(images) == 3 * n_classes
+    assert out.stats["usage"]["actors"]["cpu_s"] > 0  # generation ran on actors: their CPU counts
     assert all(json.loads(i[schema.PARAMS])["cond_row"] in {r[schema.COND_ROW] for r in rows} for i in images)
