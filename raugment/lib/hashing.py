@@ -97,7 +97,7 @@ def phash_batch(batch: pa.Table, side: int = 64, keep_image: bool = False,
 TASK_CPU = "_task_cpu_s"  # a Ray task's own CPU seconds, on the first row of its output batch
 
 
-def _phash_batch_timed(batch: pa.Table, side: int, splits: Sequence[str] | None) -> pa.Table:
+def _phash_batch_timed(batch: pa.Table, side: int = 64, splits: Sequence[str] | None = None) -> pa.Table:
     """:func:`phash_batch` in a Ray Data task, with the task's CPU seconds in column ``TASK_CPU``."""
     import time
 
