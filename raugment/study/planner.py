@@ -15,8 +15,12 @@ see :func:`method_pipeline`. A new plug-in is planned without any change here.
 Each node also carries how many images it generates / retrieves / downloads / trains on and an
 estimate of its CPU- and GPU-hours from per-image costs (:data:`DEFAULT_COSTS` and the figures the
 plug-ins declare, :func:`plugin_costs`, overridable by ``study.costs``; measured seconds from
-``stats.json`` replace the estimate for nodes a study has already run). Nothing here imports torch
-or ray, and planning writes nothing.
+``stats.json`` replace the estimate for nodes a study has already run). The index build is costed
+from its size (counted from ``index.path``, else ``study.expected.index_vectors``) and faiss rates
+measured by ``benchmarks/index_build.py`` (:func:`index_cost`). The printed plan
+(:func:`format_plan`) gives images and hours per stage, method and ratio, and per method and
+ratio (:func:`ratio_rows`: the method's pool once, then each ratio's own runs). Nothing here
+imports torch or ray, and planning writes nothing.
 
 ``raugment <stage>`` plans with the same builders (:mod:`raugment.study.target`): one target
 stage and what it needs, with the user's sections used as given (:attr:`PlanContext.as_given`).
