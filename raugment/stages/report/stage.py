@@ -363,7 +363,7 @@ def _cost_per_image(plan: dict[str, Any], root: Path) -> list[dict[str, Any]]:
         added = _rows_of(root / pool_node[key].split("|", 1)[1]) if key in pool_node else None
         row["stages"] = sorted(row["stages"])
         row["added_images"] = added
-        for what in ("wall_h", "cpu_h", "gpu_h"):
+        for what in ("wall_h", "cpu_h", "gpu_h", "remote_cpu_h"):
             row[f"{what}_per_1000"] = row[what] / added * 1000 if added else None
         row["paper"] = paper_cost(row["method"])
         out.append(row)
@@ -734,10 +734,10 @@ def _per_image_section(doc: _Doc, rows: list[dict[str, Any]]) -> None:
     for r in rows:
         p = r["paper"] or {}
         table.append([r["dataset"], r["method"], f(r["added_images"]), f(r["cpu_h_per_1000"]),
-                      f(r["gpu_h_per_1000"]), f(r["wall_h_per_1000"]), f(r["remote_cpu_h"]),
+                      f(r["gpu_h_per_1000"]), f(r["wall_h_per_1000"]), f(r["remote_cpu_h_per_1000"]),
                       f(p.get("cpu_h_per_1000")), f(p.get("gpu_h_per_1000")),
                       f"{p['x_retrieval']:.3g}x" if p else "-", p.get("what", "")])
-    doc.table(["dataset", "method", "added images", "CPU-h", "GPU-h", "wall h", "of which actors/ranks CPU-h",
+    doc.table(["dataset", "method", "added images", "CPU-h", "GPU-h", "wall h", "of the CPU-h: actors, ranks, tasks",
                "paper CPU-h", "paper GPU-h", "paper x retrieval", "paper's figure"], table)
 
 

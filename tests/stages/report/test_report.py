@@ -217,6 +217,7 @@ def test_cost_per_added_image_per_method_beside_the_papers_figures(report):
     assert r["cpu_h_per_1000"] == pytest.approx(33.0 / 3600 / 9 * 1000)
     assert r["gpu_h_per_1000"] == pytest.approx(4.0 / 3600 / 9 * 1000)
     assert r["remote_cpu_h"] == pytest.approx(25.0 / 3600)          # actors' own CPU (stats usage)
+    assert r["remote_cpu_h_per_1000"] == pytest.approx(25.0 / 3600 / 9 * 1000)
     # the paper: retrieval 28.5 h on one CPU machine for 130 images x 990 classes; prompt-based
     # generation 867 T4 GPU-h for 390 x 1000 images; 30x retrieval's hours
     assert r["paper"]["cpu_h_per_1000"] == pytest.approx(28.5 / 128.7, rel=1e-3)
