@@ -214,3 +214,20 @@ def test_download_benchmark_end_to_end(download, tmp_path, capsys):
         assert fig[tool]["steady_url_s"] > fig[tool]["e2e_url_s"] > 0
     assert "ratio raugment/img2dataset: steady" in capsys.readouterr().out
     assert took < 60, f"the tiny benchmark took {took:.0f} s"
+
+
+# --- index build: the planner's measured rate --------------------------------------------------
+
+
+def test_index_build_benchmark_fits_the_planners_cost_model(capsys):
+    """A tiny run of benchmarks/index_build.py gives the three rates the planner's index cost uses,
+    and the planner's DEFAULT_COSTS carry a measured (non-zero) figure for each."""
+    from raugment.study.planner import DEFAULT_COSTS, INDEX_RATE
+
+    bench = _load("benchmarks/index_build.py", "bench_index_build")
+    out = bench.main(["--train", "3000", "--add", "2000", "--nlist", "16", "64"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(out))
+    assert set(out["points"]) == {16, 64} and out["threads"] == 1
+    for key in INDEX_RATE:
+        assert out[key] >= 0 and DEFAULT_COSTS[key] == INDEX_RATE[key] > 0
+    assert out["points"][64]["add_s"] > 0 and out["points"][64]["train_s"] > 0

@@ -5,7 +5,8 @@ Layout of one stage output::
     <root>/<stage>/<key>/
         config.yaml            resolved config section + input keys (written first)
         <table>/part-*.parquet one or more tables of shards ("images", "failures", "classes", ...)
-        stats.json             counts, failures by reason, wall/CPU/GPU seconds
+        stats.json             counts, failures by reason, wall/CPU/GPU seconds: totals, and
+                               ``usage`` by where they were spent (driver, actors, workers)
         _SUCCESS               written last; only its presence means "complete"
 
 ``key`` = hash(config section, inputs' keys): change a setting and only what depends on it re-runs.
@@ -17,6 +18,7 @@ items whose ids are already in finished shards.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -50,6 +52,23 @@ def _cpu_seconds() -> float:
     return self_.ru_utime + self_.ru_stime + children.ru_utime + children.ru_stime
 
 
+_CHARGE_LOCK = threading.Lock()
+# The stage run whose body this thread (context) is executing: actor pools and worker groups
+# charge the CPU/GPU seconds their processes measured to it (:func:`charge`).
+_CURRENT_RUN: contextvars.ContextVar[StageRun | None] = contextvars.ContextVar("raugment_stage_run",
+                                                                                default=None)
+
+
+def charge(where: str, cpu_s: float, gpu_s: float = 0.0, calls: int = 1) -> bool:
+    """Charge device-seconds measured in another process (a Ray actor, a DDP rank) to the stage
+    run in progress in this thread; False (nothing recorded) outside a stage run."""
+    run = _CURRENT_RUN.get()
+    if run is None:
+        return False
+    run.stats.charge(where, cpu_s, gpu_s, calls)
+    return True
+
+
 @dataclass
 class Stats:
     """What a stage did: counts, failures by reason, time. Saved as ``stats.json``."""
@@ -60,9 +79,22 @@ class Stats:
     cpu_s: float = 0.0
     gpu_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # where the CPU/GPU seconds were spent: "driver" (this process), "actors" (actor-pool calls),
+    # "workers" (DDP worker-group ranks), "tasks" (Ray Data callables) -> {cpu_s, gpu_s, calls}
+    usage: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def add(self, name: str, n: int = 1) -> None:
         self.counts[name] += int(n)
+
+    def charge(self, where: str, cpu_s: float, gpu_s: float = 0.0, calls: int = 1) -> None:
+        """Add device-seconds spent by ``where`` (its own process's measurement) to the totals."""
+        with _CHARGE_LOCK:
+            self.cpu_s += max(0.0, float(cpu_s))
+            self.gpu_s += max(0.0, float(gpu_s))
+            u = self.usage.setdefault(where, {"cpu_s": 0.0, "gpu_s": 0.0, "calls": 0})
+            u["cpu_s"] += max(0.0, float(cpu_s))
+            u["gpu_s"] += max(0.0, float(gpu_s))
+            u["calls"] += int(calls)
 
     def fail(self, reason: str, n: int = 1) -> None:
         self.failures[reason] += int(n)
@@ -70,7 +102,10 @@ class Stats:
     def to_dict(self) -> dict[str, Any]:
         return {"counts": dict(self.counts), "failures": dict(self.failures),
                 "wall_s": round(self.wall_s, 3), "cpu_s": round(self.cpu_s, 3),
-                "gpu_s": round(self.gpu_s, 3), **self.extra}
+                "gpu_s": round(self.gpu_s, 3),
+                "usage": {k: {"cpu_s": round(v["cpu_s"], 3), "gpu_s": round(v["gpu_s"], 3),
+                              "calls": int(v["calls"])} for k, v in sorted(self.usage.items())},
+                **self.extra}
 
     def summary(self) -> str:
         counts = ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())) or "nothing counted"
@@ -282,7 +317,7 @@ class StageRun:
     def finish(self) -> Artifact:
         """Write ``stats.json`` and then ``_SUCCESS``; after this the artifact counts as complete."""
         self.stats.wall_s = time.perf_counter() - self._t0
-        self.stats.cpu_s += _cpu_seconds() - self._cpu0
+        self.stats.charge("driver", _cpu_seconds() - self._cpu0, 0.0, calls=0)
         write_text_atomic(json.dumps(self.stats.to_dict(), indent=2, sort_keys=True), self.path / STATS)
         write_text_atomic(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n", self.path / SUCCESS)
         return self.artifact
@@ -315,7 +350,11 @@ def run_stage(root: str | Path, stage: str, section: Any,
             (run.path / SUCCESS).unlink()
         run.prepare(resumable=resumable)
         log.info("stage %s [%s] starting -> %s", stage, run.key, run.path)
-        body(run)
+        token = _CURRENT_RUN.set(run)
+        try:
+            body(run)
+        finally:
+            _CURRENT_RUN.reset(token)
         artifact = run.finish()
         log.info("stage %s [%s] done: %s", stage, run.key, run.stats.summary())
         return artifact

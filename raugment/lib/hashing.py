@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from raugment.core import schema as S
 from raugment.core.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from raugment.core.storage import charge
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -93,6 +94,20 @@ def phash_batch(batch: pa.Table, side: int = 64, keep_image: bool = False,
     return batch if keep_image else batch.drop_columns([S.IMAGE])
 
 
+TASK_CPU = "_task_cpu_s"  # a Ray task's own CPU seconds, on the first row of its output batch
+
+
+def _phash_batch_timed(batch: pa.Table, side: int = 64, splits: Sequence[str] | None = None) -> pa.Table:
+    """:func:`phash_batch` in a Ray Data task, with the task's CPU seconds in column ``TASK_CPU``."""
+    import time
+
+    t0 = time.process_time()
+    out = phash_batch(batch, side, splits=splits)
+    cpu = time.process_time() - t0
+    return out.append_column(TASK_CPU, pa.array([cpu] + [0.0] * (out.num_rows - 1) if out.num_rows else [],
+                                                pa.float64()))
+
+
 def image_files(artifact: Artifact, table: str = "images") -> list[Path]:
     """The Parquet files of ``table`` in ``artifact`` (shards, or one ``<table>.parquet``)."""
     files = artifact.files(table)
@@ -119,6 +134,7 @@ def hash_artifacts(artifacts: Iterable[Artifact], side: int, pool: ActorPoolConf
         ``columns`` + ``phash`` in source order: artifacts as given, then their files, then rows;
         so without ``splits`` row ``i`` of the result is row ``i`` of the inputs read in that order.
     """
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     files = [str(f) for a in artifacts for f in image_files(a)]
@@ -141,10 +157,13 @@ def hash_artifacts(artifacts: Iterable[Artifact], side: int, pool: ActorPoolConf
         ds.context.execution_options.preserve_order = True
         # Plain tasks, not an actor pool: hashing holds no model, so Ray Data may spread it over
         # every CPU of the cluster; the pool section sets each task's CPUs and batch size.
-        ds = ds.map_batches(phash_batch, fn_kwargs={"side": side, "splits": splits},
+        ds = ds.map_batches(_phash_batch_timed, fn_kwargs={"side": side, "splits": splits},
                             batch_format="pyarrow", batch_size=pool.batch_size,
                             num_cpus=pool.num_cpus, num_gpus=0)
         tables = ray.get(list(ds.to_arrow_refs()))
+        # the tasks' own CPU time, to the stage run this serves (stats.json usage.tasks)
+        charge("tasks", sum(float(pc.sum(t.column(TASK_CPU)).as_py() or 0.0) for t in tables if t.num_rows),
+               calls=len(tables))
     tables = [t for t in tables if t.num_rows]
     if not tables:
         return out_schema.empty_table()

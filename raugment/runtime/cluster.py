@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from raugment.core.config import ActorPoolConfig, ClusterConfig, ConfigError, WorkersConfig
+from raugment.core.storage import charge
 
 log = logging.getLogger(__name__)
 
@@ -254,13 +255,20 @@ class _Hosted:
     spec) catches up on its next call.
     """
 
-    def __init__(self, key: str, box: list):
+    def __init__(self, key: str, box: list, gpus: float = 0.0):
+        import time
+
+        cpu0 = time.process_time()
         match_torch_threads()
         self.key: str | None = None
         self.obj: Any = None
         self.builds = 0       # objects built by this process (= model loads of their constructors)
         self.build_s = 0.0    # seconds spent building them (imports + model loads)
+        self.gpus = gpus      # GPUs Ray gave this actor: its GPU-seconds are call wall time x this
+        self._unbilled = (0.0, 0.0)  # (CPU s, GPU s) of builds outside a call, billed with the next call
+        t0 = time.perf_counter()
         self._host(key, box)
+        self._unbilled = (time.process_time() - cpu0, (time.perf_counter() - t0) * gpus)
 
     def _host(self, key: str, box: list) -> None:
         if key == self.key:
@@ -283,16 +291,30 @@ class _Hosted:
 
     def info(self, key: str, box: list) -> dict[str, Any]:
         """The process's builds; the hosted object's own ``info()`` too when it has one."""
+        import time
+
+        cpu0, t0 = time.process_time(), time.perf_counter()
         self._host(key, box)
+        cpu, gpu = self._unbilled
+        self._unbilled = (cpu + time.process_time() - cpu0, gpu + (time.perf_counter() - t0) * self.gpus)
         out = {"actor_id": _actor_id(), "pid": os.getpid(),
                "builds": self.builds, "build_s": self.build_s}
         if hasattr(self.obj, "info"):
             out.update(self.obj.info())
         return out
 
-    def call(self, key: str, box: list, method: str, item: Any) -> tuple[str, Any]:
+    def call(self, key: str, box: list, method: str, item: Any) -> tuple[str, Any, tuple[float, float]]:
+        """(actor id, the result, (CPU s, GPU s) this process spent on it: its own process CPU time
+        across all its threads, and wall time x the GPUs it holds; builds since the last call included)."""
+        import time
+
+        cpu0, t0 = time.process_time(), time.perf_counter()
         self._host(key, box)
-        return _actor_id(), getattr(self.obj, method)(item)
+        result = getattr(self.obj, method)(item)
+        cpu, gpu = self._unbilled
+        self._unbilled = (0.0, 0.0)
+        usage = (cpu + time.process_time() - cpu0, gpu + (time.perf_counter() - t0) * self.gpus)
+        return _actor_id(), result, usage
 
 
 class ActorGroup:
@@ -326,6 +348,8 @@ class ActorGroup:
         gpus = pool.num_gpus if num_gpus is None else num_gpus
         self.resources = (size or pool.concurrency, pool.num_cpus, gpus)
         self.served: dict[str, int] = {}
+        self.cpu_s = 0.0  # CPU / GPU seconds the actors measured for the calls of every map so far
+        self.gpu_s = 0.0
         self.leases = 1
         self.broken = False
         self._pids: dict[str, int] = {}
@@ -337,7 +361,8 @@ class ActorGroup:
         # those must not depend on an object-store entry staying alive. Handles are typed Any: Ray
         # types ``handle.method.remote`` only for methods decorated with ``@ray.method``, which would
         # import Ray with this module.
-        self.actors: list[Any] = [remote.remote(self._key, [(cls, args, kwargs)]) for _ in range(self.resources[0])]
+        self.actors: list[Any] = [remote.remote(self._key, [(cls, args, kwargs)], float(gpus))
+                                  for _ in range(self.resources[0])]
         self._ready = [a.whoami.remote() for a in self.actors]
         self._pool: Any = None
 
@@ -408,8 +433,11 @@ class ActorGroup:
                 self._pool = ActorPool(self.actors)
             results = (self._pool.map(submit, list(items)) if ordered
                        else self._pool.map_unordered(submit, list(items)))
-            for actor_id, result in results:
+            for actor_id, result, (cpu_s, gpu_s) in results:
                 self.served[actor_id] = self.served.get(actor_id, 0) + 1
+                self.cpu_s += cpu_s
+                self.gpu_s += gpu_s
+                charge("actors", cpu_s, gpu_s)  # to the stage run this map serves
                 yield result
         except BaseException:
             # a failed (or abandoned) map: never hand the group out again with calls in flight

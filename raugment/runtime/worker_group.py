@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from raugment.core.config import WorkersConfig
+from raugment.core.storage import charge
 from raugment.runtime.cluster import IdleScope, release_idle_pools
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -51,7 +52,7 @@ class Member:
 class _MemberActor:
     """One rank: a Ray actor process that keeps its torch state (and process group) between runs."""
 
-    def __init__(self, rank: int, world_size: int, use_gpu: bool, threads: int):
+    def __init__(self, rank: int, world_size: int, use_gpu: bool, threads: int, gpus: float = 0.0):
         import torch
 
         # the same thread count Ray gives a Train worker of this many CPUs (>= 1)
@@ -59,6 +60,7 @@ class _MemberActor:
         if use_gpu:
             torch.cuda.set_device(0)  # Ray restricts CUDA_VISIBLE_DEVICES to this actor's GPU
         self.member = Member(rank, world_size, torch.device("cuda", 0) if use_gpu else torch.device("cpu"))
+        self.gpus = gpus if use_gpu else 0.0
 
     def pid(self) -> int:
         return os.getpid()
@@ -82,8 +84,14 @@ class _MemberActor:
                                 world_size=self.member.world_size,
                                 timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
 
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return fn(self.member, *args)
+    def call(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, tuple[float, float]]:
+        """``fn``'s result and (CPU s, GPU s) this rank spent on it: its process CPU time (all
+        threads: DataLoader threads, intra-op pools) and wall time x the GPUs it holds."""
+        import time
+
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        result = fn(self.member, *args)
+        return result, (time.process_time() - cpu0, (time.perf_counter() - t0) * self.gpus)
 
 
 def shape(workers: WorkersConfig) -> tuple:
@@ -112,7 +120,8 @@ class WorkerGroup:
         actor = ray.remote(_MemberActor).options(**options)
         # Handles are typed Any: Ray types ``handle.method.remote`` only for methods decorated with
         # ``@ray.method``, which would import Ray with this module.
-        self.actors: list[Any] = [actor.remote(rank, workers.num_workers, workers.use_gpu, threads)
+        self.actors: list[Any] = [actor.remote(rank, workers.num_workers, workers.use_gpu, threads,
+                                               float(workers.gpus_per_worker))
                                   for rank in range(workers.num_workers)]
         self._pid_refs = [a.pid.remote() for a in self.actors]
         self._pids: list[int] = []
@@ -144,6 +153,9 @@ class WorkerGroup:
     def run(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
         """``fn(member, *args)`` on every rank; the results in rank order.
 
+        Each rank's CPU and GPU seconds for the call are charged to the stage run in progress in
+        this thread (:func:`raugment.core.storage.charge`, ``usage.workers`` in its stats.json).
+
         The first failure (an actor died, or ``fn`` raised on some rank) is raised at once and
         marks the group broken: the other ranks may be stuck in a collective with the dead one.
         """
@@ -158,7 +170,10 @@ class WorkerGroup:
         except BaseException:
             self.broken = True
             raise
-        return ray.get(refs)
+        out = ray.get(refs)
+        for _, (cpu_s, gpu_s) in out:  # every rank's own measurement, to the stage run it serves
+            charge("workers", cpu_s, gpu_s)
+        return [result for result, _ in out]
 
     def shutdown(self) -> None:
         import ray

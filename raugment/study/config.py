@@ -84,7 +84,8 @@ class StudyConfig:
         filter/dedup/audit: run these stages on added images.
         costs: per-image cost overrides for the planner (see ``raugment.study.planner.DEFAULT_COSTS``).
         expected: planning hints used before the dataset stage has run: ``classes``,
-            ``train_images``, ``max_per_class``.
+            ``train_images``, ``max_per_class``; ``index_vectors``: the size of the index to build
+            while ``index.path`` is not there yet (the planner costs the index build from it).
         node_gpus/node_cpus: the node that the plan's wall-time estimate is for.
         parallel: stage runs of ``parallel_stages`` kept in flight at once (each still takes
             the resources its own section asks for); other stages run one at a time, so Ray
@@ -153,6 +154,6 @@ class StudyConfig:
             if not isinstance(variant, dict):
                 raise ConfigError(f"{key}.variants.{name} must be a mapping of dotted overrides")
         for name in self.expected:
-            if name not in ("classes", "train_images", "max_per_class"):
+            if name not in ("classes", "train_images", "max_per_class", "index_vectors"):
                 raise ConfigError(f"{key}.expected.{name}: unknown hint; known: classes, "
-                                  "train_images, max_per_class")
+                                  "train_images, max_per_class, index_vectors")

@@ -17,8 +17,12 @@ see :func:`method_pipeline`. A new plug-in is planned without any change here. M
 Each node also carries how many images it generates / retrieves / downloads / trains on and an
 estimate of its CPU- and GPU-hours from per-image costs (:data:`DEFAULT_COSTS` and the figures the
 plug-ins declare, :func:`plugin_costs`, overridable by ``study.costs``; measured seconds from
-``stats.json`` replace the estimate for nodes a study has already run). Nothing here imports torch
-or ray, and planning writes nothing.
+``stats.json`` replace the estimate for nodes a study has already run). The index build is costed
+from its size (counted from ``index.path``, else ``study.expected.index_vectors``) and faiss rates
+measured by ``benchmarks/index_build.py`` (:func:`index_cost`). The printed plan
+(:func:`format_plan`) gives images and hours per stage, method and ratio, and per method and
+ratio (:func:`ratio_rows`: the method's pool once, then each ratio's own runs). Nothing here
+imports torch or ray, and planning writes nothing.
 
 ``raugment <stage>`` plans with the same builders (:mod:`raugment.study.target`): one target
 stage and what it needs, with the user's sections used as given (:attr:`PlanContext.as_given`).
@@ -40,6 +44,18 @@ from raugment.core.config import ConfigError, section_hash, to_dict, with_overri
 from raugment.core.registry import Registry
 
 log = logging.getLogger(__name__)
+
+# benchmarks/index_build.py, run 2026-12-06 on the 2-core dev box (shared, loadavg 8.5; CPU seconds
+# of the process, so the load matters little), faiss-cpu 1.15.1 on one thread, d = 768, defaults
+# (--train 20000 --add 20000 --nlist 256 1024): IVF256,Flat train 0.833 s / add 0.145 s,
+# IVF1024,Flat train 3.02 s / add 0.378 s. PQ training and encoding are not in the model.
+INDEX_RATE: dict[str, float] = {
+    "index.cpu_s_per_vector": 3.34e-6,
+    "index.cpu_s_per_vector_list": 1.52e-8,
+    "index.train_cpu_s_per_vector_list": 1.55e-7,
+}
+# faiss trains k-means on at most this many vectors per centroid (ClusteringParameters default)
+FAISS_MAX_POINTS_PER_CENTROID = 256
 
 # Per-image costs. "gpu_s"/"cpu_s" are device-seconds on the reference hardware named beside each.
 # The plug-ins declare their own figures (:func:`plugin_costs`): a generation method its
@@ -73,6 +89,14 @@ DEFAULT_COSTS: dict[str, float] = {
     # ImageNet classifier at ~95 img/s on a T4 is ~190 of its 270 epochs.
     "train.epochs_fraction": 0.7,
     "train.cpu_s_per_image_epoch": 0.004,  # CPU decode/augment when training on GPU
+    # Index build (faiss train + add, core-seconds, d = 768), measured by benchmarks/index_build.py
+    # (:data:`INDEX_RATE`; the model: :func:`index_cost`): per added vector, per added vector and
+    # coarse list, per k-means training vector and list.
+    "index.cpu_s_per_vector": INDEX_RATE["index.cpu_s_per_vector"],
+    "index.cpu_s_per_vector_list": INDEX_RATE["index.cpu_s_per_vector_list"],
+    "index.train_cpu_s_per_vector_list": INDEX_RATE["index.train_cpu_s_per_vector_list"],
+    # CLIP ViT-L/14 image embedding of an image pool (index.source=images): as the filter's.
+    "index.gpu_s_per_image": 0.004,
 }
 
 
@@ -393,6 +417,68 @@ def _postprocess(ctx: PlanContext, method: str, cfg: Config, source: str, n_imag
     return roles
 
 
+def index_nlist(index_type: str) -> int:
+    """The number of coarse lists of a faiss index_factory string (``IVF65536,PQ64`` -> 65536;
+    0 for an index without an inverted file: Flat, HNSW, PQ)."""
+    import re
+
+    m = re.search(r"IVF(\d+)", index_type)
+    return int(m.group(1)) if m else 0
+
+
+def index_cost(index_type: str, source: str, vectors: int, costs: Mapping[str, float]) -> tuple[float, float]:
+    """(CPU s, GPU s) of building an index of ``vectors`` vectors: faiss k-means training on at most
+    256 vectors per list, adding every vector (its distance to each coarse centroid + encoding),
+    and for ``source="images"`` a CLIP image embedding per vector. The per-vector rates are
+    measured by ``benchmarks/index_build.py`` (``DEFAULT_COSTS``; ``study.costs`` overrides)."""
+    nlist = index_nlist(index_type)
+    trained = min(vectors, FAISS_MAX_POINTS_PER_CENTROID * nlist)
+    cpu_s = (trained * nlist * costs["index.train_cpu_s_per_vector_list"]
+             + vectors * (costs["index.cpu_s_per_vector"] + nlist * costs["index.cpu_s_per_vector_list"]))
+    gpu_s = vectors * costs["index.gpu_s_per_image"] if source == "images" else 0.0
+    return cpu_s, gpu_s
+
+
+def index_vectors(cfg: Config) -> int | None:
+    """How many vectors the index stage will index: counted from ``index.path`` when it is there
+    (LAION layout: the ``img_emb/*.npy`` headers; images: Parquet row counts or caption files), else
+    the ``study.expected.index_vectors`` hint; None when neither is known."""
+    hint = cfg.study.expected.get("index_vectors")
+    path = Path(cfg.index.path) if cfg.index.path else None
+    try:
+        if path is not None and path.is_dir() and cfg.index.source == "embeddings":
+            files = sorted((path / "img_emb").glob("*.npy"))
+            if files:
+                return sum(_npy_rows(f) for f in files)
+        elif path is not None and path.exists() and cfg.index.source == "images":
+            import pyarrow.parquet as pq
+
+            parts = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+            if parts:
+                return sum(pq.ParquetFile(f).metadata.num_rows for f in parts)
+            captions = sum(1 for _ in path.rglob("*.txt"))
+            if captions:
+                return captions
+    except (OSError, ValueError) as exc:  # unreadable: preflight names it; plan from the hint
+        log.warning("index.path %s: cannot count its vectors for the plan (%s)", path, exc)
+    if hint is not None:
+        return int(hint)
+    log.warning("the index build is planned without its size: index.path %s is not there yet; give "
+                "--set study.expected.index_vectors=N (LAION-5B ViT-L/14: 5.85e9) to cost it", path)
+    return None
+
+
+def _npy_rows(path: Any) -> int:
+    """Rows of a .npy file from its header alone."""
+    import numpy as np
+
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read(f)
+    return int(shape[0]) if shape else 1
+
+
 def retrieval_quota(ratio: float, size: DatasetSize, margin: float = 0.0) -> int:
     """Images per class that retrieval must deliver so that ``ratio`` % of every class fits, plus
     ``margin`` (a fraction) for what the filter and dedup stages after it drop."""
@@ -430,7 +516,10 @@ def plan_retrieval(ctx: PlanContext, method: str, base: str, cfg: Config) -> dic
     quota = cfg.retrieve.images_per_class
     index = None
     if needs_index(cfg.retrieve.backend) and not cfg.retrieve.index:
-        index = _new_node(ctx, "index", cfg, {}, {"method": method})
+        vectors = index_vectors(cfg)
+        cpu_s, gpu_s = index_cost(cfg.index.index_type, cfg.index.source, vectors or 0, ctx.costs)
+        index = _new_node(ctx, "index", cfg, {}, {"method": method}, {"index": vectors or 0},
+                          cpu_s=cpu_s, gpu_s=gpu_s)
     n = quota * ctx.size.classes
     attempts = math.ceil(n * cfg.retrieve.k_start_factor)
     c = ctx.costs
@@ -744,8 +833,9 @@ def plan_classifiers(ctx: PlanContext, cfg: Config, added: dict[str, str], audit
     inputs: dict[str, InputRef] = {"dataset": ctx.dataset_node, "added": added, "audit": audit}
     if census is not None:
         inputs.update({"census": dict(census[0]), "census_audit": dict(census[1]) or None})
-    n_train = ctx.size.train_images + math.floor(cfg.assemble.ratio / 100 * ctx.size.train_images)
-    assemble = _new_node(ctx, "assemble", cfg, inputs, labels, {"process": n_train})
+    n_added = math.floor(cfg.assemble.ratio / 100 * ctx.size.train_images)
+    n_train = ctx.size.train_images + n_added
+    assemble = _new_node(ctx, "assemble", cfg, inputs, labels, {"process": n_train, "added": n_added})
     trains = []
     for seed in seeds:
         t_cfg = _set(cfg, train__seed=seed)
@@ -784,15 +874,19 @@ def apply_measured(plan: Plan, done: Mapping[str, str], root: str | Path) -> int
 
 
 def summary_rows(plan: Plan) -> list[dict[str, Any]]:
-    """One row per (dataset, stage, method): nodes, images, hours, how many are done."""
+    """One row per (dataset, stage, method, ratio): nodes, images, hours, how many are done.
+
+    ``ratio`` is the node's augmentation ratio (assemble, train), or "" for a run every ratio of
+    the method shares (its pool: index, retrieve / fine-tune, generate, filter, dedup, audit)."""
     rows: dict[tuple, dict[str, Any]] = {}
     for node in plan.nodes.values():
         method = node.labels.get("method", "")
         if "checkpoint" in node.labels:  # a checkpoint-selection run: keep it apart from the method's own
             method = f"{method} (checkpoint selection)"
-        key = (node.labels.get("dataset", ""), node.stage, method)
-        row = rows.setdefault(key, {"dataset": key[0], "stage": key[1], "method": key[2], "runs": 0,
-                                    "done": 0, "cpu_h": 0.0, "gpu_h": 0.0, "images": {}})
+        ratio = node.labels.get("ratio", "") if "checkpoint" not in node.labels else ""
+        key = (node.labels.get("dataset", ""), node.stage, method, ratio)
+        row = rows.setdefault(key, {"dataset": key[0], "stage": key[1], "method": key[2], "ratio": ratio,
+                                    "runs": 0, "done": 0, "cpu_h": 0.0, "gpu_h": 0.0, "images": {}})
         row["runs"] += 1
         row["done"] += node.path is not None
         row["cpu_h"] += node.cpu_h
@@ -800,6 +894,30 @@ def summary_rows(plan: Plan) -> list[dict[str, Any]]:
         for k, v in node.images.items():
             row["images"][k] = row["images"].get(k, 0) + v
     return list(rows.values())
+
+
+def ratio_rows(plan: Plan) -> list[dict[str, Any]]:
+    """Per (dataset, method): one ``ratio="pool"`` row for the runs every ratio shares (images: the
+    pool made; hours: making it, checkpoint selection included) and one row per ratio (images:
+    added per classifier; hours: its assemble + train runs). Hours of the rows sum to the plan's."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for node in plan.nodes.values():
+        method = node.labels.get("method", "")
+        ratio = node.labels.get("ratio", "pool") if "checkpoint" not in node.labels else "pool"
+        key = (node.labels.get("dataset", ""), method, ratio)
+        row = rows.setdefault(key, {"dataset": key[0], "method": method, "ratio": ratio, "classifiers": 0,
+                                    "images": 0, "added_per_classifier": 0, "cpu_h": 0.0, "gpu_h": 0.0})
+        row["cpu_h"] += node.cpu_h
+        row["gpu_h"] += node.gpu_h
+        if ratio == "pool":
+            if node.stage in ("retrieve", "generate") and "checkpoint" not in node.labels:
+                row["images"] += node.images.get("retrieve", 0) + node.images.get("generate", 0)
+        elif node.stage == "train":
+            row["classifiers"] += 1
+        elif node.stage == "assemble":
+            row["added_per_classifier"] = node.images.get("added", 0)
+    return sorted(rows.values(), key=lambda r: (r["dataset"], r["method"], r["ratio"] != "pool",
+                                                 r["ratio"] if r["ratio"] != "pool" else 0.0))
 
 
 def _fmt_count(n: float) -> str:
@@ -811,20 +929,24 @@ def _fmt_count(n: float) -> str:
 
 def format_plan(plan: Plan) -> str:
     """The plan as a text table: per stage and method, then totals and the node wall-time."""
-    head = f"{'dataset':<10} {'stage':<9} {'method':<40} {'runs':>5} {'done':>5} " \
+    head = f"{'dataset':<10} {'stage':<9} {'method':<40} {'ratio':>6} {'runs':>5} {'done':>5} " \
            f"{'generate':>9} {'retrieve':>9} {'download':>9} {'train':>9} {'CPU-h':>9} {'GPU-h':>9}"
     lines = [head, "-" * len(head)]
     for r in summary_rows(plan):
         im = r["images"]
+        if r["stage"] == "index":
+            im = {**im, "retrieve": im.get("index", 0)}  # the vectors indexed, in the retrieve column
+        ratio = f"{r['ratio']:g}" if r["ratio"] != "" else "-"
         lines.append(
-            f"{r['dataset']:<10.10} {r['stage']:<9} {r['method'] or '-':<40.40} {r['runs']:>5} {r['done']:>5} "
+            f"{r['dataset']:<10.10} {r['stage']:<9} {r['method'] or '-':<40.40} {ratio:>6} {r['runs']:>5} "
+            f"{r['done']:>5} "
             f"{_fmt_count(im.get('generate', 0)):>9} {_fmt_count(im.get('retrieve', 0)):>9} "
             f"{_fmt_count(im.get('download', 0)):>9} {_fmt_count(im.get('train', 0)):>9} "
             f"{r['cpu_h']:>9.3g} {r['gpu_h']:>9.3g}")
     t = plan.totals()
     lines.append("-" * len(head))
     lines.append(
-        f"{'total':<10} {'':<9} {'':<40} {len(plan.nodes):>5} "
+        f"{'total':<10} {'':<9} {'':<40} {'':>6} {len(plan.nodes):>5} "
         f"{sum(n.path is not None for n in plan.nodes.values()):>5} "
         f"{_fmt_count(t.get('images_generate', 0)):>9} {_fmt_count(t.get('images_retrieve', 0)):>9} "
         f"{_fmt_count(t.get('images_download', 0)):>9} {_fmt_count(t.get('images_train', 0)):>9} "
@@ -832,6 +954,15 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"{len(plan.runs)} classifiers; on one node with {plan.node_gpus} GPUs and "
                  f"{plan.node_cpus} CPUs: about {t['wall_h']:.3g} h "
                  f"({t['wall_h'] / 24:.3g} days) if the stages run back to back.")
+    head = f"{'dataset':<10} {'method':<40} {'ratio':>6} {'classifiers':>11} {'images':>9} {'CPU-h':>9} {'GPU-h':>9}"
+    lines += ["", "Per method and ratio (pool: the images a method makes once for all its ratios; a "
+              "ratio: images added per classifier, and its assemble + train runs):", head, "-" * len(head)]
+    for r in ratio_rows(plan):
+        pool = r["ratio"] == "pool"
+        images = r["images"] if pool else r["added_per_classifier"]
+        lines.append(f"{r['dataset']:<10.10} {r['method'] or '-':<40.40} "
+                     f"{'pool' if pool else format(r['ratio'], 'g'):>6} {r['classifiers'] or '-':>11} "
+                     f"{_fmt_count(images):>9} {r['cpu_h']:>9.3g} {r['gpu_h']:>9.3g}")
     return "\n".join(lines)
 
 

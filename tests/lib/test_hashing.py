@@ -97,3 +97,25 @@ def test_hash_artifacts_on_ray_keeps_source_order_and_matches_local(tmp_path, ra
     assert on_ray.column(S.ID).to_pylist() == [f"r{i}" for i in range(7)] + [f"g{i}" for i in range(7, 12)]
     assert on_ray.equals(local)
     assert on_ray.column(S.PHASH).to_pylist()[3] == S.phash_to_int64(phash_image(BASES[3]))
+
+
+@pytest.mark.ray
+def test_hashing_on_ray_tasks_charges_their_cpu_seconds_to_the_stage(tmp_path, ray_session):
+    """Ray Data tasks measure their own CPU time; the stage run that asked for the hashes gets it."""
+    import json
+
+    from raugment.core.config import ActorPoolConfig
+    from raugment.core.storage import run_stage
+    from raugment.lib.hashing import hash_artifacts
+    from tests.helpers.planted import make_artifact
+
+    art = make_artifact(tmp_path, "retrieve", [row(f"r{i}", png(BASES[i])) for i in range(12)], shards=2)
+    out = {}
+
+    def body(run):
+        out["t"] = hash_artifacts([art], 64, ActorPoolConfig(batch_size=3), [S.ID], local_max_rows=0)
+
+    stage = run_stage(tmp_path / "root", "hashing", {"x": 1}, None, body)
+    assert out["t"].column_names == [S.ID, S.PHASH] and out["t"].num_rows == 12
+    tasks = json.loads((stage.path / "stats.json").read_text())["usage"]["tasks"]
+    assert tasks["cpu_s"] > 0 and tasks["calls"] >= 1

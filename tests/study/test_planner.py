@@ -15,10 +15,13 @@ from raugment.study.planner import (
     build_plan,
     format_plan,
     generation_quota,
+    index_cost,
     known_methods,
     method_pipeline,
     plugin_costs,
+    ratio_rows,
     retrieval_quota,
+    summary_rows,
 )
 
 SIZE = DatasetSize(classes=10, train_images=900, max_per_class=130)
@@ -313,3 +316,62 @@ def test_retrieval_plus_generation_is_a_study_method_mixing_both_pools():
 def test_a_bad_combination_names_the_part(method, match):
     with pytest.raises(ConfigError, match=match):
         build_plan(_cfg(f"study.methods=[{method}]"))
+
+
+def test_plan_gives_images_and_hours_per_ratio_not_one_row_per_method():
+    plan = build_plan(_cfg("study.methods=[simple]", "study.ratios=[100, 500]", "study.sets=2",
+                           "study.baseline=false"))
+    trains = {r["ratio"]: r for r in summary_rows(plan) if r["stage"] == "train"}
+    assert set(trains) == {100.0, 500.0} and trains[100.0]["runs"] == trains[500.0]["runs"] == 2
+    assert trains[500.0]["gpu_h"] > trains[100.0]["gpu_h"] > 0
+    rows = {r["ratio"]: r for r in ratio_rows(plan) if r["method"] == "simple"}
+    assert set(rows) == {"pool", 100.0, 500.0}
+    # added images per classifier: the ratio's share of the 900 training images
+    assert rows[100.0]["added_per_classifier"] == 900 and rows[500.0]["added_per_classifier"] == 4500
+    assert rows[100.0]["classifiers"] == 2
+    assert rows[500.0]["gpu_h"] == pytest.approx(trains[500.0]["gpu_h"])   # assemble costs nothing here
+    # the pool (generate -> filter -> dedup -> audit) serves every ratio: its own row, counted once
+    pool = [n for n in plan.nodes.values() if n.labels.get("method") == "simple" and "ratio" not in n.labels]
+    assert rows["pool"]["gpu_h"] == pytest.approx(sum(n.gpu_h for n in pool)) and rows["pool"]["gpu_h"] > 0
+    assert rows["pool"]["images"] == generation_quota(500, SIZE, 3.0) * 10
+    assert sum(r["gpu_h"] for r in rows.values()) == pytest.approx(plan.totals()["gpu_h"])
+    text = format_plan(plan)
+    assert "Per method and ratio" in text
+    assert any(" 100 " in line and "simple" in line for line in text.splitlines())
+    assert any(" 500 " in line and "simple" in line for line in text.splitlines())
+
+
+def test_index_build_is_costed_from_the_measured_rate_for_a_declared_size():
+    base = "study.expected={classes: 10, train_images: 900, max_per_class: 130, index_vectors: 2000000}"
+    plan = build_plan(_cfg("study.methods=[retrieval]", base, "index.source=embeddings",
+                           "index.index_type=IVF4096,PQ64"))
+    (index,) = plan.by_stage("index")
+    assert index.images == {"index": 2_000_000}
+    c = DEFAULT_COSTS
+    assert min(c["index.cpu_s_per_vector"], c["index.cpu_s_per_vector_list"],
+               c["index.train_cpu_s_per_vector_list"]) > 0                      # measured, not 0
+    want = (min(2_000_000, 256 * 4096) * 4096 * c["index.train_cpu_s_per_vector_list"]
+            + 2_000_000 * (c["index.cpu_s_per_vector"] + 4096 * c["index.cpu_s_per_vector_list"]))
+    assert index.cpu_h == pytest.approx(want / 3600) and index.gpu_h == 0.0
+    assert index_cost("IVF4096,PQ64", "embeddings", 2_000_000, c) == (pytest.approx(want), 0.0)
+    # more lists cost more; an image pool is embedded with CLIP first (GPU)
+    assert index_cost("IVF65536,PQ64", "embeddings", 2_000_000, c)[0] > want
+    assert index_cost("IVF4096,PQ64", "images", 2_000_000, c)[1] == pytest.approx(2_000_000 * 0.004)
+    assert "index" in format_plan(plan)
+
+
+def test_index_size_is_counted_from_a_laion_layout_path(tmp_path):
+    import numpy as np
+
+    (tmp_path / "img_emb").mkdir()
+    for i, n in enumerate((300, 200)):
+        np.save(tmp_path / "img_emb" / f"img_emb_{i}.npy", np.zeros((n, 8), np.float16))
+    plan = build_plan(_cfg("study.methods=[retrieval]", "index.source=embeddings", f"index.path={tmp_path}",
+                           "index.index_type=IVF16,Flat"))
+    (index,) = plan.by_stage("index")
+    assert index.images == {"index": 500} and index.cpu_h > 0
+
+
+def test_unknown_expected_hint_names_the_key():
+    with pytest.raises(ConfigError, match="study.expected.vectors"):
+        build_plan(_cfg("study.expected={classes: 10, train_images: 900, max_per_class: 130, vectors: 5}"))

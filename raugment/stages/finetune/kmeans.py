@@ -56,6 +56,9 @@ def build_inception(weights: str | None = None):
     return model.eval()
 
 
+TASK_CPU, TASK_GPU = "_task_cpu_s", "_task_gpu_s"  # a batch's own seconds, on its first row
+
+
 class InceptionFeatures:
     """``map_batches`` callable: image bytes -> Inception-v3 pool features.
 
@@ -65,17 +68,37 @@ class InceptionFeatures:
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
     """
 
-    def __init__(self, weights: str | None = None, size: int = 299, device: str = "auto"):
+    def __init__(self, weights: str | None = None, size: int = 299, device: str = "auto", gpus: float = 0.0):
+        import time
+
         import torch
 
         from raugment.runtime.cluster import match_torch_threads, pick_device
 
+        cpu0, t0 = time.process_time(), time.perf_counter()
         match_torch_threads()
         self.device = torch.device(pick_device(device))
         self.model = build_inception(weights).to(self.device)
         self.size = size
+        self.gpus = gpus if self.device.type == "cuda" else 0.0
+        # the model build's CPU/GPU seconds, billed with the first batch
+        self._unbilled = (time.process_time() - cpu0, (time.perf_counter() - t0) * self.gpus)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import time
+
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        out = self._features(batch)
+        cpu, gpu = self._unbilled
+        self._unbilled = (0.0, 0.0)
+        n = len(out[FEATURES])
+        # this actor's own CPU seconds (and GPU wall x GPUs held) for the batch, on its first row
+        for name, value in ((TASK_CPU, cpu + time.process_time() - cpu0),
+                            (TASK_GPU, gpu + (time.perf_counter() - t0) * self.gpus)):
+            out[name] = np.array([value] + [0.0] * (n - 1) if n else [], dtype=np.float64)
+        return out
+
+    def _features(self, batch: dict[str, Any]) -> dict[str, Any]:
         import torch
         from torchvision.transforms.functional import normalize, pil_to_tensor, resize
 
@@ -110,12 +133,18 @@ def features_dataset(files: list[str], split: str, weights: str | None, size: in
     import ray.data
     from ray.data.expressions import col
 
+    from raugment.core.storage import charge
     from raugment.runtime.cluster import actor_pool_args
 
     ds = ray.data.read_parquet(files, columns=[schema.ID, schema.LABEL, schema.SPLIT, schema.IMAGE])
     ds = ds.filter(expr=col(schema.SPLIT) == split)
-    out = ds.map_batches(InceptionFeatures, fn_constructor_kwargs={"weights": weights, "size": size},
-                         batch_format="numpy", **actor_pool_args(pool)).to_pandas()
+    args = actor_pool_args(pool)
+    out = ds.map_batches(InceptionFeatures, batch_format="numpy", **args,
+                         fn_constructor_kwargs={"weights": weights, "size": size,
+                                                "gpus": float(args.get("num_gpus") or 0.0)}).to_pandas()
+    if not out.empty:  # the actors' own seconds, to the stage run this serves (stats.json usage.tasks)
+        charge("tasks", float(out[TASK_CPU].sum()), float(out[TASK_GPU].sum()),
+               calls=int((out[TASK_CPU] > 0).sum()))
     if out.empty:
         return [], np.zeros((0, 2048), dtype=np.float32)
     return out[schema.ID].tolist(), np.stack(out[FEATURES].to_list()).astype(np.float32)

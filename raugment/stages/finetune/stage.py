@@ -254,8 +254,9 @@ def _finish(run: StageRun, cfg: Config, progress: dict, train_s: float) -> None:
         "runner": cfg.finetune.runner, "train_s": train_s,
     })
     workers = cfg.finetune.workers
-    if workers.use_gpu:
-        run.stats.gpu_s += train_s * workers.num_workers * workers.gpus_per_worker
+    if workers.use_gpu and cfg.finetune.runner == "ray_train":  # worker-group ranks charge their own
+        run.stats.charge("workers", 0.0, train_s * workers.num_workers * workers.gpus_per_worker,
+                         calls=workers.num_workers)
     if not cfg.finetune.keep_train_state:  # the full optimizer state is only needed to resume
         for name in (TRAIN_DIR, CHECKPOINT_DIR):
             shutil.rmtree(run.path / name, ignore_errors=True)

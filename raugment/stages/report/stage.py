@@ -11,7 +11,9 @@ Sections, per dataset of the study:
 * the leakage audit summary with a link to its gallery (copied into the folder);
 * checkpoint selection of the fine-tuned methods (5-9): which checkpoint generated their images,
   and the validation top-1 of each candidate's scoring classifier (or "selection off");
-* measured cost per method and stage (wall, CPU- and GPU-hours from ``stats.json``).
+* measured cost per method and stage (wall, CPU- and GPU-hours from ``stats.json``: the driver's
+  and every Ray actor's and DDP rank's own), and per 1000 added images per method beside the
+  paper's cost comparison (:func:`paper_cost`).
 
 :func:`collect` gathers every number into plain data (also written as ``report.json``, which is
 what tests and resumed runs compare); :func:`render` writes the files from it.
@@ -308,6 +310,90 @@ def _costs(plan: dict[str, Any], root: Path) -> list[dict[str, Any]]:
     return sorted(rows.values(), key=lambda r: (r["dataset"], r["method"], r["stage"]))
 
 
+# The paper's cost comparison (Burg et al. 2023, "Compute requirements", 10 % ImageNet): retrieval
+# took 28.5 h on one CPU machine (no GPU) for 130 images x 990 classes; generating 390 images for
+# each of the 1000 classes took 867 T4 GPU-h; fine-tuning took, in V100 GPU-h, the figures below
+# (before the same generation). "30x faster than the prompt-based methods, 56x faster than
+# PSEUDOWORD+DM" compares these totals in hours.
+PAPER_RETRIEVAL_H, PAPER_RETRIEVED = 28.5, 130 * 990
+PAPER_GENERATION_GPU_H, PAPER_GENERATED = 867.0, 390 * 1000
+PAPER_FINETUNE_GPU_H = {"ft_cluster_conditioning": 244.0, "ft_conditioning": 380.0,
+                        "textual_inversion": 368.0, "imagic": 552.0, "pseudoword_dm": 720.0}
+# the stages every method's classifiers share at a ratio: not part of making the added images
+NOT_POOL_STAGES = {"dataset", "assemble", "train", "report"}
+POOL_OUTPUT_STAGES = ("dedup", "filter", "retrieve", "generate")  # the pool: the last of these
+
+
+def paper_cost(method: str) -> dict[str, Any] | None:
+    """The paper's cost of a study method per 1000 added images (None for the baseline).
+
+    A method (or a variant whose name contains a paper method's, longest first) is matched to the
+    paper's retrieval, its fine-tuning methods (their GPU-h + the generation), or else to
+    prompt-based generation (Boomerang included: the paper gives one generation figure)."""
+    if method == BASELINE:
+        return None
+    if "retriev" in method:
+        return {"what": "retrieval: 28.5 h on one CPU machine",
+                "cpu_h_per_1000": PAPER_RETRIEVAL_H / PAPER_RETRIEVED * 1000, "gpu_h_per_1000": 0.0,
+                "x_retrieval": 1.0}
+    ft = next((m for m in sorted(PAPER_FINETUNE_GPU_H, key=len, reverse=True) if m in method), None)
+    gpu_h = PAPER_GENERATION_GPU_H + (PAPER_FINETUNE_GPU_H[ft] if ft else 0.0)
+    what = (f"fine-tuning {PAPER_FINETUNE_GPU_H[ft]:g} V100 GPU-h + " if ft else "") + "generation 867 T4 GPU-h"
+    return {"what": what, "cpu_h_per_1000": 0.0, "gpu_h_per_1000": gpu_h / PAPER_GENERATED * 1000,
+            "x_retrieval": gpu_h / PAPER_RETRIEVAL_H}
+
+
+def _rows_of(path: Path, table: str = "images") -> int | None:
+    import pyarrow.parquet as pq
+
+    parts = sorted((path / table).glob("part-*.parquet"))
+    if not parts and (path / f"{table}.parquet").exists():
+        parts = [path / f"{table}.parquet"]
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in parts) if parts else None
+
+
+def _cost_per_image(plan: dict[str, Any], root: Path) -> list[dict[str, Any]]:
+    """Per (dataset, method): the measured cost of making its pool of added images (every stage of
+    the method but assemble and train, each run once) per 1000 images in the pool (the rows of its
+    last filter / dedup output), beside the paper's figures (:func:`paper_cost`)."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    seen: set[str] = set()
+    pool_node: dict[tuple, str] = {}
+    for node in plan.get("nodes", []):
+        labels = node.get("labels", {})
+        method = labels.get("method")
+        if not method or method == BASELINE or node["stage"] in NOT_POOL_STAGES or not node.get("path"):
+            continue
+        key = (labels.get("dataset", ""), method)
+        if node["stage"] in POOL_OUTPUT_STAGES and "checkpoint" not in labels:
+            best = pool_node.get(key)
+            rank = POOL_OUTPUT_STAGES.index(node["stage"])
+            if best is None or rank <= POOL_OUTPUT_STAGES.index(best.split("|")[0]):
+                pool_node[key] = f"{node['stage']}|{node['path']}"
+        if node["path"] in seen:
+            continue
+        seen.add(node["path"])
+        stats = _read_json(root / node["path"] / "stats.json")
+        row = rows.setdefault(key, {"dataset": key[0], "method": method, "stages": set(), "wall_h": 0.0,
+                                    "cpu_h": 0.0, "gpu_h": 0.0, "remote_cpu_h": 0.0})
+        row["stages"].add(node["stage"])
+        row["wall_h"] += float(stats.get("wall_s", 0.0)) / 3600
+        row["cpu_h"] += float(stats.get("cpu_s", 0.0)) / 3600
+        row["gpu_h"] += float(stats.get("gpu_s", 0.0)) / 3600
+        row["remote_cpu_h"] += sum(float(u.get("cpu_s", 0.0)) for where, u in stats.get("usage", {}).items()
+                                   if where != "driver") / 3600
+    out = []
+    for key, row in sorted(rows.items()):
+        added = _rows_of(root / pool_node[key].split("|", 1)[1]) if key in pool_node else None
+        row["stages"] = sorted(row["stages"])
+        row["added_images"] = added
+        for what in ("wall_h", "cpu_h", "gpu_h", "remote_cpu_h"):
+            row[f"{what}_per_1000"] = row[what] / added * 1000 if added else None
+        row["paper"] = paper_cost(row["method"])
+        out.append(row)
+    return out
+
+
 def collect(root: str | Path, study: Artifact, cfg: ReportConfig) -> dict[str, Any]:
     """Every number, id and link of the report, as plain data."""
     root = Path(root).resolve()
@@ -317,7 +403,8 @@ def collect(root: str | Path, study: Artifact, cfg: ReportConfig) -> dict[str, A
     plan = _read_json(study.path / "plan.json")
     data: dict[str, Any] = {"title": cfg.title, "study": str(study.path.relative_to(root)),
                             "upper_bound": dict(cfg.upper_bound or {}), "datasets": {},
-                            "costs": _costs(plan, root), "failed": plan.get("failed", []),
+                            "costs": _costs(plan, root), "cost_per_image": _cost_per_image(plan, root),
+                            "failed": plan.get("failed", []),
                             "mini_models": _mini_models(cfg.mini_models)}
     for ds in sorted({r[S.DATASET] for r in runs}):
         ds_runs = [r for r in runs if r[S.DATASET] == ds]
@@ -676,6 +763,31 @@ def _cost_sections(doc: _Doc, costs: list[dict[str, Any]]) -> None:
               [[m, f"{t[0]:.3g}", f"{t[1]:.3g}", f"{t[2]:.3g}"] for m, t in sorted(totals.items())])
 
 
+def _per_image_section(doc: _Doc, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    doc.heading("Cost per 1000 added images: measured and the paper's")
+    doc.para("Measured: every stage that makes a method's pool (not assemble or train), each run once, "
+             "CPU and GPU seconds of the driver and of every Ray actor and DDP rank (stats.json "
+             "usage), over the images in the pool after filtering and dedup. Paper: Burg et al. "
+             "2023's compute figures for 10 % ImageNet (retrieval: hours of one CPU machine; "
+             "generation: T4 GPU-h; fine-tuning: V100 GPU-h); x retrieval compares total hours as "
+             "the paper does (30x for prompt-based generation, 56x for PSEUDOWORD+DM).")
+
+    def f(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3g}"
+
+    table = []
+    for r in rows:
+        p = r["paper"] or {}
+        table.append([r["dataset"], r["method"], f(r["added_images"]), f(r["cpu_h_per_1000"]),
+                      f(r["gpu_h_per_1000"]), f(r["wall_h_per_1000"]), f(r["remote_cpu_h_per_1000"]),
+                      f(p.get("cpu_h_per_1000")), f(p.get("gpu_h_per_1000")),
+                      f"{p['x_retrieval']:.3g}x" if p else "-", p.get("what", "")])
+    doc.table(["dataset", "method", "added images", "CPU-h", "GPU-h", "wall h", "of the CPU-h: actors, ranks, tasks",
+               "paper CPU-h", "paper GPU-h", "paper x retrieval", "paper's figure"], table)
+
+
 def render(data: dict[str, Any], root: str | Path, out: str | Path, cfg: ReportConfig) -> Path:
     """Write ``report.html``, ``report.md``, ``report.json`` and ``figures/`` into ``out``."""
     root, out = Path(root), Path(out)
@@ -697,6 +809,7 @@ def render(data: dict[str, Any], root: str | Path, out: str | Path, cfg: ReportC
                   [[f["stage"], ", ".join(f"{k}={v}" for k, v in sorted(f["labels"].items())), f["reason"][:300]]
                    for f in data["failed"]])
     _cost_sections(doc, data["costs"])
+    _per_image_section(doc, data.get("cost_per_image", []))
     page, md = doc.finish()
     write_text_atomic(page, out / "report.html")
     write_text_atomic(md, out / "report.md")

@@ -587,10 +587,10 @@ def run(cfg: Config, dataset: Artifact, manifest: Artifact, *, callbacks: Sequen
             shutil.rmtree(storage, ignore_errors=True)  # the best weights are kept in model/
         run.stats.add("epochs", results[S.EPOCHS_RUN])
         run.stats.add("train_images_seen", sum(int(r[S.TRAIN_IMAGES]) for r in state.history))
-        run.stats.cpu_s += state.cpu_s  # worker CPU time; the driver's own is added by finish()
-        workers = cfg.train.workers
-        if workers.use_gpu:
-            run.stats.gpu_s += wall * workers.num_workers * workers.gpus_per_worker
+        if ray_train:  # a worker group's ranks charge their own CPU/GPU seconds (usage.workers)
+            workers = cfg.train.workers
+            gpus = workers.num_workers * workers.gpus_per_worker if workers.use_gpu else 0.0
+            run.stats.charge("workers", state.cpu_s, wall * gpus, calls=workers.num_workers)
         run.stats.extra.update({k: results[k] for k in (S.TEST_TOP1, S.VAL_TOP1_BEST, S.IMAGES_PER_S)})
         log.info("train: test top-1 %.4f (best val %.4f at epoch %d of %d)", results[S.TEST_TOP1],
                  results[S.VAL_TOP1_BEST], results[S.BEST_EPOCH], results[S.EPOCHS_RUN])

@@ -74,6 +74,8 @@ def test_killed_run_resumes_from_its_checkpoint_without_repeating_the_epoch(kill
     assert [e["epoch"] for e in ev if e["event"] == "epoch"] == [1, 2, 3]  # epoch 1 ran once
     assert art.stats["counts"]["restarts"] == 1
     assert [h["epoch"] for h in art.stats["history"]] == [1, 2, 3]
+    # the ranks' own CPU seconds are counted (the resumed attempt's call at least), not only the driver's
+    assert art.stats["usage"]["workers"]["cpu_s"] > 0
     # the same config again is the same complete artifact, not a new run
     assert finetune.run(cfg, ds).path == art.path and len(events(art)) == len(ev)
 
@@ -272,6 +274,7 @@ def test_cli_two_worker_ddp_run_then_generation_from_the_artifact(ray_session, t
     if name == "ft_cluster_conditioning":
         assert {r[schema.CLUSTER] for r in rows} == {0, 1}  # k = 2 clusters in every class
         assert len(rows) == 2 * len({r[schema.LABEL] for r in rows})
+        assert art.stats["usage"]["tasks"]["cpu_s"] > 0  # the Inception feature actors' own CPU
     else:
         assert load_finetuned(art.path).unet_dir is not None
     cfg = load_config(config, [*sets, f"generate.method={name}", f"generate.conditioning={art.path}"])
@@ -279,4 +282,5 @@ def test_cli_two_worker_ddp_run_then_generation_from_the_artifact(ray_session, t
     images = out.read("images").to_pylist()
     n_classes = len({r[schema.LABEL] for r in rows})
     assert len(images) == 3 * n_classes
+    assert out.stats["usage"]["actors"]["cpu_s"] > 0  # generation ran on actors: their CPU counts
     assert all(json.loads(i[schema.PARAMS])["cond_row"] in {r[schema.COND_ROW] for r in rows} for i in images)

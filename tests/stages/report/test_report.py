@@ -203,3 +203,28 @@ def test_recognisability_and_mini_models_sections(fixture_root, tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "Are generated images recognisable?" in md and "0.875 (n = 20)" in md
     assert f"| simple | {len(labels)} | {100 * labels.count(1) / len(labels):.1f} | 33.3 |" in md
+
+
+def test_cost_per_added_image_per_method_beside_the_papers_figures(report):
+    """The pool's cost (every stage but assemble/train) over the images the pool holds after
+    filter + dedup, per 1000 images, beside the paper's cost comparison (its Section 4 figures)."""
+    data = json.loads((report / "report.json").read_text())
+    rows = {r["method"]: r for r in data["cost_per_image"]}
+    assert set(rows) == {"retrieval", "simple"}                      # the baseline adds nothing
+    r = rows["retrieval"]
+    assert r["added_images"] == 9                                    # dedup/retrieval0's images table
+    assert r["stages"] == ["audit", "dedup", "filter", "retrieve"]
+    assert r["cpu_h_per_1000"] == pytest.approx(33.0 / 3600 / 9 * 1000)
+    assert r["gpu_h_per_1000"] == pytest.approx(4.0 / 3600 / 9 * 1000)
+    assert r["remote_cpu_h"] == pytest.approx(25.0 / 3600)          # actors' own CPU (stats usage)
+    assert r["remote_cpu_h_per_1000"] == pytest.approx(25.0 / 3600 / 9 * 1000)
+    # the paper: retrieval 28.5 h on one CPU machine for 130 images x 990 classes; prompt-based
+    # generation 867 T4 GPU-h for 390 x 1000 images; 30x retrieval's hours
+    assert r["paper"]["cpu_h_per_1000"] == pytest.approx(28.5 / 128.7, rel=1e-3)
+    assert r["paper"]["gpu_h_per_1000"] == 0.0
+    s = rows["simple"]["paper"]
+    assert s["gpu_h_per_1000"] == pytest.approx(867 / 390, rel=1e-3)
+    assert round(s["x_retrieval"]) == 30
+    md = (report / "report.md").read_text()
+    assert "Cost per 1000 added images" in md
+    assert f"{28.5 / 128.7:.3g}" in md and f"{867 / 390:.3g}" in md

@@ -346,6 +346,11 @@ def test_worker_group_runner_trains_to_the_ray_train_result(ray_session, data, t
     # the worker_group runner checkpoints into the stage's own directory
     assert (arts["worker_group"].path / train.CHECKPOINT_DIR / "latest" / train.CKPT_MODEL).exists()
     assert not (arts["worker_group"].path / "ray").exists()
+    # both runners count the two ranks' own CPU seconds (not only the driver's)
+    for r in ("ray_train", "worker_group"):
+        stats = arts[r].stats
+        assert stats["usage"]["workers"]["calls"] == 2 and stats["usage"]["workers"]["cpu_s"] > 0, r
+        assert stats["cpu_s"] >= stats["usage"]["workers"]["cpu_s"] + stats["usage"]["driver"]["cpu_s"] - 0.01
 
 
 @pytest.mark.timeout(420)

@@ -24,6 +24,9 @@ def test_inception_features_are_pool_features(tiny_sd):
     feats = np.stack(out["features"])
     assert feats.shape == (3, 2048)
     assert not np.allclose(feats[0], feats[1])
+    # the actor's own CPU seconds for the batch (model build included) ride along on its first row
+    assert out["_task_cpu_s"][0] > 0 and list(out["_task_cpu_s"][1:]) == [0.0, 0.0]
+    assert list(out["_task_gpu_s"]) == [0.0, 0.0, 0.0]
 
 
 def test_its_keys_are_finetune_keys_with_their_checks():
