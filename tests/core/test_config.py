@@ -337,7 +337,7 @@ def test_unknown_variant_pipeline_lists_the_known_ones():
 
     cfg = load_config(None, ["study.methods=[v]", "study.variants={v: {method: simple, pipeline: magic}}"])
     with pytest.raises(ConfigError, match=r"^study\.variants\.v\.pipeline: unknown pipeline 'magic'; known: "
-                                          r"baseline, finetune, generate, retrieval"):
+                                          r"baseline, combined, finetune, generate, retrieval"):
         method_config(cfg, "v")
     ok = load_config(None, ["study.methods=[v]", "study.variants={v: {method: simple, pipeline: generate}}"])
     assert method_config(ok, "v")[:2] == ("simple", "generate")  # the control
