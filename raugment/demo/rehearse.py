@@ -65,6 +65,11 @@ BOX_OVERRIDES: dict[str, Any] = {
 
 # Traps of issue 18 that current code still has: the smallest --set past each (remove as fixes land).
 TRAP_WORKAROUNDS: dict[str, tuple[Any, str]] = {
+    "filter.filters": (["nsfw", "min_size"],
+                       "issue 18 preset fidelity (f2): the preset's filter stage applies the aesthetic "
+                       "filter to generated images too (the paper: retrieved images only, which "
+                       "retrieve.aesthetic_threshold already does); it dropped all 120 generated images of "
+                       "every generation method, and dedup then failed on the empty filter output"),
     "finetune.feature_weights": (None, "IMAGENET1K_V1 is a torchvision hub download with no offline "
                                        "stand-in writer; null clusters on random Inception-v3 features"),
 }

@@ -16,9 +16,9 @@ What ``jobs/configs/imagenet10.yaml`` reads on a cluster, written small enough f
 * The tiny SD / CLIP / aesthetic bundles (:mod:`raugment.demo.tiny`) are the model stand-ins.
 
 Embeddings: a class's images are embedded at the tiny CLIP's *text* embedding of that class's
-retrieval prompt (``A photo of {w(name)}.``) plus a little noise, so the stand-in index answers
-retrieval's own queries the way a trained CLIP would (own class first); dead links sit at the
-mean of all prompts' embeddings.
+retrieval prompt (``A photo of {w(name)}.``) at cosine :data:`OWN_COSINE`, so the stand-in
+index answers retrieval's own queries the way a trained CLIP would (own class first); its dead
+links at :data:`DEAD_LINK_COSINE`.
 """
 
 from __future__ import annotations
@@ -40,6 +40,11 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 COMPLETE = ".complete"
+# Cosine of a class's images / of its dead links to the class's retrieval prompt: own images first,
+# then dead links, then (below) other classes' prompts (tiny-CLIP prompts of different classes
+# measured 0.29-0.92 apart at 10 classes).
+OWN_COSINE = 0.9999
+DEAD_LINK_COSINE = 0.995
 
 
 @dataclass(frozen=True)
@@ -138,12 +143,14 @@ class IndexShape:
 
 
 def write_laion_index(out: str | Path, class_ids: list[str], clip_model: str | Path, often: int = 16,
-                      rarely: int = 1, rare_every: int = 5, dead_links: int = 200, shards: int = 2,
+                      rarely: int = 1, rare_every: int = 5, dead_links: int = 60, shards: int = 2,
                       side: int = 48, seed: int = 0) -> IndexShape:
     """A LAION-layout embeddings index over captioned pictures of ``class_ids`` (idempotent).
 
     Every ``rare_every``-th class (the first one included) is named by ``rarely`` captions, the
-    others by ``often``; ``dead_links`` more rows are unrelated captions whose URL serves nothing.
+    others by ``often``; ``dead_links`` more rows per class are unrelated captions whose URL serves
+    nothing, next to that class's prompt (at least retrieval's k_max = 14 n of them keeps a rare
+    class from reaching other classes' images).
     Aesthetic scores (LAION-Aesthetics' ``aesthetic`` column) are spread over [4, 8], so the
     threshold of 5 drops about a quarter. URLs are relative (``images/<key>.jpg``); retrieval
     joins them to ``retrieve.url_base``.
@@ -161,8 +168,6 @@ def write_laion_index(out: str | Path, class_ids: list[str], clip_model: str | P
     rng = np.random.default_rng(seed + 1)
     names = [lookup(cid).name for cid in class_ids]
     queries = load_clip(str(clip_model), None, "cpu").embed_texts([simple_nows_prompt(n) for n in names])
-    centre = queries.mean(axis=0)
-    centre /= np.linalg.norm(centre)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     vectors: list[np.ndarray] = []
@@ -178,15 +183,14 @@ def write_laion_index(out: str | Path, class_ids: list[str], clip_model: str | P
             rows.append({"url": f"images/{key}.jpg", "caption": f"{lemma} photographed outdoors, picture {j}",
                          "NSFW": "UNLIKELY", "similarity": 0.3, "aesthetic": float(rng.uniform(4.0, 8.0)),
                          "width": side, "height": side, "key": key})
-            v = queries[label] + rng.normal(0, 0.002, queries.shape[1])
-            vectors.append(v / np.linalg.norm(v))
-    for j in range(dead_links):
-        key = f"{len(rows):09d}"
-        rows.append({"url": f"gone/{key}.jpg", "caption": f"stock photo {j}", "NSFW": "UNLIKELY",
-                     "similarity": 0.2, "aesthetic": float(rng.uniform(5.0, 8.0)), "width": 640,
-                     "height": 480, "key": key})
-        v = centre + rng.normal(0, 0.002, queries.shape[1])
-        vectors.append(v / np.linalg.norm(v))
+            vectors.append(_at_cosine(queries[label], OWN_COSINE, rng))
+    for label, cid in enumerate(class_ids):
+        for j in range(dead_links):
+            key = f"{len(rows):09d}"
+            rows.append({"url": f"gone/{key}.jpg", "caption": f"stock photo {label}-{j}", "NSFW": "UNLIKELY",
+                         "similarity": 0.2, "aesthetic": float(rng.uniform(5.0, 8.0)), "width": 640,
+                         "height": 480, "key": key})
+            vectors.append(_at_cosine(queries[label], DEAD_LINK_COSINE, rng))
     order = rng.permutation(len(rows))  # shards mix classes and dead links, as LAION's do
     emb = np.stack(vectors)[order].astype(np.float16)
     table = pa.Table.from_pylist([rows[i] for i in order])
@@ -202,6 +206,14 @@ def write_laion_index(out: str | Path, class_ids: list[str], clip_model: str | P
     log.info("stand-in LAION index: %d rows (%d dead links), rare classes %s at %s", len(rows), dead_links,
              rare, out)
     return shape
+
+
+def _at_cosine(q: np.ndarray, cosine: float, rng: np.random.Generator) -> np.ndarray:
+    """A unit vector at exactly ``cosine`` to the unit vector ``q``, in a random direction."""
+    u = rng.normal(size=q.shape)
+    u -= (u @ q) * q
+    u /= np.linalg.norm(u)
+    return cosine * q + np.sqrt(1.0 - cosine ** 2) * u
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
