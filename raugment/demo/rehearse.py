@@ -162,7 +162,8 @@ def run(out: str | Path = "runs/rehearsal", num_classes: int = 20, preset: str |
     with serve_directory(s.laion) as url:
         sets = overrides(s, url, out / "run") + list(extra or [])
         cfg = load_config(preset or PRESET, sets)
-        cfg = load_config(preset or PRESET, sets + [f"study.expected={json.dumps(dataset_hint(cfg))}"])
+        sets.append(f"study.expected={json.dumps(dataset_hint(cfg))}")  # the stand-in's sizes, for the dry-run
+        cfg = load_config(preset or PRESET, sets)
         dry = executor.plan_study(cfg)
         plan_text = executor.format_plan(dry)
         log.info("rehearsal: dry-run plan\n%s", plan_text)

@@ -87,8 +87,12 @@ def _picture(rng: np.random.Generator, label: int, side: int) -> bytes:
     cx, cy = (int(v) for v in rng.integers(r, side - r + 1, size=2))
     box = (cx - r, cy - r, cx + r, cy + r)
     colour = tuple(int(v) for v in np.clip(hue + rng.normal(0, 15, 3), 0, 255))
-    [draw.ellipse, draw.rectangle, draw.pieslice][label % 3](box, fill=colour, **({"start": 30, "end": 300}
-                                                                                  if label % 3 == 2 else {}))
+    if label % 3 == 0:
+        draw.ellipse(box, fill=colour)
+    elif label % 3 == 1:
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.pieslice(box, start=30, end=300, fill=colour)
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
@@ -184,7 +188,7 @@ def write_laion_index(out: str | Path, class_ids: list[str], clip_model: str | P
                          "NSFW": "UNLIKELY", "similarity": 0.3, "aesthetic": float(rng.uniform(4.0, 8.0)),
                          "width": side, "height": side, "key": key})
             vectors.append(_at_cosine(queries[label], OWN_COSINE, rng))
-    for label, cid in enumerate(class_ids):
+    for label in range(len(class_ids)):
         for j in range(dead_links):
             key = f"{len(rows):09d}"
             rows.append({"url": f"gone/{key}.jpg", "caption": f"stock photo {label}-{j}", "NSFW": "UNLIKELY",
@@ -217,7 +221,7 @@ def _at_cosine(q: np.ndarray, cosine: float, rng: np.random.Generator) -> np.nda
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+    def log_message(self, format: str, *args: Any) -> None:
         return None
 
 

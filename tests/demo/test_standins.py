@@ -89,5 +89,5 @@ def test_rehearsal_overrides_are_paths_model_ids_and_listed_sizes(tmp_path):
     # 10 % of 26 rounds half up to 3: what the dataset stage will take
     assert rehearse.dataset_hint(cfg) == {"classes": 1, "train_images": 3, "max_per_class": 3}
     with pytest.raises(ConfigError):
-        rehearse.load_config(rehearse.PRESET, sets + ["study.nope=1"])
+        rehearse.load_config(rehearse.PRESET, [*sets, "study.nope=1"])
     json.dumps(sets)
