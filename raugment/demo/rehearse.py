@@ -5,7 +5,7 @@ The preset is loaded unchanged; only ``--set`` overrides are added, in three lis
 * :func:`path_overrides`: paths and model ids a real user sets, pointed at stand-ins of the same
   shapes (:mod:`raugment.demo.standins`: an ImageFolder with real synset folders, a LAION-layout
   embeddings index and its images served on 127.0.0.1; :mod:`raugment.demo.tiny`: the SD, CLIP,
-  aesthetic bundles, the safety checker inside the SD bundle).
+  aesthetic bundles, the safety checker inside the SD bundle; random Inception-v3 weights).
 * :data:`BOX_OVERRIDES`: sizes a 2-core CPU box cannot take at the preset's values (epochs, image
   sizes, pool concurrency and GPUs -> CPU), each with its reason.
 * :data:`TRAP_WORKAROUNDS`: the smallest ``--set`` that gets past a trap of issue 18 which current
@@ -70,8 +70,6 @@ TRAP_WORKAROUNDS: dict[str, tuple[Any, str]] = {
                        "filter to generated images too (the paper: retrieved images only, which "
                        "retrieve.aesthetic_threshold already does); it dropped all 120 generated images of "
                        "every generation method, and dedup then failed on the empty filter output"),
-    "finetune.feature_weights": (None, "IMAGENET1K_V1 is a torchvision hub download with no offline "
-                                       "stand-in writer; null clusters on random Inception-v3 features"),
 }
 
 
@@ -88,11 +86,12 @@ class Standins:
 
 def prepare(out: Path, num_classes: int, seed: int = 0) -> Standins:
     """Write (once) the stand-ins under ``out/standins``."""
-    from raugment.demo.standins import write_imagenet_folder, write_laion_index
+    from raugment.demo.standins import write_imagenet_folder, write_inception_weights, write_laion_index
     from raugment.demo.tiny import write_tiny_bundles
 
     base = out / "standins"
     models = write_tiny_bundles(base / "models", parts=["sd", "clip", "aesthetic"], seed=seed)
+    models["inception"] = write_inception_weights(base / "models" / "inception_v3.safetensors", seed=seed)
     shape = write_imagenet_folder(base / "imagenet", num_classes=num_classes, seed=seed)
     index_shape = write_laion_index(base / "laion", shape.class_ids, models["clip"], seed=seed)
     return Standins(base / "imagenet", base / "laion", models, shape, index_shape)
@@ -106,6 +105,8 @@ def path_overrides(s: Standins, url: str, root: Path) -> dict[str, Any]:
         "dataset.path": str(s.imagenet.resolve()),
         "generate.model": sd,
         "finetune.model": sd,
+        # torchvision's IMAGENET1K_V1 (FT cluster conditioning's features) as a local state dict
+        "finetune.feature_weights": str(s.models["inception"].resolve()),
         "index.path": str(s.laion.resolve()),
         "index.clip_model": clip,
         "index.clip_pretrained": None,

@@ -13,7 +13,8 @@ What ``jobs/configs/imagenet10.yaml`` reads on a cluster, written small enough f
   rarely, so retrieval cannot fill the rare ones (the paper excluded 10 such classes). Dead links
   (URLs whose file does not exist, as many of LAION's are) sit between a class's own images and
   every other class's in embedding space, so a rare class's growing k reaches dead links only.
-* The tiny SD / CLIP / aesthetic bundles (:mod:`raugment.demo.tiny`) are the model stand-ins.
+* The tiny SD / CLIP / aesthetic bundles (:mod:`raugment.demo.tiny`) and random Inception-v3
+  weights (:func:`write_inception_weights`) are the model stand-ins.
 
 Embeddings: a class's images are embedded at the tiny CLIP's *text* embedding of that class's
 retrieval prompt (``A photo of {w(name)}.``) at cosine :data:`OWN_COSINE`, so the stand-in
@@ -218,6 +219,26 @@ def _at_cosine(q: np.ndarray, cosine: float, rng: np.random.Generator) -> np.nda
     u -= (u @ q) * q
     u /= np.linalg.norm(u)
     return cosine * q + np.sqrt(1.0 - cosine ** 2) * u
+
+
+def write_inception_weights(out: str | Path, seed: int = 0) -> Path:
+    """A random Inception-v3 state dict as ``.safetensors`` (float16), the offline stand-in of
+    torchvision's ``IMAGENET1K_V1`` that ``finetune.feature_weights`` names (idempotent)."""
+    out = Path(out)
+    if out.exists():
+        return out
+    import torch
+    from safetensors.torch import save_file
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(seed)
+    model = inception_v3(weights=None, aux_logits=False, init_weights=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    save_file({k: v.detach().to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous()
+               for k, v in model.state_dict().items()}, str(tmp))
+    tmp.rename(out)
+    return out
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):

@@ -68,7 +68,7 @@ def test_laion_index_is_read_by_the_index_stage_and_answers_retrieval_s_prompts(
 
 def test_rehearsal_overrides_are_paths_model_ids_and_listed_sizes(tmp_path):
     s = rehearse.Standins(tmp_path / "imagenet", tmp_path / "laion",
-                          {k: tmp_path / k for k in ("sd", "clip", "aesthetic")}, None, None)
+                          {k: tmp_path / k for k in ("sd", "clip", "aesthetic", "inception")}, None, None)
     sets = rehearse.overrides(s, "http://127.0.0.1:9/", tmp_path / "run")
     keys = [x.split("=", 1)[0] for x in sets]
     assert len(keys) == len(set(keys))
@@ -91,3 +91,11 @@ def test_rehearsal_overrides_are_paths_model_ids_and_listed_sizes(tmp_path):
     with pytest.raises(ConfigError):
         rehearse.load_config(rehearse.PRESET, [*sets, "study.nope=1"])
     json.dumps(sets)
+
+
+def test_inception_stand_in_loads_as_feature_weights(tmp_path):
+    from raugment.stages.finetune.kmeans import build_inception
+
+    path = standins.write_inception_weights(tmp_path / "inception_v3.safetensors")
+    model = build_inception(str(path))  # the loader of finetune.feature_weights: every key present
+    assert sum(p.numel() for p in model.parameters()) > 20_000_000
