@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from raugment.stages.dataset.classnames import lookup
 from tests import REPO
 
 # On top of the rehearsal's own lists (raugment.demo.rehearse: paths and model ids, box sizes, trap
@@ -36,7 +37,14 @@ def test_imagenet10_preset_runs_end_to_end_on_stand_ins(tmp_path):
     assert report.exists() and (report.parent / "report.md").exists()
     md = (report.parent / "report.md").read_text()
     assert "retrieval" in md and "ft_cluster_conditioning" in md
-    # the stand-in index names a few classes rarely: retrieval cannot fill them
+    # the stand-in index names a few classes rarely: retrieval cannot fill them. Until the study
+    # handles shortfalls (issue 18), the rehearsal excludes them by hand as the preset says; then
+    # every other class is filled
     index = json.loads((out / "standins" / "laion" / ".complete").read_text())
-    assert found["shortfall"] and len(found["shortfall"]) >= len(index["rare"])
+    assert found["rare"] == index["rare"] and 1 <= len(index["rare"]) < CLASSES
+    rare_names = {lookup(c).name for c in index["rare"]}
+    if set(found["excluded"]) >= set(index["rare"]):
+        assert not found["shortfall"]
+    else:
+        assert found["shortfall"] and set(found["shortfall"]) <= rare_names
     assert "plans match" in proc.stdout

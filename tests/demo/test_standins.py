@@ -99,3 +99,17 @@ def test_inception_stand_in_loads_as_feature_weights(tmp_path):
     path = standins.write_inception_weights(tmp_path / "inception_v3.safetensors")
     model = build_inception(str(path))  # the loader of finetune.feature_weights: every key present
     assert sum(p.numel() for p in model.parameters()) > 20_000_000
+
+
+def test_rehearsal_excludes_the_classes_its_index_names_rarely(tmp_path):
+    """The shortfall-trap workaround: the preset's manual exclusion of what retrieval cannot fill."""
+    s = rehearse.Standins(tmp_path, tmp_path, {k: tmp_path / k for k in ("sd", "clip", "aesthetic", "inception")},
+                          None, standins.IndexShape({"n01440764": 1, "n01443537": 16}, ["n01440764"], 60))
+    sets = dict(x.split("=", 1) for x in rehearse.overrides(s, "http://127.0.0.1:9/", tmp_path / "run"))
+    assert json.loads(sets["dataset.exclude_classes"]) == ["n01440764"]
+    for cid, n in (("n01440764", 30), ("n01443537", 26)):
+        (tmp_path / "train" / cid).mkdir(parents=True)
+        for i in range(n):
+            (tmp_path / "train" / cid / f"{i}.JPEG").write_bytes(b"")
+    cfg = rehearse.load_config(rehearse.PRESET, [f"{k}={v}" for k, v in sets.items()])
+    assert rehearse.dataset_hint(cfg) == {"classes": 1, "train_images": 3, "max_per_class": 3}
