@@ -16,7 +16,7 @@ CLASSES = 10  # ImageNet synsets of the stand-in (the issue's example: 100; 10 k
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # measured 680 s at load 15-20 on 2 cores (4 helpers beside it); aim: < 4 min idle
+@pytest.mark.timeout(1800)  # measured 465-680 s at load 6-20 on 2 cores (4 helpers beside it); aim: < 4 min idle
 def test_imagenet10_preset_runs_end_to_end_on_stand_ins(tmp_path):
     out = tmp_path / "rehearsal"
     cmd = [sys.executable, "-m", "raugment.cli", "rehearse", "--out", str(out), "--classes", str(CLASSES)]
