@@ -6,6 +6,7 @@ finetune, select, generate, filter, dedup, audit, assemble, train, tune) are one
 and each stage run is run or skipped as in a study. Other commands: ``index build --out DIR`` and
 ``index export-clip-back`` (an index outside the run root), ``report``, ``run`` (a whole study),
 ``demo`` (the offline demo study, or with ``--target STAGE`` one target in the demo world),
+``rehearse`` (the ImageNet preset on offline stand-ins),
 ``models`` and ``config`` (every key with its value).
 
 The parser is built from tables and imports nothing heavy: ``raugment --help`` answers without
@@ -84,6 +85,13 @@ def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="directory to write the bundles (or the mini_models artifacts) into")
     p.add_argument("--seed", type=int, default=None,
                    help="train-mini: the world's seed (default dataset.seed)")
+
+
+def _rehearse_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/rehearsal",
+                   help="where the stand-ins (written once) and the study's run root go (default: runs/rehearsal)")
+    p.add_argument("--classes", type=int, default=20,
+                   help="ImageNet classes of the stand-in ImageFolder (real synset ids; default 20)")
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
@@ -187,6 +195,9 @@ COMMANDS.update({
     "run": Command("run a whole study (resumable)", _study_args, _module_cli("raugment.study.executor")),
     "demo": Command("run the embedded offline demo study (or one stage command in its world)", _demo_args,
                     _module_cli("raugment.demo.command")),
+    "rehearse": Command("run jobs/configs/imagenet10.yaml as shipped on offline stand-ins (ImageNet layout, "
+                        "LAION-layout index, tiny models) and check the dry-run's plan is what ran",
+                        _rehearse_args, _module_cli("raugment.demo.rehearse")),
     "models": Command("write tiny random-weight bundles or train the mini-world's models", _models_args,
                       _module_cli("raugment.demo.tiny")),
 })

@@ -157,6 +157,18 @@ def _embed_rows(cfg: Config, files: Sequence[Path], offsets: np.ndarray, rows: n
     return out
 
 
+def _no_images(a: Artifact) -> str:
+    """Why ``a`` gives dedup nothing: a stage that dropped every image (named with its reasons), or
+    not an added-image artifact at all."""
+    stats = a.stats if a.complete else {}
+    counts, failures = stats.get("counts", {}), stats.get("failures", {})
+    if counts.get("input") and not counts.get("kept"):
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(failures.items(), key=lambda kv: -kv[1]))
+        return (f"{a.path}: stage {a.stage!r} kept none of its {counts['input']} images ({reasons}); "
+                f"nothing is left to de-duplicate: check the {a.stage} section's filters and thresholds")
+    return f"{a.path} has no images table; pass generation/retrieval/filter outputs"
+
+
 def run(cfg: Config, added: Sequence[Artifact]) -> Artifact:
     """De-duplicate the union of ``added`` artifacts (stage ``dedup``).
 
@@ -171,7 +183,7 @@ def run(cfg: Config, added: Sequence[Artifact]) -> Artifact:
         raise ValueError("dedup.run needs at least one added-image artifact")
     for a in added:
         if not image_files(a):
-            raise ValueError(f"{a.path} has no images table; pass generation/retrieval/filter outputs")
+            raise ValueError(_no_images(a))
     section = cfg.dedup
 
     def body(run: StageRun) -> None:

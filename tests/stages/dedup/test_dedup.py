@@ -113,3 +113,20 @@ def test_dedup_stage_across_methods_and_classes(tmp_path, ray_session):
 def test_dedup_refuses_empty_input():
     with pytest.raises(ValueError, match="at least one"):
         dedup.run(Config(), [])
+
+
+def test_a_filter_output_that_kept_nothing_is_named_as_such(tmp_path):
+    """A filter that dropped every image writes no images table; dedup used to answer "pass
+    generation/retrieval/filter outputs" about a filter output (seen in the ImageNet rehearsal: the
+    aesthetic filter on generated images dropped all 120)."""
+    from raugment.core.storage import run_stage
+
+    def body(run):
+        run.stats.add("input", 120)
+        run.stats.add("kept", 0)
+        run.stats.add("dropped", 120)
+        run.stats.fail("aesthetic", 120)
+
+    empty = run_stage(tmp_path, "filter", {"k": 1}, {}, body)
+    with pytest.raises(ValueError, match=r"kept none of its 120 images \(aesthetic=120\)"):
+        dedup.run(Config(), [empty])
