@@ -33,14 +33,16 @@ def test_imagenet10_preset_runs_end_to_end_on_stand_ins(tmp_path):
     assert report.exists() and (report.parent / "report.md").exists()
     md = (report.parent / "report.md").read_text()
     assert "retrieval" in md and "ft_cluster_conditioning" in md
-    # the stand-in index names a few classes rarely: retrieval cannot fill them. Until the study
-    # handles shortfalls (issue 18), the rehearsal excludes them by hand as the preset says; then
-    # every other class is filled
+    # the stand-in index names a few classes rarely: retrieval cannot fill them. The study's shortfall
+    # policy (the preset's default, exclude) finds them, leaves them out of every classifier and
+    # lists them in the report, with no exclusion by hand and no classifier failing
     index = json.loads((out / "standins" / "laion" / ".complete").read_text())
     assert found["rare"] == index["rare"] and 1 <= len(index["rare"]) < CLASSES
+    assert not found["excluded"]
     rare_names = {lookup(c).name for c in index["rare"]}
-    if set(found["excluded"]) >= set(index["rare"]):
-        assert not found["shortfall"]
-    else:
-        assert found["shortfall"] and set(found["shortfall"]) <= rare_names
+    assert found["shortfall"] and set(found["shortfall"]) <= rare_names
+    (ds,) = json.loads(report.read_text())["datasets"].values()
+    left_out = ds["shortfalls"]["excluded"]
+    assert left_out and set(left_out) <= rare_names, (left_out, rare_names)
+    assert "could not be filled" in md
     assert "plans match" in proc.stdout
