@@ -66,3 +66,28 @@ def mini_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("mini")
     cfg = with_overrides(demo.build_config(None, None, str(root / "runs")), {"mini.diffusion": False})
     return cfg, root, train_mini(root, cfg)
+
+
+@pytest.fixture
+def tripwire(monkeypatch):
+    """Ray must not start: its start-up raises :class:`tests.helpers.studies.RayStarted`."""
+    import ray
+
+    from tests.helpers.studies import RayStarted
+
+    def refuse(*_a, **_k):
+        raise RayStarted("Ray would start here")
+
+    monkeypatch.setattr("raugment.runtime.cluster.init_ray", refuse)
+    monkeypatch.setattr(ray, "init", refuse)
+
+
+@pytest.fixture
+def one_thread():
+    """Two intra-op threads on a loaded 2-core box spin against each other; one keeps it fast."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

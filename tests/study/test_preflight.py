@@ -6,53 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from raugment import cli
 from raugment.config import load_config
 from raugment.core.config import ConfigError, PreflightError
-from tests.test_bad_inputs import make_folder
-
-
-class RayStarted(BaseException):
-    """Raised where a stage would start Ray."""
+from tests.helpers.studies import valid_study
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> Path:
     """A valid study YAML: a tiny ImageFolder and a stand-in diffusers directory."""
-    base = tmp_path_factory.mktemp("preflight")
-    folder = make_folder(base / "data")
-    sd = base / "sd"
-    sd.mkdir()
-    (sd / "model_index.json").write_text("{}")
-    cfg = {
-        "run": {"root": str(base / "runs"), "progress": False},
-        "cluster": {"num_cpus": 2, "num_gpus": 0},
-        "dataset": {"source": "imagefolder", "path": str(folder), "protocol": "subsample", "fraction": 0.5},
-        "generate": {"model": str(sd), "pool": {"num_gpus": 0}},
-        "finetune": {"model": str(sd)},
-        "index": {"source": "images", "path": str(folder / "train")},
-        "retrieve": {"backend": "local", "aesthetic_model": "random"},
-        "filter": {"filters": ["min_size"]},
-        "train": {"model": "tiny_cnn", "batch_size": 8, "workers": {"num_workers": 1}},
-        "study": {"methods": ["simple", "retrieval"], "ratios": [100], "sets": 1,
-                  "expected": {"classes": 2, "train_images": 4, "max_per_class": 2}},
-    }
-    path = base / "study.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-@pytest.fixture
-def tripwire(monkeypatch):
-    import ray
-
-    def refuse(*_a, **_k):
-        raise RayStarted("Ray would start here")
-
-    monkeypatch.setattr("raugment.runtime.cluster.init_ray", refuse)
-    monkeypatch.setattr(ray, "init", refuse)
+    return valid_study(tmp_path_factory.mktemp("preflight"), ["simple", "retrieval"],
+                       expected={"classes": 2, "train_images": 4, "max_per_class": 2})["study"]
 
 
 TWO_PROBLEMS = ["study.methods=[simple, retreival]", "dataset.path=/nowhere/imagenet"]

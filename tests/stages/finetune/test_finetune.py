@@ -28,14 +28,7 @@ from raugment.stages.finetune.methods import get_method
 from raugment.stages.generate import stage as generate
 from raugment.stages.select.stage import select_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two intra-op threads on a loaded 2-core box spin against each other; one keeps it fast."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(root, tiny_sd, *overrides):

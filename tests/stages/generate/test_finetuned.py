@@ -22,13 +22,7 @@ from tests.helpers.finetuned import hand_made_artifact, sample
 CLASSES = [{schema.LABEL: 0, schema.CLASS_ID: "n01491361", schema.CLASS_NAME: "tiger shark, Galeocerdo cuvieri"}]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two intra-op threads on a loaded 2-core box spin against each other; one keeps it fast."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
