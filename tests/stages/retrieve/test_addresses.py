@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 
 import pytest
@@ -227,16 +226,8 @@ def test_refusal_names_the_block_and_the_allowance():
     assert "retrieve.download.allow_private allows it" in refusal("10.1.2.3")
 
 
-def test_refused_literals_fail_without_connecting(monkeypatch):
+def test_refused_literals_fail_without_connecting(connects):
     """The policy at the download: IP literals of each new refusal never reach connect()."""
-    connects = []
-    original = asyncio.selector_events.BaseSelectorEventLoop.sock_connect
-
-    async def recording(self, sock, address):
-        connects.append(address)
-        return await original(self, sock, address)
-
-    monkeypatch.setattr(asyncio.selector_events.BaseSelectorEventLoop, "sock_connect", recording)
     urls = ["http://[2002:7f00:1::1]:9/x.jpg", "http://[2002:a9fe:a9fe::1]/latest/meta-data/",
             "http://[fec0::1]:9/x.jpg", "http://[64:ff9b::7f00:1]:9/x.jpg", "http://198.18.0.1:9/x.jpg"]
     res = download_urls(urls, DownloadConfig(timeout_s=2, retries=0, allow_loopback=True, allow_private=True))
