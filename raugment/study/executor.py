@@ -459,7 +459,13 @@ def run(cfg: Config, report: bool = True) -> tuple[Artifact, Artifact | None]:
         log.error("study: %d stage runs failed or were left out (see the report); re-run to retry "
                   "them", len(ex.failed))
     rep = None
-    if report:
+    if report and study.read("runs").num_rows == 0:  # every classifier failed: nothing to compare
+        failed = failures(study)
+        cause = next((f for f in failed if "input failed" not in f["reason"]), failed[0] if failed else None)
+        log.error("study: no classifier finished, so there is no report; %d stage runs failed or were left "
+                  "out (listed in %s)%s", len(failed), study.path / "plan.json",
+                  f"; the first cause: {cause['stage']} {cause['labels']}: {cause['reason']}" if cause else "")
+    elif report:
         from raugment.stages.report import stage as report_mod
 
         rep = report_mod.run(cfg, study)

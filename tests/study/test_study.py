@@ -373,6 +373,29 @@ def test_a_failed_method_does_not_take_the_other_classifiers_down_through_the_ce
     assert _report(rep)["shortfalls"]["excluded"] == {"class 1": ["simple: 2 of 3 images at 100 %"]}
 
 
+class FailingTrainStages(FakeStages):
+    def train(self, cfg, dataset, manifest):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_a_study_whose_every_classifier_failed_ends_in_one_error_line_not_a_report_crash(
+        fake_stages, tmp_path, caplog):
+    """Issue 18: when every classifier fails (a model that does not load, say), the report stage
+    used to crash on an uncaught "has no runs"; now the study ends with one error line naming the
+    cause, the failures stay listed in plan.json, and the CLI exits 1."""
+    from raugment.study import executor as study
+
+    fake_stages(FailingTrainStages())
+    cfg = load_config(None, [f"run.root={tmp_path}", "study.methods=[simple]", "study.ratios=[100]",
+                             "study.sets=1", "run.progress=false"])
+    with caplog.at_level("ERROR"):
+        index, rep = study.run(cfg)
+    assert rep is None and index.read("runs").num_rows == 0
+    assert {f["stage"] for f in study.failures(index)} == {"train"}
+    line = next(r.getMessage() for r in caplog.records if "no classifier finished" in r.getMessage())
+    assert "illegal memory access" in line and "plan.json" in line
+
+
 # ---- checkpoint selection on stand-in stages: planted scores, the choice, resume, report ---------
 
 class SelectionStages(FakeStages):
