@@ -8,9 +8,9 @@ The preset is loaded unchanged; only ``--set`` overrides are added, in three lis
   aesthetic bundles, the safety checker inside the SD bundle; random Inception-v3 weights).
 * :data:`BOX_OVERRIDES`: sizes a 2-core CPU box cannot take at the preset's values (epochs, image
   sizes, pool concurrency and GPUs -> CPU), each with its reason.
-* :data:`TRAP_WORKAROUNDS` (and :data:`EXCLUDE_RARE_CLASSES`): the smallest ``--set`` that gets
-  past a trap of issue 18 which current code still has, each naming the trap; remove one when its
-  fix lands.
+* :data:`TRAP_WORKAROUNDS`: the smallest ``--set`` that gets past a trap the code still has, each
+  naming the trap (none today). The classes the stand-in index names rarely are not excluded by
+  hand: ``study.shortfall=exclude`` (the preset's default) finds them and the report lists them.
 
 Then: the dry-run's plan (:func:`raugment.study.executor.plan_study`, nothing run), the study with
 its report, and a comparison of the planned stage runs (node ids and stages) with the executed
@@ -150,17 +150,12 @@ def path_overrides(s: Standins, url: str, root: Path) -> dict[str, Any]:
     }
 
 
-# The preset's manual step ("The paper excluded 10 classes ...; list their synsets here") by hand:
-# off, as study.shortfall=exclude (the default) finds and lists the classes retrieval cannot fill.
-EXCLUDE_RARE_CLASSES = False
 
 
 def overrides(s: Standins, url: str, root: Path) -> list[str]:
     """Every ``--set`` of the rehearsal, as ``key=value`` strings (values in JSON, which is YAML)."""
     data = {**path_overrides(s, url, root), **BOX_OVERRIDES,
             **{k: v for k, (v, _) in TRAP_WORKAROUNDS.items()}}
-    if EXCLUDE_RARE_CLASSES and s.index_shape is not None:
-        data["dataset.exclude_classes"] = list(s.index_shape.rare)
     return [f"{k}={json.dumps(v)}" for k, v in data.items()]
 
 

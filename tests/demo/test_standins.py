@@ -101,15 +101,18 @@ def test_inception_stand_in_loads_as_feature_weights(tmp_path):
     assert sum(p.numel() for p in model.parameters()) > 20_000_000
 
 
-def test_rehearsal_excludes_the_classes_its_index_names_rarely(tmp_path):
-    """The shortfall-trap workaround: the preset's manual exclusion of what retrieval cannot fill."""
+def test_rehearsal_leaves_the_rare_classes_to_the_shortfall_policy(tmp_path):
+    """No exclusion by hand (the preset's manual step) and no trap workaround: the preset's own
+    ``study.shortfall=exclude`` finds the classes retrieval cannot fill (issue 18)."""
     s = rehearse.Standins(tmp_path, tmp_path, {k: tmp_path / k for k in ("sd", "clip", "aesthetic", "inception")},
                           None, standins.IndexShape({"n01440764": 1, "n01443537": 16}, ["n01440764"], 60))
     sets = dict(x.split("=", 1) for x in rehearse.overrides(s, "http://127.0.0.1:9/", tmp_path / "run"))
-    assert json.loads(sets["dataset.exclude_classes"]) == ["n01440764"]
+    assert "dataset.exclude_classes" not in sets and not rehearse.TRAP_WORKAROUNDS
     for cid, n in (("n01440764", 30), ("n01443537", 26)):
         (tmp_path / "train" / cid).mkdir(parents=True)
         for i in range(n):
             (tmp_path / "train" / cid / f"{i}.JPEG").write_bytes(b"")
     cfg = rehearse.load_config(rehearse.PRESET, [f"{k}={v}" for k, v in sets.items()])
-    assert rehearse.dataset_hint(cfg) == {"classes": 1, "train_images": 3, "max_per_class": 3}
+    assert cfg.study.shortfall == "exclude" and cfg.dataset.exclude_classes == []
+    hint = rehearse.dataset_hint(cfg)
+    assert hint["classes"] == 2 and hint["max_per_class"] == 3  # the rare class is planned too
