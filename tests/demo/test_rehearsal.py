@@ -41,7 +41,7 @@ def test_imagenet10_preset_runs_end_to_end_on_stand_ins(tmp_path):
     assert not found["excluded"]
     rare_names = {lookup(c).name for c in index["rare"]}
     assert found["shortfall"] and set(found["shortfall"]) <= rare_names
-    (ds,) = json.loads(report.read_text())["datasets"].values()
+    (ds,) = json.loads((report.parent / "report.json").read_text())["datasets"].values()
     left_out = ds["shortfalls"]["excluded"]
     assert left_out and set(left_out) <= rare_names, (left_out, rare_names)
     assert "could not be filled" in md
