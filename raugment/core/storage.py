@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import fcntl
 import json
 import logging
 import os
@@ -363,33 +362,14 @@ def run_stage(root: str | Path, stage: str, section: Any,
 
 _KEY_LOCKS: dict[Path, threading.RLock] = {}
 _KEY_LOCKS_GUARD = threading.Lock()
-_KEY_DEPTH: dict[Path, int] = {}  # nesting of _key_lock per directory (guarded by its RLock)
 
 
-@contextlib.contextmanager
-def _key_lock(path: Path) -> Iterator[None]:
-    """Hold a stage directory for one run of it: two threads of this process that reach the same key
-    (a study whose checkpoint candidates share a snapshot, trained in parallel) run it once, and so
-    do two processes on this machine (Ray Tune trials sharing an assemble run): the second waits and
-    then finds it complete. Threads take a per-directory RLock (re-entrant); the outermost holder
-    also takes an advisory ``flock`` on ``<stage>/.<key>.lock``."""
+def _key_lock(path: Path) -> threading.RLock:
+    """One lock per stage directory in this process: two threads that reach the same key (a study
+    whose checkpoint candidates share a snapshot, trained in parallel) run it once; the second
+    waits and then finds it complete."""
     with _KEY_LOCKS_GUARD:
-        lock = _KEY_LOCKS.setdefault(path, threading.RLock())
-    with lock:
-        depth = _KEY_DEPTH.get(path, 0)
-        fd = None
-        if depth == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path.parent / f".{path.name}.lock", os.O_CREAT | os.O_RDWR, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        _KEY_DEPTH[path] = depth + 1
-        try:
-            yield
-        finally:
-            _KEY_DEPTH[path] = depth
-            if fd is not None:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
+        return _KEY_LOCKS.setdefault(path, threading.RLock())
 
 
 def latest(root: str | Path, stage: str) -> Artifact | None:
